@@ -1,0 +1,16 @@
+"""The one model definition (Qwen2/Llama family) used for training and generation."""
+
+from areal_async.model.checkpoint import load_config, load_pretrained, save_pretrained
+from areal_async.model.decoder import CausalLM, DecoderConfig, KVCache
+from areal_async.model.logprobs import sequence_logprobs, token_logprobs
+
+__all__ = [
+    "CausalLM",
+    "DecoderConfig",
+    "KVCache",
+    "load_config",
+    "load_pretrained",
+    "save_pretrained",
+    "sequence_logprobs",
+    "token_logprobs",
+]

@@ -1,0 +1,248 @@
+"""One compact decoder for the Qwen2 / Llama family, shared by the learner and the built-in engine.
+
+Parameter names follow Hugging Face's (`model.layers.N.self_attn.q_proj.weight`, `lm_head.weight`), so a
+checkpoint folder loads with a plain `load_state_dict`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class DecoderConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    attention_bias: bool = True  # Qwen2 has q/k/v biases; Llama does not
+    model_type: str = "qwen2"
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict) -> "DecoderConfig":
+        """Reads a Hugging Face `config.json` dict (Qwen2 or Llama)."""
+        model_type = hf.get("model_type", "qwen2")
+        if model_type not in ("qwen2", "llama"):
+            raise ValueError(f"unsupported model_type {model_type!r}: expected 'qwen2' or 'llama'")
+        rope = hf.get("rope_parameters") or {}
+        scaling = hf.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+        if rope_type != "default":
+            raise ValueError(f"unsupported rope type {rope_type!r}: only default RoPE is implemented")
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in hf.items() if k in known}
+        values["rope_theta"] = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+        values["attention_bias"] = bool(hf.get("attention_bias", model_type == "qwen2"))
+        values["model_type"] = model_type
+        if isinstance(values.get("eos_token_id"), list):
+            values["eos_token_id"] = values["eos_token_id"][0]
+        return cls(**values)
+
+    def to_hf_dict(self) -> dict:
+        hf = asdict(self)
+        hf["architectures"] = ["Qwen2ForCausalLM" if self.model_type == "qwen2" else "LlamaForCausalLM"]
+        hf["hidden_act"] = "silu"
+        hf["rope_parameters"] = {"rope_type": "default", "rope_theta": hf.pop("rope_theta")}
+        if self.model_type == "qwen2":
+            hf.pop("attention_bias")  # Qwen2 always has q/k/v biases
+        return hf
+
+
+@dataclass
+class KVCache:
+    """Static key/value slots for incremental decoding.
+
+    keys, values: [layers, batch, kv_heads, max_len, head_dim]; valid: [batch, max_len] marks slots that hold
+    a real (non-padding) token; length: slots filled so far (the same for every row).
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    valid: torch.Tensor
+    length: int = 0
+
+    @classmethod
+    def allocate(cls, config: DecoderConfig, batch: int, max_len: int, dtype, device) -> "KVCache":
+        shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
+        return cls(
+            keys=torch.zeros(shape, dtype=dtype, device=device),
+            values=torch.zeros(shape, dtype=dtype, device=device),
+            valid=torch.zeros(batch, max_len, dtype=torch.bool, device=device),
+        )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions: [B, T] int -> cos, sin: [B, 1, T, head_dim] in fp32 (half-split layout)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    angles = positions.float()[..., None] * inv_freq  # [B, T, head_dim/2]
+    angles = torch.cat([angles, angles], dim=-1)[:, None]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, T, D]; rotates pairs (i, i + D/2)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, layer_index: int, kv_cache: KVCache | None) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            start, end = kv_cache.length, kv_cache.length + seq
+            kv_cache.keys[layer_index, :, :, start:end] = k
+            kv_cache.values[layer_index, :, :, start:end] = v
+            k = kv_cache.keys[layer_index, :, :, :end]
+            v = kv_cache.values[layer_index, :, :, :end]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.num_heads != self.num_kv_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, layer_index, kv_cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, layer_index, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderBody(nn.Module):
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+def attention_mask(query_valid: torch.Tensor, key_valid: torch.Tensor, query_offset: int) -> torch.Tensor:
+    """Causal mask over padded rows.
+
+    query_valid: [B, Tq] bool, key_valid: [B, Tk] bool, queries sit at key slots query_offset .. query_offset+Tq-1.
+    Returns [B, 1, Tq, Tk] bool. A padding query attends to its own slot only, so no row is empty (SDPA would
+    return NaN) and padding never leaks into a real token.
+    """
+    tq, tk = query_valid.shape[1], key_valid.shape[1]
+    device = key_valid.device
+    query_slots = torch.arange(tq, device=device)[:, None] + query_offset
+    key_slots = torch.arange(tk, device=device)[None, :]
+    causal = key_slots <= query_slots  # [Tq, Tk]
+    mask = causal[None] & key_valid[:, None, :] & query_valid[:, :, None]
+    mask = mask | ((key_slots == query_slots)[None] & ~query_valid[:, :, None])
+    return mask[:, None]
+
+
+class CausalLM(nn.Module):
+    """Decoder-only LM. forward(input_ids) -> logits [batch, seq, vocab]."""
+
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DecoderBody(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        valid: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Final-norm hidden states [B, T, hidden].
+
+        input_ids: [B, T]; valid: [B, T] bool (False = padding; default all True); positions: [B, T] RoPE
+        positions (default: count of valid tokens before each one, including the cache's). With kv_cache, the
+        T tokens are appended at slots cache.length .. cache.length+T-1 and the cache's length advances.
+        """
+        batch, seq = input_ids.shape
+        if valid is None:
+            valid = torch.ones_like(input_ids, dtype=torch.bool)
+        offset = 0
+        if kv_cache is not None:
+            offset = kv_cache.length
+            kv_cache.valid[:, offset : offset + seq] = valid
+            key_valid = kv_cache.valid[:, : offset + seq]
+        else:
+            key_valid = valid
+        if positions is None:
+            positions = (key_valid.long().cumsum(-1) - 1).clamp(min=0)[:, offset:]
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        mask = attention_mask(valid, key_valid, offset)
+        x = self.model.embed_tokens(input_ids)
+        for index, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, mask, index, kv_cache)
+        if kv_cache is not None:
+            kv_cache.length += seq
+        return self.model.norm(x)
+
+    def forward(self, input_ids, valid=None, positions=None, kv_cache=None) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(input_ids, valid, positions, kv_cache))

@@ -1,0 +1,39 @@
+"""A byte-level tokenizer in Hugging Face format for the project's own tiny models.
+
+It is saved as `tokenizer.json` + `tokenizer_config.json`, so `transformers.AutoTokenizer.from_pretrained`
+loads it exactly like a real checkpoint's tokenizer: one loading path serves both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
+
+
+def build_byte_tokenizer(folder: str | os.PathLike) -> Path:
+    """Writes a 256-symbol byte-level tokenizer (no merges) plus pad/bos/eos (ids 256, 257, 258)."""
+    byte_symbols = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {symbol: index for index, symbol in enumerate(sorted(byte_symbols))}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([PAD, BOS, EOS])
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "pad_token": PAD,
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "model_max_length": 4096,
+        "clean_up_tokenization_spaces": False,
+    }
+    with open(folder / "tokenizer_config.json", "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+    return folder
