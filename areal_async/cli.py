@@ -1,0 +1,61 @@
+"""`areal-async`: train, or build the synthetic task's warm start. Options are hydra overrides (key=value)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from hydra import compose, initialize_config_module
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from areal_async.config import register_configs
+
+EPILOG = """
+options are hydra overrides, for example:
+  areal-async train total_steps=100 rollout.groups_per_step=64 ppo.lr=5e-5
+  areal-async train model.path=/ckpt/qwen data.kind=areal_jsonl data.path=prompts.jsonl
+  areal-async train --cfg          # print the resolved config and exit
+  areal-async sft steps=3000       # rebuild the bundled warm start
+"""
+
+
+def compose_config(config_name: str, overrides: list[str]):
+    """Composes configs/<config_name>.yaml with overrides into its typed dataclass."""
+    register_configs()
+    with initialize_config_module(config_module="configs", version_base=None):
+        composed = compose(config_name=config_name, overrides=overrides)
+    return OmegaConf.to_object(composed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="areal-async", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("command", choices=["train", "sft"], help="what to run")
+    parser.add_argument("overrides", nargs="*", help="hydra overrides key=value (see configs/<command>.yaml)")
+    parser.add_argument("--cfg", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    args = parser.parse_args(argv)
+    try:
+        config = compose_config(args.command, args.overrides)
+    except (HydraException, OmegaConfBaseException, ValueError) as error:
+        print(f"areal-async {args.command}: bad configuration: {error}", file=sys.stderr)
+        return 2
+    if args.cfg:
+        print(OmegaConf.to_yaml(OmegaConf.structured(config)))
+        return 0
+    if args.command == "train":
+        from areal_async.trainer import run_training
+
+        run_training(config, show_progress=not args.no_progress)
+    else:
+        from areal_async.sft import run_sft
+
+        print(f"warm start written to {run_sft(config, show_progress=not args.no_progress)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

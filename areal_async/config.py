@@ -1,0 +1,158 @@
+"""Typed run configuration. Each dataclass is registered with hydra; YAML in configs/ only sets values,
+so an unknown key anywhere (YAML or command line) is an error."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+
+
+class DataKind(enum.Enum):
+    synthetic = "synthetic"
+    areal_prompts = "areal_prompts"  # prompts JSONL + id2info.json
+    areal_jsonl = "areal_jsonl"  # one JSONL with query_id, prompt, task, solutions
+    jsonl = "jsonl"  # generic prompt/problem + answer/solution JSONL
+
+
+class Objective(enum.Enum):
+    decoupled = "decoupled"  # proximal logprobs recomputed by the learner before the update
+    naive = "naive"  # proximal := behaviour (standard PPO on off-policy data), for ablations
+
+
+class WandbMode(enum.Enum):
+    disabled = "disabled"
+    offline = "offline"
+    online = "online"
+
+
+@dataclass
+class ModelConfig:
+    # A Hugging Face checkpoint folder; null = the project's own warm start for the synthetic task.
+    path: str | None = None
+    dtype: str = "float32"
+
+
+@dataclass
+class ArithmeticConfig:
+    min_operands: int = 2
+    max_operands: int = 2
+    max_operand: int = 99
+    operators: str = "+-"
+
+
+@dataclass
+class DataConfig:
+    kind: DataKind = DataKind.synthetic
+    path: str | None = None  # prompts file (areal_prompts, areal_jsonl, jsonl)
+    id2info_path: str | None = None  # areal_prompts only
+    heldout_path: str | None = None  # optional held-out file of the same kind (else a split of `path`)
+    prompt_template: str | None = None  # e.g. "{problem}\nPlease put your final answer within \\boxed{}."
+    num_heldout: int = 200
+    num_train: int = 20000  # synthetic only
+    seed: int = 0
+    arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
+
+
+@dataclass
+class GenerationConfig:
+    group_size: int = 8  # samples per prompt (G)
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+@dataclass
+class RewardConfig:
+    correct_reward: float = 5.0
+    incorrect_reward: float = -5.0
+    timeout_s: float = 5.0
+    memory_limit_mb: int = 1024
+    num_workers: int = 2
+    extract_mode: str = "auto"
+
+
+@dataclass
+class PPOConfig:
+    objective: Objective = Objective.decoupled
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    grad_clip: float = 1.0
+    eps_clip: float = 0.2
+    behaviour_weight_cap: float | None = None
+    kl_coef: float = 0.0  # against the initial policy; > 0 keeps a frozen reference copy
+    normalise_advantage_std: bool = False
+    minibatches_per_step: int = 1  # optimizer updates per training step
+    micro_batch_tokens: int = 16384  # token budget per forward/backward (gradient is budget-invariant)
+    filter_zero_variance_groups: bool = True
+
+
+@dataclass
+class RolloutConfig:
+    groups_per_step: int = 32  # prompts per training step
+    max_staleness: int | None = 0  # 0 = synchronous; null = unbounded
+
+
+@dataclass
+class EvalConfig:
+    num_samples: int = 4  # samples per held-out problem (averaged pass@1)
+    temperature: float = 1.0
+    every_steps: int = 0  # 0 = only before and after training
+
+
+@dataclass
+class WandbConfig:
+    mode: WandbMode = WandbMode.disabled
+    project: str = "areal-async"
+
+
+@dataclass
+class TrainConfig:
+    run_name: str | None = None  # default: a timestamp
+    output_dir: str = "outputs"
+    total_steps: int = 60
+    seed: int = 1
+    device: str = "cpu"
+    save_every: int = 0  # HF checkpoint every N steps (0 = only the final one)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class TinyModelShape:
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+
+
+@dataclass
+class SFTConfig:
+    """Supervised warm start for the synthetic task: a tiny model trained from scratch on noisy demonstrations."""
+
+    output: str | None = None  # default: the bundled warm-start folder
+    steps: int = 3000
+    batch_size: int = 128
+    lr: float = 3e-3
+    warmup_steps: int = 100
+    error_rate: float = 0.4  # share of demonstrations with a near-miss answer
+    seed: int = 0
+    shape: TinyModelShape = field(default_factory=TinyModelShape)
+    arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
+
+
+def register_configs() -> None:
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainConfig)
+    store.store(name="sft_schema", node=SFTConfig)

@@ -1,0 +1,107 @@
+"""A verifiable synthetic task that runs anywhere: integer arithmetic with answers in \\boxed{}."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+
+from areal_async.data.records import PromptRecord
+
+HELD_OUT_BUCKETS = 10  # one problem in ten (by hash) is reserved for the held-out set
+
+
+@dataclass(frozen=True)
+class ArithmeticSpec:
+    """Difficulty: `min_operands`..`max_operands` integers in [0, max_operand] joined by `operators`."""
+
+    min_operands: int = 2
+    max_operands: int = 2
+    max_operand: int = 99
+    operators: str = "+-"
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.min_operands <= self.max_operands:
+            raise ValueError(f"need 2 <= min_operands <= max_operands, got {self.min_operands}, {self.max_operands}")
+        if self.max_operand < 1:
+            raise ValueError(f"max_operand must be >= 1, got {self.max_operand}")
+        if not self.operators or set(self.operators) - set("+-*"):
+            raise ValueError(f"operators must be a non-empty subset of '+-*', got {self.operators!r}")
+
+
+def evaluate_expression(expression: str) -> int:
+    """Value of 'a+b*c-d' with the usual precedence (* before + and -), without eval."""
+    total, term, sign, number = 0, 1, 1, ""
+    pending_op = "*"
+    for char in expression + "+":
+        if char.isdigit():
+            number += char
+            continue
+        term = term * int(number) if pending_op == "*" else int(number)
+        number = ""
+        if char == "*":
+            pending_op = "*"
+        else:
+            total += sign * term
+            sign, term, pending_op = (1 if char == "+" else -1), 1, "*"
+    return total
+
+
+def prompt_text(expression: str) -> str:
+    return f"Q: {expression}\nA: "
+
+
+def answer_text(value: int) -> str:
+    return f"\\boxed{{{value}}}"
+
+
+def _is_held_out(expression: str) -> bool:
+    digest = hashlib.sha256(expression.encode()).digest()
+    return digest[0] % HELD_OUT_BUCKETS == 0
+
+
+def _random_expression(rng: random.Random, spec: ArithmeticSpec) -> str:
+    count = rng.randint(spec.min_operands, spec.max_operands)
+    parts = [str(rng.randint(0, spec.max_operand))]
+    for _ in range(count - 1):
+        parts += [rng.choice(spec.operators), str(rng.randint(0, spec.max_operand))]
+    return "".join(parts)
+
+
+def arithmetic_problems(count: int, spec: ArithmeticSpec, seed: int, held_out: bool) -> list[PromptRecord]:
+    """`count` distinct problems from the training split (held_out=False) or the held-out split.
+
+    The two splits are disjoint by construction (a hash of the expression picks the split), so any seeds
+    can be combined without leaking held-out problems into training.
+    """
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    records = []
+    attempts = 0
+    while len(records) < count:
+        attempts += 1
+        if attempts > 100 * count + 1000:
+            raise ValueError(f"cannot draw {count} distinct problems from {spec}: the problem space is too small")
+        expression = _random_expression(rng, spec)
+        if expression in seen or _is_held_out(expression) != held_out:
+            continue
+        seen.add(expression)
+        split = "heldout" if held_out else "train"
+        records.append(
+            PromptRecord(
+                query_id=f"arith-{split}-{len(records)}",
+                prompt=prompt_text(expression),
+                solutions=(answer_text(evaluate_expression(expression)),),
+                task="math",
+            )
+        )
+    return records
+
+
+def noisy_demonstration(record: PromptRecord, rng: random.Random, error_rate: float) -> str:
+    """A supervised response for `record`: the boxed gold answer, or with probability `error_rate` a
+    near-miss (off by 1, 2 or 10), imitating a teacher that is right only part of the time."""
+    gold = int(record.solutions[0].removeprefix("\\boxed{").removesuffix("}"))
+    if rng.random() < error_rate:
+        gold += rng.choice((-10, -2, -1, 1, 2, 10))
+    return answer_text(gold)

@@ -1,0 +1,83 @@
+"""The critic-free PPO objective as pure functions (see DESIGN.md, "The objective").
+
+Shapes: [batch, seq] token tensors; every loss is a token mean over `loss_mask`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def group_advantages(rewards: torch.Tensor, normalise_std: bool = False, eps: float = 1e-6) -> torch.Tensor:
+    """rewards [groups, G] -> advantages [groups, G]: reward minus its group mean (optionally over the group std).
+
+    With gamma = lambda = 1 and no critic, every output token of a sample gets its sample's advantage.
+    """
+    centred = rewards - rewards.mean(dim=-1, keepdim=True)
+    if normalise_std:
+        centred = centred / (rewards.std(dim=-1, keepdim=True, unbiased=False) + eps)
+    return centred
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` where `mask` is True; 0 when the mask is empty."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def decoupled_ppo_loss(
+    logprobs: torch.Tensor,
+    proximal_logprobs: torch.Tensor,
+    behaviour_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    loss_mask: torch.Tensor,
+    eps_clip: float = 0.2,
+    behaviour_weight_cap: float | None = None,
+    behaviour_weight_mode: str = "clip",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Decoupled PPO clip loss. All inputs [batch, seq]; returns (scalar loss, stats).
+
+    u = exp(logprobs - proximal) is clipped to [1 - eps, 1 + eps] as in PPO; the behaviour weight
+    w = exp(proximal - behaviour) (no gradient) corrects for data sampled by older policies. A cap on w
+    either clips it (`behaviour_weight_mode="clip"`) or drops tokens above the cap from the loss ("mask",
+    as AReaL does); dropped tokens still count in the denominator so the loss scale does not depend on
+    how many were dropped. With proximal == behaviour this is the standard PPO clip loss.
+    """
+    if behaviour_weight_mode not in ("clip", "mask"):
+        raise ValueError(f"behaviour_weight_mode must be 'clip' or 'mask', got {behaviour_weight_mode!r}")
+    mask = loss_mask.bool()
+    ratio = torch.exp(logprobs - proximal_logprobs)
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1.0 - eps_clip, 1.0 + eps_clip) * advantages
+    surrogate = torch.minimum(unclipped, clipped)
+
+    behaviour_weight = torch.exp(proximal_logprobs - behaviour_logprobs).detach()
+    trained = mask
+    if behaviour_weight_cap is not None:
+        if behaviour_weight_mode == "clip":
+            behaviour_weight = behaviour_weight.clamp(max=behaviour_weight_cap)
+        else:
+            trained = mask & (behaviour_weight <= behaviour_weight_cap)
+    per_token = -behaviour_weight * surrogate
+    loss = (per_token * trained).sum() / mask.sum().clamp(min=1)
+
+    with torch.no_grad():
+        stats = {
+            "clip_fraction": masked_mean((clipped < unclipped).float(), mask),
+            "behaviour_weight_mean": masked_mean(behaviour_weight, mask),
+            "behaviour_weight_max": behaviour_weight.masked_fill(~mask, float("-inf")).max()
+            if mask.any()
+            else torch.zeros(()),
+            "dropped_fraction": masked_mean((mask & ~trained).float(), mask),
+            "approx_kl": masked_mean(proximal_logprobs - logprobs, mask),
+        }
+    return loss, stats
+
+
+def kl_penalty(logprobs: torch.Tensor, reference_logprobs: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Token-mean k3 estimate of KL(pi_theta || pi_ref): exp(r) - r - 1 with r = ref - logprobs. [B, T] -> scalar.
+
+    Non-negative, unbiased for sampled tokens, and its gradient pulls logprobs towards the reference.
+    """
+    log_ratio = reference_logprobs - logprobs
+    return masked_mean(torch.exp(log_ratio) - log_ratio - 1.0, loss_mask)

@@ -1,0 +1,81 @@
+"""Supervised warm start for the synthetic task: the reproducible starting point of the default RL run."""
+
+from __future__ import annotations
+
+import math
+import random
+import tempfile
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import AutoTokenizer
+
+from areal_async.config import SFTConfig
+from areal_async.data.synthetic import ArithmeticSpec, arithmetic_problems, noisy_demonstration
+from areal_async.model import CausalLM, DecoderConfig, save_pretrained, sequence_logprobs
+from areal_async.model.tokenizer import build_byte_tokenizer
+from areal_async.packing import pad_prompt_output_batch
+
+BUNDLED_WARMSTART = Path(__file__).parent / "assets" / "arith-warmstart"
+
+
+def arithmetic_spec(config) -> ArithmeticSpec:
+    return ArithmeticSpec(config.min_operands, config.max_operands, config.max_operand, config.operators)
+
+
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """Learning-rate multiplier: linear warm-up to 1, then cosine decay to 0.1."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def run_sft(config: SFTConfig, show_progress: bool = True) -> Path:
+    """Trains a tiny model from scratch on noisy demonstrations and writes an HF checkpoint folder."""
+    output = Path(config.output) if config.output else BUNDLED_WARMSTART
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    with tempfile.TemporaryDirectory() as tokenizer_dir:
+        build_byte_tokenizer(tokenizer_dir)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        shape = config.shape
+        model = CausalLM(
+            DecoderConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=shape.hidden_size,
+                intermediate_size=shape.intermediate_size,
+                num_hidden_layers=shape.num_hidden_layers,
+                num_attention_heads=shape.num_attention_heads,
+                num_key_value_heads=shape.num_key_value_heads,
+                max_position_embeddings=256,
+                tie_word_embeddings=True,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+        problems = arithmetic_problems(10000, arithmetic_spec(config.arithmetic), seed=config.seed, held_out=False)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01, betas=(0.9, 0.98))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: warmup_cosine(s, config.warmup_steps, config.steps)
+        )
+        progress = tqdm(range(config.steps), desc="sft", disable=not show_progress)
+        for _ in progress:
+            batch = rng.sample(problems, config.batch_size)
+            prompts = [tokenizer.encode(r.prompt) for r in batch]
+            responses = [
+                tokenizer.encode(noisy_demonstration(r, rng, config.error_rate)) + [tokenizer.eos_token_id]
+                for r in batch
+            ]
+            padded = pad_prompt_output_batch(prompts, responses, tokenizer.pad_token_id)
+            logprobs = sequence_logprobs(model, padded.input_ids, padded.valid)
+            loss = -(logprobs * padded.output_mask).sum() / padded.num_output_tokens
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            progress.set_postfix(loss=f"{loss.item():.3f}")
+        return save_pretrained(model, output, tokenizer_dir=tokenizer_dir)

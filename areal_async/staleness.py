@@ -1,0 +1,23 @@
+"""The staleness rule (DESIGN.md invariant 1) as pure functions."""
+
+from __future__ import annotations
+
+
+def may_admit(groups_admitted: int, current_version: int, max_staleness: int | None, groups_per_step: int) -> bool:
+    """True while another prompt group may be admitted for generation.
+
+    Admission stops once `groups_admitted` reaches (current_version + max_staleness + 1) * groups_per_step:
+    the groups needed by every training step that may still use data from version `current_version`.
+    max_staleness None = unbounded; 0 = synchronous (exactly the next step's groups).
+    """
+    if max_staleness is None:
+        return True
+    return groups_admitted < (current_version + max_staleness + 1) * groups_per_step
+
+
+def is_too_stale(oldest_token_version: int, training_step: int, max_staleness: int | None) -> bool:
+    """True if a trajectory whose oldest token came from `oldest_token_version` may not be used by
+    training step `training_step` (which produces version training_step + 1)."""
+    if max_staleness is None:
+        return False
+    return oldest_token_version < training_step - max_staleness

@@ -1,0 +1,61 @@
+"""The data units that flow between the controller, rollout workers, the queue and the learner."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+FINISH_REASONS = ("stop", "length", "aborted")
+
+
+@dataclass
+class Trajectory:
+    """One sampled answer to one prompt.
+
+    prompt_tokens: [P] int32; output_tokens, behaviour_logprobs, versions: [O] (int32, float32, int32):
+    the logprob of each output token under the temperature-scaled sampling distribution and the policy
+    version that produced it (an interrupted trajectory carries several versions).
+    """
+
+    query_id: str
+    group_id: str
+    sample_index: int
+    prompt_tokens: np.ndarray
+    output_tokens: np.ndarray
+    behaviour_logprobs: np.ndarray
+    versions: np.ndarray
+    reward: float
+    finish_reason: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = len(self.output_tokens)
+        if len(self.behaviour_logprobs) != n or len(self.versions) != n:
+            raise ValueError(
+                f"trajectory {self.group_id}/{self.sample_index}: output_tokens ({n}), behaviour_logprobs "
+                f"({len(self.behaviour_logprobs)}) and versions ({len(self.versions)}) must have equal length"
+            )
+        if self.finish_reason not in FINISH_REASONS:
+            raise ValueError(f"finish_reason {self.finish_reason!r} is not one of {FINISH_REASONS}")
+
+    @property
+    def oldest_version(self) -> int:
+        return int(self.versions.min()) if len(self.versions) else -1
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_tokens) + len(self.output_tokens)
+
+
+@dataclass
+class PromptGroup:
+    """A prompt admitted for generation: G samples will be drawn for it."""
+
+    group_id: str
+    query_id: str
+    prompt: str
+    prompt_tokens: np.ndarray
+    solutions: tuple[str, ...]
+    group_size: int
+    admitted_at_version: int

@@ -1,0 +1,67 @@
+"""Padding layout, token-budget micro-batches, the staleness rule and the conservation ledger."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from areal_async.ledger import Ledger
+from areal_async.packing import pad_prompt_output_batch, split_by_token_budget
+from areal_async.staleness import is_too_stale, may_admit
+
+
+def test_padded_batch_aligns_outputs_with_next_token_positions():
+    batch = pad_prompt_output_batch([[1, 2, 3], [4]], [[5, 6], [7, 8, 9]], pad_token_id=0,
+                                    per_token={"lp": [[-0.5, -0.6], [-0.7, -0.8, -0.9]]})
+    assert batch.input_ids.tolist() == [[1, 2, 3, 5, 6], [4, 7, 8, 9, 0]]
+    assert batch.valid.tolist() == [[True] * 5, [True, True, True, True, False]]
+    # position t predicts token t+1: outputs of row 0 are predicted at positions 2, 3
+    assert batch.output_mask.tolist() == [[False, False, True, True], [True, True, True, False]]
+    assert batch.values["lp"][0].tolist() == pytest.approx([0, 0, -0.5, -0.6])
+    assert batch.values["lp"][1].tolist() == pytest.approx([-0.7, -0.8, -0.9, 0])
+    assert batch.num_output_tokens == 5
+
+
+def test_empty_prompt_is_rejected():
+    with pytest.raises(ValueError, match="sequence 0 has an empty prompt"):
+        pad_prompt_output_batch([[]], [[1]], pad_token_id=0)
+
+
+@given(st.lists(st.integers(1, 50), min_size=1, max_size=40), st.integers(1, 200))
+def test_token_budget_split_covers_every_sequence_once_within_budget(lengths, budget):
+    batches = split_by_token_budget(lengths, budget)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        padded = len(b) * max(lengths[i] for i in b)
+        assert padded <= budget or len(b) == 1
+
+
+def test_staleness_rule():
+    # synchronous: exactly one step's groups per version
+    assert may_admit(3, current_version=0, max_staleness=0, groups_per_step=4)
+    assert not may_admit(4, current_version=0, max_staleness=0, groups_per_step=4)
+    assert may_admit(4, current_version=1, max_staleness=0, groups_per_step=4)
+    assert may_admit(11, current_version=0, max_staleness=2, groups_per_step=4)
+    assert not may_admit(12, current_version=0, max_staleness=2, groups_per_step=4)
+    assert may_admit(10**9, current_version=0, max_staleness=None, groups_per_step=4)
+    assert not is_too_stale(oldest_token_version=3, training_step=5, max_staleness=2)
+    assert is_too_stale(oldest_token_version=2, training_step=5, max_staleness=2)
+    assert not is_too_stale(0, 100, None)
+
+
+def test_ledger_balances_and_refuses_impossible_moves():
+    ledger = Ledger()
+    ledger.admit(5)
+    ledger.finish_generation(4)
+    ledger.consume(2)
+    ledger.drop("zero_variance", 1)
+    ledger.drop("generation_error", 1, source="in_flight")
+    assert ledger.balanced
+    assert ledger.totals() == {
+        "produced": 5, "consumed": 2, "queued": 1, "in_flight": 0,
+        "dropped": {"stale": 0, "zero_variance": 1, "generation_error": 1, "shutdown": 0},
+    }
+    with pytest.raises(RuntimeError, match="out of queued"):
+        ledger.consume(2)
+    with pytest.raises(ValueError, match="unknown drop reason"):
+        ledger.drop("bored")
