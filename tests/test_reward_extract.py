@@ -1,0 +1,119 @@
+"""Final-answer extraction: each strategy, the auto order, mode restriction, and hostile input."""
+
+import time
+
+import pytest
+
+from areal_async.reward import EXTRACT_MODES, extract_answer
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        (r"so the value is \boxed{\frac{1}{\sqrt{2}}}.", r"\frac{1}{\sqrt{2}}"),
+        (r"first \boxed{1}, then corrected: \boxed{2}", "2"),
+        (r"\boxed{\left( 3, \frac{\pi}{2} \right)}", r"\left( 3, \frac{\pi}{2} \right)"),
+        (r"\boxed{\{1,2\}}", r"\{1,2\}"),
+        (r"$\boxed 5$", "5"),
+        (r"\boxed -3.", "-3."),
+        (r"\fbox{7}", "7"),
+        (r"\boxed{ 12 } apples", "12"),
+    ],
+)
+def test_boxed(text, expected):
+    assert extract_answer(text, "boxed") == expected
+    assert extract_answer(text) == expected
+
+
+def test_boxed_unclosed_or_empty_is_none():
+    assert extract_answer(r"\boxed{12", "boxed") is None
+    assert extract_answer(r"\boxed{}", "boxed") is None
+    assert extract_answer("no box here", "boxed") is None
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("So the answer is 42.", "42"),
+        ("The final answer is $\\frac{1}{2}$. I hope it is correct.", "\\frac{1}{2}"),
+        ("The answer is 3.5.\nLater text 7", "3.5"),
+        ("Therefore, the answer is: **18**", "18"),
+        ("the answer is 1 and later the answer is 2", "2"),
+    ],
+)
+def test_answer_is(text, expected):
+    assert extract_answer(text, "answer_is") == expected
+    assert extract_answer(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("we find $x^2+1$ here", "x^2+1"),
+        ("first $1$ then $$\\frac{3}{4}$$ done", "\\frac{3}{4}"),
+        ("so \\(a+b\\) and finally \\[\\sqrt{2}\\]", "\\sqrt{2}"),
+        ("adding, $2 + 3 = 5$", "5"),  # an equation ends in its value
+        ("it is $\\pi$ and the price is \\$5", "\\pi"),  # escaped dollars are not math
+        ("She pays $400 + $60 = 460 dollars", None),  # dollar amounts are not math
+        ("unclosed $x + 1", None),
+    ],
+)
+def test_latex(text, expected):
+    assert extract_answer(text, "latex") == expected
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("there are 12 eggs and 7 hens", "7"),
+        ("a total of 1,234,567 apples", "1234567"),
+        ("the temperature is -4 degrees", "-4"),
+        ("it costs 2.50 today", "2.50"),
+        ("about 3/4 of them", "3/4"),
+        ("x-3", "3"),  # subtraction, not a negative number
+        ("(1,23)", "23"),
+    ],
+)
+def test_last_number(text, expected):
+    assert extract_answer(text, "last_number") == expected
+    assert extract_answer(text) == expected
+
+
+def test_auto_order_prefers_boxed_then_answer_is_then_latex_then_number():
+    text = "7 and $8$. The answer is 9. Hence \\boxed{10} and 11"
+    assert extract_answer(text) == "10"
+    assert extract_answer(text.replace("\\boxed{10}", "")) == "9"
+    assert extract_answer("7 and $8$ and 11") == "8"
+    assert extract_answer("7 and 11") == "11"
+
+
+def test_mode_restricts_to_one_strategy():
+    text = "So $y$ is 4. The answer is 5. Check: \\boxed{6}"
+    assert [extract_answer(text, mode) for mode in EXTRACT_MODES] == ["6", "6", "5", "y", "6"]
+    assert extract_answer("only words", "last_number") is None
+    assert extract_answer("only 5", "latex") is None
+    with pytest.raises(ValueError):
+        extract_answer("5", "unknown")
+
+
+def test_nothing_found_is_none():
+    assert extract_answer("") is None
+    assert extract_answer("I do not know.") is None
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "x" * 1_000_000,
+        "\\boxed{" * 200_000,
+        "\\boxed{" + "{" * 100_000 + "}" * 100_000 + "}",
+        "$" * 500_000,
+        "answer is " * 100_000,
+        "111," * 250_000 + "1111",
+    ],
+    ids=["letters", "unclosed-boxes", "nested-braces", "dollars", "answer-is", "commas"],
+)
+def test_extraction_is_fast_on_hostile_text(text):
+    start = time.monotonic()
+    extract_answer(text)
+    assert time.monotonic() - start < 2.0
