@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = compose_config(args.command, args.overrides)
     except (HydraException, OmegaConfBaseException, ValueError) as error:
-        print(f"areal-async {args.command}: bad configuration: {error}", file=sys.stderr)
+        cause = f"\n{error.__cause__}" if error.__cause__ else ""
+        print(f"areal-async {args.command}: bad configuration: {error}{cause}", file=sys.stderr)
         return 2
     if args.cfg:
         print(OmegaConf.to_yaml(OmegaConf.structured(config)))

@@ -142,7 +142,7 @@ class SFTConfig:
     """Supervised warm start for the synthetic task: a tiny model trained from scratch on noisy demonstrations."""
 
     output: str | None = None  # default: the bundled warm-start folder
-    steps: int = 3000
+    steps: int = 1500
     batch_size: int = 128
     lr: float = 3e-3
     warmup_steps: int = 100

@@ -193,8 +193,9 @@ class Trainer:
             "response_length_mean": output_tokens / len(trajectories),
             "groups_trained": len(split_groups(trainable)),
             "staleness_max": max(staleness, default=0),
-            "tokens_per_s": (output_tokens + stats["trained_tokens"]) / (published - started),
+            "tokens_per_s": output_tokens / (published - started),  # generated tokens per second of wall time
             "generation_tokens_per_s": output_tokens / (generated - started),
+            "training_tokens_per_s": stats["trained_tokens"] / max(trained - generated, 1e-9),
             "generate_s": generated - started,
             "train_s": trained - generated,
             "weight_sync_s": published - trained,

@@ -143,5 +143,5 @@ class PPOLearner:
             stats["grad_norm"] += float(grad_norm) / len(parts)
             self.optimizer.step()
         self.version += 1
-        stats["trained_tokens"] = float(sum(b.num_output_tokens for b in micro_batches))
+        stats["trained_tokens"] = float(sum(int(b.valid.sum()) for b in micro_batches))  # prompt + output
         return dict(stats)

@@ -76,6 +76,9 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, tokenizer_dir: str
         for name in TOKENIZER_FILES:
             if (Path(tokenizer_dir) / name).is_file():
                 shutil.copy2(Path(tokenizer_dir) / name, staging / name)
+    for written in staging.iterdir():
+        written.chmod(0o644)
+    staging.chmod(0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(staging, folder)
