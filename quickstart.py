@@ -58,7 +58,9 @@ def setup() -> None:
         subprocess.check_call([sys.executable, "-m", "venv", str(VENV)])
     if not has_nvidia_gpu():
         print(f"[quickstart] no NVIDIA GPU: installing the CPU build of torch ({CPU_TORCH})", flush=True)
-        if pip("-q", "--no-index", CPU_TORCH) != 0 and pip("-q", "--index-url", CPU_TORCH_INDEX, CPU_TORCH) != 0:
+        # torch alone from a local wheel or the CPU index; its own dependencies come from PyPI below
+        local = pip("-q", "--no-deps", "--no-index", CPU_TORCH) == 0
+        if not local and pip("-q", "--no-deps", "--index-url", CPU_TORCH_INDEX, CPU_TORCH) != 0:
             sys.exit(f"[quickstart] could not install {CPU_TORCH} (CPU build); set AREAL_TORCH_CPU_INDEX")
     print("[quickstart] installing areal-async with its dev extra", flush=True)
     if pip("-q", "-e", f"{ROOT}[dev]") != 0:
