@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,8 +42,18 @@ class TorchEngine:
         self.version = version
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
-        """Samples a continuation of every prompt (a list of token ids) in one left-padded batch."""
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams,
+        weight_update: Callable[[], bool] | None = None,
+    ) -> list[Generation]:
+        """Samples a continuation of every prompt (a list of token ids) in one left-padded batch.
+
+        `weight_update` is called at every token boundary; when it returns True it has swapped in new
+        weights (and `version`), and the KV cache of every sequence in flight is recomputed with them
+        before decoding continues. Each token records the version that sampled it.
+        """
         if not prompts:
             return []
         if any(len(p) == 0 for p in prompts):
@@ -62,16 +72,24 @@ class TorchEngine:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
         stop_ids = torch.as_tensor(list(params.stop_token_ids), dtype=torch.long, device=self.device)
 
-        tokens, logprobs = [], []
+        history_ids, history_valid = [ids], [valid]  # every token fed so far, to rebuild the cache
+        tokens, logprobs, versions = [], [], []
         running = torch.ones(batch, dtype=torch.bool, device=self.device)
-        step_ids, step_valid = ids, valid
+        step_ids, step_valid = ids, valid  # tokens not yet in the cache
         for _ in range(params.max_new_tokens):
+            if weight_update is not None and weight_update():
+                cache.length = 0
+                cache.valid.zero_()
+                step_ids, step_valid = torch.cat(history_ids, dim=1), torch.cat(history_valid, dim=1)
             logits = self.model(step_ids, valid=step_valid, kv_cache=cache)[:, -1]
             lp = scaled_logprobs(logits, params.temperature)
             token = draw(lp, params, generator)
             tokens.append(torch.where(running, token, self.pad_token_id))
             logprobs.append(lp.gather(-1, token[:, None]).squeeze(-1))
+            versions.append(self.version)
             step_ids, step_valid = token[:, None], running[:, None].clone()
+            history_ids.append(step_ids)
+            history_valid.append(step_valid)
             running &= ~torch.isin(token, stop_ids)
             if not running.any():
                 break
@@ -81,13 +99,14 @@ class TorchEngine:
         stop_set = set(params.stop_token_ids)
         outputs = []
         for row in range(batch):
-            row_tokens, row_logprobs = [], []
-            finish_reason = "length"
+            length, finish_reason = tokens_t.shape[1], "length"
             for t in range(tokens_t.shape[1]):
-                row_tokens.append(int(tokens_t[row, t]))
-                row_logprobs.append(float(logprobs_t[row, t]))
-                if row_tokens[-1] in stop_set:
-                    finish_reason = "stop"
+                if int(tokens_t[row, t]) in stop_set:
+                    length, finish_reason = t + 1, "stop"
                     break
-            outputs.append(Generation(row_tokens, row_logprobs, [self.version] * len(row_tokens), finish_reason))
+            outputs.append(
+                Generation(
+                    tokens_t[row, :length].tolist(), logprobs_t[row, :length].tolist(), versions[:length], finish_reason
+                )
+            )
         return outputs

@@ -1,15 +1,19 @@
-"""Rollout: generate G samples per admitted prompt group, score them, and return trajectories."""
+"""Rollout: generate G samples per admitted prompt group, score them, and deliver them to the replay queue."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from actors.engine import TorchEngine
 from actors.sampling import SamplingParams
+from areal_async.config import GenerationConfig
 from areal_async.types import PromptGroup, Trajectory
+from areal_async.wire import encode_group
+
+QUEUE_FULL_BACKOFF_S = 0.05
 
 
 class RolloutWorker:
@@ -26,21 +30,29 @@ class RolloutWorker:
         self.stop_token_ids = tuple(stop_token_ids)
 
     def rollout(
-        self, groups: Sequence[PromptGroup], *, max_new_tokens: int, temperature: float, top_p: float = 1.0,
-        top_k: int = 0, seed: int | None = None,
+        self,
+        groups: Sequence[PromptGroup],
+        generation: GenerationConfig,
+        seed: int | None = None,
+        temperature: float | None = None,
+        weight_update: Callable[[], bool] | None = None,
     ) -> list[Trajectory]:
+        """G samples for every group (temperature overrides generation.temperature, e.g. for evaluation)."""
         params = SamplingParams(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-            stop_token_ids=self.stop_token_ids, seed=seed,
+            max_new_tokens=generation.max_new_tokens,
+            temperature=generation.temperature if temperature is None else temperature,
+            top_p=generation.top_p,
+            top_k=generation.top_k,
+            stop_token_ids=self.stop_token_ids,
+            seed=seed,
         )
         started = time.perf_counter()
         requests = [(group, index) for group in groups for index in range(group.group_size)]
-        generations = self.engine.generate([group.prompt_tokens for group, _ in requests], params)
+        generations = self.engine.generate([group.prompt_tokens for group, _ in requests], params, weight_update)
         generated = time.perf_counter()
         texts = [self.decode(g.tokens) for g in generations]
         rewards = self.verifier.score_batch(texts, [list(group.solutions) for group, _ in requests])
-        scored = time.perf_counter()
-        timings = {"generate_s": generated - started, "reward_s": scored - generated}
+        timings = {"generate_s": generated - started, "reward_s": time.perf_counter() - generated}
         return [
             Trajectory(
                 query_id=group.query_id,
@@ -56,3 +68,49 @@ class RolloutWorker:
             )
             for (group, index), generation, reward in zip(requests, generations, rewards)
         ]
+
+    def produce(
+        self,
+        controller,
+        queue,
+        generation: GenerationConfig,
+        max_groups: int,
+        seed: int,
+        weight_update: Callable[[], bool] | None = None,
+        wait_when_full: bool = True,
+    ) -> dict[str, float]:
+        """One round: admit up to `max_groups` groups, generate and score them, deliver one frame per group.
+
+        `controller` offers admit_groups / delivered / readmit / free_slots, `queue` offers put(group_id,
+        frame) -> outcome (local objects or Ray proxies alike). If generation raises, the groups go back to
+        the controller to be handed out again. Returns counts and timings of the round.
+        """
+        groups = controller.admit_groups(max_groups)
+        if not groups:
+            return {"groups": 0, "tokens": 0, "generate_s": 0.0, "errors": 0}
+        try:
+            trajectories = self.rollout(groups, generation, seed=seed, weight_update=weight_update)
+        except Exception as error:  # noqa: BLE001 - any engine failure must not lose the groups
+            controller.readmit(groups, f"{type(error).__name__}: {error}")
+            return {"groups": 0, "tokens": 0, "generate_s": 0.0, "errors": 1}
+        by_group: dict[str, list[Trajectory]] = {}
+        for trajectory in trajectories:
+            by_group.setdefault(trajectory.group_id, []).append(trajectory)
+        for group in groups:
+            frame = encode_group(by_group[group.group_id])
+            while (outcome := queue.put(group.group_id, frame)) == "full":
+                if not wait_when_full:
+                    raise RuntimeError("the replay queue is full and nothing else will drain it: raise "
+                                       "rollout.queue_capacity_per_shard")
+                if weight_update is not None:
+                    weight_update()
+                time.sleep(QUEUE_FULL_BACKOFF_S)
+            controller.delivered(1)
+            if outcome != "queued":
+                controller.free_slots(1)
+        return {
+            "groups": len(groups),
+            "tokens": sum(len(t.output_tokens) for t in trajectories),
+            "generate_s": trajectories[0].timings["generate_s"] + trajectories[0].timings["reward_s"],
+            "errors": 0,
+        }

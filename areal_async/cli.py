@@ -16,6 +16,7 @@ EPILOG = """
 options are hydra overrides, for example:
   areal-async train total_steps=100 rollout.groups_per_step=64 ppo.lr=5e-5
   areal-async train model.path=/ckpt/qwen data.kind=areal_jsonl data.path=prompts.jsonl
+  areal-async train --config staleness_4     # a staleness ablation (configs/staleness_*.yaml)
   areal-async train --cfg          # print the resolved config and exit
   areal-async sft steps=3000       # rebuild the bundled warm start
 """
@@ -35,11 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("command", choices=["train", "sft"], help="what to run")
     parser.add_argument("overrides", nargs="*", help="hydra overrides key=value (see configs/<command>.yaml)")
+    parser.add_argument("--config", help="config file in configs/ to start from (default: the command's name), "
+                        "e.g. staleness_4")
     parser.add_argument("--cfg", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args(argv)
     try:
-        config = compose_config(args.command, args.overrides)
+        config = compose_config(args.config or args.command, args.overrides)
     except (HydraException, OmegaConfBaseException, ValueError) as error:
         cause = f"\n{error.__cause__}" if error.__cause__ else ""
         print(f"areal-async {args.command}: bad configuration: {error}{cause}", file=sys.stderr)

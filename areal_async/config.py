@@ -95,6 +95,26 @@ class PPOConfig:
 class RolloutConfig:
     groups_per_step: int = 32  # prompts per training step
     max_staleness: int | None = 0  # 0 = synchronous; null = unbounded
+    groups_per_request: int = 32  # groups a rollout worker generates in one batch
+    queue_capacity_per_shard: int = 256  # groups; a full shard makes workers wait (backpressure)
+    num_queue_shards: int = 1
+    log_trajectories: bool = True  # zarr log of every consumed trajectory in the run folder
+
+
+class Placement(enum.Enum):
+    inline = "inline"  # one process: the driver alternates generation and training (deterministic)
+    ray = "ray"  # controller, queue shards and rollout workers as Ray actors, generating concurrently
+
+
+@dataclass
+class ClusterConfig:
+    placement: Placement = Placement.inline
+    address: str | None = None  # Ray: null starts a local instance; "auto" or host:port joins a cluster
+    num_rollout_workers: int = 1
+    cpus_per_rollout_worker: float = 1.0
+    gpus_per_rollout_worker: float = 0.0
+    rollout_device: str = "cpu"
+    torch_threads_per_worker: int = 1
 
 
 @dataclass
@@ -124,6 +144,7 @@ class TrainConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import random
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import numpy as np
 
 from areal_async.data.records import PromptRecord
-from areal_async.ledger import Ledger
 from areal_async.staleness import may_admit
 from areal_async.types import PromptGroup
 
 
 class RolloutController:
-    """Admits prompt groups in a seeded order; `cursor` (prompts handed out) is all that is needed to resume."""
+    """Admits prompt groups in a seeded order under the staleness rule.
+
+    Admission slots are counted as groups admitted minus groups dropped after generation (stale, zero
+    variance, bad frame): a dropped group frees its slot, so the learner still receives groups_per_step
+    trainable groups per step. A group whose generation failed is handed out again (counted in
+    `readmitted`), keeping its place in the ledger. `cursor` is all that is needed to resume the data order.
+    """
 
     def __init__(
         self,
@@ -24,7 +31,6 @@ class RolloutController:
         groups_per_step: int,
         max_staleness: int | None,
         seed: int,
-        ledger: Ledger,
     ) -> None:
         if not records:
             raise ValueError("the prompt set is empty")
@@ -34,8 +40,12 @@ class RolloutController:
         self.groups_per_step = groups_per_step
         self.max_staleness = max_staleness
         self.seed = seed
-        self.ledger = ledger
         self.cursor = 0
+        self.delivered_groups = 0
+        self.dropped: Counter = Counter()  # groups given up on here (generation kept failing)
+        self.freed_slots = 0
+        self.readmitted = 0
+        self._retry: deque[PromptGroup] = deque()
         self._epoch_order: tuple[int, list[int]] = (-1, [])
 
     def _record_at(self, position: int) -> PromptRecord:
@@ -46,9 +56,15 @@ class RolloutController:
             self._epoch_order = (epoch, order)
         return self.records[self._epoch_order[1][offset]]
 
+    @property
+    def occupied_slots(self) -> int:
+        return self.cursor - self.freed_slots
+
     def admit(self, current_version: int) -> PromptGroup | None:
-        """The next group, or None while the staleness rule forbids admitting one."""
-        if not may_admit(self.cursor, current_version, self.max_staleness, self.groups_per_step):
+        """The next group (a failed one first), or None while the staleness rule forbids a new one."""
+        if self._retry:
+            return replace(self._retry.popleft(), admitted_at_version=current_version)
+        if not may_admit(self.occupied_slots, current_version, self.max_staleness, self.groups_per_step):
             return None
         record = self._record_at(self.cursor)
         group = PromptGroup(
@@ -61,7 +77,6 @@ class RolloutController:
             admitted_at_version=current_version,
         )
         self.cursor += 1
-        self.ledger.admit()
         return group
 
     def admit_all(self, current_version: int) -> list[PromptGroup]:
@@ -69,3 +84,29 @@ class RolloutController:
         while (group := self.admit(current_version)) is not None:
             groups.append(group)
         return groups
+
+    @property
+    def produced(self) -> int:
+        return self.cursor
+
+    @property
+    def in_flight(self) -> int:
+        return self.cursor - self.delivered_groups - sum(self.dropped.values())
+
+    def delivered(self, groups: int = 1) -> None:
+        """A worker handed finished groups to the queue (whatever the queue then did with them)."""
+        self.delivered_groups += groups
+
+    def readmit(self, group: PromptGroup) -> None:
+        """Generation of `group` failed: it stays in flight and is handed out again."""
+        self.readmitted += 1
+        self._retry.append(group)
+
+    def give_up(self, group: PromptGroup) -> None:
+        """Generation of `group` failed too often: it is dropped and frees its admission slot."""
+        self.dropped["generation_error"] += 1
+        self.freed_slots += 1
+
+    def free_slots(self, groups: int) -> None:
+        """Groups dropped after generation give their admission slots back."""
+        self.freed_slots += groups

@@ -7,6 +7,7 @@ versions, a conservation ledger); with max_staleness = 0 it is synchronous RL.
 from __future__ import annotations
 
 import json
+from collections import Counter
 import time
 from datetime import datetime
 from pathlib import Path
@@ -16,16 +17,22 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from areal_async.config import SFTConfig, TrainConfig
+from areal_async.config import Placement, SFTConfig, TrainConfig
 from areal_async.controller import RolloutController
 from areal_async.data import load_train_and_heldout
 from areal_async.ledger import Ledger
+from areal_async.replay_queue import ShardedReplayQueue
+from areal_async.runtime import ControllerService
 from areal_async.model import load_pretrained, save_pretrained
 from areal_async.reward import RewardVerifier
 from areal_async.sft import BUNDLED_WARMSTART, run_sft
 from areal_async.types import PromptGroup, Trajectory
+from areal_async.weight_sync import InProcessTransport, WeightPublisher, WeightReceiver, state_checksum
 
 EVAL_GROUPS_PER_CALL = 64
+MAX_IDLE_ROUNDS = 1000  # rounds in which nothing was admitted, generated or taken
+MAX_GENERATION_ATTEMPTS = 3  # a group whose generation fails this often is dropped
+RAY_POLL_S = 0.005
 
 
 def resolve_model_path(config: TrainConfig) -> Path:
@@ -41,16 +48,23 @@ def resolve_model_path(config: TrainConfig) -> Path:
     return BUNDLED_WARMSTART
 
 
-def is_zero_variance(group: list[Trajectory]) -> bool:
-    """All samples of the group got the same reward: its advantages are all zero, nothing to learn."""
-    return len({t.reward for t in group}) == 1
-
-
-def split_groups(trajectories: list[Trajectory]) -> dict[str, list[Trajectory]]:
-    groups: dict[str, list[Trajectory]] = {}
-    for trajectory in trajectories:
-        groups.setdefault(trajectory.group_id, []).append(trajectory)
-    return groups
+def validate(config: TrainConfig) -> None:
+    """Errors that would otherwise surface deep inside a run."""
+    if config.reward.correct_reward <= config.reward.incorrect_reward:
+        raise ValueError("reward.correct_reward must be greater than reward.incorrect_reward")
+    rollout = config.rollout
+    if config.generation.group_size < 2 and config.ppo.filter_zero_variance_groups:
+        raise ValueError("generation.group_size=1 makes every group zero-variance: set "
+                         "ppo.filter_zero_variance_groups=false or sample more than one answer per prompt")
+    if config.cluster.placement is Placement.inline:
+        if rollout.max_staleness is None:
+            raise ValueError("cluster.placement=inline needs a finite rollout.max_staleness")
+        needed = (rollout.max_staleness + 1) * rollout.groups_per_step + rollout.groups_per_request
+        if rollout.num_queue_shards * rollout.queue_capacity_per_shard < needed:
+            raise ValueError(
+                f"cluster.placement=inline: the queue holds {rollout.num_queue_shards} x "
+                f"{rollout.queue_capacity_per_shard} groups but may need {needed}; raise rollout.queue_capacity_per_shard"
+            )
 
 
 class MetricsLog:
@@ -83,14 +97,17 @@ class MetricsLog:
 
 
 class Trainer:
+    """Drives a run. Placement `inline` alternates generation and training in this process; `ray` runs the
+    controller, queue shards and rollout workers as Ray actors that generate while the learner trains.
+    Both use the same controller, worker, queue and learner code."""
+
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
         from actors.engine import TorchEngine  # actors and learners meet only here, through areal_async types
         from actors.rollout import RolloutWorker
         from learners.ppo_learner import PPOLearner
 
-        if config.reward.correct_reward <= config.reward.incorrect_reward:
-            raise ValueError("reward.correct_reward must be greater than reward.incorrect_reward")
+        validate(config)
         torch.manual_seed(config.seed)
         run_name = config.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
         self.run_dir = Path(config.output_dir) / run_name
@@ -104,16 +121,16 @@ class Trainer:
         dtype = getattr(torch, config.model.dtype)
         self.train_records, self.heldout_records = load_train_and_heldout(config.data)
 
-        self.ledger = Ledger()
-        self.controller = RolloutController(
+        rollout = config.rollout
+        controller = RolloutController(
             self.train_records,
             self.tokenizer.encode,
             group_size=config.generation.group_size,
-            groups_per_step=config.rollout.groups_per_step,
-            max_staleness=config.rollout.max_staleness,
+            groups_per_step=rollout.groups_per_step,
+            max_staleness=rollout.max_staleness,
             seed=config.seed,
-            ledger=self.ledger,
         )
+        log_dir = str(self.run_dir / "trajectories") if rollout.log_trajectories else None
         self.verifier = RewardVerifier(
             num_workers=config.reward.num_workers,
             timeout_s=config.reward.timeout_s,
@@ -122,6 +139,7 @@ class Trainer:
             incorrect_reward=config.reward.incorrect_reward,
             extract_mode=config.reward.extract_mode,
         )
+        # the driver's engine: the rollout engine when inline, the evaluation engine in both placements
         engine = TorchEngine(load_pretrained(self.model_path, dtype), self.tokenizer.pad_token_id, config.device)
         decode = lambda tokens: self.tokenizer.decode(tokens, skip_special_tokens=True)  # noqa: E731
         self.worker = RolloutWorker(engine, decode, self.verifier, [self.tokenizer.eos_token_id])
@@ -132,11 +150,37 @@ class Trainer:
             temperature=config.generation.temperature,
             device=config.device,
         )
+        self.ray_rollout = None
+        if config.cluster.placement is Placement.ray:
+            from areal_async.ray_cluster import RayRollout
+
+            self.ray_rollout = RayRollout(config, self.model_path, controller, log_dir, self.learner_params(),
+                                          MAX_GENERATION_ATTEMPTS)
+            self.controller, self.queue = self.ray_rollout.controller, self.ray_rollout.queue
+        else:
+            self.controller = ControllerService(controller, MAX_GENERATION_ATTEMPTS)
+            self.queue = ShardedReplayQueue(rollout.num_queue_shards, rollout.queue_capacity_per_shard,
+                                            rollout.max_staleness, log_dir,
+                                            filter_zero_variance=config.ppo.filter_zero_variance_groups)
+            transport = InProcessTransport()
+            self.publisher = WeightPublisher(self.learner_params(), transport)
+            self.receiver = WeightReceiver(dict(engine.model.named_parameters()), transport)
+            self.publish_inline(version=0)
         self.metrics = MetricsLog(self.run_dir, config)
+        self.dropped_before = 0
+
+    def learner_params(self) -> dict[str, torch.Tensor]:
+        return dict(self.learner.model.named_parameters())
+
+    def publish_inline(self, version: int) -> None:
+        self.publisher.publish(self.learner_params(), version)
+        self.worker.engine.version = self.receiver.sync()
 
     def heldout_accuracy(self, seed: int) -> float:
         """Averaged pass@1 on the held-out prompts: mean correctness of eval.num_samples samples each."""
         config = self.config
+        if self.worker.engine.version != self.learner.version:  # Ray placement: the driver's engine evaluates
+            self.worker.engine.load_weights(self.learner.policy_state(), self.learner.version)
         groups = [
             PromptGroup(f"heldout{i}", r.query_id, r.prompt, self.tokenizer.encode(r.prompt), r.solutions,
                         config.eval.num_samples, self.learner.version)
@@ -145,64 +189,89 @@ class Trainer:
         correct = total = 0
         for start in range(0, len(groups), EVAL_GROUPS_PER_CALL):
             trajectories = self.worker.rollout(
-                groups[start : start + EVAL_GROUPS_PER_CALL],
-                max_new_tokens=config.generation.max_new_tokens,
-                temperature=config.eval.temperature,
-                seed=seed + start,
+                groups[start : start + EVAL_GROUPS_PER_CALL], config.generation,
+                seed=seed + start, temperature=config.eval.temperature,
             )
             correct += sum(t.reward == config.reward.correct_reward for t in trajectories)
             total += len(trajectories)
         return correct / total
 
+    def gather_batch(self, step: int) -> list[list[Trajectory]]:
+        """groups_per_step groups that training step `step` may use (stale ones are dropped by the queue)."""
+        needed = self.config.rollout.groups_per_step
+        batch: list[list[Trajectory]] = []
+        rounds_without_progress = 0
+        while len(batch) < needed:
+            groups, stale = self.queue.take(needed - len(batch), training_step=step)
+            self.controller.free_slots(stale)
+            batch.extend(groups)
+            if len(batch) >= needed:
+                break
+            if self.ray_rollout is not None:
+                self.ray_rollout.check_workers()
+                time.sleep(RAY_POLL_S)
+                continue
+            produced = self.worker.produce(
+                self.controller, self.queue, self.config.generation, self.config.rollout.groups_per_request,
+                seed=self.config.seed * 100_003 + self.controller.controller.cursor, wait_when_full=False,
+            )
+            self.controller.report_generation(produced["tokens"], produced["generate_s"])
+            rounds_without_progress = 0 if groups or produced["groups"] else rounds_without_progress + 1
+            if rounds_without_progress > MAX_IDLE_ROUNDS:
+                raise RuntimeError(f"step {step}: no trainable group arrived after {MAX_IDLE_ROUNDS} rounds "
+                                   f"(ledger {self.ledger().totals()})")
+        return batch
+
+    def ledger(self) -> Ledger:
+        """Exact at quiet points (inline, or after the workers stopped); during a Ray run a group can be
+        between its worker's put and delivery receipt."""
+        counts = self.controller.counts()
+        return Ledger.combine(counts["produced"], counts["in_flight"], self.queue.shard_counts(),
+                              Counter(counts["controller_dropped"]))
+
     def step(self, step: int) -> dict:
         config = self.config
         started = time.perf_counter()
-        groups = self.controller.admit_all(self.learner.version)
-        trajectories = self.worker.rollout(
-            groups,
-            max_new_tokens=config.generation.max_new_tokens,
-            temperature=config.generation.temperature,
-            top_p=config.generation.top_p,
-            top_k=config.generation.top_k,
-            seed=config.seed * 100_003 + step,
-        )
-        self.ledger.finish_generation(len(groups))
-        generated = time.perf_counter()
-
-        trainable: list[Trajectory] = []
-        for group in split_groups(trajectories).values():
-            if config.ppo.filter_zero_variance_groups and is_zero_variance(group):
-                self.ledger.drop("zero_variance")
-            else:
-                self.ledger.consume()
-                trainable.extend(group)
-        stats = self.learner.train_step(trainable) if trainable else {"trained_tokens": 0.0}
-        if not trainable:
-            self.learner.version += 1  # an empty step still closes the version, so versions stay step-aligned
+        before = self.controller.counts()
+        batch = self.gather_batch(step)
+        gathered = time.perf_counter()
+        trajectories = [t for group in batch for t in group]
+        stats = self.learner.train_step(trajectories)
         trained = time.perf_counter()
-        self.worker.engine.load_weights(self.learner.policy_state(), self.learner.version)
+        if self.ray_rollout is not None:
+            self.ray_rollout.publish(self.learner_params(), self.learner.version)
+        else:
+            self.publish_inline(self.learner.version)
+            self.controller.set_version(self.learner.version)
         published = time.perf_counter()
 
-        output_tokens = sum(len(t.output_tokens) for t in trajectories)
-        staleness = [self.learner.version - 1 - t.oldest_version for t in trainable]
-        return {
+        staleness = [step - t.oldest_version for t in trajectories]
+        after = self.controller.counts()
+        generated_tokens = after["generated_tokens"] - before["generated_tokens"]
+        generate_s = after["generation_seconds"] - before["generation_seconds"]
+        ledger = self.ledger()
+        dropped = sum(ledger.dropped.values())
+        record = {
             "step": step,
             "version": self.learner.version,
             "reward_mean": sum(t.reward for t in trajectories) / len(trajectories),
             "accuracy": sum(t.reward == config.reward.correct_reward for t in trajectories) / len(trajectories),
-            "response_length_mean": output_tokens / len(trajectories),
-            "groups_trained": len(split_groups(trainable)),
-            "staleness_max": max(staleness, default=0),
-            "tokens_per_s": output_tokens / (published - started),  # generated tokens per second of wall time
-            "generation_tokens_per_s": output_tokens / (generated - started),
-            "training_tokens_per_s": stats["trained_tokens"] / max(trained - generated, 1e-9),
-            "generate_s": generated - started,
-            "train_s": trained - generated,
-            "weight_sync_s": published - trained,
+            "response_length_mean": sum(len(t.output_tokens) for t in trajectories) / len(trajectories),
+            "staleness_max": max(staleness),
+            "staleness_mean": sum(staleness) / len(staleness),
+            "queue_depth": self.queue.depth,
+            "groups_dropped": dropped - self.dropped_before,
+            "tokens_per_s": generated_tokens / (published - started),  # generated tokens per second of wall time
+            "generation_tokens_per_s": generated_tokens / max(generate_s, 1e-9),  # per worker
+            "training_tokens_per_s": stats["trained_tokens"] / (trained - gathered),
+            "gather_s": gathered - started,
+            "train_s": trained - gathered,
+            "weight_sync_seconds": published - trained,
             "step_s": published - started,
-            **{k: v for k, v in stats.items() if k != "trained_tokens"},
-            "trained_tokens": stats["trained_tokens"],
+            **stats,
         }
+        self.dropped_before = dropped
+        return record
 
     def save_checkpoint(self, name: str) -> Path:
         return save_pretrained(self.learner.model, self.run_dir / "checkpoints" / name, tokenizer_dir=self.model_path)
@@ -226,8 +295,17 @@ class Trainer:
             accuracy_after = self.heldout_accuracy(seed=config.seed)
             final = self.save_checkpoint("final")
         finally:
+            worker_results = self.ray_rollout.stop() if self.ray_rollout is not None else []
+            self.controller.stop()
+            self.queue.drain("shutdown")  # generated ahead but never trained on
+            self.queue.close()
             self.metrics.close()
             self.verifier.close()
+        ledger = self.ledger()
+        learner_checksum = state_checksum(self.learner_params())
+        rollout_checksums = [r["weights_checksum"] for r in worker_results] or [
+            state_checksum(dict(self.worker.engine.model.named_parameters()))  # inline: the driver's engine
+        ]
         summary = {
             "accuracy_before": accuracy_before,
             "accuracy_after": accuracy_after,
@@ -235,8 +313,12 @@ class Trainer:
             "version": self.learner.version,
             "steps": config.total_steps,
             "final_checkpoint": str(final),
-            "ledger": self.ledger.totals(),
-            "ledger_balanced": self.ledger.balanced,
+            **ledger.totals(),
+            "ledger_balanced": ledger.balanced,
+            "readmitted": self.controller.counts()["readmitted"],
+            "generation_errors": self.controller.counts()["generation_errors"],
+            "workers": worker_results,
+            "rollout_weights_identical": all(checksum == learner_checksum for checksum in rollout_checksums),
         }
         with open(self.run_dir / "summary.json", "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)

@@ -90,3 +90,32 @@ def test_scaled_logprobs_greedy_scores_at_unit_temperature():
     logits = torch.tensor([[2.0, 1.0]])
     assert torch.allclose(scaled_logprobs(logits, 0.0), torch.log_softmax(logits, -1))
     assert torch.allclose(scaled_logprobs(logits, 0.5), torch.log_softmax(logits / 0.5, -1))
+
+
+def test_weight_swap_mid_decoding_recomputes_cache_and_stamps_versions(tiny_model):
+    """Interruptible generation: tokens after the swap come from the new weights given the whole prefix."""
+    torch.manual_seed(1)
+    new_state = {name: p.detach() + 0.05 * torch.randn_like(p) for name, p in tiny_model.named_parameters()}
+    engine = TorchEngine(copy.deepcopy(tiny_model), pad_token_id=0)
+    boundaries = []
+
+    def swap_at_third_token() -> bool:
+        boundaries.append(len(boundaries))
+        if len(boundaries) == 4:  # before the 4th token is sampled
+            engine.load_weights(new_state, version=1)
+            return True
+        return False
+
+    outputs = engine.generate(PROMPTS, SamplingParams(max_new_tokens=8, temperature=0.0), weight_update=swap_at_third_token)
+    updated = copy.deepcopy(tiny_model)
+    updated.load_state_dict(new_state, strict=False)
+    for prompt, output in zip(PROMPTS, outputs):
+        assert output.versions == [0, 0, 0] + [1] * (len(output.tokens) - 3)
+        ids = list(prompt)
+        for index, token in enumerate(output.tokens):
+            scorer = tiny_model if index < 3 else updated
+            with torch.no_grad():
+                full = scorer(torch.tensor([ids]))[0, -1]
+            assert token == int(full.argmax())
+            assert output.logprobs[index] == pytest.approx(float(torch.log_softmax(full, -1)[token]), abs=1e-5)
+            ids.append(token)

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from areal_async.ledger import Ledger
+from areal_async.ledger import Ledger, ShardCounts
 from areal_async.packing import pad_prompt_output_batch, split_by_token_budget
 from areal_async.staleness import is_too_stale, may_admit
 
@@ -49,19 +49,23 @@ def test_staleness_rule():
     assert not is_too_stale(0, 100, None)
 
 
-def test_ledger_balances_and_refuses_impossible_moves():
-    ledger = Ledger()
-    ledger.admit(5)
-    ledger.finish_generation(4)
-    ledger.consume(2)
-    ledger.drop("zero_variance", 1)
-    ledger.drop("generation_error", 1, source="in_flight")
+def test_ledger_combines_owners_counts_and_refuses_impossible_moves():
+    shard_a, shard_b = ShardCounts(), ShardCounts()
+    for outcome in ("queued", "queued", "zero_variance"):
+        shard_a.receive(outcome)
+    shard_b.receive("bad_frame")
+    shard_b.receive("queued")
+    shard_a.consume(1)
+    shard_b.drop_queued("stale")
+    ledger = Ledger.combine(produced=7, in_flight=2, shards=[shard_a, shard_b])
     assert ledger.balanced
     assert ledger.totals() == {
-        "produced": 5, "consumed": 2, "queued": 1, "in_flight": 0,
-        "dropped": {"stale": 0, "zero_variance": 1, "generation_error": 1, "shutdown": 0},
+        "produced": 7, "consumed": 1, "queued": 1, "in_flight": 2,
+        "dropped": {"stale": 1, "zero_variance": 1, "bad_frame": 1, "generation_error": 0, "shutdown": 0},
     }
-    with pytest.raises(RuntimeError, match="out of queued"):
-        ledger.consume(2)
+    # a delivered group that no shard received breaks conservation
+    assert not Ledger.combine(produced=7, in_flight=1, shards=[shard_a, shard_b]).balanced
+    with pytest.raises(RuntimeError, match="out of the queue"):
+        shard_a.consume(2)
     with pytest.raises(ValueError, match="unknown drop reason"):
-        ledger.drop("bored")
+        shard_a.receive("bored")

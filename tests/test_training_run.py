@@ -27,15 +27,18 @@ def test_short_run_writes_run_folder_and_is_deterministic(tmp_path):
     summary, run_dir = _run(tmp_path, "a")
     assert summary["version"] == 3
     assert 0.0 <= summary["accuracy_before"] <= 1.0 and 0.0 <= summary["accuracy_after"] <= 1.0
-    assert summary["ledger_balanced"]
-    assert summary["ledger"]["produced"] == 12
-    assert summary["ledger"]["consumed"] + summary["ledger"]["dropped"]["zero_variance"] == 12
+    assert summary["ledger_balanced"] and summary["rollout_weights_identical"]
+    assert summary["consumed"] == 12  # 3 steps x 4 trainable groups; zero-variance groups were replaced
+    assert summary["in_flight"] == 0 and summary["queued"] == 0
+    assert summary["produced"] == 12 + sum(summary["dropped"].values())
+    assert (run_dir / "trajectories" / "shard-0").is_dir()
     on_disk = json.loads((run_dir / "summary.json").read_text())
     assert on_disk["accuracy_after"] == summary["accuracy_after"] and on_disk["wall_seconds"] > 0
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [0, 1, 2]
     assert [line["version"] for line in lines] == [1, 2, 3]
-    for key in ("reward_mean", "accuracy", "response_length_mean", "tokens_per_s", "generate_s", "train_s"):
+    for key in ("reward_mean", "accuracy", "response_length_mean", "tokens_per_s", "gather_s", "train_s",
+                "staleness_max", "queue_depth", "weight_sync_seconds", "clip_fraction", "behaviour_weight_mean"):
         assert key in lines[0], key
     assert (run_dir / "config.yaml").is_file()
     final = load_pretrained(run_dir / "checkpoints" / "final")

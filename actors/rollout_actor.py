@@ -1,0 +1,100 @@
+"""A rollout worker process (run as a Ray actor): engine, verifier and weight receiver, generating until
+the controller says stop. It meets the learner only through areal_async services and the weight group."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+import torch.distributed as dist
+from transformers import AutoTokenizer
+
+from actors.engine import TorchEngine
+from actors.rollout import RolloutWorker
+from areal_async.config import TrainConfig
+from areal_async.model import load_pretrained
+from areal_async.reward import RewardVerifier
+from areal_async.weight_sync import TorchDistributedTransport, WeightReceiver, state_checksum
+
+VERSION_POLL_INTERVAL_S = 0.02  # how often a decoding worker asks whether a newer version exists
+IDLE_SLEEP_S = 0.01
+
+
+class RolloutActor:
+    """`controller` and `queue` are objects with the ControllerService / queue-router methods (Ray proxies
+    in a cluster). Rank `worker_index + 1` of the weight-sync group; the learner is rank 0."""
+
+    def __init__(self, worker_index: int, config: TrainConfig, model_path: str, controller, queue) -> None:
+        self.worker_index = worker_index
+        self.config = config
+        self.model_path = model_path
+        self.controller = controller
+        self.queue = queue
+        self.last_poll = 0.0
+        self.weight_sync_seconds = 0.0
+        self.rounds = 0
+
+    def connect(self, sync_address: str, world_size: int, backend: str) -> int:
+        """Joins the weight-sync group and receives the first snapshot; returns the version it holds."""
+        cluster = self.config.cluster
+        torch.set_num_threads(cluster.torch_threads_per_worker)
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        dist.init_process_group(backend, init_method=sync_address, world_size=world_size, rank=self.worker_index + 1)
+        tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model = load_pretrained(self.model_path, getattr(torch, self.config.model.dtype), device=cluster.rollout_device)
+        engine = TorchEngine(model, tokenizer.pad_token_id, cluster.rollout_device)
+        reward = self.config.reward
+        self.verifier = RewardVerifier(
+            num_workers=1, timeout_s=reward.timeout_s, memory_limit_mb=reward.memory_limit_mb,
+            correct_reward=reward.correct_reward, incorrect_reward=reward.incorrect_reward,
+            extract_mode=reward.extract_mode,
+        )
+        decode = lambda tokens: tokenizer.decode(tokens, skip_special_tokens=True)  # noqa: E731
+        self.worker = RolloutWorker(engine, decode, self.verifier, [tokenizer.eos_token_id])
+        self.receiver = WeightReceiver(dict(model.named_parameters()), TorchDistributedTransport())
+        self._sync()
+        return engine.version
+
+    def _sync(self) -> None:
+        started = time.perf_counter()
+        self.worker.engine.version = self.receiver.sync()
+        self.weight_sync_seconds += time.perf_counter() - started
+
+    def weight_update(self, force: bool = False) -> bool:
+        """Called at token boundaries: joins the publish round of a newer version if there is one."""
+        now = time.monotonic()
+        if not force and now - self.last_poll < VERSION_POLL_INTERVAL_S:
+            return False
+        self.last_poll = now
+        if self.controller.current_version() <= self.worker.engine.version:
+            return False
+        self._sync()
+        return True
+
+    def run(self) -> dict:
+        """Generates until stopped; returns this worker's totals."""
+        config = self.config
+        tokens = groups = errors = 0
+        while not self.controller.should_stop():
+            result = self.worker.produce(
+                self.controller, self.queue, config.generation, config.rollout.groups_per_request,
+                seed=config.seed * 1_000_003 + self.worker_index * 10_007 + self.rounds,
+                weight_update=self.weight_update,
+            )
+            self.rounds += 1
+            tokens, groups, errors = tokens + result["tokens"], groups + result["groups"], errors + result["errors"]
+            if result["groups"]:
+                self.controller.report_generation(result["tokens"], result["generate_s"])
+            else:
+                self.weight_update(force=True)
+                time.sleep(IDLE_SLEEP_S)
+        self.weight_update(force=True)  # the last published version's round includes this worker
+        self.verifier.close()
+        return {
+            "worker": self.worker_index, "groups": groups, "tokens": tokens, "errors": errors,
+            "version": self.worker.engine.version, "weight_sync_seconds": self.weight_sync_seconds,
+            "weights_checksum": state_checksum(dict(self.worker.engine.model.named_parameters())),
+        }
