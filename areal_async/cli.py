@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
                         "e.g. staleness_4")
     parser.add_argument("--cfg", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         config = compose_config(args.config or args.command, args.overrides)
     except (HydraException, OmegaConfBaseException, ValueError) as error:

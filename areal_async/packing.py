@@ -46,11 +46,11 @@ def pad_prompt_output_batch(
         if len(prompt) == 0:
             raise ValueError(f"sequence {row} has an empty prompt: the first output token would have no context")
         start, end = len(prompt), lengths[row]
-        ids[row, :end] = torch.as_tensor(np.concatenate([np.asarray(prompt), np.asarray(output)]), dtype=torch.long)
+        ids[row, :end] = torch.tensor(np.concatenate([np.asarray(prompt), np.asarray(output)]), dtype=torch.long)
         valid[row, :end] = True
         output_mask[row, start - 1 : end - 1] = True
         for name, arrays in per_token.items():
-            values[name][row, start - 1 : end - 1] = torch.as_tensor(np.asarray(arrays[row], dtype=np.float32))
+            values[name][row, start - 1 : end - 1] = torch.tensor(np.asarray(arrays[row], dtype=np.float32))
     return PaddedBatch(ids, valid, output_mask, values)
 
 

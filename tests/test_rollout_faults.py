@@ -1,0 +1,82 @@
+"""Bad input in the rollout path: an engine that raises loses no group; a bad frame is counted, not fatal."""
+
+import numpy as np
+
+from actors.engine import Generation
+from actors.rollout import RolloutWorker
+from areal_async.config import GenerationConfig
+from areal_async.controller import RolloutController
+from areal_async.data.records import PromptRecord
+from areal_async.ledger import Ledger
+from areal_async.replay_queue import ShardedReplayQueue
+from areal_async.runtime import ControllerService
+
+
+class FlakyEngine:
+    """Raises on the first `failures` calls, then answers "\\boxed{<row>}" so rewards differ within a group."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.version = 0
+
+    def generate(self, prompts, params, weight_update=None):
+        if self.failures:
+            self.failures -= 1
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return [Generation([row % 2], [-0.5], [self.version], "stop") for row in range(len(prompts))]
+
+
+class CountingVerifier:
+    def score_batch(self, responses, gold_answers):
+        return [5.0 if response == "1" else -5.0 for response in responses]
+
+
+def _system(failures: int):
+    records = [PromptRecord(f"q{i}", f"prompt {i}", ("1",)) for i in range(10)]
+    controller = ControllerService(
+        RolloutController(records, lambda text: [1, 2, 3], group_size=2, groups_per_step=2, max_staleness=0, seed=0),
+        max_generation_attempts=3,
+    )
+    queue = ShardedReplayQueue(num_shards=2, capacity_per_shard=8, max_staleness=0)
+    worker = RolloutWorker(FlakyEngine(failures), lambda tokens: str(tokens[0]), CountingVerifier(), [7])
+    return controller, queue, worker
+
+
+def _ledger(controller, queue) -> Ledger:
+    counts = controller.counts()
+    return Ledger.combine(counts["produced"], counts["in_flight"], queue.shard_counts(), counts["controller_dropped"])
+
+
+def test_failed_generation_is_readmitted_and_counted():
+    controller, queue, worker = _system(failures=1)
+    first = worker.produce(controller, queue, GenerationConfig(), max_groups=2, seed=0)
+    assert first["errors"] == 1 and queue.depth == 0
+    assert controller.counts()["in_flight"] == 2 and _ledger(controller, queue).balanced
+    second = worker.produce(controller, queue, GenerationConfig(), max_groups=2, seed=0)
+    assert second["groups"] == 2 and queue.depth == 2
+    groups, _ = queue.take(2, training_step=0)
+    assert sorted(g[0].group_id for g in groups) == ["g0", "g1"]  # the same groups, not new ones
+    counts = controller.counts()
+    assert counts["readmitted"] == 2 and counts["generation_errors"] == 1 and counts["produced"] == 2
+    assert _ledger(controller, queue).balanced
+
+
+def test_group_that_keeps_failing_is_dropped_and_frees_its_slot():
+    controller, queue, worker = _system(failures=3)
+    for _ in range(3):
+        assert worker.produce(controller, queue, GenerationConfig(), max_groups=2, seed=0)["errors"] == 1
+    ledger = _ledger(controller, queue)
+    assert ledger.dropped["generation_error"] == 2 and ledger.in_flight == 0 and ledger.balanced
+    result = worker.produce(controller, queue, GenerationConfig(), max_groups=2, seed=0)
+    assert result["groups"] == 2  # the freed slots admit new prompts
+    assert _ledger(controller, queue).balanced
+
+
+def test_corrupt_frame_is_counted_and_queue_keeps_serving():
+    controller, queue, worker = _system(failures=0)
+    assert queue.put("g9", b"\x93not a frame") == "bad_frame"
+    worker.produce(controller, queue, GenerationConfig(), max_groups=2, seed=0)
+    groups, _ = queue.take(2, training_step=0)
+    assert len(groups) == 2
+    assert sum(c.dropped["bad_frame"] for c in queue.shard_counts()) == 1
+    assert all(isinstance(t.output_tokens, np.ndarray) for g in groups for t in g)
