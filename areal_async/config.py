@@ -21,6 +21,11 @@ class Objective(enum.Enum):
     naive = "naive"  # proximal := behaviour (standard PPO on off-policy data), for ablations
 
 
+class BehaviourWeightMode(enum.Enum):
+    clip = "clip"  # w = min(w, cap)
+    mask = "mask"  # tokens with w > cap leave the loss (AReaL's choice)
+
+
 class WandbMode(enum.Enum):
     disabled = "disabled"
     offline = "offline"
@@ -84,6 +89,7 @@ class PPOConfig:
     grad_clip: float = 1.0
     eps_clip: float = 0.2
     behaviour_weight_cap: float | None = None
+    behaviour_weight_mode: BehaviourWeightMode = BehaviourWeightMode.clip
     kl_coef: float = 0.0  # against the initial policy; > 0 keeps a frozen reference copy
     normalise_advantage_std: bool = False
     minibatches_per_step: int = 1  # optimizer updates per training step

@@ -116,6 +116,7 @@ class PPOLearner:
                 mask,
                 eps_clip=config.eps_clip,
                 behaviour_weight_cap=config.behaviour_weight_cap,
+                behaviour_weight_mode=config.behaviour_weight_mode.value,
             )
             if self.reference is not None:
                 kl = kl_penalty(logprobs, batch.values["reference_logprobs"].to(self.device), mask)
