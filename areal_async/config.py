@@ -6,8 +6,6 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from hydra.core.config_store import ConfigStore
-
 
 class DataKind(enum.Enum):
     synthetic = "synthetic"
@@ -180,6 +178,8 @@ class SFTConfig:
 
 
 def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore  # only the CLI needs hydra (GPU images may lack it)
+
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
     store.store(name="sft_schema", node=SFTConfig)

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 
 from areal_async.config import Objective, PPOConfig
-from areal_async.model import CausalLM, sequence_logprobs
+from areal_async.model import CausalLM, packed_sequence_logprobs
 from areal_async.objective import decoupled_ppo_loss, group_advantages, kl_penalty
-from areal_async.packing import PaddedBatch, pad_prompt_output_batch, split_by_token_budget
+from areal_async.packing import PackedBatch, pack_prompt_output_batch, split_into_packs
 from areal_async.types import Trajectory
 
 
@@ -27,6 +27,16 @@ def trajectory_advantages(trajectories: Sequence[Trajectory], normalise_std: boo
         for i, value in zip(indices, group_advantages(rewards, normalise_std)[0].tolist()):
             advantages[i] = value
     return advantages
+
+
+def build_optimizer(params, config: PPOConfig) -> torch.optim.AdamW:
+    """AdamW with the config's hyperparameters (fused kernels on CUDA)."""
+    params = list(params)
+    fused = bool(params) and params[0].is_cuda
+    return torch.optim.AdamW(
+        params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay,
+        fused=fused or None,
+    )
 
 
 class PPOLearner:
@@ -47,12 +57,7 @@ class PPOLearner:
         self.temperature = temperature if temperature > 0 else 1.0
         self.device = torch.device(device)
         self.version = version
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(),
-            lr=config.lr,
-            betas=(config.adam_beta1, config.adam_beta2),
-            weight_decay=config.weight_decay,
-        )
+        self.optimizer = build_optimizer(self.model.parameters(), config)
         self.reference = None
         if config.kl_coef > 0:
             self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
@@ -61,11 +66,10 @@ class PPOLearner:
         """The weights to publish to the actors (named as the model's parameters)."""
         return {name: p.detach() for name, p in self.model.named_parameters()}
 
-    def _pad(self, trajectories: Sequence[Trajectory], advantages: Sequence[float]) -> PaddedBatch:
-        return pad_prompt_output_batch(
+    def _pack(self, trajectories: Sequence[Trajectory], advantages: Sequence[float]) -> PackedBatch:
+        return pack_prompt_output_batch(
             [t.prompt_tokens for t in trajectories],
             [t.output_tokens for t in trajectories],
-            self.pad_token_id,
             per_token={
                 "behaviour_logprobs": [t.behaviour_logprobs for t in trajectories],
                 "advantages": [np.full(len(t.output_tokens), a, dtype=np.float32) for t, a in zip(trajectories, advantages)],
@@ -73,17 +77,25 @@ class PPOLearner:
         )
 
     @torch.no_grad()
-    def _logprobs(self, model: CausalLM, batch: PaddedBatch) -> torch.Tensor:
-        return sequence_logprobs(model, batch.input_ids.to(self.device), batch.valid.to(self.device), self.temperature)
+    def _logprobs(self, model: CausalLM, batch: PackedBatch) -> torch.Tensor:
+        return packed_sequence_logprobs(model, batch.to(self.device), self.temperature)
 
-    def prepare(self, trajectories: Sequence[Trajectory]) -> list[PaddedBatch]:
-        """Micro-batches under the token budget with advantages, and proximal (and reference) logprobs
-        recomputed with the current weights before any update."""
-        advantages = trajectory_advantages(trajectories, self.config.normalise_advantage_std)
+    def prepare(
+        self, trajectories: Sequence[Trajectory], advantages: Sequence[float] | None = None
+    ) -> list[PackedBatch]:
+        """Packed micro-batches of at most `micro_batch_tokens` real tokens each (a longer sequence gets its
+        own), with advantages, and proximal (and reference) logprobs recomputed with the current weights
+        before any update.
+
+        advantages: one per trajectory; default: group-normalised within `trajectories`. A caller that holds
+        only part of a group (one rank of several) passes advantages computed over the whole batch.
+        """
+        if advantages is None:
+            advantages = trajectory_advantages(trajectories, self.config.normalise_advantage_std)
         lengths = [t.num_tokens for t in trajectories]
         micro_batches = [
-            self._pad([trajectories[i] for i in indices], [advantages[i] for i in indices])
-            for indices in split_by_token_budget(lengths, self.config.micro_batch_tokens)
+            self._pack([trajectories[i] for i in indices], [advantages[i] for i in indices])
+            for indices in split_into_packs(lengths, self.config.micro_batch_tokens)
         ]
         self.model.eval()
         for batch in micro_batches:
@@ -96,33 +108,43 @@ class PPOLearner:
         self.model.train()
         return micro_batches
 
-    def backward(self, micro_batches: Sequence[PaddedBatch]) -> dict[str, float]:
-        """Accumulates the gradient of the token-mean loss over all `micro_batches` (each micro-batch's
-        loss is weighted by its share of the tokens, so the gradient does not depend on the budget)."""
+    def backward(
+        self, micro_batches: Sequence[PackedBatch], loss_scale: float = 1.0, total_output_tokens: int | None = None
+    ) -> dict[str, float]:
+        """Accumulates `loss_scale` x the gradient of the token-mean loss over all `micro_batches`: each pack's
+        token-mean loss is weighted by its share of the output tokens, so the gradient does not depend on how
+        the sequences were packed.
+
+        total_output_tokens: the token-mean's denominator (default: the output tokens of `micro_batches`).
+        Data-parallel ranks pass the all-reduced global count; the sum of their gradients is then the
+        one-rank gradient of the whole batch (a reduction that averages over M ranks needs loss_scale=M).
+        The returned stats are weighted the same way, so with a global count they too sum over ranks
+        (behaviour_weight_max: take the max); they do not include loss_scale.
+        """
         config = self.config
-        total_tokens = sum(b.num_output_tokens for b in micro_batches)
+        if total_output_tokens is None:
+            total_output_tokens = sum(b.num_output_tokens for b in micro_batches)
         stats: dict[str, float] = defaultdict(float)
-        for batch in micro_batches:
-            share = batch.num_output_tokens / max(1, total_tokens)
-            mask = batch.output_mask.to(self.device)
-            logprobs = sequence_logprobs(
-                self.model, batch.input_ids.to(self.device), batch.valid.to(self.device), self.temperature
-            )
+        for pack in micro_batches:
+            share = pack.num_output_tokens / max(1, total_output_tokens)
+            batch = pack.to(self.device)
+            mask = batch.output_mask
+            logprobs = packed_sequence_logprobs(self.model, batch, self.temperature)
             loss, loss_stats = decoupled_ppo_loss(
                 logprobs,
-                batch.values["proximal_logprobs"].to(self.device),
-                batch.values["behaviour_logprobs"].to(self.device),
-                batch.values["advantages"].to(self.device),
+                batch.values["proximal_logprobs"],
+                batch.values["behaviour_logprobs"],
+                batch.values["advantages"],
                 mask,
                 eps_clip=config.eps_clip,
                 behaviour_weight_cap=config.behaviour_weight_cap,
                 behaviour_weight_mode=config.behaviour_weight_mode.value,
             )
             if self.reference is not None:
-                kl = kl_penalty(logprobs, batch.values["reference_logprobs"].to(self.device), mask)
+                kl = kl_penalty(logprobs, batch.values["reference_logprobs"], mask)
                 loss = loss + config.kl_coef * kl
                 stats["kl_reference"] += kl.item() * share
-            (loss * share).backward()
+            (loss * (share * loss_scale)).backward()
             stats["loss"] += loss.item() * share
             for name, value in loss_stats.items():
                 if name == "behaviour_weight_max":
@@ -144,5 +166,5 @@ class PPOLearner:
             stats["grad_norm"] += float(grad_norm) / len(parts)
             self.optimizer.step()
         self.version += 1
-        stats["trained_tokens"] = float(sum(int(b.valid.sum()) for b in micro_batches))  # prompt + output
+        stats["trained_tokens"] = float(sum(b.num_tokens for b in micro_batches))  # prompt + output
         return dict(stats)

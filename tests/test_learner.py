@@ -1,4 +1,5 @@
-"""The learner: micro-batching does not change the gradient; a step moves probability towards reward."""
+"""The learner: packing and splitting over ranks do not change the gradient; a step moves probability towards
+reward."""
 
 import copy
 
@@ -10,7 +11,8 @@ from actors.engine import TorchEngine
 from actors.sampling import SamplingParams
 from areal_async.config import Objective, PPOConfig
 from areal_async.model import sequence_logprobs
-from areal_async.packing import pad_prompt_output_batch
+from areal_async.objective import decoupled_ppo_loss
+from areal_async.packing import balance_across_ranks, pad_prompt_output_batch
 from areal_async.types import Trajectory
 from learners.ppo_learner import PPOLearner, trajectory_advantages
 
@@ -34,15 +36,57 @@ def _gradients(learner, trajectories):
     return {n: p.grad.clone() for n, p in learner.model.named_parameters()}
 
 
+def _max_relative_difference(reference: dict, other: dict) -> float:
+    return max((reference[n] - other[n]).abs().max().item() / (reference[n].abs().max().item() + 1e-12)
+               for n in reference)
+
+
 def test_gradient_is_independent_of_micro_batch_budget(tiny_model):
     trajectories = _trajectories(tiny_model, [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10], [11, 12]])
     whole = PPOLearner(copy.deepcopy(tiny_model), PPOConfig(micro_batch_tokens=10**6), pad_token_id=0, temperature=1.0)
     split = PPOLearner(copy.deepcopy(tiny_model), PPOConfig(micro_batch_tokens=20), pad_token_id=0, temperature=1.0)
     assert len(split.prepare(trajectories)) > 2
-    reference, micro = _gradients(whole, trajectories), _gradients(split, trajectories)
-    for name in reference:
-        scale = reference[name].abs().max().item() + 1e-12
-        assert (reference[name] - micro[name]).abs().max().item() / scale < 1e-5, name
+    assert _max_relative_difference(_gradients(whole, trajectories), _gradients(split, trajectories)) < 1e-5
+
+
+def test_packed_gradient_equals_the_padded_full_batch_gradient(tiny_model):
+    trajectories = _trajectories(tiny_model, [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10], [11, 12]], seed=1)
+    learner = PPOLearner(copy.deepcopy(tiny_model), PPOConfig(micro_batch_tokens=20), pad_token_id=0, temperature=1.0)
+    assert len(learner.prepare(trajectories)) > 2
+    packed = _gradients(learner, trajectories)
+
+    # The same loss, written directly over one padded batch: proximal = current weights, before the update.
+    model = copy.deepcopy(tiny_model)
+    advantages = trajectory_advantages(trajectories, normalise_std=False)
+    batch = pad_prompt_output_batch(
+        [t.prompt_tokens for t in trajectories], [t.output_tokens for t in trajectories], pad_token_id=0,
+        per_token={"behaviour": [t.behaviour_logprobs for t in trajectories],
+                   "advantages": [np.full(len(t.output_tokens), a) for t, a in zip(trajectories, advantages)]},
+    )
+    logprobs = sequence_logprobs(model, batch.input_ids, batch.valid)
+    loss, _ = decoupled_ppo_loss(logprobs, logprobs.detach(), batch.values["behaviour"], batch.values["advantages"],
+                                 batch.output_mask)
+    loss.backward()
+    padded = {n: p.grad for n, p in model.named_parameters()}
+    assert _max_relative_difference(padded, packed) < 1e-5
+
+
+def test_rank_gradients_add_up_to_the_one_rank_gradient(tiny_model):
+    """Two data-parallel ranks, each with part of the groups' samples: with the global token count as the
+    normaliser and loss_scale = 2 (a reduction that averages), the mean of their gradients is the whole one."""
+    trajectories = _trajectories(tiny_model, [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10], [11, 12]], seed=3)
+    config = PPOConfig(micro_batch_tokens=20)
+    whole = _gradients(PPOLearner(copy.deepcopy(tiny_model), config, pad_token_id=0, temperature=1.0), trajectories)
+    advantages = trajectory_advantages(trajectories, config.normalise_advantage_std)
+    total_output_tokens = sum(len(t.output_tokens) for t in trajectories)
+    rank_gradients = []
+    for indices in balance_across_ranks([t.num_tokens for t in trajectories], num_ranks=2):
+        rank = PPOLearner(copy.deepcopy(tiny_model), config, pad_token_id=0, temperature=1.0)
+        packs = rank.prepare([trajectories[i] for i in indices], [advantages[i] for i in indices])
+        rank.backward(packs, loss_scale=2.0, total_output_tokens=total_output_tokens)
+        rank_gradients.append({n: p.grad for n, p in rank.model.named_parameters()})
+    averaged = {n: (rank_gradients[0][n] + rank_gradients[1][n]) / 2 for n in whole}
+    assert _max_relative_difference(whole, averaged) < 1e-5
 
 
 def test_trajectory_advantages_are_group_centred():

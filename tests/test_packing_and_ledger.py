@@ -2,11 +2,9 @@
 
 import numpy as np
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from areal_async.ledger import Ledger, ShardCounts
-from areal_async.packing import pad_prompt_output_batch, split_by_token_budget
+from areal_async.packing import pad_prompt_output_batch
 from areal_async.staleness import is_too_stale, may_admit
 
 
@@ -25,15 +23,6 @@ def test_padded_batch_aligns_outputs_with_next_token_positions():
 def test_empty_prompt_is_rejected():
     with pytest.raises(ValueError, match="sequence 0 has an empty prompt"):
         pad_prompt_output_batch([[]], [[1]], pad_token_id=0)
-
-
-@given(st.lists(st.integers(1, 50), min_size=1, max_size=40), st.integers(1, 200))
-def test_token_budget_split_covers_every_sequence_once_within_budget(lengths, budget):
-    batches = split_by_token_budget(lengths, budget)
-    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
-    for b in batches:
-        padded = len(b) * max(lengths[i] for i in b)
-        assert padded <= budget or len(b) == 1
 
 
 def test_staleness_rule():

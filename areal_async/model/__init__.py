@@ -2,7 +2,7 @@
 
 from areal_async.model.checkpoint import load_config, load_pretrained, save_pretrained
 from areal_async.model.decoder import CausalLM, DecoderConfig, KVCache
-from areal_async.model.logprobs import sequence_logprobs, token_logprobs
+from areal_async.model.logprobs import packed_sequence_logprobs, sequence_logprobs, token_logprobs
 
 __all__ = [
     "CausalLM",
@@ -10,6 +10,7 @@ __all__ = [
     "KVCache",
     "load_config",
     "load_pretrained",
+    "packed_sequence_logprobs",
     "save_pretrained",
     "sequence_logprobs",
     "token_logprobs",

@@ -6,6 +6,7 @@ checkpoint folder loads with a plain `load_state_dict`.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -146,7 +147,7 @@ class Attention(nn.Module):
             kv_cache.values[layer_index, :, :, start:end] = v
             k = kv_cache.keys[layer_index, :, :, :end]
             v = kv_cache.values[layer_index, :, :, :end]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.num_heads != self.num_kv_heads)
+        out = attend(q, k, v, mask, enable_gqa=self.num_heads != self.num_kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -199,6 +200,60 @@ def attention_mask(query_valid: torch.Tensor, key_valid: torch.Tensor, query_off
     return mask[:, None]
 
 
+def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """Causal mask over packed rows: a query sees earlier keys of its own document only.
+
+    document_ids: [B, T] int -> [B, 1, T, T] bool (O(T^2) memory). Every query sees itself, so no row is empty.
+    """
+    seq = document_ids.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=document_ids.device).tril()
+    same_document = document_ids[:, :, None] == document_ids[:, None, :]
+    return (causal & same_document)[:, None]
+
+
+def document_block_mask(document_ids: torch.Tensor):
+    """The same mask as `document_causal_mask`, as a flex-attention BlockMask: the kernel skips fully masked
+    128x128 blocks. document_ids: [B, T] int. Building it (uncompiled) holds a transient [B, 1, T, T] bool,
+    once per forward: 256 MiB at T = 16K."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def same_document_causal(b, h, q, kv):
+        return (document_ids[b, q] == document_ids[b, kv]) & (q >= kv)
+
+    batch, seq = document_ids.shape
+    return create_block_mask(same_document_causal, batch, None, seq, seq, device=document_ids.device)
+
+
+def packed_attention_mask(document_ids: torch.Tensor):
+    """The packed-mode mask for `attend`: a flex BlockMask on CUDA, a dense bool mask elsewhere. Built once per
+    forward and shared by all layers. document_ids: [B, T] int."""
+    if document_ids.is_cuda:
+        return document_block_mask(document_ids)
+    return document_causal_mask(document_ids)
+
+
+@functools.cache
+def compiled_flex_attention():
+    """flex_attention compiled once per process, on first use, so CPU runs never import or compile it.
+
+    Default (automatic) dynamic shapes: the first pack length compiles a static kernel, a second length
+    recompiles once with a symbolic length, so varying pack lengths do not recompile per length.
+    """
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, enable_gqa: bool) -> torch.Tensor:
+    """Attention of q: [B, H, Tq, D] over k, v: [B, Hkv, Tk, D] -> [B, H, Tq, D].
+
+    mask: a bool tensor [B, 1, Tq, Tk] (SDPA, any device) or a flex BlockMask (from `packed_attention_mask`).
+    """
+    if torch.is_tensor(mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
+    return compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=enable_gqa)
+
+
 class CausalLM(nn.Module):
     """Decoder-only LM. forward(input_ids) -> logits [batch, seq, vocab]."""
 
@@ -216,14 +271,39 @@ class CausalLM(nn.Module):
         valid: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final-norm hidden states [B, T, hidden].
 
         input_ids: [B, T]; valid: [B, T] bool (False = padding; default all True); positions: [B, T] RoPE
         positions (default: count of valid tokens before each one, including the cache's). With kv_cache, the
         T tokens are appended at slots cache.length .. cache.length+T-1 and the cache's length advances.
+
+        Packed mode: document_ids [B, T] int marks which sequence each token belongs to (several sequences
+        concatenated in a row); attention is causal within a document and never crosses into another.
+        `positions` must then be given (restarting at 0 for each document); valid and kv_cache must not be.
         """
-        batch, seq = input_ids.shape
+        if document_ids is None:
+            positions, mask = self._padded_positions_and_mask(input_ids, valid, positions, kv_cache)
+        else:
+            if positions is None or valid is not None or kv_cache is not None:
+                raise ValueError("packed mode (document_ids) needs positions, and takes no valid mask or kv_cache")
+            mask = packed_attention_mask(document_ids)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        x = self.model.embed_tokens(input_ids)
+        for index, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, mask, index, kv_cache)
+        if kv_cache is not None:
+            kv_cache.length += input_ids.shape[1]
+        return self.model.norm(x)
+
+    @staticmethod
+    def _padded_positions_and_mask(
+        input_ids: torch.Tensor, valid: torch.Tensor | None, positions: torch.Tensor | None, kv_cache: KVCache | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded mode: RoPE positions [B, T] and attention mask [B, 1, T, cache.length+T]; marks the new
+        slots' validity in the cache."""
+        seq = input_ids.shape[1]
         if valid is None:
             valid = torch.ones_like(input_ids, dtype=torch.bool)
         offset = 0
@@ -235,14 +315,7 @@ class CausalLM(nn.Module):
             key_valid = valid
         if positions is None:
             positions = (key_valid.long().cumsum(-1) - 1).clamp(min=0)[:, offset:]
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
-        mask = attention_mask(valid, key_valid, offset)
-        x = self.model.embed_tokens(input_ids)
-        for index, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, index, kv_cache)
-        if kv_cache is not None:
-            kv_cache.length += seq
-        return self.model.norm(x)
+        return positions, attention_mask(valid, key_valid, offset)
 
-    def forward(self, input_ids, valid=None, positions=None, kv_cache=None) -> torch.Tensor:
-        return self.lm_head(self.hidden_states(input_ids, valid, positions, kv_cache))
+    def forward(self, input_ids, valid=None, positions=None, kv_cache=None, document_ids=None) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(input_ids, valid, positions, kv_cache, document_ids))

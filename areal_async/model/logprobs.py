@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from areal_async.packing import PackedBatch
 
 
 def token_logprobs(
@@ -30,3 +35,11 @@ def sequence_logprobs(model, input_ids: torch.Tensor, valid: torch.Tensor, tempe
     """Logprob of each next token: input_ids/valid [B, T] -> [B, T-1], entry t scores input_ids[:, t+1]."""
     hidden = model.hidden_states(input_ids, valid)
     return token_logprobs(hidden[:, :-1], model.lm_head.weight, input_ids[:, 1:], temperature)
+
+
+def packed_sequence_logprobs(model, batch: PackedBatch, temperature: float = 1.0) -> torch.Tensor:
+    """Logprob of each packed token's next token in its own sequence: [N], entry t scores batch.targets[t]
+    (meaningful where batch.output_mask, or anywhere but a sequence's last token). Attention never crosses
+    a sequence boundary."""
+    hidden = model.hidden_states(batch.input_ids, positions=batch.positions, document_ids=batch.document_ids)
+    return token_logprobs(hidden[0], model.lm_head.weight, batch.targets, temperature)

@@ -1,0 +1,254 @@
+"""FSDP2 learner ranks: `PPOLearner`'s decoupled-PPO step with the policy sharded over the default process group
+(gloo on CPU, NCCL on GPU).
+
+Every rank trains on its own share of the step's trajectories:
+- advantages are computed once over the whole step batch before it is split (`split_step_across_ranks`), so a
+  group whose samples land on different ranks still gets its true group mean;
+- each rank normalises its loss by the global output-token count and FSDP sums (does not average) the
+  gradients over the ranks, so the M-rank gradient equals the one-rank gradient of the same batch;
+- every rank runs the same number of forward/backward passes (FSDP's all-gathers and reduce-scatters are
+  collective): a rank with fewer packs runs empty placeholder packs that carry no trained token.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.checkpoint import checkpoint
+
+from areal_async.config import PPOConfig
+from areal_async.model import CausalLM
+from areal_async.packing import PackedBatch, balance_across_ranks, split_into_packs
+from areal_async.types import Trajectory
+from learners.ppo_learner import PPOLearner, build_optimizer, trajectory_advantages
+
+MAX_STAT = "behaviour_weight_max"  # the one PPOLearner.backward stat that combines over ranks by max, not sum
+
+
+@dataclass
+class RankShare:
+    """One rank's part of a training step: trajectories and their advantages (computed over the whole step)."""
+
+    trajectories: list[Trajectory]
+    advantages: list[float]
+
+
+def split_step_across_ranks(trajectories: Sequence[Trajectory], num_ranks: int, normalise_std: bool) -> list[RankShare]:
+    """Group-normalised advantages over the whole step batch, then a token-balanced split into `num_ranks` shares.
+
+    Groups may be split over ranks: each sample keeps the advantage computed against its whole group.
+    """
+    advantages = trajectory_advantages(trajectories, normalise_std)
+    return [
+        RankShare([trajectories[i] for i in indices], [advantages[i] for i in indices])
+        for indices in balance_across_ranks([t.num_tokens for t in trajectories], num_ranks)
+    ]
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """Learning-rate multiplier of optimizer step `step` (0-based): linear warm-up over `warmup_steps`, then 1."""
+    if warmup_steps <= 0:
+        return 1.0
+    return min(1.0, (step + 1) / warmup_steps)
+
+
+def mixed_precision_policy(device_type: str) -> MixedPrecisionPolicy:
+    """bf16 compute with fp32 gradient reduction on GPU; fp32 everywhere on CPU. The sharded master weights
+    (what the optimizer updates) stay fp32 either way."""
+    if device_type == "cuda":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def checkpoint_activations(layer: torch.nn.Module) -> None:
+    """Recompute `layer`'s activations in backward instead of storing them.
+
+    Patches the instance's forward rather than wrapping the module, so parameter names (the published and
+    exported names) stay unchanged; FSDP's hooks run around the patched forward, as around any forward.
+    """
+    layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+
+
+def sum_gradients_over_ranks(model: torch.nn.Module) -> None:
+    """Make every FSDP unit reduce gradients by a plain SUM over ranks instead of FSDP's default average.
+
+    Divide factor 1 alone would turn the reduction into PreMulSum(1.0), which gloo lacks and NCCL handles
+    badly in bf16; forcing SUM reductions keeps plain ReduceOp.SUM and skips the post-division by 1.
+    """
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+
+
+def shard_policy(
+    model: CausalLM, mesh: DeviceMesh, activation_checkpointing: bool = False, compile_layers: bool = False
+) -> CausalLM:
+    """Shards `model` in place with FSDP2 over `mesh`: one unit per DecoderLayer, then the root (embeddings,
+    final norm, lm_head). Gradients reduce by sum over ranks. `compile_layers` compiles each DecoderLayer in
+    place (torch.compile; parameter names unchanged). Returns the same object, now an FSDPModule."""
+    model.to(torch.float32)  # fp32 master weights; the mixed-precision policy casts for compute
+    policy = mixed_precision_policy(mesh.device_type)
+    for layer in model.model.layers:
+        if compile_layers:
+            layer.compile()
+        if activation_checkpointing:
+            checkpoint_activations(layer)
+        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+    # The root stays unsharded after forward: the logprob code reads lm_head.weight after hidden_states returns.
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    # The learner calls hidden_states, never forward: FSDP must all-gather around it too.
+    register_fsdp_forward_method(model, "hidden_states")
+    sum_gradients_over_ranks(model)
+    return model
+
+
+def all_reduce_floats(values: Sequence[float], op: dist.ReduceOp, device: torch.device) -> list[float]:
+    """All-reduce a list of Python floats (same length on every rank) in fp64 on `device`."""
+    tensor = torch.tensor(list(values), dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=op)
+    return tensor.tolist()
+
+
+def placeholder_trajectory(pad_token_id: int) -> Trajectory:
+    """A one-token prompt without output: its pack runs the collectives of a pass and trains on nothing."""
+    empty = np.zeros(0, dtype=np.int32)
+    return Trajectory("", "", 0, np.array([pad_token_id], dtype=np.int32), empty, empty.astype(np.float32), empty,
+                      0.0, "stop")
+
+
+class FSDPLearner:
+    """One learner rank. Composes a `PPOLearner` (objective, packing, logprob recomputation) whose policy (and
+    frozen reference, if any) is sharded with FSDP2 over all ranks of the default process group.
+
+    Construct on every rank with the same initial `model` (on GPU: after torch.cuda.set_device(local rank),
+    with `device` that GPU). `warmup_steps`: optimizer updates of linear learning-rate warm-up (0 = none).
+    """
+
+    def __init__(
+        self,
+        model: CausalLM,
+        config: PPOConfig,
+        pad_token_id: int,
+        temperature: float,
+        device: str | torch.device = "cpu",
+        version: int = 0,
+        warmup_steps: int = 0,
+        activation_checkpointing: bool = False,
+        compile_layers: bool = False,
+    ) -> None:
+        self.ppo = PPOLearner(model, config, pad_token_id, temperature, device, version)
+        self.mesh = init_device_mesh(self.ppo.device.type, (dist.get_world_size(),))
+        shard_policy(self.ppo.model, self.mesh, activation_checkpointing, compile_layers)
+        if self.ppo.reference is not None:
+            shard_policy(self.ppo.reference, self.mesh)
+        # PPOLearner's optimizer holds the unsharded parameters that fully_shard replaced: rebuild it over
+        # the sharded ones.
+        self.optimizer = build_optimizer(self.ppo.model.parameters(), config)
+        self.ppo.optimizer = self.optimizer
+        self.scheduler = LambdaLR(self.optimizer, functools.partial(warmup_factor, warmup_steps=warmup_steps))
+
+    @property
+    def model(self) -> CausalLM:
+        return self.ppo.model
+
+    @property
+    def version(self) -> int:
+        return self.ppo.version
+
+    @property
+    def config(self) -> PPOConfig:
+        return self.ppo.config
+
+    def _reshard_roots(self) -> None:
+        """The roots keep their parameters gathered after a forward without backward: shard them again so
+        that parameters() are the sharded ones outside a step."""
+        self.ppo.model.reshard()
+        if self.ppo.reference is not None:
+            self.ppo.reference.reshard()
+
+    def prepare(self, trajectories: Sequence[Trajectory], advantages: Sequence[float]) -> list[PackedBatch]:
+        """This rank's packs with proximal (and reference) logprobs, padded with placeholder packs to the
+        largest pack count of any rank.
+
+        Each pack's trajectories go to PPOLearner.prepare on their own (they fit the budget, so it keeps them
+        in one pack), which makes the number of forward passes equal on every rank.
+        """
+        budget = self.config.micro_batch_tokens
+        packs = split_into_packs([t.num_tokens for t in trajectories], budget)
+        (num_packs,) = all_reduce_floats([len(packs)], dist.ReduceOp.MAX, self.ppo.device)
+        placeholder = ([placeholder_trajectory(self.ppo.pad_token_id)], [0.0])
+        micro_batches = []
+        for index in range(int(num_packs)):
+            if index < len(packs):
+                members = packs[index]
+                share = ([trajectories[i] for i in members], [advantages[i] for i in members])
+            else:
+                share = placeholder
+            micro_batches += self.ppo.prepare(*share)
+        self._reshard_roots()
+        return micro_batches
+
+    def backward(self, micro_batches: Sequence[PackedBatch]) -> dict[str, float]:
+        """Accumulates this rank's part of the gradient of the global token-mean loss; FSDP sums the parts
+        over the ranks. Returns the step's stats over all ranks (token means; behaviour_weight_max: max)."""
+        device = self.ppo.device
+        local_tokens = sum(b.num_output_tokens for b in micro_batches)
+        (global_tokens,) = all_reduce_floats([local_tokens], dist.ReduceOp.SUM, device)
+        stats = self.ppo.backward(micro_batches, total_output_tokens=int(global_tokens))
+        summed = sorted(name for name in stats if name != MAX_STAT)
+        reduced = dict(zip(summed, all_reduce_floats([stats[name] for name in summed], dist.ReduceOp.SUM, device)))
+        if MAX_STAT in stats:
+            (reduced[MAX_STAT],) = all_reduce_floats([stats[MAX_STAT]], dist.ReduceOp.MAX, device)
+        return reduced
+
+    def optimizer_step(self) -> float:
+        """Clips the gradient by its global norm (over all shards), steps AdamW and the learning-rate schedule.
+        Returns the norm before clipping."""
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        if isinstance(norm, DTensor):  # a norm over sharded gradients (a plain 0 when there are none)
+            norm = norm.full_tensor()
+        self.optimizer.step()
+        self.scheduler.step()
+        return float(norm)
+
+    def train_step(self, trajectories: Sequence[Trajectory], advantages: Sequence[float]) -> dict[str, float]:
+        """One training step (minibatches_per_step optimizer updates) over this rank's share; every rank calls
+        it together. Produces version + 1; the returned stats are over all ranks and identical on each."""
+        micro_batches = self.prepare(trajectories, advantages)
+        num_parts = max(1, min(self.config.minibatches_per_step, len(micro_batches)))  # equal on every rank
+        parts = np.array_split(np.arange(len(micro_batches)), num_parts)
+        stats: dict[str, float] = {}
+        for part in parts:
+            self.optimizer.zero_grad(set_to_none=True)
+            part_stats = self.backward([micro_batches[i] for i in part])
+            part_stats["lr"] = self.scheduler.get_last_lr()[0]  # the rate this update uses
+            part_stats["grad_norm"] = self.optimizer_step()
+            for name, value in part_stats.items():
+                previous = stats.get(name, 0.0)
+                stats[name] = max(previous, value) if name == MAX_STAT else previous + value / len(parts)
+        self.ppo.version += 1
+        (stats["trained_tokens"],) = all_reduce_floats(  # prompt + output, placeholders excluded
+            [sum(t.num_tokens for t in trajectories)], dist.ReduceOp.SUM, self.ppo.device
+        )
+        return stats
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The full policy weights, named as the model's parameters, on rank 0 (an empty dict elsewhere): what
+        the weight publisher and the HF export need. A collective: every rank must call it."""
+        rank = dist.get_rank()
+        state = {}
+        for name, param in self.model.named_parameters():
+            full = param.full_tensor()  # all-gathers one parameter at a time, so the peak is one full tensor
+            if rank == 0:
+                state[name] = full.detach()
+        return state

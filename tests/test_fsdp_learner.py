@@ -1,0 +1,264 @@
+"""FSDP2 learner ranks on CPU (gloo): a 2-rank step equals the 1-rank step of the same batch (loss, gradient,
+updated weights), whatever the micro-batch budget or the split; activation checkpointing leaves the gradient
+unchanged."""
+
+from __future__ import annotations
+
+import copy
+import socket
+import traceback
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as torch_mp
+
+from actors.engine import TorchEngine
+from actors.sampling import SamplingParams
+from areal_async.config import PPOConfig
+from areal_async.model import CausalLM, DecoderConfig
+from areal_async.packing import split_into_packs
+from areal_async.types import Trajectory
+from conftest import TINY
+from learners.fsdp_learner import FSDPLearner, RankShare, split_step_across_ranks, warmup_factor
+from learners.ppo_learner import PPOLearner, trajectory_advantages
+
+WORLD = 2
+TOLERANCE = 1e-5  # relative, fp32
+HUGE_BUDGET, TINY_BUDGET = 10**6, 8
+
+
+@dataclass
+class Case:
+    """A one-step 2-rank run: its PPO config and each rank's share of the batch."""
+
+    name: str
+    config: PPOConfig
+    shares: list[RankShare]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_trajectories(model: CausalLM, prompts, group_size: int) -> list[Trajectory]:
+    """group_size samples per prompt, as if sampled by an older policy: outputs cut to 3..8 tokens, behaviour
+    logprobs perturbed (so behaviour weights differ from 1 and the first step's loss is not 0). Rewards
+    alternate +5/-5 over the batch: with an odd group size every group has both."""
+    engine = TorchEngine(copy.deepcopy(model), pad_token_id=0)
+    requests = [(g, p) for g, p in enumerate(prompts) for _ in range(group_size)]
+    outputs = engine.generate([p for _, p in requests], SamplingParams(max_new_tokens=8, seed=0))
+    rng = np.random.default_rng(0)
+    trajectories = []
+    for i, ((g, prompt), output) in enumerate(zip(requests, outputs)):
+        kept = 3 + (5 * i) % 6
+        behaviour = np.array(output.logprobs[:kept], dtype=np.float32) + rng.normal(0, 0.3, kept).astype(np.float32)
+        trajectories.append(Trajectory(
+            f"q{g}", f"g{g}", i % group_size, np.array(prompt, dtype=np.int32),
+            np.array(output.tokens[:kept], dtype=np.int32), behaviour, np.zeros(kept, dtype=np.int32),
+            5.0 if i % 2 else -5.0, "length",
+        ))
+    return trajectories
+
+
+def relative_diff(values: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> float:
+    """max over tensors of max|a - b| / max|b|."""
+    assert values.keys() == reference.keys()
+    return max(float(np.abs(values[n] - reference[n]).max() / (np.abs(reference[n]).max() + 1e-12)) for n in reference)
+
+
+def one_rank_step(learner: PPOLearner, trajectories: list[Trajectory]) -> dict:
+    """Stats, the (clipped) gradient and the weights after one unsharded train_step."""
+    stats = learner.train_step(trajectories)
+    gradients = {n: p.grad.numpy().copy() for n, p in learner.model.named_parameters()}
+    weights = {n: p.detach().numpy().copy() for n, p in learner.model.named_parameters()}
+    return {"stats": stats, "gradients": gradients, "weights": weights}
+
+
+def sharded_step(learner: FSDPLearner, share: RankShare) -> dict:
+    """The same after one sharded train_step; every rank calls it, the full weights are on rank 0 only."""
+    stats = learner.train_step(share.trajectories, share.advantages)
+    gradients = {n: p.grad.full_tensor().numpy().copy() for n, p in learner.model.named_parameters()}
+    weights = {n: t.numpy().copy() for n, t in learner.full_state_dict().items()}
+    return {"stats": stats, "gradients": gradients, "weights": weights}
+
+
+def rank_main(rank: int, port: int, initial_state: dict, cases: list[Case], results) -> None:
+    """One spawned learner rank: runs every case's step; rank 0 reports tensors, every rank its stats."""
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=WORLD, rank=rank,
+                                timeout=timedelta(seconds=60))
+        for case in cases:
+            model = CausalLM(DecoderConfig(**TINY))
+            model.load_state_dict(initial_state)
+            learner = FSDPLearner(model, case.config, pad_token_id=0, temperature=1.0)
+            outcome = sharded_step(learner, case.shares[rank])
+            if rank != 0:
+                outcome = {"stats": outcome["stats"], "weights": outcome["weights"]}
+            results.put((rank, case.name, outcome))
+        dist.destroy_process_group()
+    except BaseException:
+        results.put((rank, "error", traceback.format_exc()))
+
+
+def run_two_ranks(initial_state: dict, cases: list[Case]) -> dict[tuple[int, str], dict]:
+    context = torch_mp.get_context("spawn")
+    results = context.Queue()
+    port = free_port()
+    processes = [
+        context.Process(target=rank_main, args=(rank, port, initial_state, cases, results)) for rank in range(WORLD)
+    ]
+    for process in processes:
+        process.start()
+    try:
+        outcomes = {}
+        for _ in range(WORLD * len(cases)):
+            rank, name, outcome = results.get(timeout=60)
+            assert name != "error", f"rank {rank} failed:\n{outcome}"
+            outcomes[rank, name] = outcome
+        return outcomes
+    finally:
+        for process in processes:
+            process.join(timeout=20)
+            if process.is_alive():
+                process.kill()
+
+
+@pytest.fixture(scope="module")
+def batch() -> tuple[CausalLM, list[Trajectory]]:
+    torch.manual_seed(0)
+    model = CausalLM(DecoderConfig(**TINY))
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10], [11, 12], list(range(13, 22))]
+    return model, make_trajectories(model, prompts, group_size=3)
+
+
+def configs() -> dict[str, PPOConfig]:
+    """The 2-rank cases. grad_clip sits below the batch's gradient norm, so clipping across shards is exercised."""
+    return {
+        "balanced": PPOConfig(micro_batch_tokens=HUGE_BUDGET, normalise_advantage_std=True, grad_clip=0.5),
+        "tiny_budget": PPOConfig(micro_batch_tokens=TINY_BUDGET, normalise_advantage_std=True, grad_clip=0.5),
+        "idle_rank_with_kl": PPOConfig(micro_batch_tokens=TINY_BUDGET, kl_coef=0.05, grad_clip=0.5),
+    }
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(batch) -> dict[tuple[int, str], dict]:
+    model, trajectories = batch
+    cases = []
+    for name, config in configs().items():
+        shares = split_step_across_ranks(trajectories, WORLD, config.normalise_advantage_std)
+        if name == "idle_rank_with_kl":
+            shares = [RankShare(list(trajectories), trajectory_advantages(trajectories, False)), RankShare([], [])]
+        cases.append(Case(name, config, shares))
+    return run_two_ranks(model.state_dict(), cases)
+
+
+@pytest.fixture(scope="module")
+def one_rank_runs(batch) -> dict[str, dict]:
+    """The reference: PPOLearner, one process, the whole batch."""
+    model, trajectories = batch
+    return {
+        name: one_rank_step(PPOLearner(copy.deepcopy(model), config, pad_token_id=0, temperature=1.0), trajectories)
+        for name, config in configs().items()
+    }
+
+
+def test_split_keeps_whole_group_advantages_and_splits_groups(batch):
+    _, trajectories = batch
+    shares = split_step_across_ranks(trajectories, WORLD, normalise_std=False)
+    expected = dict(zip((id(t) for t in trajectories), trajectory_advantages(trajectories, normalise_std=False)))
+    assert sorted(id(t) for s in shares for t in s.trajectories) == sorted(expected)
+    assert all(a == expected[id(t)] for s in shares for t, a in zip(s.trajectories, s.advantages))
+    groups_per_rank = [{t.group_id for t in s.trajectories} for s in shares]
+    assert groups_per_rank[0] & groups_per_rank[1], "the test batch should split a group over the ranks"
+    # The tiny budget gives the ranks different pack counts, so placeholder packs are exercised.
+    pack_counts = [len(split_into_packs([t.num_tokens for t in s.trajectories], TINY_BUDGET)) for s in shares]
+    assert pack_counts[0] != pack_counts[1] and min(pack_counts) > 1
+
+
+def adamw_step(initial: dict[str, np.ndarray], gradients: dict[str, np.ndarray], config: PPOConfig) -> dict:
+    """One unsharded AdamW step from `initial` along `gradients`."""
+    params = {n: torch.nn.Parameter(torch.from_numpy(value.copy())) for n, value in initial.items()}
+    for name, param in params.items():
+        param.grad = torch.from_numpy(gradients[name])
+    betas = (config.adam_beta1, config.adam_beta2)
+    torch.optim.AdamW(params.values(), lr=config.lr, betas=betas, weight_decay=config.weight_decay).step()
+    return {n: p.detach().numpy() for n, p in params.items()}
+
+
+@pytest.mark.parametrize("name", list(configs()))
+def test_two_ranks_match_one_rank(two_rank_runs, one_rank_runs, name):
+    two, one = two_rank_runs[0, name], one_rank_runs[name]
+    for stat in ("loss", "grad_norm", "behaviour_weight_mean", "behaviour_weight_max", "clip_fraction"):
+        assert two["stats"][stat] == pytest.approx(one["stats"][stat], rel=TOLERANCE), stat
+    assert two["stats"]["trained_tokens"] == one["stats"]["trained_tokens"]
+    assert one["stats"]["grad_norm"] > configs()[name].grad_clip
+    gradient_diff = relative_diff(two["gradients"], one["gradients"])  # clipped, as the optimizer saw them
+    assert gradient_diff < TOLERANCE
+    # Against the weights' scale, at the default lr: Adam's first update is about lr * sign(g), so where |g| is
+    # near Adam's eps, rounding-level gradient differences change the update itself (by up to ~2e-3 of the
+    # largest update here). The sharded step is checked exactly in test_sharded_adamw_step_equals_unsharded_step.
+    weight_diff = relative_diff(two["weights"], one["weights"])
+    assert weight_diff < TOLERANCE
+    assert two_rank_runs[1, name]["stats"] == two["stats"]  # every rank reports the global stats
+    assert two_rank_runs[1, name]["weights"] == {}  # full weights on rank 0 only
+
+
+@pytest.mark.parametrize("name", list(configs()))
+def test_sharded_adamw_step_equals_unsharded_step(batch, two_rank_runs, name):
+    """The sharded optimizer step applied to the gathered (clipped) gradient is the unsharded AdamW step."""
+    initial = {n: p.detach().numpy() for n, p in batch[0].named_parameters()}
+    two = two_rank_runs[0, name]
+    expected = adamw_step(initial, two["gradients"], configs()[name])
+    update_diff = relative_diff({n: two["weights"][n] - initial[n] for n in initial},
+                                {n: expected[n] - initial[n] for n in initial})
+    assert update_diff < TOLERANCE
+
+
+def test_two_rank_gradient_is_independent_of_micro_batch_budget(two_rank_runs):
+    tiny, huge = two_rank_runs[0, "tiny_budget"], two_rank_runs[0, "balanced"]
+    gradient_diff = relative_diff(tiny["gradients"], huge["gradients"])
+    assert gradient_diff < TOLERANCE
+    assert tiny["stats"]["loss"] == pytest.approx(huge["stats"]["loss"], rel=TOLERANCE)
+
+
+@pytest.fixture
+def one_rank_group():
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", world_size=1, rank=0)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def gradient_and_mlp_calls(model: CausalLM, trajectories, activation_checkpointing: bool) -> tuple[dict, int]:
+    """The full gradient of one backward over the batch, and how often layer 0's MLP ran (forward passes and
+    recomputations)."""
+    learner = FSDPLearner(copy.deepcopy(model), PPOConfig(micro_batch_tokens=40), pad_token_id=0, temperature=1.0,
+                          activation_checkpointing=activation_checkpointing)
+    micro_batches = learner.prepare(trajectories, trajectory_advantages(trajectories, normalise_std=False))
+    mlp, calls = learner.model.model.layers[0].mlp, []
+    mlp_forward = mlp.forward
+    mlp.forward = lambda x: calls.append(1) or mlp_forward(x)  # counts recomputations too, unlike a module hook
+    learner.backward(micro_batches)
+    return {n: p.grad.full_tensor().numpy() for n, p in learner.model.named_parameters()}, len(calls)
+
+
+def test_activation_checkpointing_keeps_the_gradient(one_rank_group, batch):
+    model, trajectories = batch
+    stored, stored_calls = gradient_and_mlp_calls(model, trajectories, activation_checkpointing=False)
+    recomputed, recomputed_calls = gradient_and_mlp_calls(model, trajectories, activation_checkpointing=True)
+    assert recomputed_calls == 2 * stored_calls  # each checkpointed layer ran again in backward
+    gradient_diff = relative_diff(recomputed, stored)
+    assert gradient_diff < TOLERANCE
+
+
+def test_warmup_factor_is_linear_then_constant():
+    assert [warmup_factor(step, 4) for step in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert warmup_factor(0, 0) == 1.0
