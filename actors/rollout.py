@@ -105,7 +105,7 @@ class RolloutWorker:
                 if weight_update is not None:
                     weight_update()
                 time.sleep(QUEUE_FULL_BACKOFF_S)
-            controller.delivered(1)
+            controller.delivered(group.group_id)
             if outcome != "queued":
                 controller.free_slots(1)
         return {

@@ -142,6 +142,9 @@ class TrainConfig:
     seed: int = 1
     device: str = "cpu"
     save_every: int = 0  # HF checkpoint every N steps (0 = only the final one)
+    checkpoint_every: int = 10  # resumable run checkpoint every N steps (0 = none; inline placement)
+    keep_checkpoints: int = 2
+    resume: bool = False  # continue run_name from its latest run checkpoint
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)

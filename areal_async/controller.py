@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 
@@ -46,6 +46,7 @@ class RolloutController:
         self.freed_slots = 0
         self.readmitted = 0
         self._retry: deque[PromptGroup] = deque()
+        self._in_flight: dict[str, PromptGroup] = {}  # admitted, not yet delivered nor given up
         self._epoch_order: tuple[int, list[int]] = (-1, [])
 
     def _record_at(self, position: int) -> PromptRecord:
@@ -77,6 +78,7 @@ class RolloutController:
             admitted_at_version=current_version,
         )
         self.cursor += 1
+        self._in_flight[group.group_id] = group
         return group
 
     def admit_all(self, current_version: int) -> list[PromptGroup]:
@@ -93,9 +95,10 @@ class RolloutController:
     def in_flight(self) -> int:
         return self.cursor - self.delivered_groups - sum(self.dropped.values())
 
-    def delivered(self, groups: int = 1) -> None:
-        """A worker handed finished groups to the queue (whatever the queue then did with them)."""
-        self.delivered_groups += groups
+    def delivered(self, group_id: str) -> None:
+        """A worker handed a finished group to the queue (whatever the queue then did with it)."""
+        del self._in_flight[group_id]
+        self.delivered_groups += 1
 
     def readmit(self, group: PromptGroup) -> None:
         """Generation of `group` failed: it stays in flight and is handed out again."""
@@ -104,9 +107,42 @@ class RolloutController:
 
     def give_up(self, group: PromptGroup) -> None:
         """Generation of `group` failed too often: it is dropped and frees its admission slot."""
+        del self._in_flight[group.group_id]
         self.dropped["generation_error"] += 1
         self.freed_slots += 1
 
     def free_slots(self, groups: int) -> None:
         """Groups dropped after generation give their admission slots back."""
         self.freed_slots += groups
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue the data order and the counts after a restart."""
+        return {
+            "cursor": self.cursor,
+            "delivered_groups": self.delivered_groups,
+            "freed_slots": self.freed_slots,
+            "readmitted": self.readmitted,
+            "dropped": dict(self.dropped),
+            "in_flight": [group_to_dict(group) for group in self._in_flight.values()],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores a checkpoint. Groups that were in flight then are handed out again first (their
+        generation was lost with the crash), so no admitted prompt is skipped."""
+        self.cursor = state["cursor"]
+        self.delivered_groups = state["delivered_groups"]
+        self.freed_slots = state["freed_slots"]
+        self.readmitted = state["readmitted"]
+        self.dropped = Counter(state["dropped"])
+        groups = [group_from_dict(entry) for entry in state["in_flight"]]
+        self._in_flight = {group.group_id: group for group in groups}
+        self._retry = deque(groups)
+
+
+def group_to_dict(group: PromptGroup) -> dict:
+    return {**asdict(group), "prompt_tokens": [int(t) for t in group.prompt_tokens], "solutions": list(group.solutions)}
+
+
+def group_from_dict(entry: dict) -> PromptGroup:
+    return PromptGroup(**{**entry, "prompt_tokens": np.asarray(entry["prompt_tokens"], dtype=np.int32),
+                          "solutions": tuple(entry["solutions"])})

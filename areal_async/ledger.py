@@ -29,6 +29,14 @@ class ShardCounts:
     consumed: int = 0
     dropped: Counter = field(default_factory=Counter)
 
+    def state_dict(self) -> dict:
+        return {"received": self.received, "queued": self.queued, "consumed": self.consumed,
+                "dropped": dict(self.dropped)}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "ShardCounts":
+        return cls(state["received"], state["queued"], state["consumed"], Counter(state["dropped"]))
+
     def receive(self, outcome: str) -> None:
         """A delivered group arrived: `outcome` is "queued" or a drop reason."""
         if outcome != "queued":

@@ -22,7 +22,7 @@ from areal_async.ledger import DROP_REASONS, ShardCounts, check_reason
 from areal_async.staleness import is_too_stale
 from areal_async.trajectory_log import TrajectoryLog
 from areal_async.types import Trajectory
-from areal_async.wire import FrameError, decode_group
+from areal_async.wire import FrameError, decode_group, encode_group
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +147,18 @@ class ReplayQueueShard:
         self.counts.consume(len(taken))
         return taken, stale
 
+    def state_dict(self) -> dict:
+        """Queued groups (as wire frames) and counts, for a run checkpoint."""
+        return {"frames": [encode_group(group) for group in self._groups], "counts": self.counts.state_dict()}
+
+    def load_state_dict(self, state: dict, resume_step: int) -> None:
+        """Restores a checkpoint taken before training step `resume_step`; the trajectory log forgets what
+        was consumed from that step on."""
+        self._groups = deque(decode_group(frame) for frame in state["frames"])
+        self.counts = ShardCounts.from_state_dict(state["counts"])
+        if self._log is not None:
+            self._log.truncate_before_step(resume_step)
+
     def current_depth(self) -> int:
         """`depth` as a method, so that a remote (Ray) shard answers it too."""
         return self.depth
@@ -245,6 +257,16 @@ class ShardedReplayQueue:
                     stale += dropped
             self._last_served = last
         return taken, stale
+
+    def state_dict(self) -> list[dict]:
+        return [shard.state_dict() for shard in self.shards]
+
+    def load_state_dict(self, state: list[dict], resume_step: int) -> None:
+        if len(state) != len(self.shards):
+            raise ValueError(f"checkpoint has {len(state)} queue shards, the run has {len(self.shards)}: "
+                             "rollout.num_queue_shards must not change on resume")
+        for shard, shard_state in zip(self.shards, state):
+            shard.load_state_dict(shard_state, resume_step)
 
     def shard_counts(self) -> list[ShardCounts]:
         return [shard.get_counts() for shard in self.shards]

@@ -32,8 +32,8 @@ class ControllerService:
             groups.append(group)
         return groups
 
-    def delivered(self, groups: int = 1) -> None:
-        self.controller.delivered(groups)
+    def delivered(self, group_id: str) -> None:
+        self.controller.delivered(group_id)
 
     def free_slots(self, groups: int) -> None:
         self.controller.free_slots(groups)
@@ -63,6 +63,24 @@ class ControllerService:
 
     def should_stop(self) -> bool:
         return self.stopped
+
+    def state_dict(self) -> dict:
+        return {
+            "controller": self.controller.state_dict(),
+            "version": self.version,
+            "failed_attempts": dict(self.failed_attempts),
+            "generation_errors": self.generation_errors,
+            "generated_tokens": self.generated_tokens,
+            "generation_seconds": self.generation_seconds,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.controller.load_state_dict(state["controller"])
+        self.version = state["version"]
+        self.failed_attempts = Counter(state["failed_attempts"])
+        self.generation_errors = list(state["generation_errors"])
+        self.generated_tokens = state["generated_tokens"]
+        self.generation_seconds = state["generation_seconds"]
 
     def counts(self) -> dict:
         return {

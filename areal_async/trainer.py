@@ -18,6 +18,13 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from areal_async.config import Placement, SFTConfig, TrainConfig
+from areal_async.checkpointing import (
+    latest_run_checkpoint,
+    load_run_checkpoint,
+    restore_rng_state,
+    rng_state,
+    save_run_checkpoint,
+)
 from areal_async.controller import RolloutController
 from areal_async.data import load_train_and_heldout
 from areal_async.ledger import Ledger
@@ -53,6 +60,10 @@ def validate(config: TrainConfig) -> None:
     if config.reward.correct_reward <= config.reward.incorrect_reward:
         raise ValueError("reward.correct_reward must be greater than reward.incorrect_reward")
     rollout = config.rollout
+    if config.resume and not config.run_name:
+        raise ValueError("resume=true needs run_name=<the run to continue>")
+    if config.resume and config.cluster.placement is not Placement.inline:
+        raise ValueError("resume=true is implemented for cluster.placement=inline only so far")
     if config.generation.group_size < 2 and config.ppo.filter_zero_variance_groups:
         raise ValueError("generation.group_size=1 makes every group zero-variance: set "
                          "ppo.filter_zero_variance_groups=false or sample more than one answer per prompt")
@@ -166,8 +177,12 @@ class Trainer:
             self.publisher = WeightPublisher(self.learner_params(), transport)
             self.receiver = WeightReceiver(dict(engine.model.named_parameters()), transport)
             self.publish_inline(version=0)
-        self.metrics = MetricsLog(self.run_dir, config)
+        self.start_step = 0
+        self.accuracy_before: float | None = None
         self.dropped_before = 0
+        if config.resume:
+            self.restore()
+        self.metrics = MetricsLog(self.run_dir, config)
 
     def learner_params(self) -> dict[str, torch.Tensor]:
         return dict(self.learner.model.named_parameters())
@@ -273,6 +288,39 @@ class Trainer:
         self.dropped_before = dropped
         return record
 
+    @property
+    def state_dir(self) -> Path:
+        return self.run_dir / "checkpoints" / "state"
+
+    def save_run_state(self, next_step: int) -> Path:
+        """A resumable checkpoint taken between steps (inline placement: nothing is in flight)."""
+        trainer_state = {
+            "step": next_step,
+            "version": self.learner.version,
+            "accuracy_before": self.accuracy_before,
+            "dropped_before": self.dropped_before,
+            "controller": self.controller.state_dict(),
+            "queue": self.queue.state_dict(),
+            "rng": rng_state(),
+        }
+        return save_run_checkpoint(self.state_dir, next_step, self.learner.model, self.learner.optimizer,
+                                   trainer_state, keep=self.config.keep_checkpoints)
+
+    def restore(self) -> None:
+        """Continues from the latest run checkpoint: weights, optimizer, version, data order, queue, ledger."""
+        path = latest_run_checkpoint(self.state_dir)
+        if path is None:
+            raise FileNotFoundError(f"resume=true: no run checkpoint under {self.state_dir}")
+        state = load_run_checkpoint(path, self.learner.model, self.learner.optimizer)
+        self.start_step, self.learner.version = state["step"], state["version"]
+        self.accuracy_before, self.dropped_before = state["accuracy_before"], state["dropped_before"]
+        self.controller.load_state_dict(state["controller"])
+        self.queue.load_state_dict(state["queue"], resume_step=self.start_step)
+        restore_rng_state(state["rng"])
+        keep_metrics_before(self.run_dir / "metrics.jsonl", self.start_step)
+        self.publish_inline(self.learner.version)
+        print(f"resumed {self.run_dir} at step {self.start_step} (version {self.learner.version}) from {path}")
+
     def save_checkpoint(self, name: str) -> Path:
         return save_pretrained(self.learner.model, self.run_dir / "checkpoints" / name, tokenizer_dir=self.model_path)
 
@@ -280,10 +328,13 @@ class Trainer:
         config = self.config
         started = time.perf_counter()
         try:
-            accuracy_before = self.heldout_accuracy(seed=config.seed)
-            print(f"held-out accuracy before RL: {accuracy_before:.3f} ({len(self.heldout_records)} problems "
-                  f"x {config.eval.num_samples} samples, T={config.eval.temperature})")
-            progress = tqdm(range(config.total_steps), desc="train", disable=not show_progress)
+            if self.accuracy_before is None:
+                self.accuracy_before = self.heldout_accuracy(seed=config.seed)
+                print(f"held-out accuracy before RL: {self.accuracy_before:.3f} ({len(self.heldout_records)} "
+                      f"problems x {config.eval.num_samples} samples, T={config.eval.temperature})")
+            accuracy_before = self.accuracy_before
+            progress = tqdm(range(self.start_step, config.total_steps), desc="train", disable=not show_progress,
+                            initial=self.start_step, total=config.total_steps)
             for step in progress:
                 record = self.step(step)
                 if config.eval.every_steps and (step + 1) % config.eval.every_steps == 0:
@@ -292,6 +343,9 @@ class Trainer:
                 progress.set_postfix(reward=f"{record['reward_mean']:.2f}", acc=f"{record['accuracy']:.2f}")
                 if config.save_every and (step + 1) % config.save_every == 0:
                     self.save_checkpoint(f"step{step + 1}")
+                inline = self.ray_rollout is None
+                if inline and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+                    self.save_run_state(step + 1)
             accuracy_after = self.heldout_accuracy(seed=config.seed)
             final = self.save_checkpoint("final")
         finally:
@@ -325,6 +379,16 @@ class Trainer:
         print(f"held-out accuracy: before {accuracy_before:.3f} -> after {accuracy_after:.3f} "
               f"({summary['wall_seconds']:.0f} s, version {self.learner.version}); run folder {self.run_dir}")
         return summary
+
+
+def keep_metrics_before(path: Path, step: int) -> None:
+    """Drops the metrics lines of steps >= `step` (written after the checkpoint a run resumes from)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] < step]
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text("".join(line + "\n" for line in kept))
+    staging.replace(path)
 
 
 def run_training(config: TrainConfig, show_progress: bool = True) -> dict:

@@ -90,6 +90,18 @@ class TrajectoryLog:
             array[self._lengths[length]:new_lengths[length]] = columns[name]
         self._commit(new_lengths)
 
+    def truncate_before_step(self, step: int) -> None:
+        """Forget the rows consumed at `step` or later (a run resumed from the checkpoint taken before it)."""
+        steps = self._arrays["consumed_at_step"][: self._lengths["rows"]]
+        rows = int(np.searchsorted(np.asarray(steps), step, side="left"))  # rows are appended in step order
+        if rows == self._lengths["rows"]:
+            return
+        ends = {"output": self._arrays["output_offsets"], "prompt": self._arrays["prompt_offsets"]}
+        lengths = {"rows": rows, **{name: int(array[rows - 1]) if rows else 0 for name, array in ends.items()}}
+        for name, (_, length) in _ARRAYS.items():
+            self._arrays[name].resize((lengths[length],))
+        self._commit(lengths)
+
     def close(self) -> None:
         """Stop appending (what was appended is already on disk)."""
         self._group = None

@@ -159,7 +159,7 @@ class ActorLearnerLoop(RuleBasedStateMachine):
         assert outcome == expected
         assert group_id not in self.delivered_ids
         self.delivered_ids.add(group_id)
-        self.controller.delivered()
+        self.controller.delivered(group_id)
         if outcome != "queued":
             self.controller.free_slots(1)
             self.expected_drops[outcome] += 1

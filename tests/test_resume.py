@@ -1,0 +1,82 @@
+"""Kill a CPU run (SIGKILL of its whole process tree) and resume it: versions continue without gaps or
+repeats, the ledger balances, and the result equals an uninterrupted run's."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+
+from areal_async.cli import compose_config
+from areal_async.trajectory_log import read_trajectory_log
+from areal_async.trainer import run_training
+
+RUN = ["total_steps=8", "checkpoint_every=2", "rollout.groups_per_step=4", "generation.group_size=4",
+       "data.num_heldout=8", "eval.num_samples=2", "reward.num_workers=1", "ppo.lr=1e-3"]
+
+
+def _metrics(run_dir):
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _consumed_groups(run_dir):
+    rows = list(read_trajectory_log(run_dir / "trajectories" / "shard-0"))
+    return [(row["consumed_at_step"], row["group_id"]) for row in rows if row["sample_index"] == 0]
+
+
+def test_kill_and_resume_continues_exactly(tmp_path):
+    command = [sys.executable, "-m", "areal_async.cli", "train", *RUN, f"output_dir={tmp_path}", "run_name=killed",
+               "--no-progress"]
+    run_dir = tmp_path / "killed"
+    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while len(_metrics(run_dir)) < 5 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)  # the trainer and its verifier processes, mid-run
+    process.wait()
+    killed_at = len(_metrics(run_dir))
+    assert 5 <= killed_at < 8
+
+    resumed = subprocess.run([*command, "resume=true"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed" in resumed.stdout
+
+    lines = _metrics(run_dir)
+    assert [line["step"] for line in lines] == list(range(8))
+    assert [line["version"] for line in lines] == list(range(1, 9))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["ledger_balanced"] and summary["consumed"] == 8 * 4 and summary["version"] == 8
+    consumed = _consumed_groups(run_dir)
+    assert Counter(step for step, _ in consumed) == {step: 4 for step in range(8)}
+    assert len({group for _, group in consumed}) == len(consumed)  # no group trained twice
+
+    config = compose_config("train", [*RUN, f"output_dir={tmp_path}", "run_name=uninterrupted"])
+    reference = run_training(config, show_progress=False)
+    assert consumed == _consumed_groups(tmp_path / "uninterrupted")
+    assert [l["loss"] for l in lines] == [l["loss"] for l in _metrics(tmp_path / "uninterrupted")]
+    assert summary["accuracy_after"] == reference["accuracy_after"]
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    config = compose_config("train", [*RUN, f"output_dir={tmp_path}", "run_name=fresh", "resume=true"])
+    with pytest.raises(FileNotFoundError, match="no run checkpoint"):
+        run_training(config, show_progress=False)
+
+
+def test_next_context_stage_continues_with_longer_generations(tmp_path):
+    """The seed's 8K -> 16K -> 24K schedule: a stage continues the previous one with one config change."""
+    stage = [*RUN, f"output_dir={tmp_path}", "run_name=staged"]
+    run_training(compose_config("train", [*stage, "total_steps=4", "generation.max_new_tokens=8"]), show_progress=False)
+    summary = run_training(
+        compose_config("train", [*stage, "total_steps=6", "generation.max_new_tokens=12", "resume=true"]),
+        show_progress=False,
+    )
+    lines = _metrics(tmp_path / "staged")
+    assert [line["version"] for line in lines] == list(range(1, 7)) and summary["ledger_balanced"]
+    assert max(line["response_length_mean"] for line in lines[:4]) <= 8
