@@ -8,12 +8,11 @@ import time
 
 import torch
 import torch.distributed as dist
-from transformers import AutoTokenizer
 
 from actors.engine import TorchEngine
 from actors.rollout import RolloutWorker
 from areal_async.config import TrainConfig
-from areal_async.model import load_pretrained
+from areal_async.model import load_pretrained, load_tokenizer
 from areal_async.reward import RewardVerifier
 from areal_async.weight_sync import TorchDistributedTransport, WeightReceiver, state_checksum
 
@@ -41,17 +40,10 @@ class RolloutActor:
         torch.set_num_threads(cluster.torch_threads_per_worker)
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         dist.init_process_group(backend, init_method=sync_address, world_size=world_size, rank=self.worker_index + 1)
-        tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer = load_tokenizer(self.model_path)
         model = load_pretrained(self.model_path, getattr(torch, self.config.model.dtype), device=cluster.rollout_device)
         engine = TorchEngine(model, tokenizer.pad_token_id, cluster.rollout_device)
-        reward = self.config.reward
-        self.verifier = RewardVerifier(
-            num_workers=1, timeout_s=reward.timeout_s, memory_limit_mb=reward.memory_limit_mb,
-            correct_reward=reward.correct_reward, incorrect_reward=reward.incorrect_reward,
-            extract_mode=reward.extract_mode,
-        )
+        self.verifier = RewardVerifier.from_config(self.config.reward, num_workers=1)
         decode = lambda tokens: tokenizer.decode(tokens, skip_special_tokens=True)  # noqa: E731
         self.worker = RolloutWorker(engine, decode, self.verifier, [tokenizer.eos_token_id])
         self.receiver = WeightReceiver(dict(model.named_parameters()), TorchDistributedTransport())

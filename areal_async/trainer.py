@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
-from transformers import AutoTokenizer
 
 from areal_async.config import Placement, SFTConfig, TrainConfig
 from areal_async.checkpointing import (
@@ -30,7 +29,7 @@ from areal_async.data import load_train_and_heldout
 from areal_async.ledger import Ledger
 from areal_async.replay_queue import ShardedReplayQueue
 from areal_async.runtime import ControllerService
-from areal_async.model import load_pretrained, save_pretrained
+from areal_async.model import load_pretrained, load_tokenizer, save_pretrained
 from areal_async.reward import RewardVerifier
 from areal_async.sft import BUNDLED_WARMSTART, run_sft
 from areal_async.types import PromptGroup, Trajectory
@@ -126,9 +125,7 @@ class Trainer:
         OmegaConf.save(OmegaConf.structured(config), self.run_dir / "config.yaml")
 
         self.model_path = resolve_model_path(config)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer = load_tokenizer(self.model_path)
         dtype = getattr(torch, config.model.dtype)
         self.train_records, self.heldout_records = load_train_and_heldout(config.data)
 
@@ -142,14 +139,7 @@ class Trainer:
             seed=config.seed,
         )
         log_dir = str(self.run_dir / "trajectories") if rollout.log_trajectories else None
-        self.verifier = RewardVerifier(
-            num_workers=config.reward.num_workers,
-            timeout_s=config.reward.timeout_s,
-            memory_limit_mb=config.reward.memory_limit_mb,
-            correct_reward=config.reward.correct_reward,
-            incorrect_reward=config.reward.incorrect_reward,
-            extract_mode=config.reward.extract_mode,
-        )
+        self.verifier = RewardVerifier.from_config(config.reward)
         # the driver's engine: the rollout engine when inline, the evaluation engine in both placements
         engine = TorchEngine(load_pretrained(self.model_path, dtype), self.tokenizer.pad_token_id, config.device)
         decode = lambda tokens: self.tokenizer.decode(tokens, skip_special_tokens=True)  # noqa: E731

@@ -3,6 +3,7 @@
 from areal_async.model.checkpoint import load_config, load_pretrained, save_pretrained
 from areal_async.model.decoder import CausalLM, DecoderConfig, KVCache
 from areal_async.model.logprobs import packed_sequence_logprobs, sequence_logprobs, token_logprobs
+from areal_async.model.tokenizer import load_tokenizer
 
 __all__ = [
     "CausalLM",
@@ -10,6 +11,7 @@ __all__ = [
     "KVCache",
     "load_config",
     "load_pretrained",
+    "load_tokenizer",
     "packed_sequence_logprobs",
     "save_pretrained",
     "sequence_logprobs",

@@ -15,6 +15,16 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
 
 
+def load_tokenizer(folder: str | os.PathLike):
+    """The checkpoint folder's tokenizer (transformers.AutoTokenizer); pads with EOS when it has no pad token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def build_byte_tokenizer(folder: str | os.PathLike) -> Path:
     """Writes a 256-symbol byte-level tokenizer (no merges) plus pad/bos/eos (ids 256, 257, 258)."""
     byte_symbols = pre_tokenizers.ByteLevel.alphabet()

@@ -44,6 +44,18 @@ class RewardVerifier:
         self.extract_mode = extract_mode
         self._pool = SandboxPool(num_workers, timeout_s, memory_limit_mb)
 
+    @classmethod
+    def from_config(cls, reward, num_workers: int | None = None) -> "RewardVerifier":
+        """From a RewardConfig (`num_workers` overrides its pool size)."""
+        return cls(
+            num_workers=reward.num_workers if num_workers is None else num_workers,
+            timeout_s=reward.timeout_s,
+            memory_limit_mb=reward.memory_limit_mb,
+            correct_reward=reward.correct_reward,
+            incorrect_reward=reward.incorrect_reward,
+            extract_mode=reward.extract_mode,
+        )
+
     @property
     def closed(self) -> bool:
         return self._pool.closed
