@@ -95,21 +95,56 @@ def shard_policy(
 ) -> CausalLM:
     """Shards `model` in place with FSDP2 over `mesh`: one unit per DecoderLayer, then the root (embeddings,
     final norm, lm_head). Gradients reduce by sum over ranks. `compile_layers` compiles each DecoderLayer in
-    place (torch.compile; parameter names unchanged). Returns the same object, now an FSDPModule."""
+    place (torch.compile; parameter names unchanged). Returns the same object, now an FSDPModule.
+
+    On a one-rank mesh nothing is sharded, so the layers keep their gathered (bf16) parameters from forward to
+    backward instead of casting and copying them again for backward (reshard_after_forward=False), and the
+    gradients keep FSDP's default reduction, which on one rank is a plain copy (the sum over one rank; forcing
+    a divide factor would add a division pass over every gradient)."""
     model.to(torch.float32)  # fp32 master weights; the mixed-precision policy casts for compute
     policy = mixed_precision_policy(mesh.device_type)
+    single_rank = mesh.size() == 1
     for layer in model.model.layers:
         if compile_layers:
             layer.compile()
         if activation_checkpointing:
             checkpoint_activations(layer)
-        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=not single_rank)
     # The root stays unsharded after forward: the logprob code reads lm_head.weight after hidden_states returns.
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     # The learner calls hidden_states, never forward: FSDP must all-gather around it too.
     register_fsdp_forward_method(model, "hidden_states")
-    sum_gradients_over_ranks(model)
+    if not single_rank:
+        sum_gradients_over_ranks(model)
     return model
+
+
+def reshard_all(model: torch.nn.Module) -> None:
+    """Reshard every FSDP unit of `model` (a no-op for units already sharded)."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def clip_gradients_(parameters: Sequence[torch.nn.Parameter], max_norm: float, device: torch.device) -> torch.Tensor:
+    """Clips the gradients of `parameters` (sharded or not) in place by their global L2 norm over all ranks and
+    returns that norm (before clipping), the same on every rank.
+
+    Works on the local shards: one multi-tensor norm, one all-reduce of the squared norm (with more than one
+    rank), one multi-tensor scale. clip_grad_norm_ over DTensors computes the same but dispatches each
+    multi-tensor op through DTensor's sharding propagation, host time during which the GPU idles."""
+    grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in parameters if p.grad is not None]
+    grads = [g for g in grads if g.numel()]
+    if grads:
+        squared = torch.stack([n.float() for n in torch._foreach_norm(grads, 2.0)]).square().sum()
+    else:
+        squared = torch.zeros((), dtype=torch.float32, device=device)
+    if dist.get_world_size() > 1:
+        dist.all_reduce(squared, op=dist.ReduceOp.SUM)
+    norm = squared.sqrt()
+    if grads:
+        torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
+    return norm
 
 
 def all_reduce_floats(values: Sequence[float], op: dist.ReduceOp, device: torch.device) -> list[float]:
@@ -170,11 +205,11 @@ class FSDPLearner:
         return self.ppo.config
 
     def _reshard_roots(self) -> None:
-        """The roots keep their parameters gathered after a forward without backward: shard them again so
-        that parameters() are the sharded ones outside a step."""
-        self.ppo.model.reshard()
+        """The roots (and, on one rank, the layers) keep their parameters gathered after a forward without
+        backward: shard them again so that parameters() are the sharded ones outside a step."""
+        reshard_all(self.ppo.model)
         if self.ppo.reference is not None:
-            self.ppo.reference.reshard()
+            reshard_all(self.ppo.reference)
 
     def prepare(self, trajectories: Sequence[Trajectory], advantages: Sequence[float]) -> list[PackedBatch]:
         """This rank's packs with proximal (and reference) logprobs, padded with placeholder packs to the
@@ -214,9 +249,7 @@ class FSDPLearner:
     def optimizer_step(self) -> float:
         """Clips the gradient by its global norm (over all shards), steps AdamW and the learning-rate schedule.
         Returns the norm before clipping."""
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        if isinstance(norm, DTensor):  # a norm over sharded gradients (a plain 0 when there are none)
-            norm = norm.full_tensor()
+        norm = clip_gradients_(list(self.model.parameters()), self.config.grad_clip, self.ppo.device)
         self.optimizer.step()
         self.scheduler.step()
         return float(norm)

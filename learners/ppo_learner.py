@@ -124,7 +124,17 @@ class PPOLearner:
         config = self.config
         if total_output_tokens is None:
             total_output_tokens = sum(b.num_output_tokens for b in micro_batches)
-        stats: dict[str, float] = defaultdict(float)
+        # Kept on the device (fp64, the same arithmetic as Python floats) and read once at the end: a read per
+        # pack would stall the host until the pack's backward finished before it could queue the next pack.
+        stats: dict[str, torch.Tensor] = {}
+
+        def add(name: str, value: torch.Tensor, share: float) -> None:
+            value = value.detach().to(self.device, torch.float64)
+            if name == "behaviour_weight_max":
+                stats[name] = torch.maximum(stats[name], value) if name in stats else value.clamp(min=0.0)
+            else:
+                stats[name] = stats[name] + value * share if name in stats else value * share
+
         for pack in micro_batches:
             share = pack.num_output_tokens / max(1, total_output_tokens)
             batch = pack.to(self.device)
@@ -143,15 +153,15 @@ class PPOLearner:
             if self.reference is not None:
                 kl = kl_penalty(logprobs, batch.values["reference_logprobs"], mask)
                 loss = loss + config.kl_coef * kl
-                stats["kl_reference"] += kl.item() * share
+                add("kl_reference", kl, share)
             (loss * (share * loss_scale)).backward()
-            stats["loss"] += loss.item() * share
+            add("loss", loss, share)
             for name, value in loss_stats.items():
-                if name == "behaviour_weight_max":
-                    stats[name] = max(stats.get(name, 0.0), float(value))
-                else:
-                    stats[name] += float(value) * share
-        return dict(stats)
+                add(name, value, share)
+        if not stats:
+            return {}
+        names = list(stats)
+        return dict(zip(names, torch.stack([stats[name] for name in names]).tolist()))
 
     def train_step(self, trajectories: Sequence[Trajectory]) -> dict[str, float]:
         """One training step over whole groups (minibatches_per_step optimizer updates): produces version + 1."""

@@ -259,6 +259,27 @@ def test_activation_checkpointing_keeps_the_gradient(one_rank_group, batch):
     assert gradient_diff < TOLERANCE
 
 
+def test_one_rank_step_matches_unsharded_learner(one_rank_group, batch, one_rank_runs):
+    """On one rank the layers keep their gathered parameters from forward to backward and the gradients take
+    FSDP's plain one-rank reduction: the step still equals PPOLearner's, and afterwards every parameter is
+    the sharded one again (also after a forward without backward)."""
+    from torch.distributed.tensor import DTensor
+
+    model, trajectories = batch
+    config = configs()["balanced"]
+    learner = FSDPLearner(copy.deepcopy(model), config, pad_token_id=0, temperature=1.0)
+    learner.prepare(trajectories, trajectory_advantages(trajectories, config.normalise_advantage_std))
+    assert all(isinstance(p, DTensor) for p in learner.model.parameters())
+    outcome = sharded_step(learner, RankShare(list(trajectories),
+                                              trajectory_advantages(trajectories, config.normalise_advantage_std)))
+    one = one_rank_runs["balanced"]
+    for stat in ("loss", "grad_norm", "behaviour_weight_mean", "behaviour_weight_max", "clip_fraction"):
+        assert outcome["stats"][stat] == pytest.approx(one["stats"][stat], rel=TOLERANCE), stat
+    assert relative_diff(outcome["gradients"], one["gradients"]) < TOLERANCE
+    assert relative_diff(outcome["weights"], one["weights"]) < TOLERANCE
+    assert all(isinstance(p, DTensor) for p in learner.model.parameters())
+
+
 def test_warmup_factor_is_linear_then_constant():
     assert [warmup_factor(step, 4) for step in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert warmup_factor(0, 0) == 1.0

@@ -73,15 +73,19 @@ def test_packed_mode_needs_positions_and_no_padding_arguments():
 
 
 # flex vs. SDPA kernels with bf16 activations, fp32 log-softmax: an H100 (torch 2.11) measured about 8e-3,
-# about what either bf16 kernel differs from fp32.
+# about what either bf16 kernel differs from fp32. The varlen flash kernel is held to the same bound.
 BF16_LOGPROB_BOUND = 0.05
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_flex_attention_packed_logprobs_match_padded_sdpa_in_bf16():
-    """The CUDA path (flex_attention + BlockMask) against the padded SDPA path, on sequences that straddle
-    flex's 128-token blocks, forward and backward."""
+@pytest.mark.parametrize("backend", ["flash", "flex"])
+def test_cuda_packed_logprobs_match_padded_sdpa_in_bf16(monkeypatch, backend):
+    """The CUDA packed paths (varlen flash kernel; flex_attention + BlockMask) against the padded SDPA path,
+    on sequences that straddle flex's 128-token blocks, forward and backward."""
+    from areal_async.model import decoder
+
+    monkeypatch.setattr(decoder, "PACKED_ATTENTION", backend)
     model = _model(3, hidden_size=128, num_attention_heads=4, num_key_value_heads=2).cuda().to(torch.bfloat16)
     generator = torch.Generator().manual_seed(4)
     lengths = [(17, 150), (3, 40), (60, 200), (1, 1), (90, 33)]
@@ -100,3 +104,80 @@ def test_flex_attention_packed_logprobs_match_padded_sdpa_in_bf16():
 
     assert (from_packed - from_padded).abs().max().item() < BF16_LOGPROB_BOUND
     assert (packed_grad - padded_grad).norm().item() < 0.05 * padded_grad.norm().item()
+
+
+def test_document_spans_mark_each_run_of_ids_within_a_row():
+    from areal_async.model.decoder import document_spans
+
+    ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2], [2, 2, 5, 5, 5, 5, 5, 7]])  # row 1 starts a new document
+    spans = document_spans(ids)
+    assert spans.cu_seqlens.dtype == torch.int32
+    assert spans.cu_seqlens.tolist() == [0, 3, 5, 8, 10, 15, 16]
+    assert spans.max_len == 5
+
+
+def _reference_flash_forward(q, k, v, cu_seqlens, max_len):
+    """Math stand-in for the CUDA varlen flash kernel: (out [N, H, D], logsumexp [H, N])."""
+    tokens, heads, dim = q.shape
+    group = heads // k.shape[1]
+    document = torch.bucketize(torch.arange(tokens), cu_seqlens[1:].long(), right=True)
+    allowed = (document[:, None] == document[None, :]) & torch.ones(tokens, tokens, dtype=torch.bool).tril()
+    assert int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) == max_len
+    keys, values = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q, keys).div(dim**0.5).masked_fill(~allowed, float("-inf"))
+    lse = scores.logsumexp(-1)
+    return torch.einsum("hqk,khd->qhd", (scores - lse[..., None]).exp(), values), lse
+
+
+def _reference_flash_backward(grad_out, q, k, v, out, lse, cu_seqlens, max_len):
+    """The analytic gradient of `_reference_flash_forward` (dq, dk, dv), GQA heads summed."""
+    tokens, heads, dim = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    keys, values = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    document = torch.bucketize(torch.arange(tokens), cu_seqlens[1:].long(), right=True)
+    allowed = (document[:, None] == document[None, :]) & torch.ones(tokens, tokens, dtype=torch.bool).tril()
+    scores = torch.einsum("qhd,khd->hqk", q, keys).div(dim**0.5).masked_fill(~allowed, float("-inf"))
+    probs = (scores - lse[..., None]).exp()
+    grad_values = torch.einsum("hqk,qhd->khd", probs, grad_out)
+    grad_probs = torch.einsum("qhd,khd->hqk", grad_out, values)
+    delta = (grad_out * out).sum(-1).T  # [H, N]
+    grad_scores = probs * (grad_probs - delta[..., None]) / dim**0.5
+    grad_q = torch.einsum("hqk,khd->qhd", grad_scores, keys)
+    grad_keys = torch.einsum("hqk,qhd->khd", grad_scores, q)
+    fold = lambda t: t.reshape(tokens, kv_heads, group, dim).sum(2)  # noqa: E731
+    return grad_q, fold(grad_keys), fold(grad_values)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_flash_layout_matches_dense_mask_path(monkeypatch, compiled):
+    """The varlen-flash code path (DocumentSpans, [tokens, heads, dim] layout, the custom op's autograd and
+    fake implementations) with a math stand-in for the CUDA kernel: logprobs and gradients equal the dense
+    SDPA path's."""
+    from areal_async.model import decoder
+
+    torch.manual_seed(5)
+    model = _model(5).to(torch.float64).train()
+    batch = pack_prompt_output_batch(PROMPTS, OUTPUTS)
+
+    def logprobs_and_grads(m):
+        m.zero_grad(set_to_none=True)
+        logprobs = packed_sequence_logprobs(m, batch, 0.9)
+        weights = torch.linspace(-1, 1, int(batch.output_mask.sum()), dtype=logprobs.dtype)
+        (logprobs[batch.output_mask] * weights).sum().backward()
+        return logprobs.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    dense_logprobs, dense_grads = logprobs_and_grads(model)
+    monkeypatch.setattr(decoder, "_flash_varlen_forward_impl", _reference_flash_forward)
+    monkeypatch.setattr(decoder, "_flash_varlen_backward_impl", _reference_flash_backward)
+    monkeypatch.setattr(decoder, "packed_attention_mask", lambda ids, dtype, head_dim: decoder.document_spans(ids))
+    if compiled:
+        torch._dynamo.reset()
+        for layer in model.model.layers:
+            layer.compile(backend="aot_eager")
+    flash_logprobs, flash_grads = logprobs_and_grads(model)
+    if compiled:
+        torch._dynamo.reset()
+    assert (flash_logprobs - dense_logprobs).abs().max().item() < 1e-10
+    for name, grad in dense_grads.items():
+        assert (flash_grads[name] - grad).norm().item() <= 1e-10 * (1 + grad.norm().item()), name

@@ -7,7 +7,9 @@ checkpoint folder loads with a plain `load_state_dict`.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -117,7 +119,8 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, T, D]; rotates pairs (i, i + D/2)."""
+    """x: [B, H, T, D] with cos, sin [B, 1, T, D] (or [B, T, H, D] with [B, T, 1, D]); rotates pairs
+    (i, i + D/2)."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
@@ -137,6 +140,21 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, layer_index: int, kv_cache: KVCache | None) -> torch.Tensor:
         batch, seq, _ = x.shape
+        if isinstance(mask, (DocumentSpans, LengthGroups)):  # packed rows in a [tokens, heads, dim] layout
+            q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim)
+            k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
+            v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
+            cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)  # [B, T, 1, D]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            tokens = batch * seq
+            attention = packed_flash_attention if isinstance(mask, DocumentSpans) else attention_by_length
+            out = attention(
+                q.reshape(tokens, self.num_heads, self.head_dim),
+                k.reshape(tokens, self.num_kv_heads, self.head_dim),
+                v.reshape(tokens, self.num_kv_heads, self.head_dim),
+                mask,
+            )
+            return self.o_proj(out.reshape(batch, seq, -1))
         q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -224,12 +242,162 @@ def document_block_mask(document_ids: torch.Tensor):
     return create_block_mask(same_document_causal, batch, None, seq, seq, device=document_ids.device)
 
 
-def packed_attention_mask(document_ids: torch.Tensor):
-    """The packed-mode mask for `attend`: a flex BlockMask on CUDA, a dense bool mask elsewhere. Built once per
-    forward and shared by all layers. document_ids: [B, T] int."""
+class DocumentSpans(NamedTuple):
+    """Packed-mode layout for the varlen flash kernel: the rows' tokens flattened to [B * T], cu_seqlens
+    [documents + 1] int32 the offsets where each document starts (and the total at the end), max_len the
+    longest document."""
+
+    cu_seqlens: torch.Tensor
+    max_len: int
+
+
+def document_spans(document_ids: torch.Tensor) -> DocumentSpans:
+    """DocumentSpans of packed rows: a document is a run of equal ids within a row. document_ids: [B, T] int.
+    Reads the ids on the host (one device sync per forward)."""
+    batch, seq = document_ids.shape
+    ids = document_ids.detach().to("cpu", torch.long)
+    starts = torch.ones(batch, seq, dtype=torch.bool)
+    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    offsets = starts.reshape(-1).nonzero().squeeze(-1)
+    cu_seqlens = torch.cat([offsets, torch.tensor([batch * seq])])
+    max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if batch * seq else 0
+    return DocumentSpans(cu_seqlens.to(torch.int32).to(document_ids.device, non_blocking=True), max_len)
+
+
+# Packed-mode attention on CUDA: "flash" (varlen flash-attention kernel, bf16/fp16 only; other dtypes fall
+# back to flex) or "flex" (flex_attention with a document BlockMask).
+PACKED_ATTENTION_BACKENDS = ("flash", "flex")
+PACKED_ATTENTION = os.environ.get("AREAL_PACKED_ATTENTION", "flash")
+
+
+def packed_attention_mask(document_ids: torch.Tensor, dtype: torch.dtype | None = None, head_dim: int | None = None):
+    """The packed-mode mask for `attend`, built once per forward and shared by all layers.
+    document_ids: [B, T] int; dtype, head_dim: the attention inputs' dtype and head size.
+
+    On CUDA: DocumentSpans for the varlen flash kernel when PACKED_ATTENTION is "flash" and the kernel takes
+    the inputs (bf16/fp16, head_dim a multiple of 8 up to 256), else a flex BlockMask. Elsewhere a dense
+    LengthGroups (one dense causal SDPA per distinct document length)."""
+    if PACKED_ATTENTION not in PACKED_ATTENTION_BACKENDS:
+        raise ValueError(f"PACKED_ATTENTION must be one of {PACKED_ATTENTION_BACKENDS}, got {PACKED_ATTENTION!r}")
     if document_ids.is_cuda:
+        flash_ok = dtype in (torch.bfloat16, torch.float16) and head_dim is not None and head_dim % 8 == 0 \
+            and head_dim <= 256
+        if PACKED_ATTENTION == "flash" and flash_ok:
+            return document_spans(document_ids)
         return document_block_mask(document_ids)
-    return document_causal_mask(document_ids)
+    return document_length_groups(document_ids)
+
+
+class LengthGroups(NamedTuple):
+    """Packed-mode layout without a varlen kernel (CPU): documents of equal length attend as one dense
+    causal batch. order: [tokens] the flattened token positions grouped by document length; inverse: its
+    inverse permutation; groups: (documents, length) per group, in `order`."""
+
+    order: torch.Tensor
+    inverse: torch.Tensor
+    groups: tuple[tuple[int, int], ...]
+
+
+def document_length_groups(document_ids: torch.Tensor) -> LengthGroups:
+    """LengthGroups of packed rows (documents are runs of equal ids within a row). document_ids: [B, T]."""
+    cu_seqlens = document_spans(document_ids).cu_seqlens.to("cpu", torch.long)
+    starts, lengths = cu_seqlens[:-1].tolist(), (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    by_length: dict[int, list[int]] = {}
+    for start, length in zip(starts, lengths):
+        by_length.setdefault(length, []).append(start)
+    order, groups = [], []
+    for length, group_starts in sorted(by_length.items()):
+        order += [start + offset for start in group_starts for offset in range(length)]
+        groups.append((len(group_starts), length))
+    order_t = torch.tensor(order, dtype=torch.long, device=document_ids.device)
+    return LengthGroups(order_t, torch.argsort(order_t), tuple(groups))
+
+
+def attention_by_length(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: LengthGroups) -> torch.Tensor:
+    """Causal attention within each document, q [N, H, D], k, v [N, Hkv, D] -> [N, H, D]: one SDPA call per
+    distinct document length instead of an N x N mask."""
+    q, k, v = q[layout.order], k[layout.order], v[layout.order]
+    outputs, offset = [], 0
+    for documents, length in layout.groups:
+        span = slice(offset, offset + documents * length)
+        q_g, k_g, v_g = (t[span].view(documents, length, t.shape[1], t.shape[2]).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q_g, k_g, v_g, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        outputs.append(out.transpose(1, 2).reshape(documents * length, q.shape[1], q.shape[2]))
+        offset += documents * length
+    return torch.cat(outputs)[layout.inverse]
+
+
+def _flash_varlen_forward_impl(q, k, v, cu_seqlens, max_len):
+    """Causal varlen flash attention (aten's flash kernel, GQA native): q [N, H, D], k, v [N, Hkv, D] ->
+    (out [N, H, D], logsumexp)."""
+    out, lse = torch.ops.aten._flash_attention_forward(
+        q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, 0.0, True, False
+    )[:2]
+    return out, lse
+
+
+def _flash_varlen_backward_impl(grad_out, q, k, v, out, lse, cu_seqlens, max_len):
+    """Gradients (dq, dk, dv) of `_flash_varlen_forward_impl`. Without dropout the kernel reads no RNG state:
+    it gets placeholders."""
+    rng_state = torch.zeros(2, dtype=torch.uint64, device=q.device)
+    unused = torch.empty(0, device=q.device)
+    dq, dk, dv = torch.ops.aten._flash_attention_backward(
+        grad_out, q, k, v, out, lse, cu_seqlens, cu_seqlens, max_len, max_len, 0.0, True, rng_state, unused
+    )
+    return dq, dk, dv
+
+
+@torch.library.custom_op("areal_async::flash_varlen_forward", mutates_args=())
+def _flash_varlen_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = _flash_varlen_forward_impl(q, k, v, cu_seqlens, max_len)
+    return out.contiguous(), lse.contiguous()  # the layouts the fake promises (no-ops for the flash kernel's)
+
+
+@_flash_varlen_forward.register_fake
+def _flash_varlen_forward_fake(q, k, v, cu_seqlens, max_len):
+    # aten's own shape function (its logsumexp layout differs between torch versions and platforms)
+    out, lse = torch.ops.aten._flash_attention_forward(
+        q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, 0.0, True, False
+    )[:2]
+    return torch.empty_like(q), torch.empty_like(lse)
+
+
+@torch.library.custom_op("areal_async::flash_varlen_backward", mutates_args=())
+def _flash_varlen_backward(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = _flash_varlen_backward_impl(grad_out, q, k, v, out, lse, cu_seqlens, max_len)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@_flash_varlen_backward.register_fake
+def _flash_varlen_backward_fake(grad_out, q, k, v, out, lse, cu_seqlens, max_len):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _flash_varlen_setup_context(ctx, inputs, output) -> None:
+    q, k, v, cu_seqlens, max_len = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+    ctx.max_len = max_len
+
+
+def _flash_varlen_backward_rule(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _flash_varlen_backward(grad_out.contiguous(), q, k, v, out, lse, cu_seqlens, ctx.max_len)
+    return dq, dk, dv, None, None
+
+
+_flash_varlen_forward.register_autograd(_flash_varlen_backward_rule, setup_context=_flash_varlen_setup_context)
+
+
+def packed_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: DocumentSpans) -> torch.Tensor:
+    """Causal attention within each document of packed tokens: q [N, H, D], k, v [N, Hkv, D] -> [N, H, D]."""
+    out, _ = _flash_varlen_forward(q.contiguous(), k.contiguous(), v.contiguous(), spans.cu_seqlens, spans.max_len)
+    return out
 
 
 @functools.cache
@@ -247,7 +415,8 @@ def compiled_flex_attention():
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, enable_gqa: bool) -> torch.Tensor:
     """Attention of q: [B, H, Tq, D] over k, v: [B, Hkv, Tk, D] -> [B, H, Tq, D].
 
-    mask: a bool tensor [B, 1, Tq, Tk] (SDPA, any device) or a flex BlockMask (from `packed_attention_mask`).
+    mask: a bool tensor [B, 1, Tq, Tk] (SDPA, any device) or a flex BlockMask (from `packed_attention_mask`;
+    its DocumentSpans go through `packed_flash_attention` instead, in a [tokens, heads, dim] layout).
     """
     if torch.is_tensor(mask):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
@@ -288,9 +457,11 @@ class CausalLM(nn.Module):
         else:
             if positions is None or valid is not None or kv_cache is not None:
                 raise ValueError("packed mode (document_ids) needs positions, and takes no valid mask or kv_cache")
-            mask = packed_attention_mask(document_ids)
+            mask = None
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         x = self.model.embed_tokens(input_ids)
+        if mask is None:
+            mask = packed_attention_mask(document_ids, x.dtype, self.config.head_dim)
         for index, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, mask, index, kv_cache)
         if kv_cache is not None:

@@ -1,7 +1,18 @@
-"""Per-token logprobs under the temperature-scaled distribution, without materialising all fp32 logits."""
+"""Per-token logprobs under the temperature-scaled distribution, without materialising all fp32 logits.
+
+`token_logprobs` runs the LM head chunk by chunk inside one autograd Function: forward keeps only each row's
+logsumexp (fp32, [N]); backward forms each chunk's logits again, turns them into the chunk's logit gradient
+and multiplies it out into the hidden-state and weight gradients before the next chunk. Neither pass keeps
+more than one chunk of logits alive, and nothing of size rows x vocab is saved for backward.
+
+On CUDA the elementwise work on a chunk (upcast, temperature, logsumexp, gather; in backward the softmax and
+the one-hot difference) runs as one compiled kernel reading the low-precision logits once. Elsewhere it runs
+eagerly in the same order of operations as a plain `log_softmax(...)[target]` over the chunk.
+"""
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import torch
@@ -9,26 +20,131 @@ import torch
 if TYPE_CHECKING:
     from areal_async.packing import PackedBatch
 
+# Rows of logits formed at a time. On CUDA a chunk is kept in the matmul's dtype (bf16 under FSDP):
+# 4096 x 151,936 x 2 bytes = 1.2 GiB, two of them at the peak of backward (logits and their gradient).
+DEFAULT_CHUNK_ROWS = 1024
+CUDA_CHUNK_ROWS = 4096
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """x in at least fp32 (bf16/fp16 -> fp32; fp32 and fp64 unchanged)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _chunk_logprobs_eager(logits: torch.Tensor, targets: torch.Tensor, temperature: float):
+    """logits [c, V] (any float dtype), targets [c] -> (logprob of target [c], logsumexp [c]), both in at least
+    fp32."""
+    scaled = _upcast(logits) / temperature
+    picked = scaled.gather(-1, targets[:, None]).squeeze(-1)
+    lse = torch.logsumexp(scaled, dim=-1)
+    return picked - lse, lse
+
+
+def _chunk_logit_grad_eager(
+    logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """d(sum_i grad_out_i * logprob_i) / d logits for one chunk: grad_out * (onehot(target) - softmax) / T, in
+    the dtype of `logits`."""
+    probs = torch.exp(_upcast(logits) / temperature - lse[:, None])
+    grad = probs.mul_(-grad_out[:, None])
+    grad.scatter_add_(-1, targets[:, None], grad_out[:, None].to(grad.dtype))
+    if temperature != 1.0:
+        grad.div_(temperature)
+    return grad.to(logits.dtype)
+
+
+def _chunk_logit_grad_fusable(
+    logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """The same as `_chunk_logit_grad_eager`, written as one elementwise expression for the compiler."""
+    probs = torch.exp(_upcast(logits) / temperature - lse[:, None])
+    vocab = torch.arange(logits.shape[-1], device=logits.device)
+    onehot = vocab[None, :] == targets[:, None]
+    return ((onehot.to(probs.dtype) - probs) * (grad_out[:, None] / temperature)).to(logits.dtype)
+
+
+@functools.cache
+def _compiled_chunk_kernels():
+    """The chunk functions compiled once per process, on first CUDA use (CPU runs never compile them)."""
+    return torch.compile(_chunk_logprobs_eager), torch.compile(_chunk_logit_grad_fusable)
+
+
+def _chunk_kernels(device: torch.device):
+    if device.type == "cuda":
+        return _compiled_chunk_kernels()
+    return _chunk_logprobs_eager, _chunk_logit_grad_eager
+
+
+class _ChunkedTokenLogprobs(torch.autograd.Function):
+    """hidden [N, H], weight [V, H], targets [N] -> log softmax(hidden @ weight^T / T)[target], fp32 [N].
+
+    Saves hidden, weight, targets and the per-row logsumexp; backward recomputes each chunk's logits."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature: float, chunk_size: int):
+        forward_chunk, _ = _chunk_kernels(hidden.device)
+        rows = hidden.shape[0]
+        dtype = torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
+        out = torch.empty(rows, dtype=dtype, device=hidden.device)
+        lse = torch.empty(rows, dtype=dtype, device=hidden.device)
+        for start in range(0, rows, chunk_size):
+            end = min(rows, start + chunk_size)
+            logits = hidden[start:end] @ weight.T
+            out[start:end], lse[start:end] = forward_chunk(logits, targets[start:end], temperature)
+            del logits
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        _, grad_chunk = _chunk_kernels(hidden.device)
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_out = grad_out.to(lse.dtype)
+        grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
+        grad_weight = None
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            end = min(hidden.shape[0], start + ctx.chunk_size)
+            rows = hidden[start:end]
+            grad_logits = grad_chunk(rows @ weight.T, targets[start:end], lse[start:end], grad_out[start:end],
+                                     ctx.temperature)
+            if need_hidden:
+                torch.mm(grad_logits, weight, out=grad_hidden[start:end])
+            if need_weight:
+                if grad_weight is None:
+                    grad_weight = grad_logits.T @ rows
+                else:
+                    grad_weight.addmm_(grad_logits.T, rows)
+            del grad_logits
+        if need_weight and grad_weight is None:
+            grad_weight = torch.zeros_like(weight)
+        return grad_hidden, grad_weight, None, None, None
+
 
 def token_logprobs(
-    hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, chunk_size: int = 1024
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """log softmax(hidden @ W^T / temperature)[target] per position.
 
     hidden: [N, hidden] (any leading shape, flattened), lm_head_weight: [vocab, hidden], targets: [N] int.
-    Returns [N] fp32. Logits are formed `chunk_size` rows at a time, so peak memory is chunk_size x vocab.
+    Returns [N] fp32 (fp64 for fp64 inputs). Logits are formed `chunk_size` rows at a time (default: 4096 on
+    CUDA, 1024 elsewhere), in forward and again in backward, so peak memory is about two chunks of logits and nothing of size
+    N x vocab is kept for backward.
     """
     lead_shape = targets.shape
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1)
-    out = []
-    for start in range(0, hidden.shape[0], chunk_size):
-        logits = (hidden[start : start + chunk_size] @ lm_head_weight.T).float() / temperature
-        picked = logits.gather(-1, targets[start : start + chunk_size, None]).squeeze(-1)
-        out.append(picked - torch.logsumexp(logits, dim=-1))
-    if not out:
+    if hidden.shape[0] == 0:
         return torch.zeros(lead_shape, dtype=torch.float32, device=hidden.device)
-    return torch.cat(out).reshape(lead_shape)
+    if chunk_size is None:
+        chunk_size = CUDA_CHUNK_ROWS if hidden.is_cuda else DEFAULT_CHUNK_ROWS
+    out = _ChunkedTokenLogprobs.apply(hidden, lm_head_weight, targets, float(temperature), int(chunk_size))
+    return out.reshape(lead_shape)
 
 
 def sequence_logprobs(model, input_ids: torch.Tensor, valid: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
