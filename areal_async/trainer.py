@@ -218,7 +218,7 @@ class Trainer:
                 continue
             produced = self.worker.produce(
                 self.controller, self.queue, self.config.generation, self.config.rollout.groups_per_request,
-                seed=self.config.seed * 100_003 + self.controller.controller.cursor, wait_when_full=False,
+                seed=self.config.seed * 100_003 + self.controller.counts()["produced"], wait_when_full=False,
             )
             self.controller.report_generation(produced["tokens"], produced["generate_s"])
             rounds_without_progress = 0 if groups or produced["groups"] else rounds_without_progress + 1
