@@ -1,14 +1,36 @@
-"""The built-in generation engine: batched sampling with a static KV cache, on the shared model definition."""
+"""The built-in generation engine: continuous batching over a slot KV cache, with CUDA-graph decode steps.
+
+Requests wait in a queue and run in a fixed set of slots (`max_slots`). A slot's sequence lives at positions
+0 .. length-1 of its row of a preallocated `SlotKVCache`; a decode step advances every slot by one token
+(finished and idle slots are masked) and is one CUDA graph replay on CUDA. When sequences end (a stop token
+or their own token limit) their slots are refilled from the queue, so a long sequence never holds the
+others back.
+
+Host and device meet only at snapshots: every `sync_every` decode steps the host queues a copy of the slots'
+status and, on CUDA, reads the previous one while the next run of steps is already queued (so the device
+never waits for the host's bookkeeping or its eager prefill launches). Finished slots are refilled once a
+sixteenth of the slots (`refill_fraction`) are free or the queue is shorter than that; each refill is one
+eager, right-padded prefill forward. Sampling runs on the device from per-request uniform streams.
+
+The model is the project's `CausalLM`, run through its own `hidden_states` with the slot cache: there is no
+second copy of the architecture. Weights must be updated in place (`load_weights`, the weight receiver): the
+captured graphs keep reading the same parameter storage.
+"""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from actors.sampling import SamplingParams, draw, scaled_logprobs
-from areal_async.model import CausalLM, KVCache
+from actors.sampling import SamplingParams, sample
+from areal_async.model import CausalLM
+from areal_async.model.slot_cache import SlotKVCache
+
+MAX_STOP_IDS = 8  # stop ids held in the static buffer (grows if a call brings more)
+_SEED_MIX = 0x9E3779B97F4A7C15
 
 
 @dataclass
@@ -21,14 +43,183 @@ class Generation:
     finish_reason: str  # "stop" (a stop token, included in tokens) or "length"
 
 
-class TorchEngine:
-    """Generates with a CausalLM; `version` is stamped on every token it produces."""
+@dataclass
+class _Request:
+    """Host-side record of a request occupying a slot."""
 
-    def __init__(self, model: CausalLM, pad_token_id: int, device: str | torch.device = "cpu") -> None:
+    index: int  # position in the generate call's prompt list
+    prompt_len: int
+    limit: int  # max new tokens of this request
+    first_version: int  # the version that sampled its first token (in prefill)
+    first_step: int  # index of the first decode step after its prefill
+    placed: int  # snapshots queued before it took its slot (those do not describe it)
+
+    def length_bound(self, steps: int) -> int:
+        """An upper bound of the tokens in its cache after `steps` decode steps of the call."""
+        return self.prompt_len + min(steps - self.first_step, self.limit - 1)
+
+    def steps_left(self, steps: int) -> int:
+        """Decode steps until it reaches its token limit (it may stop sooner on a stop token)."""
+        return self.limit - 1 - (steps - self.first_step)
+
+
+class _Call:
+    """The bookkeeping of one generate call."""
+
+    def __init__(self, prompts, limits: list[int], params: SamplingParams, seed: int, slots: int) -> None:
+        self.prompts, self.limits, self.params, self.seed = prompts, limits, params, seed
+        self.stop_set = set(params.stop_token_ids)
+        self.pending = list(range(len(prompts) - 1, -1, -1))  # a stack: the next request is at the end
+        self.free = list(range(slots))  # sorted: the lowest free slots fill first
+        self.occupants: dict[int, _Request] = {}  # slot -> request
+        self.step_versions: list[int] = []  # the version of each decode step queued so far
+        self.results: list[Generation | None] = [None] * len(prompts)
+        self.snapshots: list[tuple] = []  # slot status copies on their way to the host, oldest first
+        self.fetches: list[tuple] = []  # finished rows on their way to the host
+        self.epoch = 0  # snapshots queued so far
+
+    @property
+    def steps(self) -> int:
+        return len(self.step_versions)
+
+
+class _SlotState:
+    """Device buffers of every slot, allocated once and reused by every captured graph (static addresses)."""
+
+    def __init__(self, model: CausalLM, slots: int, max_len: int, max_new: int, dtype, device,
+                 decode_attention: str = "sdpa") -> None:
+        self.slots, self.max_len, self.max_new = slots, max_len, max_new
+        self.cache = SlotKVCache(model.config, slots, max_len, dtype, device, decode_attention)
+
+        def rows(*tail: int, dtype=torch.long) -> torch.Tensor:
+            # one spare row: a bucket's view never spans a whole buffer, so compiled code sees one kind of view
+            return torch.zeros((slots + 1, *tail), dtype=dtype, device=device)
+
+        self.last_token = rows()  # the token the next step feeds
+        self.lengths = rows()  # tokens in the cache = position of the fed token
+        self.active = rows(dtype=torch.bool)
+        self.generated = rows()  # tokens sampled so far
+        self.limit = rows()
+        self.uniform = rows(max_new, dtype=torch.float32)  # the request's random stream, one number per token
+        # sampled tokens and logprobs; the last column takes the writes of finished slots
+        self.out_tokens = rows(max_new + 1)
+        self.out_logprobs = rows(max_new + 1, dtype=torch.float32)
+        self.seq_tokens = rows(max_len)  # every token in the cache, to recompute it after a weight swap
+        self.stop_ids = torch.full((MAX_STOP_IDS,), -1, dtype=torch.long, device=device)
+
+    def per_slot(self) -> list[torch.Tensor]:
+        return [self.last_token, self.lengths, self.active, self.generated, self.limit, self.uniform,
+                self.out_tokens, self.out_logprobs, self.seq_tokens]
+
+
+class CudaGraphs:
+    """Captures decode steps into CUDA graphs sharing one memory pool (they never run concurrently, and their
+    results live in the engine's persistent buffers, so a replay never reads another graph's memory)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.pool = torch.cuda.graph_pool_handle()
+        self.stream = torch.cuda.Stream(device)
+
+    def warm(self, step: Callable[[], None]) -> None:
+        """Runs `step` for real on a side stream (lazy initialisation before the capture)."""
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
+            step()
+        current.wait_stream(self.stream)
+
+    def capture(self, step: Callable[[], None]):
+        """Records `step` without running it; the result's replay() runs it."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            step()
+        return graph
+
+
+def _request_uniforms(seed: int, index: int, count: int) -> torch.Tensor:
+    """The uniform draws of request `index` (one per output token): its own stream, from (seed, index)."""
+    stream_seed = (seed * _SEED_MIX + index * 0xBF58476D1CE4E5B9 + 1) % (2**63)
+    generator = torch.Generator().manual_seed(stream_seed)
+    return torch.rand(count, generator=generator, dtype=torch.float64).float()
+
+
+def _without_duck_shapes():
+    config = torch.fx.experimental._config
+    return config.patch(use_duck_shape=False) if hasattr(config, "use_duck_shape") else contextlib.nullcontext()
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+class TorchEngine:
+    """Generates with a CausalLM; `version` is stamped on every token it produces.
+
+    max_slots: sequences decoded at once (requests beyond it wait for a free slot). sync_every: decode steps
+    between snapshots of the slots' status (a finished sequence is noticed sync_every to 2 x sync_every steps
+    late on CUDA, at most sync_every on CPU). refill_fraction: free slots (as a fraction of the call's slots)
+    that trigger a refill while requests wait. cuda_graphs: capture decode steps (default: on CUDA); one
+    graph per (slot bucket, KV length bucket, sampling settings), slot buckets being powers of two up to the
+    slot count and KV buckets multiples of `kv_bucket` positions. prefill_tokens: padded tokens per prefill
+    forward. With no request waiting, sequences move from high slots to free low ones when that lets the
+    steps run on a smaller slot bucket (the tail of a call runs on a small batch). lookahead: runs of decode
+    steps kept queued ahead of the host's reads (default 1 on CUDA, 0 elsewhere). compile_decode: run the decode
+    step's forward and draw through torch.compile (dynamic shapes, `compile_backend`; default: on CUDA), which
+    fuses the layers' elementwise work (norms, RoPE, SiLU, residuals, the attention's mask and softmax, the
+    draw's passes over the vocabulary). Compiled kernels round intermediates differently from the eager
+    forward (bf16-level differences). decode_attention: the slot cache's decode attention, "sdpa" (default: SDPA
+    per layer, eager, a graph break per layer) or "matmul" (batched matmuls over the cache inside the compiled
+    graph, the cache written once per step; 3% slower on an H100); see `slot_cache`.
+    """
+
+    def __init__(
+        self,
+        model: CausalLM,
+        pad_token_id: int,
+        device: str | torch.device = "cpu",
+        max_slots: int = 256,
+        sync_every: int = 8,
+        refill_fraction: float = 1 / 16,
+        cuda_graphs: bool | None = None,
+        kv_bucket: int = 128,
+        prefill_tokens: int = 16384,
+        lookahead: int | None = None,
+        compile_decode: bool | None = None,
+        compile_backend: str = "inductor",
+        decode_attention: str = "sdpa",
+    ) -> None:
         self.model = model.to(device).eval()
         self.pad_token_id = pad_token_id
         self.device = torch.device(device)
         self.version = 0
+        self.max_slots, self.sync_every, self.kv_bucket = max_slots, max(1, sync_every), kv_bucket
+        self.prefill_tokens, self.refill_fraction = prefill_tokens, refill_fraction
+        use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        # runs of decode steps queued ahead of the host's reads (default: one on CUDA, none elsewhere)
+        self.lookahead = (1 if self.device.type == "cuda" else 0) if lookahead is None else lookahead
+        self.graphs = CudaGraphs(self.device) if use_graphs else None
+        self._captured: dict[tuple, object] = {}
+        self.decode_attention = decode_attention
+        self._logits_and_sample = self._decode_forward
+        if compile_decode is None:
+            compile_decode = self.device.type == "cuda"
+        self.compile_decode = compile_decode
+        if compile_decode:  # dynamic shapes: one compilation serves every slot and KV bucket
+            config = torch._dynamo.config  # a graph per sampling setting, and resumes after graph breaks
+            for name in ("recompile_limit", "cache_size_limit"):
+                if hasattr(config, name):
+                    setattr(config, name, max(64, getattr(config, name)))
+            compiled = torch.compile(self._decode_forward, dynamic=True, backend=compile_backend)
+
+            def logits_and_sample(*args):
+                # no duck sizing: a slot count equal to a KV length (256 and 256) must not become one symbol
+                with _without_duck_shapes():
+                    return compiled(*args)
+
+            self._logits_and_sample = logits_and_sample
+        self._state: _SlotState | None = None
+        self.stats: dict[str, int] = {}
 
     @torch.no_grad()
     def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
@@ -41,72 +232,295 @@ class TorchEngine:
             param.copy_(state_dict[name])
         self.version = version
 
+    def release(self) -> None:
+        """Frees the slot buffers and captured graphs (they are rebuilt by the next call)."""
+        self._captured.clear()
+        self._state = None
+
+    # --- generation --------------------------------------------------------------------------------------
+
     @torch.no_grad()
     def generate(
         self,
         prompts: Sequence[Sequence[int]],
         params: SamplingParams,
         weight_update: Callable[[], bool] | None = None,
+        max_new_tokens: Sequence[int] | None = None,
     ) -> list[Generation]:
-        """Samples a continuation of every prompt (a list of token ids) in one left-padded batch.
+        """Samples a continuation of every prompt (a list of token ids); returns them in prompt order.
 
-        `weight_update` is called at every token boundary; when it returns True it has swapped in new
-        weights (and `version`), and the KV cache of every sequence in flight is recomputed with them
-        before decoding continues. Each token records the version that sampled it.
+        `max_new_tokens` optionally gives each request its own token limit (default params.max_new_tokens).
+        `weight_update` is called at every token boundary (before each prefill and each decode step); when it
+        returns True it has swapped in new weights (and `version`), and the KV cache of every sequence in
+        flight is recomputed with them before decoding continues. Each token records the version that
+        sampled it.
+
+        Randomness: request i draws its tokens from its own stream of uniforms, seeded by (params.seed, i),
+        one number per token. With a seed its tokens therefore do not depend on the other requests, the slot
+        it lands in, or the batch composition (up to floating-point differences between batch shapes, which
+        only matter when a uniform falls within rounding of a token boundary). Without a seed the streams
+        come from torch's global generator.
         """
         if not prompts:
             return []
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
-        batch, longest = len(prompts), max(len(p) for p in prompts)
-        ids = torch.full((batch, longest), self.pad_token_id, dtype=torch.long)
-        valid = torch.zeros((batch, longest), dtype=torch.bool)
-        for row, prompt in enumerate(prompts):
-            ids[row, longest - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
-            valid[row, longest - len(prompt) :] = True
-        ids, valid = ids.to(self.device), valid.to(self.device)
-        dtype = next(self.model.parameters()).dtype
-        cache = KVCache.allocate(self.model.config, batch, longest + params.max_new_tokens, dtype, self.device)
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        stop_ids = torch.as_tensor(list(params.stop_token_ids), dtype=torch.long, device=self.device)
+        count = len(prompts)
+        limits = [params.max_new_tokens] * count if max_new_tokens is None else [int(m) for m in max_new_tokens]
+        if len(limits) != count or min(limits) < 1:
+            raise ValueError("max_new_tokens needs one limit >= 1 per prompt")
+        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
+        slots = min(count, self.max_slots)
+        max_len = max(len(p) + limit for p, limit in zip(prompts, limits))
+        state = self._ensure_state(slots, max_len, max(limits), len(params.stop_token_ids))
+        state.active.zero_()
+        state.stop_ids.fill_(-1)
+        if params.stop_token_ids:
+            state.stop_ids[: len(params.stop_token_ids)] = torch.as_tensor(params.stop_token_ids)
+        self.stats = {"decode_steps": 0, "prefill_forwards": 0, "syncs": 0, "recomputes": 0, "slot_moves": 0,
+                      "graph_captures": 0, "slots": slots}
+        call = _Call(prompts, limits, params, seed, slots)
+        # admit once this many slots are free (each prefill is a host-bound eager forward: refills are batched)
+        refill_min = max(1, int(slots * self.refill_fraction))
 
-        history_ids, history_valid = [ids], [valid]  # every token fed so far, to rebuild the cache
-        tokens, logprobs, versions = [], [], []
-        running = torch.ones(batch, dtype=torch.bool, device=self.device)
-        step_ids, step_valid = ids, valid  # tokens not yet in the cache
-        for _ in range(params.max_new_tokens):
-            if weight_update is not None and weight_update():
-                cache.length = 0
-                cache.valid.zero_()
-                step_ids, step_valid = torch.cat(history_ids, dim=1), torch.cat(history_valid, dim=1)
-            logits = self.model(step_ids, valid=step_valid, kv_cache=cache)[:, -1]
-            lp = scaled_logprobs(logits, params.temperature)
-            token = draw(lp, params, generator)
-            tokens.append(torch.where(running, token, self.pad_token_id))
-            logprobs.append(lp.gather(-1, token[:, None]).squeeze(-1))
-            versions.append(self.version)
-            step_ids, step_valid = token[:, None], running[:, None].clone()
-            history_ids.append(step_ids)
-            history_valid.append(step_valid)
-            running &= ~torch.isin(token, stop_ids)
-            if not running.any():
-                break
+        while call.pending or call.occupants:
+            if call.pending and (not call.occupants or len(call.free) >= min(refill_min, len(call.pending))):
+                if weight_update is not None and weight_update():
+                    self._recompute(call)
+                self._admit(call)
+            remaining = [r.steps_left(call.steps) for r in call.occupants.values()]
+            run = max(0, min(self.sync_every, max(remaining)))
+            for _ in range(run):
+                if weight_update is not None and weight_update():
+                    self._recompute(call)
+                self._decode(call)
+            call.snapshots.append(self._snapshot(call))
+            while call.snapshots and (len(call.snapshots) > self.lookahead or run == 0):
+                self._harvest(call, call.snapshots.pop(0))
+            if not call.pending and call.occupants:
+                self._compact(call)
+        for finished in call.fetches:
+            self._finish(call, finished)
+        return call.results  # type: ignore[return-value]
 
-        tokens_t = torch.stack(tokens, dim=1).cpu()
-        logprobs_t = torch.stack(logprobs, dim=1).cpu()
-        stop_set = set(params.stop_token_ids)
-        outputs = []
-        for row in range(batch):
-            length, finish_reason = tokens_t.shape[1], "length"
-            for t in range(tokens_t.shape[1]):
-                if int(tokens_t[row, t]) in stop_set:
-                    length, finish_reason = t + 1, "stop"
+    # --- pieces of the loop ------------------------------------------------------------------------------
+
+    def _ensure_state(self, slots: int, max_len: int, max_new: int, stops: int) -> _SlotState:
+        state = self._state
+        max_len = _round_up(max_len, self.kv_bucket)
+        if (state is None or state.slots < slots or state.max_len < max_len or state.max_new < max_new
+                or state.stop_ids.numel() < stops):
+            if state is not None:
+                slots, max_len = max(slots, state.slots), max(max_len, state.max_len)
+                max_new = max(max_new, state.max_new)
+            self.release()
+            dtype = next(self.model.parameters()).dtype
+            state = _SlotState(self.model, slots, max_len, max_new, dtype, self.device, self.decode_attention)
+            if stops > state.stop_ids.numel():
+                state.stop_ids = torch.full((stops,), -1, dtype=torch.long, device=self.device)
+            self._state = state
+        return state
+
+    def _slot_bucket(self, highest_slot: int) -> int:
+        """The smallest power of two above `highest_slot`, at least 2 (a batch of one would be a special case
+        for the compiler), capped at the slot count."""
+        return min(max(2, 1 << highest_slot.bit_length()), self._state.slots)
+
+    def _to_host(self, *tensors: torch.Tensor):
+        """Copies of `tensors` on the host, asynchronously on CUDA: (copies, event to wait for, or None)."""
+        if self.device.type != "cuda":
+            return [t.clone() for t in tensors], None
+        copies = []
+        for tensor in tensors:
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            copies.append(host.copy_(tensor, non_blocking=True))
+        event = torch.cuda.Event()
+        event.record()
+        return copies, event
+
+    def _admit(self, call: _Call) -> None:
+        """Moves waiting requests into the lowest free slots and prefills them."""
+        count = min(len(call.free), len(call.pending))
+        admitted = [call.pending.pop() for _ in range(count)]
+        targets, call.free = call.free[:count], call.free[count:]
+        state, device, prompts = self._state, self.device, call.prompts
+        start = 0
+        while start < count:  # chunks of at most `prefill_tokens` padded tokens
+            longest, end = 0, start
+            while end < count:
+                longest_with = max(longest, len(prompts[admitted[end]]))
+                if end > start and longest_with * (end - start + 1) > self.prefill_tokens:
                     break
-            outputs.append(
-                Generation(
-                    tokens_t[row, :length].tolist(), logprobs_t[row, :length].tolist(), versions[:length], finish_reason
-                )
-            )
-        return outputs
+                longest, end = longest_with, end + 1
+            self._prefill(call, admitted[start:end], targets[start:end], longest)
+            start = end
+
+    def _prefill(self, call: _Call, requests: list[int], slots: list[int], longest: int) -> None:
+        """Runs the prompts of `requests` into `slots` (right-padded to `longest`) and samples each one's first
+        token."""
+        state, device, prompts, limits = self._state, self.device, call.prompts, call.limits
+        ids = torch.full((len(requests), longest), self.pad_token_id, dtype=torch.long)
+        uniforms = torch.zeros(len(requests), state.max_new, dtype=torch.float32)
+        for row, index in enumerate(requests):
+            ids[row, : len(prompts[index])] = torch.as_tensor(list(prompts[index]), dtype=torch.long)
+            uniforms[row, : limits[index]] = _request_uniforms(call.seed, index, limits[index])
+        lengths = torch.tensor([len(prompts[i]) for i in requests]).to(device, non_blocking=True)
+        request_limits = torch.tensor([limits[i] for i in requests]).to(device, non_blocking=True)
+        rows = torch.tensor(slots).to(device, non_blocking=True)
+        ids, uniforms = ids.to(device, non_blocking=True), uniforms.to(device, non_blocking=True)
+
+        state.cache.bind_prefill(rows)
+        hidden = self.model.hidden_states(ids, kv_cache=state.cache)
+        last = hidden[torch.arange(len(requests), device=device), lengths - 1]
+        token, logprob = sample(self.model.lm_head(last), call.params, uniforms[:, 0])
+        state.lengths[rows] = lengths
+        state.last_token[rows] = token
+        state.generated[rows] = 1
+        state.limit[rows] = request_limits
+        state.uniform[rows] = uniforms
+        state.out_tokens[rows, 0] = token
+        state.out_logprobs[rows, 0] = logprob
+        state.seq_tokens[rows, :longest] = ids
+        state.active[rows] = ~((token[:, None] == state.stop_ids).any(-1) | (request_limits <= 1))
+        for index, slot in zip(requests, slots):
+            call.occupants[slot] = _Request(index, len(prompts[index]), limits[index], self.version, call.steps,
+                                            call.epoch)
+        self.stats["prefill_forwards"] += 1
+
+    def _recompute(self, call: _Call) -> None:
+        """After a weight swap: rebuilds the KV cache of every occupied slot from its tokens."""
+        if not call.occupants:
+            return
+        state, slots = self._state, sorted(call.occupants)
+        start = 0
+        while start < len(slots):
+            longest, end = 0, start
+            while end < len(slots):
+                longest_with = max(longest, call.occupants[slots[end]].length_bound(call.steps))
+                if end > start and longest_with * (end - start + 1) > self.prefill_tokens:
+                    break
+                longest, end = longest_with, end + 1
+            rows = torch.tensor(slots[start:end]).to(self.device, non_blocking=True)
+            state.cache.bind_prefill(rows)
+            # positions past a slot's length get keys of stale tokens: never read before being overwritten
+            self.model.hidden_states(state.seq_tokens[rows, :longest], kv_cache=state.cache)
+            start = end
+        self.stats["recomputes"] += 1
+
+    def _decode(self, call: _Call) -> None:
+        """One decode step over the slot bucket holding every occupied slot."""
+        batch = self._slot_bucket(max(call.occupants))
+        longest = max(r.length_bound(call.steps) for r in call.occupants.values())
+        kv_len = min(_round_up(longest + 1, self.kv_bucket), self._state.max_len)
+        params = call.params
+        self.stats["decode_steps"] += 1
+        call.step_versions.append(self.version)
+        if self.graphs is None:
+            self._decode_step(batch, kv_len, params)
+            return
+        key = (batch, kv_len, params.temperature, params.top_k, params.top_p)
+        graph = self._captured.get(key)
+        if graph is not None:
+            graph.replay()
+            return
+
+        def step() -> None:
+            self._decode_step(batch, kv_len, params)
+
+        self.graphs.warm(step)  # this step, for real
+        self._captured[key] = self.graphs.capture(step)  # the next ones
+        self.stats["graph_captures"] += 1
+
+    def _decode_step(self, batch: int, kv_len: int, params: SamplingParams) -> None:
+        """Slots 0 .. batch-1 advance by one token. Tensor operations on the persistent buffers only, with
+        static shapes and no host synchronisation: this is what a CUDA graph captures."""
+        state = self._state
+        lengths, active, generated = state.lengths[:batch], state.active[:batch], state.generated[:batch]
+        feed = state.last_token[:batch]
+        state.cache.bind_decode(lengths, kv_len)
+        column = generated.clamp(max=state.max_new - 1)[:, None]
+        uniform = state.uniform[:batch].gather(1, column).squeeze(1)
+        token, logprob = self._logits_and_sample(feed, state.cache, uniform, params)
+        state.seq_tokens[:batch].scatter_(1, lengths[:, None], feed[:, None])
+        record = torch.where(active, generated, state.max_new)[:, None]  # finished slots write the spare column
+        state.out_tokens[:batch].scatter_(1, record, token[:, None])
+        state.out_logprobs[:batch].scatter_(1, record, logprob[:, None])
+        advance = active.long()
+        lengths.add_(advance)
+        generated.add_(advance)
+        stop = (token[:, None] == state.stop_ids).any(-1) | (generated >= state.limit[:batch])
+        state.last_token[:batch].copy_(torch.where(active, token, feed))
+        active.logical_and_(~stop)
+
+    def _decode_forward(self, feed: torch.Tensor, cache: SlotKVCache, uniform: torch.Tensor, params: SamplingParams):
+        """The model's forward over one token per slot and the draw: (tokens, logprobs). What `compile_decode`
+        compiles (the cache's writes stay eager inside it: `advance` with matmul attention, every layer's
+        attention with sdpa)."""
+        hidden = self.model.hidden_states(feed[:, None], kv_cache=cache)[:, 0]
+        return sample(self.model.lm_head(hidden), params, uniform)
+
+    def _snapshot(self, call: _Call) -> tuple:
+        """Queues a host copy of every occupied slot's status (-1 running, else its token count)."""
+        state = self._state
+        highest = max(call.occupants) + 1
+        status = torch.where(state.active[:highest], -1, state.generated[:highest])
+        (host,), event = self._to_host(status)
+        call.epoch += 1
+        return call.epoch, host, event
+
+    def _harvest(self, call: _Call, snapshot: tuple) -> None:
+        """Waits for a snapshot and frees the slots it shows finished (requests placed in a slot after the
+        snapshot was queued are not judged by it); their tokens come to the host asynchronously."""
+        epoch, status, event = snapshot
+        if event is not None:
+            event.synchronize()
+        status = status.tolist()
+        self.stats["syncs"] += 1
+        done = [slot for slot, request in sorted(call.occupants.items())
+                if request.placed < epoch and status[slot] >= 0]
+        if done:
+            state = self._state
+            rows = torch.tensor(done).to(self.device, non_blocking=True)
+            copies, fetched = self._to_host(state.out_tokens[rows], state.out_logprobs[rows])
+            call.fetches.append((copies, fetched, [(call.occupants.pop(slot), int(status[slot])) for slot in done]))
+            call.free = sorted(call.free + done)
+        waiting = []
+        for fetch in call.fetches:
+            if fetch[1] is None or fetch[1].query():
+                self._finish(call, fetch)
+            else:
+                waiting.append(fetch)
+        call.fetches = waiting
+
+    def _finish(self, call: _Call, fetch: tuple) -> None:
+        (tokens, logprobs), event, finished = fetch
+        if event is not None:
+            event.synchronize()
+        for row, (request, count) in enumerate(finished):
+            out = tokens[row, :count].tolist()
+            first = request.first_step
+            versions = [request.first_version] + call.step_versions[first : first + count - 1]
+            reason = "stop" if out[-1] in call.stop_set else "length"
+            call.results[request.index] = Generation(out, logprobs[row, :count].tolist(), versions, reason)
+
+    def _compact(self, call: _Call) -> None:
+        """With no request waiting, moves sequences from high slots into free low ones whenever that lets
+        decode steps run on a smaller slot bucket."""
+        target = self._slot_bucket(len(call.occupants) - 1)
+        movers = sorted(slot for slot in call.occupants if slot >= target)
+        holes = [slot for slot in call.free if slot < target][: len(movers)]
+        if not movers or len(holes) < len(movers):
+            return
+        state = self._state
+        source = torch.tensor(movers).to(self.device, non_blocking=True)
+        destination = torch.tensor(holes).to(self.device, non_blocking=True)
+        for buffer in state.per_slot():
+            buffer[destination] = buffer[source]
+        state.active[source] = False
+        for src, dst in zip(movers, holes):
+            request = call.occupants.pop(src)
+            state.cache.move(src, dst, request.length_bound(call.steps))
+            request.placed = call.epoch  # snapshots queued before the move describe the old slots
+            call.occupants[dst] = request
+        call.free = sorted(set(call.free) - set(holes) | set(movers))
+        self.stats["slot_moves"] += len(movers)

@@ -3,16 +3,15 @@ the controller says stop. It meets the learner only through areal_async services
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
-import torch.distributed as dist
 
 from actors.engine import TorchEngine
 from actors.rollout import RolloutWorker
 from areal_async.config import TrainConfig
 from areal_async.model import load_pretrained, load_tokenizer
+from areal_async.process_groups import join_run_world
 from areal_async.reward import RewardVerifier
 from areal_async.weight_sync import TorchDistributedTransport, WeightReceiver, state_checksum
 
@@ -22,7 +21,7 @@ IDLE_SLEEP_S = 0.01
 
 class RolloutActor:
     """`controller` and `queue` are objects with the ControllerService / queue-router methods (Ray proxies
-    in a cluster). Rank `worker_index + 1` of the weight-sync group; the learner is rank 0."""
+    in a cluster). A member of the weight-sync group, whose rank 0 is learner rank 0."""
 
     def __init__(self, worker_index: int, config: TrainConfig, model_path: str, controller, queue) -> None:
         self.worker_index = worker_index
@@ -34,19 +33,18 @@ class RolloutActor:
         self.weight_sync_seconds = 0.0
         self.rounds = 0
 
-    def connect(self, sync_address: str, world_size: int, backend: str) -> int:
-        """Joins the weight-sync group and receives the first snapshot; returns the version it holds."""
+    def connect(self, address: str, world_size: int, backend: str, rank: int, num_learner_ranks: int) -> int:
+        """Joins the run's world as `rank` and receives the first snapshot; returns the version it holds."""
         cluster = self.config.cluster
         torch.set_num_threads(cluster.torch_threads_per_worker)
-        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-        dist.init_process_group(backend, init_method=sync_address, world_size=world_size, rank=self.worker_index + 1)
+        _, sync_group = join_run_world(address, world_size, rank, backend, num_learner_ranks)
         tokenizer = load_tokenizer(self.model_path)
         model = load_pretrained(self.model_path, getattr(torch, self.config.model.dtype), device=cluster.rollout_device)
         engine = TorchEngine(model, tokenizer.pad_token_id, cluster.rollout_device)
         self.verifier = RewardVerifier.from_config(self.config.reward, num_workers=1)
         decode = lambda tokens: tokenizer.decode(tokens, skip_special_tokens=True)  # noqa: E731
         self.worker = RolloutWorker(engine, decode, self.verifier, [tokenizer.eos_token_id])
-        self.receiver = WeightReceiver(dict(model.named_parameters()), TorchDistributedTransport())
+        self.receiver = WeightReceiver(dict(model.named_parameters()), TorchDistributedTransport(sync_group))
         self._sync()
         return engine.version
 

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -41,14 +42,31 @@ def restore_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def save_run_checkpoint(directory: Path, step: int, model, optimizer, trainer_state: dict, keep: int = 2) -> Path:
-    """Writes checkpoint `step-<step>` under `directory` and points `latest` at it; keeps the newest `keep`."""
+def stage_checkpoint(directory: Path, step: int) -> Path:
+    """An empty staging folder for checkpoint `step-<step>` under `directory` (what a crash leaves there is
+    never read)."""
     directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"step-{step:08d}"
     staging = directory / f".staging-step-{step:08d}"
     shutil.rmtree(staging, ignore_errors=True)
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(staging))
+    return staging
+
+
+def learner_state(learner) -> dict:
+    """What a learner rank checkpoints: policy, optimizer and learning-rate schedule (sharded tensors stay
+    sharded). `learner` has .model, .optimizer and .scheduler."""
+    model_state, optimizer_state = get_state_dict(learner.model, learner.optimizer)
+    return {"model": model_state, "optimizer": optimizer_state, "lr_scheduler": learner.scheduler.state_dict()}
+
+
+def save_learner_state(staging: Path, learner, group: dist.ProcessGroup | None = None) -> None:
+    """Writes `learner`'s state into `staging`; with several learner ranks every rank of `group` calls it."""
+    dcp.save(learner_state(learner), checkpoint_id=str(staging), process_group=group)
+
+
+def commit_checkpoint(directory: Path, step: int, staging: Path, trainer_state: dict, keep: int = 2) -> Path:
+    """Adds the trainer's JSON state to the staged checkpoint, renames it into place as `step-<step>`, points
+    `latest` at it and keeps the newest `keep`."""
+    final = directory / f"step-{step:08d}"
     _write_atomically(staging / TRAINER_STATE, json.dumps(trainer_state))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
@@ -56,6 +74,13 @@ def save_run_checkpoint(directory: Path, step: int, model, optimizer, trainer_st
     for old in sorted(directory.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_run_checkpoint(directory: Path, step: int, learner, trainer_state: dict, keep: int = 2) -> Path:
+    """A whole checkpoint written by one process (the learner lives in it)."""
+    staging = stage_checkpoint(directory, step)
+    save_learner_state(staging, learner)
+    return commit_checkpoint(directory, step, staging, trainer_state, keep)
 
 
 def latest_run_checkpoint(directory: Path) -> Path | None:
@@ -68,11 +93,15 @@ def latest_run_checkpoint(directory: Path) -> Path | None:
     return path
 
 
-def load_run_checkpoint(path: Path, model, optimizer) -> dict:
-    """Loads policy and optimizer in place and returns the trainer state."""
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+def load_learner_state(path: Path, learner, group: dist.ProcessGroup | None = None) -> None:
+    """Loads policy, optimizer and learning-rate schedule in place (every learner rank of `group` calls it)."""
+    state = learner_state(learner)
+    dcp.load(state, checkpoint_id=str(path), process_group=group)
+    set_state_dict(learner.model, learner.optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"])
+    learner.scheduler.load_state_dict(state["lr_scheduler"])
+
+
+def read_trainer_state(path: Path) -> dict:
     with open(path / TRAINER_STATE, encoding="utf-8") as f:
         return json.load(f)

@@ -1,4 +1,5 @@
-"""`areal-async`: train, or build the synthetic task's warm start. Options are hydra overrides (key=value)."""
+"""`areal-async`: train, build the synthetic task's warm start, or evaluate checkpoints on benchmarks.
+Options of train and sft are hydra overrides (key=value); `areal-async eval --help` lists eval's flags."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ options are hydra overrides, for example:
   areal-async train --config staleness_4     # a staleness ablation (configs/staleness_*.yaml)
   areal-async train --cfg          # print the resolved config and exit
   areal-async sft steps=3000       # rebuild the bundled warm start
+  areal-async eval CHECKPOINT --benchmarks math_500 aime24 amc23 gsm8k   # see areal-async eval --help
 """
 
 
@@ -31,10 +33,17 @@ def compose_config(config_name: str, overrides: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command_at = next((i for i, arg in enumerate(argv) if not arg.startswith("-")), None)
+    if command_at is not None and argv[command_at] == "eval":  # eval's own flags, not hydra overrides
+        from evaluation.eval_and_aggregate import main as eval_main
+
+        return eval_main(argv[:command_at] + argv[command_at + 1 :], prog="areal-async eval")
     parser = argparse.ArgumentParser(
         prog="areal-async", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("command", choices=["train", "sft"], help="what to run")
+    parser.add_argument("command", choices=["train", "sft", "eval"],
+                        help="what to run (eval: see areal-async eval --help)")
     parser.add_argument("overrides", nargs="*", help="hydra overrides key=value (see configs/<command>.yaml)")
     parser.add_argument("--config", help="config file in configs/ to start from (default: the command's name), "
                         "e.g. staleness_4")

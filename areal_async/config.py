@@ -81,6 +81,7 @@ class RewardConfig:
 class PPOConfig:
     objective: Objective = Objective.decoupled
     lr: float = 1e-4
+    lr_warmup_steps: int = 0  # optimizer updates of linear warm-up from 0 to lr
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -91,6 +92,7 @@ class PPOConfig:
     kl_coef: float = 0.0  # against the initial policy; > 0 keeps a frozen reference copy
     normalise_advantage_std: bool = False
     minibatches_per_step: int = 1  # optimizer updates per training step
+    activation_checkpointing: bool = False  # recompute each decoder layer in backward (learner ranks)
     micro_batch_tokens: int = 16384  # token budget per forward/backward (gradient is budget-invariant)
     filter_zero_variance_groups: bool = True
 
@@ -114,6 +116,9 @@ class Placement(enum.Enum):
 class ClusterConfig:
     placement: Placement = Placement.inline
     address: str | None = None  # Ray: null starts a local instance; "auto" or host:port joins a cluster
+    num_learner_ranks: int = 1  # FSDP ranks (Ray actors) training the policy together
+    cpus_per_learner_rank: float = 1.0
+    gpus_per_learner_rank: float = 0.0  # 1 on GPU nodes; the learner uses `device` (cuda = its Ray GPU)
     num_rollout_workers: int = 1
     cpus_per_rollout_worker: float = 1.0
     gpus_per_rollout_worker: float = 0.0
@@ -126,6 +131,14 @@ class EvalConfig:
     num_samples: int = 4  # samples per held-out problem (averaged pass@1)
     temperature: float = 1.0
     every_steps: int = 0  # 0 = only before and after training
+    # Benchmarks evaluated every benchmark_every_steps steps with the same samples and temperature, named as
+    # for `areal-async eval --benchmarks` and quoted for hydra: eval.benchmarks="['gsm8k,limit=20']". Logged to
+    # metrics.jsonl and wandb as eval/<benchmark>/pass@1; every sample is kept under <run>/eval/step<N>/.
+    benchmarks: list[str] = field(default_factory=list)
+    benchmark_every_steps: int = 0
+    data_dir: str | None = None  # benchmark files (default: $AREAL_EVAL_DATA or ../shared/data/eval)
+    prompt_type: str = "boxed"  # r1-distilled | orz | boxed | none
+    max_gen_tokens: int | None = None  # default: generation.max_new_tokens
 
 
 @dataclass

@@ -139,6 +139,23 @@ class RolloutController:
         self._retry = deque(groups)
 
 
+def settle_deliveries(state: dict, receipts: dict[str, str]) -> dict:
+    """A controller `state_dict` with the groups in `receipts` (group id -> the queue's outcome: "queued" or a
+    drop reason) counted as delivered, as the worker's receipt would have done; a dropped one also frees its
+    slot. Used when the queue's snapshot, taken after the controller's, already holds groups that the
+    controller still counted as in flight."""
+    in_flight = [entry for entry in state["in_flight"] if entry["group_id"] not in receipts]
+    settled = len(state["in_flight"]) - len(in_flight)
+    if settled != len(receipts):
+        raise ValueError(f"{len(receipts) - settled} receipts name groups that the controller does not hold in flight")
+    return {
+        **state,
+        "in_flight": in_flight,
+        "delivered_groups": state["delivered_groups"] + settled,
+        "freed_slots": state["freed_slots"] + sum(outcome != "queued" for outcome in receipts.values()),
+    }
+
+
 def group_to_dict(group: PromptGroup) -> dict:
     return {**asdict(group), "prompt_tokens": [int(t) for t in group.prompt_tokens], "solutions": list(group.solutions)}
 

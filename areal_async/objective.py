@@ -65,9 +65,13 @@ def decoupled_ppo_loss(
         stats = {
             "clip_fraction": masked_mean((clipped < unclipped).float(), mask),
             "behaviour_weight_mean": masked_mean(behaviour_weight, mask),
-            "behaviour_weight_max": behaviour_weight.masked_fill(~mask, float("-inf")).max()
-            if mask.any()
-            else torch.zeros(()),
+            # 0 for an empty mask, decided on the device: `if mask.any()` would stall the host until the
+            # forward pass had finished, before it could queue the backward pass.
+            "behaviour_weight_max": torch.where(
+                mask.any(), behaviour_weight.masked_fill(~mask, float("-inf")).max(), 0.0
+            )
+            if mask.numel()
+            else behaviour_weight.new_zeros(()),
             "dropped_fraction": masked_mean((mask & ~trained).float(), mask),
             "approx_kl": masked_mean(proximal_logprobs - logprobs, mask),
         }

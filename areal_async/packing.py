@@ -80,6 +80,9 @@ class PackedBatch:
     targets: torch.Tensor
     output_mask: torch.Tensor
     values: dict[str, torch.Tensor]
+    # The documents' lengths in token order, known on the host (None: read from document_ids when needed).
+    # Kept by `to`, so a device copy still lays out its attention without reading document_ids back.
+    document_lengths: tuple[int, ...] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -131,6 +134,7 @@ def pack_prompt_output_batch(
         targets=torch.as_tensor(targets, dtype=torch.long),
         output_mask=torch.as_tensor(output_mask, dtype=torch.bool),
         values=values,
+        document_lengths=tuple(int(length) for length in lengths),
     )
 
 

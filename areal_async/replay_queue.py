@@ -12,10 +12,11 @@ is the in-process facade over K shards.
 
 from __future__ import annotations
 
+import base64
 import logging
 import zlib
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from areal_async.ledger import DROP_REASONS, ShardCounts, check_reason
@@ -75,6 +76,8 @@ class ReplayQueueShard:
 
     max_staleness: None = unbounded. filter_zero_variance: drop groups whose rewards are all equal (the
     configuration's ppo.filter_zero_variance_groups; with group size 1 it must be off, or nothing trains).
+    keep_receipts: remember the outcome of each put until a snapshot shows that the controller knows the group
+    was delivered (needed for consistent run checkpoints while workers keep generating; see `snapshot`).
     """
 
     def __init__(
@@ -85,6 +88,7 @@ class ReplayQueueShard:
         log_path: str | Path | None = None,
         *,
         filter_zero_variance: bool = True,
+        keep_receipts: bool = False,
     ) -> None:
         if capacity_groups < 1:
             raise ValueError(f"capacity_groups must be at least 1, got {capacity_groups}")
@@ -96,18 +100,22 @@ class ReplayQueueShard:
         self.last_errors: deque[str] = deque(maxlen=LAST_ERRORS_KEPT)
         self._groups: deque[Group] = deque()
         self._log = TrajectoryLog(log_path) if log_path is not None else None
+        self._receipts: dict[str, str] | None = {} if keep_receipts else None
 
     @property
     def depth(self) -> int:
         return len(self._groups)
 
-    def put(self, frame: bytes) -> str:
-        """Receive one group frame. Returns "full" (not received, nothing counted: retry later), "queued",
-        or the drop reason it was counted under: "bad_frame" or "zero_variance". Never raises on bad bytes."""
+    def put(self, frame: bytes, group_id: str | None = None) -> str:
+        """Receive one group frame (of group `group_id`, as its sender names it). Returns "full" (not received,
+        nothing counted: retry later), "queued", or the drop reason it was counted under: "bad_frame" or
+        "zero_variance". Never raises on bad bytes."""
         if self.depth >= self.capacity_groups:
             return "full"
         outcome = self._receive(frame)
         self.counts.receive(outcome)
+        if self._receipts is not None and group_id is not None:
+            self._receipts[group_id] = outcome
         return outcome
 
     def _receive(self, frame: bytes) -> str:
@@ -147,14 +155,26 @@ class ReplayQueueShard:
         self.counts.consume(len(taken))
         return taken, stale
 
-    def state_dict(self) -> dict:
-        """Queued groups (as wire frames) and counts, for a run checkpoint."""
-        return {"frames": [encode_group(group) for group in self._groups], "counts": self.counts.state_dict()}
+    def snapshot(self, in_flight_ids: Collection[str] = ()) -> dict:
+        """Queued groups (as wire frames) and counts, for a run checkpoint.
+
+        A worker puts a group here and only then tells the controller it delivered it, so a controller snapshot
+        taken just before this one may still count as in flight a group that this shard already received.
+        `receipts` maps each such group of `in_flight_ids` (the controller snapshot's in-flight groups) to its
+        outcome here; receipts of groups the controller knew were delivered are forgotten.
+        """
+        receipts = {}
+        if self._receipts is not None:
+            in_flight = set(in_flight_ids)
+            receipts = {gid: outcome for gid, outcome in self._receipts.items() if gid in in_flight}
+            self._receipts = dict(receipts)
+        frames = [base64.b64encode(encode_group(group)).decode("ascii") for group in self._groups]  # JSON-able
+        return {"frames": frames, "counts": self.counts.state_dict(), "receipts": receipts}
 
     def load_state_dict(self, state: dict, resume_step: int) -> None:
         """Restores a checkpoint taken before training step `resume_step`; the trajectory log forgets what
         was consumed from that step on."""
-        self._groups = deque(decode_group(frame) for frame in state["frames"])
+        self._groups = deque(decode_group(base64.b64decode(frame)) for frame in state["frames"])
         self.counts = ShardCounts.from_state_dict(state["counts"])
         if self._log is not None:
             self._log.truncate_before_step(resume_step)
@@ -207,6 +227,7 @@ class ShardedReplayQueue:
         log_dir: str | Path | None = None,
         *,
         filter_zero_variance: bool = True,
+        keep_receipts: bool = False,
     ) -> None:
         if num_shards < 1:
             raise ValueError(f"num_shards must be at least 1, got {num_shards}")
@@ -217,6 +238,7 @@ class ShardedReplayQueue:
                 max_staleness,
                 log_path=shard_log_path(log_dir, index),
                 filter_zero_variance=filter_zero_variance,
+                keep_receipts=keep_receipts,
             )
             for index in range(num_shards)
         ]
@@ -236,7 +258,7 @@ class ShardedReplayQueue:
 
     def put(self, group_id: str, frame: bytes) -> str:
         """Hand a group frame to its shard; returns the shard's outcome ("full", "queued" or a drop reason)."""
-        return self.shards[shard_for(group_id, len(self.shards))].put(frame)
+        return self.shards[shard_for(group_id, len(self.shards))].put(frame, group_id)
 
     def take(self, num_groups: int, training_step: int) -> tuple[list[Group], int]:
         """Up to `num_groups` groups for training step `training_step`, dealt one at a time over the shards
@@ -258,8 +280,9 @@ class ShardedReplayQueue:
             self._last_served = last
         return taken, stale
 
-    def state_dict(self) -> list[dict]:
-        return [shard.state_dict() for shard in self.shards]
+    def snapshot(self, in_flight_ids: Collection[str] = ()) -> list[dict]:
+        """Every shard's `snapshot` (taken right after the controller's)."""
+        return [shard.snapshot(in_flight_ids) for shard in self.shards]
 
     def load_state_dict(self, state: list[dict], resume_step: int) -> None:
         if len(state) != len(self.shards):

@@ -19,13 +19,14 @@ class ControllerService:
         self.failed_attempts: Counter = Counter()
         self.version = 0
         self.stopped = False
+        self.held = False  # admission paused while a run checkpoint is taken
         self.generation_errors: list[str] = []
         self.generated_tokens = 0
         self.generation_seconds = 0.0
 
     def admit_groups(self, max_groups: int) -> list[PromptGroup]:
         groups = []
-        while not self.stopped and len(groups) < max_groups:
+        while not self.stopped and not self.held and len(groups) < max_groups:
             group = self.controller.admit(self.version)
             if group is None:
                 break
@@ -73,6 +74,15 @@ class ControllerService:
             "generated_tokens": self.generated_tokens,
             "generation_seconds": self.generation_seconds,
         }
+
+    def hold_and_snapshot(self) -> dict:
+        """`state_dict`, after which nothing is admitted until `release`: a run checkpoint snapshots the queue
+        next, and no group admitted after this snapshot may reach the queue before that."""
+        self.held = True
+        return self.state_dict()
+
+    def release(self) -> None:
+        self.held = False
 
     def load_state_dict(self, state: dict) -> None:
         self.controller.load_state_dict(state["controller"])

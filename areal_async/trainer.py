@@ -18,13 +18,14 @@ from tqdm import tqdm
 
 from areal_async.config import Placement, SFTConfig, TrainConfig
 from areal_async.checkpointing import (
+    commit_checkpoint,
     latest_run_checkpoint,
-    load_run_checkpoint,
+    read_trainer_state,
     restore_rng_state,
     rng_state,
-    save_run_checkpoint,
+    stage_checkpoint,
 )
-from areal_async.controller import RolloutController
+from areal_async.controller import RolloutController, settle_deliveries
 from areal_async.data import load_train_and_heldout
 from areal_async.ledger import Ledger
 from areal_async.replay_queue import ShardedReplayQueue
@@ -61,8 +62,14 @@ def validate(config: TrainConfig) -> None:
     rollout = config.rollout
     if config.resume and not config.run_name:
         raise ValueError("resume=true needs run_name=<the run to continue>")
-    if config.resume and config.cluster.placement is not Placement.inline:
-        raise ValueError("resume=true is implemented for cluster.placement=inline only so far")
+    cluster = config.cluster
+    if cluster.placement is Placement.ray:
+        if torch.device(config.device).type != torch.device(cluster.rollout_device).type:
+            raise ValueError(f"cluster.placement=ray: device={config.device} (learner ranks) and "
+                             f"cluster.rollout_device={cluster.rollout_device} share one torch.distributed "
+                             "world and must both be cpu (gloo) or both cuda (NCCL)")
+        if cluster.num_learner_ranks < 1:
+            raise ValueError("cluster.num_learner_ranks must be at least 1")
     if config.generation.group_size < 2 and config.ppo.filter_zero_variance_groups:
         raise ValueError("generation.group_size=1 makes every group zero-variance: set "
                          "ppo.filter_zero_variance_groups=false or sample more than one answer per prompt")
@@ -108,8 +115,9 @@ class MetricsLog:
 
 class Trainer:
     """Drives a run. Placement `inline` alternates generation and training in this process; `ray` runs the
-    controller, queue shards and rollout workers as Ray actors that generate while the learner trains.
-    Both use the same controller, worker, queue and learner code."""
+    controller, queue shards, learner ranks and rollout workers as Ray actors, which generate while the
+    learner trains. Both use the same controller, worker, queue and learner code; the learner is a
+    PPOLearner in this process or the FSDP learner ranks behind a RayLearnerGroup, with the same methods."""
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
@@ -144,48 +152,57 @@ class Trainer:
         engine = TorchEngine(load_pretrained(self.model_path, dtype), self.tokenizer.pad_token_id, config.device)
         decode = lambda tokens: self.tokenizer.decode(tokens, skip_special_tokens=True)  # noqa: E731
         self.worker = RolloutWorker(engine, decode, self.verifier, [self.tokenizer.eos_token_id])
-        self.learner = PPOLearner(
-            load_pretrained(self.model_path, dtype),
-            config.ppo,
-            pad_token_id=self.tokenizer.pad_token_id,
-            temperature=config.generation.temperature,
-            device=config.device,
-        )
-        self.ray_rollout = None
+        self.ray_cluster = None
         if config.cluster.placement is Placement.ray:
-            from areal_async.ray_cluster import RayRollout
+            from areal_async.ray_cluster import RayCluster
 
-            self.ray_rollout = RayRollout(config, self.model_path, controller, log_dir, self.learner_params(),
-                                          MAX_GENERATION_ATTEMPTS)
-            self.controller, self.queue = self.ray_rollout.controller, self.ray_rollout.queue
+            self.ray_cluster = RayCluster(config, self.model_path, controller, log_dir, MAX_GENERATION_ATTEMPTS)
+            self.controller, self.queue = self.ray_cluster.controller, self.ray_cluster.queue
+            self.learner = self.ray_cluster.learner
         else:
+            self.learner = PPOLearner(
+                load_pretrained(self.model_path, dtype),
+                config.ppo,
+                pad_token_id=self.tokenizer.pad_token_id,
+                temperature=config.generation.temperature,
+                device=config.device,
+            )
             self.controller = ControllerService(controller, MAX_GENERATION_ATTEMPTS)
             self.queue = ShardedReplayQueue(rollout.num_queue_shards, rollout.queue_capacity_per_shard,
                                             rollout.max_staleness, log_dir,
                                             filter_zero_variance=config.ppo.filter_zero_variance_groups)
             transport = InProcessTransport()
-            self.publisher = WeightPublisher(self.learner_params(), transport)
+            self.publisher = WeightPublisher(self.learner.policy_state(), transport)
             self.receiver = WeightReceiver(dict(engine.model.named_parameters()), transport)
-            self.publish_inline(version=0)
+        self.benchmarks = []  # read now: a bad benchmark file fails before training starts
+        if config.eval.benchmarks:
+            from evaluation import load_benchmarks
+
+            self.benchmarks = load_benchmarks(config.eval.benchmarks, config.eval.data_dir)
         self.start_step = 0
         self.accuracy_before: float | None = None
         self.dropped_before = 0
         if config.resume:
             self.restore()
+        if self.ray_cluster is not None:
+            self.ray_cluster.start()
+        else:
+            self.publish_inline(self.learner.version)
         self.metrics = MetricsLog(self.run_dir, config)
 
-    def learner_params(self) -> dict[str, torch.Tensor]:
-        return dict(self.learner.model.named_parameters())
-
     def publish_inline(self, version: int) -> None:
-        self.publisher.publish(self.learner_params(), version)
+        self.publisher.publish(self.learner.policy_state(), version)
         self.worker.engine.version = self.receiver.sync()
+
+    def sync_driver_engine(self) -> None:
+        """Ray placement: the driver's engine (evaluation, export) takes the learner's current weights."""
+        if self.worker.engine.version != self.learner.version:
+            self.worker.engine.load_weights(self.learner.policy_state(), self.learner.version)
 
     def heldout_accuracy(self, seed: int) -> float:
         """Averaged pass@1 on the held-out prompts: mean correctness of eval.num_samples samples each."""
         config = self.config
-        if self.worker.engine.version != self.learner.version:  # Ray placement: the driver's engine evaluates
-            self.worker.engine.load_weights(self.learner.policy_state(), self.learner.version)
+        self.sync_driver_engine()
         groups = [
             PromptGroup(f"heldout{i}", r.query_id, r.prompt, self.tokenizer.encode(r.prompt), r.solutions,
                         config.eval.num_samples, self.learner.version)
@@ -201,6 +218,26 @@ class Trainer:
             total += len(trajectories)
         return correct / total
 
+    def benchmark_accuracy(self, step: int) -> dict[str, float]:
+        """The configured benchmarks' averaged pass@1 (and its standard error) with the current policy."""
+        from evaluation import EvalSettings, evaluate
+
+        config = self.config
+        self.sync_driver_engine()
+        settings = EvalSettings(
+            num_samples=config.eval.num_samples, temperature=config.eval.temperature, top_p=config.generation.top_p,
+            top_k=config.generation.top_k, max_gen_tokens=config.eval.max_gen_tokens or config.generation.max_new_tokens,
+            prompt_type=config.eval.prompt_type, seed=config.seed + step,
+        )
+        summaries = evaluate(self.worker.engine, self.tokenizer, self.verifier, self.benchmarks, settings,
+                             out_dir=self.run_dir / "eval" / f"step{step + 1}",
+                             identity={"run": str(self.run_dir), "version": self.learner.version})
+        record = {}
+        for name, summary in summaries.items():
+            record[f"eval/{name}/pass@1"] = summary["pass@1"]
+            record[f"eval/{name}/pass@1_stderr"] = summary["pass@1_stderr"]
+        return record
+
     def gather_batch(self, step: int) -> list[list[Trajectory]]:
         """groups_per_step groups that training step `step` may use (stale ones are dropped by the queue)."""
         needed = self.config.rollout.groups_per_step
@@ -212,8 +249,8 @@ class Trainer:
             batch.extend(groups)
             if len(batch) >= needed:
                 break
-            if self.ray_rollout is not None:
-                self.ray_rollout.check_workers()
+            if self.ray_cluster is not None:
+                self.ray_cluster.check_workers()
                 time.sleep(RAY_POLL_S)
                 continue
             produced = self.worker.produce(
@@ -243,8 +280,8 @@ class Trainer:
         trajectories = [t for group in batch for t in group]
         stats = self.learner.train_step(trajectories)
         trained = time.perf_counter()
-        if self.ray_rollout is not None:
-            self.ray_rollout.publish(self.learner_params(), self.learner.version)
+        if self.ray_cluster is not None:
+            self.ray_cluster.publish(self.learner.version)
         else:
             self.publish_inline(self.learner.version)
             self.controller.set_version(self.learner.version)
@@ -283,36 +320,51 @@ class Trainer:
         return self.run_dir / "checkpoints" / "state"
 
     def save_run_state(self, next_step: int) -> Path:
-        """A resumable checkpoint taken between steps (inline placement: nothing is in flight)."""
+        """A resumable checkpoint taken between steps. Rollout workers may be generating (Ray placement):
+        the controller is snapshot first, with admission held until the queue's snapshot is taken, and
+        groups that reached the queue in between count as delivered (`settle_deliveries`). Groups still in
+        flight are generated again after a resume."""
+        service_state = self.controller.hold_and_snapshot()
+        try:
+            in_flight = [group["group_id"] for group in service_state["controller"]["in_flight"]]
+            queue_state = self.queue.snapshot(in_flight)
+        finally:
+            self.controller.release()
+        receipts = {group_id: outcome for shard in queue_state for group_id, outcome in shard.pop("receipts").items()}
+        service_state["controller"] = settle_deliveries(service_state["controller"], receipts)
         trainer_state = {
             "step": next_step,
             "version": self.learner.version,
             "accuracy_before": self.accuracy_before,
             "dropped_before": self.dropped_before,
-            "controller": self.controller.state_dict(),
-            "queue": self.queue.state_dict(),
+            "controller": service_state,
+            "queue": queue_state,
             "rng": rng_state(),
         }
-        return save_run_checkpoint(self.state_dir, next_step, self.learner.model, self.learner.optimizer,
-                                   trainer_state, keep=self.config.keep_checkpoints)
+        staging = stage_checkpoint(self.state_dir, next_step)
+        self.learner.save_state(staging)
+        return commit_checkpoint(self.state_dir, next_step, staging, trainer_state, keep=self.config.keep_checkpoints)
 
     def restore(self) -> None:
         """Continues from the latest run checkpoint: weights, optimizer, version, data order, queue, ledger."""
         path = latest_run_checkpoint(self.state_dir)
         if path is None:
             raise FileNotFoundError(f"resume=true: no run checkpoint under {self.state_dir}")
-        state = load_run_checkpoint(path, self.learner.model, self.learner.optimizer)
+        state = read_trainer_state(path)
+        self.learner.load_state(path)  # Ray placement: the learner ranks load it when they start
         self.start_step, self.learner.version = state["step"], state["version"]
         self.accuracy_before, self.dropped_before = state["accuracy_before"], state["dropped_before"]
         self.controller.load_state_dict(state["controller"])
         self.queue.load_state_dict(state["queue"], resume_step=self.start_step)
         restore_rng_state(state["rng"])
         keep_metrics_before(self.run_dir / "metrics.jsonl", self.start_step)
-        self.publish_inline(self.learner.version)
         print(f"resumed {self.run_dir} at step {self.start_step} (version {self.learner.version}) from {path}")
 
     def save_checkpoint(self, name: str) -> Path:
-        return save_pretrained(self.learner.model, self.run_dir / "checkpoints" / name, tokenizer_dir=self.model_path)
+        """A Hugging Face checkpoint folder of the current policy (written from the driver's engine copy)."""
+        self.sync_driver_engine()
+        return save_pretrained(self.worker.engine.model, self.run_dir / "checkpoints" / name,
+                               tokenizer_dir=self.model_path)
 
     def run(self, show_progress: bool = True) -> dict:
         config = self.config
@@ -329,24 +381,26 @@ class Trainer:
                 record = self.step(step)
                 if config.eval.every_steps and (step + 1) % config.eval.every_steps == 0:
                     record["heldout_accuracy"] = self.heldout_accuracy(seed=config.seed + 7 * step)
+                every = config.eval.benchmark_every_steps
+                if config.eval.benchmarks and every and (step + 1) % every == 0:
+                    record.update(self.benchmark_accuracy(step))
                 self.metrics.write(record)
                 progress.set_postfix(reward=f"{record['reward_mean']:.2f}", acc=f"{record['accuracy']:.2f}")
                 if config.save_every and (step + 1) % config.save_every == 0:
                     self.save_checkpoint(f"step{step + 1}")
-                inline = self.ray_rollout is None
-                if inline and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+                if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
                     self.save_run_state(step + 1)
             accuracy_after = self.heldout_accuracy(seed=config.seed)
             final = self.save_checkpoint("final")
+            learner_checksum = state_checksum(self.learner.policy_state())  # before the learner ranks stop
         finally:
-            worker_results = self.ray_rollout.stop() if self.ray_rollout is not None else []
+            worker_results = self.ray_cluster.stop() if self.ray_cluster is not None else []
             self.controller.stop()
             self.queue.drain("shutdown")  # generated ahead but never trained on
             self.queue.close()
             self.metrics.close()
             self.verifier.close()
         ledger = self.ledger()
-        learner_checksum = state_checksum(self.learner_params())
         rollout_checksums = [r["weights_checksum"] for r in worker_results] or [
             state_checksum(dict(self.worker.engine.model.named_parameters()))  # inline: the driver's engine
         ]

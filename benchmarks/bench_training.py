@@ -4,19 +4,37 @@ Shape: DeepSeek-R1-Distill-Qwen-1.5B (random weights). Workloads:
   (a) 4 sequences x 4096 tokens;
   (b) packed sequences with a long-tailed length distribution (mean ~2K, max 8K tokens).
 Systems:
-  ours        -- the project's learner path: FSDP2 (bf16 compute, fp32 master weights and reductions),
-                 compiled decoder layers, packed sequences with document masks, chunked logprobs and the
-                 decoupled PPO loss, fused AdamW;
+  ours        -- the project's learner path with its defaults: on one GPU the module itself (fp32 parameters
+                 and gradients, bf16 compute under autocast; no FSDP), compiled decoder layers, packed sequences
+                 (cuDNN attention for packs of few, long document lengths, varlen flash otherwise), the chunked
+                 LM head keeping its bf16 logits for backward, the decoupled PPO loss, fused AdamW with the
+                 clipping factor folded in;
   hf_ckpt     -- transformers Qwen2ForCausalLM (SDPA, bf16 weights, fused AdamW) with gradient checkpointing;
   hf_compile  -- the same model under torch.compile, without checkpointing.
-Ablations of `ours` (each undoes one change, update step only):
-  ours_plain_head     -- the LM head as plain autograd over 1024-row chunks (every chunk's fp32 logits kept
-                         for backward) instead of the recomputing chunked Function;
-  ours_flex           -- packed attention through flex_attention + document BlockMask instead of varlen flash;
-  ours_fsdp_reshard   -- the one-rank FSDP settings of before: layers resharded after forward (all-gathered
-                         again for backward) and a forced divide factor (an extra pass over the gradients).
+Ablations of `ours` (each undoes one choice, update step only, on --ablation-workloads):
+  ours_fa2            -- packed attention through the varlen flash kernel for every pack (no cuDNN);
+  ours_flex           -- packed attention through flex_attention + document BlockMask;
+  ours_fsdp1          -- FSDP2 on the one-rank mesh, as before (bf16 gathered copies of fp32 shards);
+  ours_fsdp_reshard   -- that, with the older one-rank FSDP settings too: layers resharded after forward (all-
+                         gathered again for backward) and a forced divide factor (an extra pass over the gradients);
+  ours_recompute_head -- the LM head forms its logits again in backward instead of keeping them;
+  ours_plain_head     -- the LM head as plain autograd over 1024-row chunks (every chunk's fp32 logits kept);
+  ours_clip_pass      -- gradient clipping as a pass of its own over the gradients, not inside AdamW;
+  ours_prev           -- all of the previous defaults at once (flash, one-rank FSDP, recomputing head, clipping
+                         pass, host syncs): the `ours` of the 2026-11-25 runs;
+  ours_syncs          -- the step's host reads of before: the attention layout read back from the device's
+                         document ids, `if mask.any()` in the loss between forward and backward, one-rank
+                         collectives of the stats, the stats read before the optimizer step (DEFER_READS off).
+Variants of `ours` (candidate fixes, update step only, on --ablation-workloads):
+  ours_devpacks       -- the packs on the device before the step (as the references' batches are), so the step
+                         copies nothing from the host;
+  ours_late_zero      -- the gradients dropped right after the optimizer step is queued (as the references do),
+                         not at the start of the next step;
+  ours_expandable     -- the caching allocator's expandable segments switched on for this system (at run time;
+                         `--alloc-conf expandable_segments:True` sets it for the whole run before CUDA starts).
 MFU counts 6 x parameters (embeddings included) per token plus causal attention, against 989 TFLOP/s
-(H100 SXM bf16 dense). Prints a table and writes JSON.
+(H100 SXM bf16 dense). Prints a table and writes JSON. `--tiny` runs a tiny shape (on the CPU when there is
+no GPU): a smoke test of the script, not a measurement.
 
     python benchmarks/bench_training.py --out benchmarks/results/bench_training.json
 """
@@ -25,9 +43,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
+import dataclasses
+import functools
+import gzip
+import os
 import gc
+import importlib.util
 import json
 import math
+import socket
 import time
 import traceback
 from pathlib import Path
@@ -39,6 +64,24 @@ SHAPE = dict(
     vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
     num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=131072,
 )
+# Token counts of the workloads and the per-pass budget; --tiny swaps in TINY_*.
+SIZES = dict(seq=4096, total=32768, mean=2048, max_len=8192, budget=16384)
+TINY_SHAPE = dict(
+    vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+)
+TINY_SIZES = dict(seq=128, total=1024, mean=64, max_len=256, budget=512)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+ABLATIONS = ("ours_fa2", "ours_flex", "ours_fsdp1", "ours_fsdp_reshard", "ours_recompute_head", "ours_plain_head",
+             "ours_clip_pass", "ours_prev", "ours_syncs", "ours_devpacks", "ours_late_zero", "ours_expandable")
+# CUDA caching-allocator counters reported per timed step (a retry frees cached blocks: a device-wide sync).
+ALLOCATOR_COUNTERS = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")
+
+
+def synchronize() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def long_tailed_lengths(total_tokens: int, mean: int, max_len: int, seed: int) -> list[int]:
@@ -70,18 +113,43 @@ def step_flops(lengths: list[int]) -> float:
     return 6 * parameter_count() * tokens + attention
 
 
-def time_steps(step, warmup: int, steps: int) -> float:
-    """Median seconds per step (CUDA-synchronised wall clock)."""
+def allocator_counters() -> dict[str, int]:
+    if DEVICE != "cuda":
+        return {}
+    stats = torch.cuda.memory_stats()
+    return {name: int(stats.get(name, 0)) for name in ALLOCATOR_COUNTERS}
+
+
+def time_steps(step, warmup: int, steps: int, counters: dict | None = None) -> float:
+    """Median seconds per step (device-synchronised wall clock). `counters` receives the allocator counters'
+    increase per timed step."""
     for _ in range(warmup):
         step()
-    torch.cuda.synchronize()
+    synchronize()
+    before = allocator_counters()
     times = []
     for _ in range(steps):
         started = time.perf_counter()
         step()
-        torch.cuda.synchronize()
+        synchronize()
         times.append(time.perf_counter() - started)
+    if counters is not None:
+        after = allocator_counters()
+        counters.update({name: (after[name] - before[name]) / steps for name in before})
     return sorted(times)[len(times) // 2]
+
+
+def free_parameters(*modules_or_optimizers) -> None:
+    """Gives the memory of a finished system back at once (its parameters, gradients and optimizer state),
+    whatever still refers to the objects (compiled code, hooks)."""
+    for thing in modules_or_optimizers:
+        if isinstance(thing, torch.optim.Optimizer):
+            thing.state.clear()
+            continue
+        for param in thing.parameters():
+            param.grad = None
+            local = param.to_local() if hasattr(param, "to_local") else param
+            local.untyped_storage().resize_(0)
 
 
 def hf_system(compiled: bool, checkpointing: bool):
@@ -90,17 +158,17 @@ def hf_system(compiled: bool, checkpointing: bool):
     config = Qwen2Config(**SHAPE, tie_word_embeddings=False)
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(DEVICE):
         model = Qwen2ForCausalLM(config).to(torch.bfloat16)
     if checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=DEVICE == "cuda" or None)
     forward = torch.compile(model) if compiled else model
 
     def make_step(sequences: list[torch.Tensor]):
-        batch = torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True, padding_value=0).cuda()
-        mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(s) for s in sequences], batch_first=True).cuda()
+        batch = torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True, padding_value=0).to(DEVICE)
+        mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(s) for s in sequences], batch_first=True).to(DEVICE)
         labels = batch.masked_fill(mask == 0, -100)
 
         def step():
@@ -111,7 +179,7 @@ def hf_system(compiled: bool, checkpointing: bool):
 
         return step
 
-    return make_step
+    return make_step, lambda: free_parameters(model, optimizer)
 
 
 def synthetic_trajectories(lengths: list[int], group_size: int = 4) -> list:
@@ -124,7 +192,7 @@ def synthetic_trajectories(lengths: list[int], group_size: int = 4) -> list:
     rng = np.random.default_rng(0)
     trajectories = []
     for index, length in enumerate(lengths):
-        prompt = max(32, length // 10)
+        prompt = min(length - 1, max(32, length // 10))
         tokens = rng.integers(0, SHAPE["vocab_size"], size=length, dtype=np.int32)
         output = length - prompt
         trajectories.append(Trajectory(
@@ -150,20 +218,59 @@ def plain_autograd_token_logprobs(hidden, lm_head_weight, targets, temperature=1
     return torch.cat(out).reshape(lead_shape)
 
 
-@contextlib.contextmanager
-def ours_variant(system: str):
-    """Undo one change of `ours` for an ablation system, for the duration of the block."""
+def settings() -> dict:
+    """The switches `ours` runs with (module settings; the ablations change them)."""
     from areal_async.model import decoder, logprobs
     from learners import fsdp_learner
 
-    saved = (logprobs.token_logprobs, decoder.PACKED_ATTENTION, fsdp_learner.fully_shard,
-             fsdp_learner.shard_policy)
+    return {"packed_attention": decoder.PACKED_ATTENTION, "cudnn_max_lengths": decoder.CUDNN_MAX_LENGTHS,
+            "cudnn_min_length": decoder.CUDNN_MIN_LENGTH, "cudnn_repeat_kv": decoder.CUDNN_REPEAT_KV,
+            "one_rank_mode": fsdp_learner.ONE_RANK_MODE, "keep_logits_gib": logprobs.KEEP_LOGITS_GIB,
+            "fused_clip": fsdp_learner.FUSED_CLIP, "defer_reads": fsdp_learner.DEFER_READS}
+
+
+@contextlib.contextmanager
+def ours_variant(system: str):
+    """Undo one choice of `ours` for an ablation system, for the duration of the block."""
+    from areal_async.model import decoder, logprobs
+    from learners import fsdp_learner, ppo_learner
+
+    saved = (logprobs.token_logprobs, logprobs.KEEP_LOGITS_GIB, decoder.PACKED_ATTENTION, fsdp_learner.fully_shard,
+             fsdp_learner.shard_policy, fsdp_learner.ONE_RANK_MODE, fsdp_learner.FUSED_CLIP,
+             fsdp_learner.DEFER_READS, ppo_learner.decoupled_ppo_loss, ppo_learner.packed_sequence_logprobs)
+    expandable = False
     try:
+        if system in ("ours_syncs", "ours_prev"):
+            fsdp_learner.DEFER_READS = False
+            original_loss, original_logprobs = ppo_learner.decoupled_ppo_loss, ppo_learner.packed_sequence_logprobs
+
+            def synced_loss(*args, **kwargs):  # the `if mask.any()` of before, between forward and backward
+                bool(args[4].bool().any())
+                return original_loss(*args, **kwargs)
+
+            def layout_read_back(model, batch, *args, **kwargs):  # no host-side lengths: document ids read back
+                return original_logprobs(model, dataclasses.replace(batch, document_lengths=None), *args, **kwargs)
+
+            ppo_learner.decoupled_ppo_loss = synced_loss
+            ppo_learner.packed_sequence_logprobs = layout_read_back
+        if system == "ours_expandable" and DEVICE == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+            expandable = True
         if system == "ours_plain_head":
             logprobs.token_logprobs = plain_autograd_token_logprobs
-        elif system == "ours_flex":
+        if system in ("ours_recompute_head", "ours_prev"):
+            logprobs.KEEP_LOGITS_GIB = 0.0
+        if system in ("ours_fa2", "ours_prev"):
+            decoder.PACKED_ATTENTION = "flash"
+        if system == "ours_flex":
             decoder.PACKED_ATTENTION = "flex"
-        elif system == "ours_fsdp_reshard":
+        if system in ("ours_fsdp1", "ours_fsdp_reshard", "ours_prev"):
+            fsdp_learner.ONE_RANK_MODE = "fsdp"
+        if system in ("ours_clip_pass", "ours_prev"):
+            fsdp_learner.FUSED_CLIP = False
+        if system == "ours_fsdp_reshard":
             original_fully_shard, original_policy = fsdp_learner.fully_shard, fsdp_learner.shard_policy
 
             def old_policy(model, mesh, activation_checkpointing=False, compile_layers=False):
@@ -183,30 +290,43 @@ def ours_variant(system: str):
             fsdp_learner.shard_policy = old_policy
         yield
     finally:
-        (logprobs.token_logprobs, decoder.PACKED_ATTENTION, fsdp_learner.fully_shard,
-         fsdp_learner.shard_policy) = saved
+        (logprobs.token_logprobs, logprobs.KEEP_LOGITS_GIB, decoder.PACKED_ATTENTION, fsdp_learner.fully_shard,
+         fsdp_learner.shard_policy, fsdp_learner.ONE_RANK_MODE, fsdp_learner.FUSED_CLIP,
+         fsdp_learner.DEFER_READS, ppo_learner.decoupled_ppo_loss, ppo_learner.packed_sequence_logprobs) = saved
+        if expandable:
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.memory._set_allocator_settings("expandable_segments:False")
 
 
-def ours_system(compile_layers: bool, activation_checkpointing: bool):
-    """The FSDP2 learner on one GPU (a 1-rank NCCL group)."""
-    import socket
-
+def init_process_group() -> None:
+    """A one-rank process group (NCCL on the GPU, gloo on the CPU) for the learner."""
     import torch.distributed as dist
 
-    from areal_async.config import PPOConfig
+    if dist.is_initialized():
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    backend = "nccl" if DEVICE == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
+def ours_system(compile_layers: bool, activation_checkpointing: bool, decoupled: bool, system: str = "ours"):
+    """The learner on one device (a one-rank group). decoupled=False builds the update's packs without the
+    proximal-logprob forward (behaviour logprobs stand in; the update costs the same), which spares the
+    ablations the compilation of the no-grad forward."""
+    from areal_async.config import Objective, PPOConfig
     from areal_async.model import CausalLM, DecoderConfig
     from learners import fsdp_learner
 
-    if not dist.is_initialized():
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    init_process_group()
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(DEVICE):
         model = CausalLM(DecoderConfig(**SHAPE, tie_word_embeddings=False))
-    config = PPOConfig(lr=1e-6, micro_batch_tokens=16384)
-    learner = fsdp_learner.FSDPLearner(model, config, pad_token_id=0, temperature=1.0, device="cuda",
+    config = PPOConfig(lr=1e-6, micro_batch_tokens=SIZES["budget"],
+                       objective=Objective.decoupled if decoupled else Objective.naive)
+    learner = fsdp_learner.FSDPLearner(model, config, pad_token_id=0, temperature=1.0, device=DEVICE,
                                        activation_checkpointing=activation_checkpointing,
                                        compile_layers=compile_layers)
 
@@ -220,24 +340,28 @@ def ours_system(compile_layers: bool, activation_checkpointing: bool):
         def update():  # forward + backward + optimizer step on prepared packs (what the references do)
             if "packs" not in prepared:
                 prepared["packs"] = learner.prepare(trajectories, advantages)
-            learner.optimizer.zero_grad(set_to_none=True)
-            learner.backward(prepared["packs"])
-            learner.optimizer_step()
+                if system == "ours_devpacks":  # on the device beforehand, as the references' batches
+                    prepared["packs"] = [pack.to(DEVICE) for pack in prepared["packs"]]
+            learner.update(prepared["packs"])  # zero_grad, backward, optimizer_step; stats read once at the end
+            if system == "ours_late_zero":  # the gradients go while the optimizer step runs, not next step
+                learner.optimizer.zero_grad(set_to_none=True)
 
         def full_step():  # the whole PPO step, proximal logprob recomputation included
             learner.train_step(trajectories, advantages)
 
+        update.learner = full_step.learner = learner  # for the profile's phase labels
+
         return {"update": update, "ppo_step": full_step}
 
-    return make_steps
+    return make_steps, lambda: free_parameters(learner.model, learner.optimizer)
 
 
 def workload_sequences(name: str) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
     if name == "a":
-        lengths = [4096] * 4
+        lengths = [SIZES["seq"]] * 4
     else:
-        lengths = long_tailed_lengths(total_tokens=32768, mean=2048, max_len=8192, seed=2)
+        lengths = long_tailed_lengths(SIZES["total"], SIZES["mean"], SIZES["max_len"], seed=2)
     return [torch.randint(0, SHAPE["vocab_size"], (length,), generator=generator) for length in lengths]
 
 
@@ -253,64 +377,267 @@ def hf_padded_microbatches(sequences: list[torch.Tensor], budget: int) -> list[l
     return batches + ([current] if current else [])
 
 
-ABLATIONS = ("ours_plain_head", "ours_flex", "ours_fsdp_reshard")
+def pack_kernels(lengths: list[int]) -> list[str]:
+    """The attention kernel each of our packs of these sequences gets on CUDA (bf16) under the current settings."""
+    from areal_async.model import decoder
+    from areal_async.packing import split_into_packs
+
+    head_dim = SHAPE["hidden_size"] // SHAPE["num_attention_heads"]
+    return [decoder.cuda_packed_kernel([lengths[i] for i in pack], torch.bfloat16, head_dim)
+            for pack in split_into_packs(lengths, SIZES["budget"])]
 
 
-def profile_step(step, label: str, out_dir: Path, rows: int = 30) -> dict:
-    """One profiled step: writes the kernel table (self device time) and returns a per-category summary."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
+KERNEL_CATEGORIES = {"attention": ("flash", "flex", "attn", "fmha", "sdpa"), "optimizer": ("adam",),
+                     "gemm": ("gemm", "cutlass", "nvjet", "xmma", "sm90", "cublas"),
+                     "copy_nccl": ("memcpy", "nccl", "memset", "copy"), "triton_fused": ("triton",)}
+# What the device executes, in a chrome trace (user annotations, "gpu_user_annotation", are not: their GPU
+# ranges only span kernels that are counted already).
+DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+HOST_CATEGORIES = ("cpu_op", "user_annotation", "python_function", "cuda_runtime", "cuda_driver")
+STEP_LABEL = "bench.step"
+
+
+@contextlib.contextmanager
+def phase_labels(learner) -> None:
+    """record_function labels around the parts of our learner's step, for the gap report: the decoder body,
+    the LM head, the loss, the clipping + optimizer step (instance and module attributes, restored after)."""
+    from torch.profiler import record_function
+
+    from areal_async.model import logprobs
+    from learners import ppo_learner
+
+    def labelled(name, fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            with record_function(name):
+                return fn(*args, **kwargs)
+        return wrapper
+
+    saved = (logprobs.token_logprobs, ppo_learner.decoupled_ppo_loss)
+    model = learner.model
+    had_hidden, had_opt = "hidden_states" in vars(model), "optimizer_step" in vars(learner)
+    old_hidden, old_opt = model.hidden_states, learner.optimizer_step
+    try:
+        logprobs.token_logprobs = labelled("phase:lm_head", saved[0])
+        ppo_learner.decoupled_ppo_loss = labelled("phase:loss", saved[1])
+        model.hidden_states = labelled("phase:forward", old_hidden)
+        learner.optimizer_step = labelled("phase:clip_optimizer", old_opt)
+        yield
+    finally:
+        logprobs.token_logprobs, ppo_learner.decoupled_ppo_loss = saved
+        if had_hidden:
+            model.hidden_states = old_hidden
+        else:
+            del model.hidden_states
+        if had_opt:
+            learner.optimizer_step = old_opt
+        else:
+            del learner.optimizer_step
+
+
+def kernel_category(name: str) -> str:
+    key = name.lower()
+    return next((n for n, patterns in KERNEL_CATEGORIES.items() if any(p in key for p in patterns)), "other")
+
+
+def merge_intervals(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[list[float]] = []
+    for begin, end in sorted(intervals):
+        if merged and begin <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([begin, end])
+    return [(a, b) for a, b in merged]
+
+
+def analyse_trace(events: list[dict], unprofiled_ms: float | None = None, top_gaps: int = 15) -> dict:
+    """Kernel time, GPU idle time and the largest idle gaps of one profiled step, from chrome-trace events
+    (ts/dur in microseconds). The step is the STEP_LABEL annotation's span (its thread is the main thread);
+    device work is the DEVICE_CATEGORIES events inside it. Each gap is attributed to the phase of the kernel
+    that ends it (the phase that launched it late): the phase:* label around its launch on the main thread, or
+    "backward" / "lm_head_backward" on the autograd thread; "step_start" before the first kernel, "step_end"
+    after the last. Each gap lists the innermost host events running during it, per thread."""
+    steps = [e for e in events if e.get("ph") == "X" and e.get("name") == STEP_LABEL
+             and e.get("cat") in ("user_annotation", "cpu_op")]
+    if not steps:
+        raise ValueError(f"no {STEP_LABEL!r} annotation in the trace")
+    step = max(steps, key=lambda e: e["dur"])
+    t0, t1, main_tid = float(step["ts"]), float(step["ts"]) + float(step["dur"]), step["tid"]
+    device = [e for e in events if e.get("ph") == "X" and e.get("cat") in DEVICE_CATEGORIES
+              and t0 <= float(e["ts"]) <= t1]
+    host = [e for e in events if e.get("ph") == "X" and e.get("cat") in HOST_CATEGORIES and e is not step]
+    launches = {e["args"]["correlation"]: e for e in host
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    kernel_us = sum(float(e["dur"]) for e in device)
+    categories: dict[str, float] = {}
+    by_name: dict[str, list[float]] = {}
+    for e in device:
+        category = kernel_category(e["name"]) if e["cat"] == "kernel" else "copy_nccl"
+        categories[category] = categories.get(category, 0.0) + float(e["dur"]) / 1e3
+        entry = by_name.setdefault(e["name"], [0.0, 0])
+        entry[0] += float(e["dur"]) / 1e3
+        entry[1] += 1
+    busy = merge_intervals([(max(t0, float(e["ts"])), min(t1, float(e["ts"]) + float(e["dur"]))) for e in device])
+    busy_us = sum(b - a for a, b in busy)
+    # Phase labels and the LM head's backward, per thread, as intervals.
+    labels = [e for e in host if e["name"].startswith("phase:") or "ChunkedTokenLogprobsBackward" in e["name"]]
+
+    def phase_of(kernel: dict | None) -> str:
+        if kernel is None:
+            return "step_end"
+        launch = launches.get(kernel.get("args", {}).get("correlation"))
+        if launch is None:
+            return "unknown"
+        ts = float(launch["ts"])
+        inside = [e for e in labels if e["tid"] == launch["tid"] and float(e["ts"]) <= ts <= float(e["ts"]) + float(e["dur"])]
+        if any("ChunkedTokenLogprobsBackward" in e["name"] for e in inside):
+            return "lm_head_backward"
+        names = [e["name"][len("phase:"):] for e in sorted(inside, key=lambda e: -float(e["dur"]))
+                 if e["name"].startswith("phase:")]
+        if names:
+            return names[-1]  # the innermost label
+        return "other_main" if launch["tid"] == main_tid else "backward"
+
+    starts = sorted(device, key=lambda e: float(e["ts"]))
+    gaps, cursor, index = [], t0, 0
+    for begin, end in busy + [(t1, t1)]:
+        if begin - cursor > 0:
+            while index < len(starts) and float(starts[index]["ts"]) < begin - 1e-3:
+                index += 1
+            following = starts[index] if index < len(starts) and begin < t1 else None
+            phase = "step_start" if cursor == t0 and busy and begin == busy[0][0] else phase_of(following)
+            gaps.append({"begin": cursor, "end": begin, "phase": phase,
+                         "next_kernel": following["name"][:120] if following else None})
+        cursor = max(cursor, end)
+    idle_by_phase: dict[str, float] = {}
+    for gap in gaps:
+        idle_by_phase[gap["phase"]] = idle_by_phase.get(gap["phase"], 0.0) + (gap["end"] - gap["begin"]) / 1e3
+    largest = sorted(gaps, key=lambda g: g["begin"] - g["end"])[:top_gaps]
+    threads = {main_tid: "main"}
+    for gap in largest:  # host events by their own time within the gap (less that of events nested in them)
+        overlapping = [e for e in host if float(e["ts"]) < gap["end"] and float(e["ts"]) + float(e["dur"]) > gap["begin"]]
+        clipped = {id(e): (max(float(e["ts"]), gap["begin"]), min(float(e["ts"]) + float(e["dur"]), gap["end"]))
+                   for e in overlapping}
+        ranked = []
+        for e in overlapping:
+            e0, e1 = float(e["ts"]), float(e["ts"]) + float(e["dur"])
+            nested = [clipped[id(f)] for f in overlapping if f is not e and f["tid"] == e["tid"]
+                      and e0 <= float(f["ts"]) and float(f["ts"]) + float(f["dur"]) <= e1 and float(f["dur"]) < e1 - e0]
+            own = (clipped[id(e)][1] - clipped[id(e)][0]) - sum(b - a for a, b in merge_intervals(nested))
+            thread = threads.setdefault(e["tid"], f"thread{len(threads)}")
+            ranked.append((own, clipped[id(e)][1] - clipped[id(e)][0], f"{thread}: {e['name'][:90]}"))
+        ranked.sort(reverse=True)
+        gap["cpu_ops"] = [f"{name} (own {own / 1e3:.2f} of {total / 1e3:.2f} ms)" for own, total, name in ranked[:6]
+                          if own > 0]
+    window_ms = (t1 - t0) / 1e3
+    result = {
+        "wall_ms_profiled": window_ms, "kernel_ms": kernel_us / 1e3, "busy_ms": busy_us / 1e3,
+        "gpu_idle_ms": window_ms - busy_us / 1e3,
+        **{f"{k}_ms": v for k, v in sorted(categories.items())},
+        "idle_by_phase_ms": dict(sorted(idle_by_phase.items(), key=lambda kv: -kv[1])),
+        "gap_count": len(gaps),
+        "gaps": [{"start_ms": (g["begin"] - t0) / 1e3, "length_ms": (g["end"] - g["begin"]) / 1e3,
+                  "phase": g["phase"], "next_kernel": g["next_kernel"], "cpu_ops": g["cpu_ops"]} for g in largest],
+        "top_kernels": [{"ms": ms, "count": count, "name": name[:150]}
+                        for name, (ms, count) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:30]],
+    }
+    if unprofiled_ms is not None:  # the profiler slows the host, not the kernels: idle of the timed steps
+        result["step_ms_unprofiled"] = unprofiled_ms
+        result["gpu_idle_ms_unprofiled_est"] = unprofiled_ms - busy_us / 1e3
+    return result
+
+
+def format_trace_summary(label: str, summary: dict) -> str:
+    lines = [f"{label}: profiled step {summary['wall_ms_profiled']:.1f} ms, kernels {summary['kernel_ms']:.1f} ms, "
+             f"busy (union) {summary['busy_ms']:.1f} ms, GPU idle {summary['gpu_idle_ms']:.1f} ms profiled"
+             + (f", ~{summary['gpu_idle_ms_unprofiled_est']:.1f} ms in the unprofiled "
+                f"{summary['step_ms_unprofiled']:.1f} ms step" if "step_ms_unprofiled" in summary else ""),
+             "  ".join(f"{k} {v:.1f}" for k, v in summary.items() if k.endswith("_ms") and k not in
+                       ("wall_ms_profiled", "kernel_ms", "busy_ms", "gpu_idle_ms", "step_ms_unprofiled")
+                       and isinstance(v, float)),
+             "idle by phase (ms): " + "  ".join(f"{k} {v:.2f}" for k, v in summary["idle_by_phase_ms"].items())
+             + f"  ({summary['gap_count']} gaps)",
+             f"{len(summary['gaps'])} largest GPU idle gaps (start in the step, length, phase, next kernel; host ops):"]
+    for gap in summary["gaps"]:
+        lines.append(f"  @{gap['start_ms']:8.2f} ms  {gap['length_ms']:6.2f} ms  {gap['phase']:<17} "
+                     f"-> {(gap['next_kernel'] or '-')[:60]}")
+        lines += [f"        {op}" for op in gap["cpu_ops"]]
+    lines.append("top kernels:")
+    lines += [f"{k['ms']:9.2f} ms {k['count']:6d}x  {k['name']}" for k in summary["top_kernels"]]
+    return "\n".join(lines)
+
+
+def profile_step(step, label: str, out_dir: Path, unprofiled_s: float | None = None, learner=None,
+                 save_trace: bool = False) -> dict:
+    """One profiled step (CPU + CUDA activities, record_function labels, no stacks): kernel time (device events
+    only, annotations excluded), GPU idle time (the step's span less the union of kernel intervals) and the
+    largest idle gaps with the host ops running during them, from the chrome trace. Writes
+    profile_<label>.txt (and, with save_trace, the gzipped trace if under 20 MB)."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     step()
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    wall = time.perf_counter() - started
-    averages = prof.key_averages()
-
-    def device_us(event) -> float:
-        return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
-
-    kernels = [e for e in averages if getattr(e, "device_type", None) == DeviceType.CUDA and device_us(e) > 0]
-    categories = {"attention": ("flash", "flex", "attn", "fmha", "sdpa"), "optimizer": ("adam",),
-                  "gemm": ("gemm", "cutlass", "nvjet", "xmma", "sm90", "cublas"),
-                  "copy_nccl": ("memcpy", "nccl", "memset", "copy"),
-                  "triton_fused": ("triton",)}
-    summary = {name: 0.0 for name in categories} | {"other": 0.0}
-    for event in kernels:
-        key = event.key.lower()
-        name = next((n for n, patterns in categories.items() if any(p in key for p in patterns)), "other")
-        summary[name] += device_us(event) / 1e3
-    summary = {"wall_ms_profiled": wall * 1e3, "kernel_ms": sum(device_us(e) for e in kernels) / 1e3,
-               **{f"{k}_ms": v for k, v in summary.items()}}
-    top = sorted(kernels, key=device_us, reverse=True)[:rows]
-    lines = [f"{label}: profiled step wall {wall * 1e3:.1f} ms, kernels {summary['kernel_ms']:.1f} ms",
-             "  ".join(f"{k} {v:.1f}" for k, v in summary.items())]
-    lines += [f"{device_us(e) / 1e3:9.2f} ms {e.count:6d}x  {e.key[:150]}" for e in top]
-    text = "\n".join(lines)
-    (out_dir / f"profile_{label}.txt").write_text(text + "\n\n" + averages.table(row_limit=60) + "\n")
+    synchronize()
+    labels = phase_labels(learner) if learner is not None else contextlib.nullcontext()
+    with labels, profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=False) as prof:
+        with record_function(STEP_LABEL):
+            step()
+            synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        raw = path.read_bytes()
+    trace = json.loads(raw)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    summary = analyse_trace(events, unprofiled_s * 1e3 if unprofiled_s else None)
+    if save_trace:
+        packed = gzip.compress(raw, compresslevel=6)
+        if len(packed) < 20 * 2**20:
+            (out_dir / f"trace_{label}.json.gz").write_bytes(packed)
+            summary["trace_file"] = f"trace_{label}.json.gz"
+        summary["trace_gz_mib"] = len(packed) / 2**20
+    text = format_trace_summary(label, summary)
+    (out_dir / f"profile_{label}.txt").write_text(text + "\n")
     print(text, flush=True)
     return summary
 
 
-def selfcheck(report: dict) -> None:
-    """Checks the new CUDA paths against plain references on random data before timing anything; falls back
-    to flex attention if the varlen flash kernel fails or disagrees."""
-    from areal_async.model import decoder
-    from areal_async.model.logprobs import token_logprobs
+def cuda_ms(fn, repeats: int = 5) -> float:
+    """Median milliseconds of fn() on the GPU (CUDA events)."""
+    times = []
+    for _ in range(repeats):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(stop))
+    return sorted(times)[len(times) // 2]
 
-    checks = report.setdefault("selfcheck", {})
+
+def relative_diffs(got: list[torch.Tensor], expected: list[torch.Tensor], names=("out", "dq", "dk", "dv")) -> dict:
+    return {name: ((a.float() - b.float()).norm() / b.float().norm()).item() for name, a, b in zip(names, got, expected)}
+
+
+def check_lm_head(checks: dict) -> None:
+    """The LM head: the chunked Function keeping its bf16 logits, and recomputing them, against plain autograd
+    (bf16 weights, a pack's 16,384 rows): results, time and extra peak memory of forward + backward."""
+    from areal_async.model import logprobs
+
     generator = torch.Generator(device="cuda").manual_seed(0)
-    try:  # the LM head: recomputing Function against plain autograd, bf16 weights, 16384 rows
-        rows, hidden_size, vocab = 16384, SHAPE["hidden_size"], SHAPE["vocab_size"]
-        hidden = torch.randn(rows, hidden_size, device="cuda", dtype=torch.bfloat16, generator=generator)
-        weight = (torch.randn(vocab, hidden_size, device="cuda", generator=generator) * 0.02).to(torch.bfloat16)
-        targets = torch.randint(0, vocab, (rows,), device="cuda", generator=generator)
-        grad = torch.randn(rows, device="cuda", generator=generator)
-        results = {}
-        for name, head in (("fused", token_logprobs), ("plain", plain_autograd_token_logprobs)):
+    rows, hidden_size, vocab = SIZES["budget"], SHAPE["hidden_size"], SHAPE["vocab_size"]
+    hidden = torch.randn(rows, hidden_size, device="cuda", dtype=torch.bfloat16, generator=generator)
+    weight = (torch.randn(vocab, hidden_size, device="cuda", generator=generator) * 0.02).to(torch.bfloat16)
+    targets = torch.randint(0, vocab, (rows,), device="cuda", generator=generator)
+    grad = torch.randn(rows, device="cuda", generator=generator)
+    saved_keep = logprobs.KEEP_LOGITS_GIB
+    results = {}
+    try:
+        for name, head, keep in (("kept", logprobs.token_logprobs, saved_keep or 6.0),
+                                 ("recompute", logprobs.token_logprobs, 0.0),
+                                 ("plain", plain_autograd_token_logprobs, 0.0)):
+            logprobs.KEEP_LOGITS_GIB = keep
             h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
             times = []
             for _ in range(3):
@@ -327,155 +654,362 @@ def selfcheck(report: dict) -> None:
             results[name] = (out.detach(), h.grad.float(), w.grad.float(), sorted(times)[1],
                              (torch.cuda.max_memory_allocated() - base) / 2**30)
             del h, w, out
-        (fo, fh, fw, ft, fm), (po, ph, pw, pt, pm) = results["fused"], results["plain"]
-        checks["lm_head"] = {
-            "rows": rows, "logprob_max_abs_diff": (fo - po).abs().max().item(),
-            "grad_hidden_rel_diff": ((fh - ph).norm() / ph.norm()).item(),
-            "grad_weight_rel_diff": ((fw - pw).norm() / pw.norm()).item(),
-            "fused_ms": ft, "plain_ms": pt, "fused_extra_peak_gib": fm, "plain_extra_peak_gib": pm,
-        }
-        del results, fo, fh, fw, po, ph, pw, hidden, weight
-    except Exception:  # noqa: BLE001
-        checks["lm_head"] = {"error": traceback.format_exc()[-1500:]}
-    torch.cuda.empty_cache()
-    try:  # varlen flash attention against SDPA with the dense document mask (fp32 math), forward and backward
-        heads, kv_heads, dim = SHAPE["num_attention_heads"], SHAPE["num_key_value_heads"], 128
-        lengths = [1000, 1537, 463, 96]
-        tokens = sum(lengths)
-        document_ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None].cuda()
-        q = torch.randn(tokens, heads, dim, device="cuda", dtype=torch.bfloat16, generator=generator)
-        k = torch.randn(tokens, kv_heads, dim, device="cuda", dtype=torch.bfloat16, generator=generator)
-        v = torch.randn(tokens, kv_heads, dim, device="cuda", dtype=torch.bfloat16, generator=generator)
-        grad = torch.randn(tokens, heads, dim, device="cuda", dtype=torch.bfloat16, generator=generator)
-        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        out = decoder.packed_flash_attention(*leaves, decoder.document_spans(document_ids))
-        out.backward(grad)
-        flash = [out.float()] + [t.grad.float() for t in leaves]
-        ref_leaves = [t.float().requires_grad_() for t in (q, k, v)]
-        mask = decoder.document_causal_mask(document_ids)
-        ref = torch.nn.functional.scaled_dot_product_attention(
-            *(t.transpose(0, 1)[None] for t in ref_leaves), attn_mask=mask, enable_gqa=True)[0].transpose(0, 1)
-        ref.backward(grad.float())
-        reference = [ref.detach()] + [t.grad for t in ref_leaves]
-        rel = {name: ((a - b).norm() / b.norm()).item()
-               for name, a, b in zip(("out", "dq", "dk", "dv"), flash, reference)}
-        checks["flash_attention"] = {"rel_diff_vs_fp32": rel}
-        # Kernel time on the (a) pack: 4 documents of 4096, forward + backward, one layer.
-        document_ids = torch.arange(4).repeat_interleave(4096)[None].cuda()
-        spans = decoder.document_spans(document_ids)
-        leaves = [torch.randn(16384, h, dim, device="cuda", dtype=torch.bfloat16, generator=generator).requires_grad_()
+    finally:
+        logprobs.KEEP_LOGITS_GIB = saved_keep
+    po, ph, pw = results["plain"][:3]
+    checks["lm_head"] = {"rows": rows} | {
+        name: {"logprob_max_abs_diff_vs_plain": (o - po).abs().max().item(),
+               "grad_hidden_rel_diff_vs_plain": ((h - ph).norm() / ph.norm()).item(),
+               "grad_weight_rel_diff_vs_plain": ((w - pw).norm() / pw.norm()).item(),
+               "fwd_bwd_ms": ms, "extra_peak_gib": gib}
+        for name, (o, h, w, ms, gib) in results.items()
+    }
+
+
+def check_attention(checks: dict) -> None:
+    """Packed attention kernels against SDPA in fp32 with the dense document mask (mixed lengths), cuDNN against
+    varlen flash on the (a) pack in bf16, and each one's time per layer there (forward + backward). Falls back
+    to repeated key/value heads if cuDNN rejects grouped-query shapes, and to flash (PACKED_ATTENTION) if cuDNN
+    fails or disagrees; to flex if flash does."""
+    from areal_async.model import decoder
+
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    heads, kv_heads = SHAPE["num_attention_heads"], SHAPE["num_key_value_heads"]
+    dim = SHAPE["hidden_size"] // heads
+
+    def random_inputs(tokens):
+        leaves = [torch.randn(tokens, h, dim, device="cuda", dtype=torch.bfloat16, generator=generator)
                   for h in (heads, kv_heads, kv_heads)]
-        grad = torch.randn(16384, heads, dim, device="cuda", dtype=torch.bfloat16, generator=generator)
-        times = []
-        for _ in range(5):
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            decoder.packed_flash_attention(*leaves, spans).backward(grad)
-            stop.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(stop))
-        checks["flash_attention"]["pack_a_layer_fwd_bwd_ms"] = sorted(times)[2]
-        if max(rel.values()) > 0.05:
-            raise RuntimeError(f"varlen flash attention disagrees with the reference: {rel}")
+        return leaves, torch.randn(tokens, heads, dim, device="cuda", dtype=torch.bfloat16, generator=generator)
+
+    def run(attention, layout, leaves, grad):
+        inputs = [t.clone().requires_grad_() for t in leaves]
+        out = attention(*inputs, layout)
+        out.backward(grad)
+        return [out.detach()] + [t.grad for t in inputs]
+
+    flash = decoder.packed_flash_attention
+    by_length = decoder.attention_by_length
+    lengths = [1000, 1537, 463, 96, 1000]
+    document_ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None].cuda()
+    leaves, grad = random_inputs(sum(lengths))
+    ref_leaves = [t.float().requires_grad_() for t in leaves]
+    mask = decoder.document_causal_mask(document_ids)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        *(t.transpose(0, 1)[None] for t in ref_leaves), attn_mask=mask, enable_gqa=True)[0].transpose(0, 1)
+    ref.backward(grad.float())
+    reference = [ref.detach()] + [t.grad for t in ref_leaves]
+    del ref, ref_leaves, mask
+    checks["attention"] = attention = {"mixed_lengths": lengths}
+    try:
+        attention["flash_rel_diff_vs_fp32"] = relative_diffs(
+            run(flash, decoder.document_spans(document_ids), leaves, grad), reference)
+        if max(attention["flash_rel_diff_vs_fp32"].values()) > 0.05:
+            raise RuntimeError("varlen flash attention disagrees with the fp32 reference")
     except Exception:  # noqa: BLE001
-        checks.setdefault("flash_attention", {})["error"] = traceback.format_exc()[-1500:]
+        attention["flash_error"] = traceback.format_exc()[-1500:]
         decoder.PACKED_ATTENTION = "flex"
         checks["fallback"] = "PACKED_ATTENTION=flex"
-    torch.cuda.empty_cache()
+        return
+    cudnn_error = None
+    for repeat_kv in (decoder.CUDNN_REPEAT_KV, True):
+        decoder.CUDNN_REPEAT_KV = repeat_kv
+        try:
+            got = run(by_length, decoder.document_length_groups(document_ids, kernel="cudnn"), leaves, grad)
+            attention["cudnn_rel_diff_vs_fp32"] = relative_diffs(got, reference)
+            attention["cudnn_repeat_kv"] = repeat_kv
+            if max(attention["cudnn_rel_diff_vs_fp32"].values()) > 0.05:
+                raise RuntimeError("cuDNN attention disagrees with the fp32 reference")
+            cudnn_error = None
+            break
+        except Exception:  # noqa: BLE001
+            cudnn_error = traceback.format_exc()[-1500:]
+            attention.setdefault("cudnn_errors", []).append(cudnn_error)
+    del leaves, grad, reference
+    # The (a) pack: 4 documents of SIZES["seq"] tokens.
+    document_ids = torch.arange(4).repeat_interleave(SIZES["seq"])[None].cuda()
+    leaves, grad = random_inputs(4 * SIZES["seq"])
+    spans = decoder.document_spans(document_ids)
+    flash_out = run(flash, spans, leaves, grad)
+    attention["pack_a_flash_fwd_bwd_ms"] = cuda_ms(lambda: run(flash, spans, leaves, grad))
+    attention["pack_a_flash_fwd_ms"] = cuda_ms(lambda: flash(*leaves, spans))
+    if cudnn_error is None:
+        try:
+            groups = decoder.document_length_groups(document_ids, kernel="cudnn")
+            attention["pack_a_cudnn_rel_diff_vs_flash_bf16"] = relative_diffs(
+                run(by_length, groups, leaves, grad), flash_out)
+            attention["pack_a_cudnn_fwd_bwd_ms"] = cuda_ms(lambda: run(by_length, groups, leaves, grad))
+            attention["pack_a_cudnn_fwd_ms"] = cuda_ms(lambda: by_length(*leaves, groups))
+            if max(attention["pack_a_cudnn_rel_diff_vs_flash_bf16"].values()) > 0.05:
+                raise RuntimeError("cuDNN attention disagrees with varlen flash on the (a) pack")
+        except Exception:  # noqa: BLE001
+            cudnn_error = traceback.format_exc()[-1500:]
+            attention.setdefault("cudnn_errors", []).append(cudnn_error)
+    if cudnn_error is not None and decoder.PACKED_ATTENTION in ("auto", "cudnn"):
+        decoder.PACKED_ATTENTION = "flash"
+        checks["fallback"] = "PACKED_ATTENTION=flash (cuDNN failed)"
+
+
+def check_one_rank_learner(checks: dict) -> None:
+    """The unwrapped one-rank learner (fp32 parameters, bf16 autocast) against the FSDP-wrapped one (bf16
+    gathered copies of fp32 shards) on a 2-layer model of the benchmark's widths: one update from the same
+    weights on the same 2 x 1024-token batch (loss, gradient before clipping, the update)."""
+    from areal_async.config import PPOConfig
+    from areal_async.model import CausalLM, DecoderConfig
+    from learners import fsdp_learner
+    from learners.ppo_learner import trajectory_advantages
+
+    init_process_group()
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = CausalLM(DecoderConfig(**{**SHAPE, "num_hidden_layers": 2}, tie_word_embeddings=False))
+    initial = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    trajectories = synthetic_trajectories([SIZES["seq"] // 4] * 2)
+    advantages = trajectory_advantages(trajectories, normalise_std=False)
+    config = PPOConfig(lr=1e-5, micro_batch_tokens=SIZES["budget"], grad_clip=1.0)
+    outcomes = {}
+    saved_mode = fsdp_learner.ONE_RANK_MODE
+    try:
+        for mode in fsdp_learner.ONE_RANK_MODES:
+            fsdp_learner.ONE_RANK_MODE = mode
+            learner = fsdp_learner.FSDPLearner(copy.deepcopy(model), config, pad_token_id=0, temperature=1.0,
+                                               device=DEVICE)
+            packs = learner.prepare(trajectories, advantages)
+            learner.optimizer.zero_grad(set_to_none=True)
+            stats = learner.backward(packs)
+            grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).float().clone()
+                     for n, p in learner.model.named_parameters()}
+            norm = learner.optimizer_step()
+            updates = {n: w.float() - initial[n] for n, w in learner.full_state_dict().items()}
+            outcomes[mode] = (stats["loss"], norm, grads, updates)
+            free_parameters(learner.model, learner.optimizer)
+            del learner, packs
+    finally:
+        fsdp_learner.ONE_RANK_MODE = saved_mode
+    (pl, pn, pg, pu), (fl, fn, fg, fu) = outcomes["plain"], outcomes["fsdp"]
+
+    def global_rel(a, b):
+        return math.sqrt(sum((a[n] - b[n]).square().sum().item() for n in b) / sum(b[n].square().sum().item()
+                                                                                    for n in b))
+
+    checks["one_rank_plain_vs_fsdp"] = {
+        "loss": [pl, fl], "grad_norm": [pn, fn], "grad_rel_diff": global_rel(pg, fg),
+        "update_rel_diff": global_rel(pu, fu),
+        "worst_param_grad_rel_diff": max(((pg[n] - fg[n]).norm() / fg[n].norm()).item() for n in fg),
+    }
+    del model, outcomes
+
+
+def probe_kernels(checks: dict) -> None:
+    """What the device's torch offers beyond FA2 (reported only)."""
+    probe = {"torch": torch.__version__, "cudnn": torch.backends.cudnn.version()}
+    try:
+        from torch.nn import attention as nn_attention
+
+        probe["flash_attention_impls"] = list(nn_attention.list_flash_attention_impls()) \
+            if hasattr(nn_attention, "list_flash_attention_impls") else "no registry in this torch"
+    except Exception as error:  # noqa: BLE001
+        probe["flash_attention_impls"] = repr(error)
+    for module in ("flash_attn_interface", "flash_attn", "flash_attn.cute"):
+        try:
+            probe[module] = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            probe[module] = False
+    checks["kernels"] = probe
+
+
+def selfcheck(report: dict) -> None:
+    """Checks the CUDA paths against references on random data before timing anything (with fallbacks), and
+    the unwrapped one-rank learner against the FSDP-wrapped one."""
+    checks = report.setdefault("selfcheck", {})
+    parts = [check_one_rank_learner]
+    if DEVICE == "cuda":
+        parts = [probe_kernels, check_attention, check_lm_head] + parts
+    for part in parts:
+        try:
+            part(checks)
+        except Exception:  # noqa: BLE001
+            checks[part.__name__] = {"error": traceback.format_exc()[-1500:]}
+        gc.collect()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
     print("selfcheck:", json.dumps(checks, indent=1), flush=True)
 
 
 def measure(system: str, workload: str, args) -> list[dict]:
     sequences = workload_sequences(workload)
     lengths = [len(s) for s in sequences]
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     with contextlib.ExitStack() as stack:
         if system.startswith("hf"):
-            make_step = hf_system(compiled=system == "hf_compile", checkpointing=system == "hf_ckpt")
-            steps = [make_step(batch) for batch in hf_padded_microbatches(sequences, 16384)]
+            make_step, release = hf_system(compiled=system == "hf_compile", checkpointing=system == "hf_ckpt")
+            steps = [make_step(batch) for batch in hf_padded_microbatches(sequences, SIZES["budget"])]
             timed = {"lm_step": lambda: [s() for s in steps]}
+            extra = {}
         else:
             stack.enter_context(ours_variant(system))  # the variant holds while the steps run
-            timed = ours_system(compile_layers=system != "ours_ckpt",
-                                activation_checkpointing=system == "ours_ckpt")(sequences)
-            if system in ABLATIONS:
-                timed = {"update": timed["update"]}
-        return timed_results(system, workload, lengths, timed, args)
+            ablation = system in ABLATIONS
+            kinds = ["update"] if ablation else args.step_kinds
+            make_steps, release = ours_system(compile_layers=not args.no_compile,
+                                              activation_checkpointing=system == "ours_ckpt",
+                                              decoupled="ppo_step" in kinds, system=system)
+            timed = {kind: step for kind, step in make_steps(sequences).items() if kind in kinds}
+            extra = {"settings": settings(), "pack_kernels": pack_kernels(lengths)}
+        try:
+            return [row | extra for row in timed_results(system, workload, lengths, timed, args)]
+        finally:
+            release()
 
 
 def timed_results(system: str, workload: str, lengths: list[int], timed: dict, args) -> list[dict]:
     """Median step time of each of `timed`'s steps, as result rows (and a profile of (a)'s update step)."""
     results = []
     for kind, step in timed.items():
-        seconds = time_steps(step, args.warmup, args.steps)
+        counters: dict = {}
+        seconds = time_steps(step, args.warmup, args.steps, counters)
         tokens = sum(lengths)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else 0.0
         results.append({
             "system": system, "workload": workload, "step_kind": kind, "sequences": len(lengths),
             "tokens": tokens, "max_len": max(lengths), "seconds_per_step": seconds,
             "tokens_per_s": tokens / seconds, "mfu": step_flops(lengths) / seconds / PEAK_FLOPS,
-            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "peak_memory_gib": peak, "allocator_per_step": counters,
         })
-        print(f"{system:>10} {workload} {kind:>8}: {tokens / seconds:9.0f} tokens/s  MFU {results[-1]['mfu']:.3f}  "
-              f"peak {results[-1]['peak_memory_gib']:.1f} GiB", flush=True)
-        if args.profile and workload == "a" and system in ("ours", "hf_compile") and kind in ("update", "lm_step"):
+        print(f"{system:>19} {workload} {kind:>8}: {tokens / seconds:9.0f} tokens/s  MFU {results[-1]['mfu']:.3f}  "
+              f"peak {peak:.1f} GiB", flush=True)
+        if args.profile and (DEVICE == "cuda" or args.tiny) and workload == "a" and kind in ("update", "lm_step") \
+                and (not args.profile_systems or system in args.profile_systems):
             try:
-                results[-1]["profile"] = profile_step(step, f"{system}_{workload}_{kind}", Path(args.out).parent)
+                results[-1]["profile"] = profile_step(
+                    step, f"{system}_{workload}_{kind}", Path(args.out).parent, unprofiled_s=seconds,
+                    learner=getattr(step, "learner", None),
+                    save_trace=args.save_traces or system in ("ours", "hf_compile"))
             except Exception:  # noqa: BLE001
                 print("profiling failed:", traceback.format_exc()[-800:], flush=True)
     return results
 
 
+def jobs(args) -> list[tuple[str, str]]:
+    """(system, workload) pairs in the order they run: ours and hf_compile on (a) first (the comparison the
+    target is about), then ours on the other workloads, then the ablations, then everything else."""
+    pairs = []
+    for system in args.systems:
+        if system in ABLATIONS:
+            workloads = args.ablation_workloads
+        elif system.startswith("hf"):
+            workloads = args.hf_workloads
+        else:
+            workloads = args.workloads
+        pairs += [(system, w) for w in args.workloads if w in workloads]
+
+    def priority(pair):
+        system, workload = pair
+        if system in ("ours", "hf_compile") and workload == "a":
+            return 0
+        if system == "ours":
+            return 1
+        return 2 if system in ABLATIONS else 3
+
+    return sorted(pairs, key=priority)
+
+
 def main() -> None:
+    global DEVICE
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--systems", nargs="+", default=["ours", "hf_ckpt", "hf_compile"])
     parser.add_argument("--workloads", nargs="+", default=["a", "b"])
+    parser.add_argument("--hf-workloads", nargs="+", default=["a"],
+                        help="workloads of the hf systems (hf_compile's compilation for (b) takes minutes)")
+    parser.add_argument("--ablation-workloads", nargs="+", default=["a"])
+    parser.add_argument("--step-kinds", nargs="+", default=["update", "ppo_step"], choices=["update", "ppo_step"],
+                        help="what `ours` measures (the ablations measure the update only)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/bench_training.json")
-    parser.add_argument("--profile", action="store_true", help="profile one (a) step of ours and hf_compile")
-    parser.add_argument("--selfcheck", action="store_true", help="check the new CUDA paths first")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one (a) step of each system: kernel time, GPU idle time, the largest idle gaps")
+    parser.add_argument("--gaps", action="store_true", help="the gap report (implies --profile)")
+    parser.add_argument("--profile-systems", nargs="*", default=None,
+                        help="profile only these systems (default: all on (a))")
+    parser.add_argument("--save-traces", action="store_true",
+                        help="keep every profiled system's gzipped chrome trace (default: ours and hf_compile)")
+    parser.add_argument("--alloc-conf", default=None,
+                        help="PYTORCH_CUDA_ALLOC_CONF for the whole run (e.g. expandable_segments:True), set "
+                             "before CUDA starts")
+    parser.add_argument("--selfcheck", action="store_true", help="check the CUDA paths and the one-rank learner first")
     parser.add_argument("--budget-s", type=float, default=0.0,
                         help="skip measurements that would start after this many seconds (0: no limit)")
+    parser.add_argument("--tiny", action="store_true", help="a tiny shape and workloads: a smoke test of the script")
+    parser.add_argument("--device", default=DEVICE, choices=["cuda", "cpu"])
+    parser.add_argument("--no-compile", action="store_true", help="our decoder layers eager (default with --tiny)")
     args = parser.parse_args()
+    DEVICE = args.device
+    args.profile = args.profile or args.gaps
+    if args.alloc_conf is not None:
+        if DEVICE == "cuda" and torch.cuda.is_initialized():
+            raise SystemExit("--alloc-conf: CUDA is already initialised")
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = args.alloc_conf
+        if DEVICE == "cuda":  # in case the allocator's configuration was read at import already
+            torch.cuda.memory._set_allocator_settings(args.alloc_conf)
+    if args.tiny:
+        SHAPE.update(TINY_SHAPE)
+        SIZES.update(TINY_SIZES)
+        args.no_compile = True
     started = time.perf_counter()
     try:  # the ablations rebuild the learner; keep its recompilations compiled
         torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
     except AttributeError:
         pass
-    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": SHAPE,
-              "parameters": parameter_count(), "peak_flops": PEAK_FLOPS, "results": []}
+    report = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__,
+              "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
+              "shape": SHAPE, "sizes": SIZES, "parameters": parameter_count(), "peak_flops": PEAK_FLOPS,
+              "results": []}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.selfcheck:
         selfcheck(report)
+        report["selfcheck_s"] = time.perf_counter() - started
         out.write_text(json.dumps(report, indent=2))
-    from areal_async.model import decoder
+    report["settings"] = settings()  # after the selfcheck's fallbacks, if any
+    for system, workload in jobs(args):
+        if args.budget_s and time.perf_counter() - started > args.budget_s:
+            report["results"].append({"system": system, "workload": workload, "error": "skipped: time budget"})
+            print(f"{system} {workload}: skipped (time budget)", flush=True)
+            continue
+        job_started = time.perf_counter()
+        try:
+            report["results"] += measure(system, workload, args)
+        except torch.OutOfMemoryError as error:
+            report["results"].append({"system": system, "workload": workload, "error": f"OOM: {error}"[:300]})
+            print(f"{system} {workload}: out of memory", flush=True)
+        except Exception:  # noqa: BLE001 -- one failing system must not lose the others' figures
+            error = traceback.format_exc()[-2000:]
+            report["results"].append({"system": system, "workload": workload, "error": error})
+            print(f"{system} {workload}: failed\n{error}", flush=True)
+            if system == "ours" and settings()["packed_attention"] in ("auto", "cudnn"):
+                # The main figure must not be lost to the new attention path: once more with varlen flash.
+                from areal_async.model import decoder
 
-    report["packed_attention"] = decoder.PACKED_ATTENTION
-    for system in args.systems:
-        for workload in (["a"] if system in ABLATIONS else args.workloads):
-            if args.budget_s and time.perf_counter() - started > args.budget_s:
-                report["results"].append({"system": system, "workload": workload, "error": "skipped: time budget"})
-                print(f"{system} {workload}: skipped (time budget)", flush=True)
-                continue
-            try:
-                report["results"] += measure(system, workload, args)
-            except torch.OutOfMemoryError as error:
-                report["results"].append({"system": system, "workload": workload, "error": f"OOM: {error}"[:300]})
-                print(f"{system} {workload}: out of memory", flush=True)
-            except Exception:  # noqa: BLE001 -- one failing system must not lose the others' figures
-                report["results"].append({"system": system, "workload": workload,
-                                          "error": traceback.format_exc()[-2000:]})
-                print(f"{system} {workload}: failed\n{traceback.format_exc()[-2000:]}", flush=True)
-            report["elapsed_s"] = time.perf_counter() - started
-            out.write_text(json.dumps(report, indent=2))  # after every measurement: a timeout keeps the rest
-            gc.collect()
+                decoder.PACKED_ATTENTION = "flash"
+                report["fallback"] = f"ours {workload} failed with cuDNN attention allowed; PACKED_ATTENTION=flash"
+                print(report["fallback"], flush=True)
+                try:
+                    report["results"] += measure(system, workload, args)
+                except Exception:  # noqa: BLE001
+                    report["results"].append({"system": system, "workload": workload,
+                                              "error": traceback.format_exc()[-2000:]})
+        report["results"][-1]["job_s"] = time.perf_counter() - job_started
+        report["elapsed_s"] = time.perf_counter() - started
+        out.write_text(json.dumps(report, indent=2))  # after every measurement: a timeout keeps the rest
+        gc.collect()
+        if DEVICE == "cuda":
             torch.cuda.empty_cache()
-    print(f"\n{'system':>18} {'load':>4} {'step':>8} {'tokens/s':>9} {'MFU':>6} {'peak GiB':>8}")
+    print(f"\n{'system':>19} {'load':>4} {'step':>8} {'tokens/s':>9} {'MFU':>6} {'peak GiB':>8}")
     for r in report["results"]:
         if "error" not in r:
-            print(f"{r['system']:>18} {r['workload']:>4} {r['step_kind']:>8} {r['tokens_per_s']:9.0f} {r['mfu']:6.3f} "
+            print(f"{r['system']:>19} {r['workload']:>4} {r['step_kind']:>8} {r['tokens_per_s']:9.0f} {r['mfu']:6.3f} "
                   f"{r['peak_memory_gib']:8.1f}")
     print(f"written to {out} after {time.perf_counter() - started:.0f} s")
 

@@ -8,30 +8,47 @@ Every rank trains on its own share of the step's trajectories:
   gradients over the ranks, so the M-rank gradient equals the one-rank gradient of the same batch;
 - every rank runs the same number of forward/backward passes (FSDP's all-gathers and reduce-scatters are
   collective): a rank with fewer packs runs empty placeholder packs that carry no trained token.
+
+A one-rank group has nothing to shard: by default (ONE_RANK_MODE "plain") it trains the module itself, whose
+fp32 parameters are the master weights, with fp32 gradients and, on CUDA, bf16 compute under autocast.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
-from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.checkpoint import checkpoint
 
 from areal_async.config import PPOConfig
 from areal_async.model import CausalLM
 from areal_async.packing import PackedBatch, balance_across_ranks, split_into_packs
 from areal_async.types import Trajectory
-from learners.ppo_learner import PPOLearner, build_optimizer, trajectory_advantages
+from learners.ppo_learner import PPOLearner, build_lr_scheduler, build_optimizer, read_stats, trajectory_advantages
 
 MAX_STAT = "behaviour_weight_max"  # the one PPOLearner.backward stat that combines over ranks by max, not sum
+
+# How a one-rank learner group trains: "plain" trains the module itself (no FSDP; fp32 parameters and
+# gradients, bf16 compute under autocast on CUDA); "fsdp" wraps it with FSDP2 on a one-rank mesh, as on several
+# ranks (fp32 sharded parameters, bf16 gathered copies for compute, fp32 gradient reduction).
+ONE_RANK_MODES = ("plain", "fsdp")
+ONE_RANK_MODE = os.environ.get("AREAL_ONE_RANK_MODE", "plain")
+# With the fused (CUDA) AdamW of the plain one-rank path, the clipping factor goes into the optimizer kernel
+# (as its grad_scale divisor) instead of a pass of its own over the gradients. "0" scales in a pass.
+FUSED_CLIP = os.environ.get("AREAL_FUSED_CLIP", "1") == "1"
+# Host reads of a step kept off the device's critical path: a one-rank group reduces nothing (no collective,
+# no device round trip), and `update` reads the step's stats and gradient norm once, after the optimizer step
+# is queued, instead of draining the device between backward and the optimizer. False: as before (the
+# benchmark's ablation).
+DEFER_READS = os.environ.get("AREAL_DEFER_READS", "1") == "1"
 
 
 @dataclass
@@ -52,13 +69,6 @@ def split_step_across_ranks(trajectories: Sequence[Trajectory], num_ranks: int, 
         RankShare([trajectories[i] for i in indices], [advantages[i] for i in indices])
         for indices in balance_across_ranks([t.num_tokens for t in trajectories], num_ranks)
     ]
-
-
-def warmup_factor(step: int, warmup_steps: int) -> float:
-    """Learning-rate multiplier of optimizer step `step` (0-based): linear warm-up over `warmup_steps`, then 1."""
-    if warmup_steps <= 0:
-        return 1.0
-    return min(1.0, (step + 1) / warmup_steps)
 
 
 def mixed_precision_policy(device_type: str) -> MixedPrecisionPolicy:
@@ -119,6 +129,24 @@ def shard_policy(
     return model
 
 
+def plain_autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The compute dtype of the plain one-rank path: bf16 on CUDA (as FSDP's mixed-precision policy there),
+    none elsewhere (fp32 throughout, as FSDP's CPU policy)."""
+    return torch.bfloat16 if device_type == "cuda" else None
+
+
+def plain_policy(model: CausalLM, activation_checkpointing: bool = False, compile_layers: bool = False) -> CausalLM:
+    """`shard_policy` without FSDP, for a one-rank group: fp32 parameters (the master weights the optimizer
+    updates), each DecoderLayer compiled and/or checkpointed in place as there. Returns the same object."""
+    model.to(torch.float32)
+    for layer in model.model.layers:
+        if compile_layers:
+            layer.compile()
+        if activation_checkpointing:
+            checkpoint_activations(layer)
+    return model
+
+
 def reshard_all(model: torch.nn.Module) -> None:
     """Reshard every FSDP unit of `model` (a no-op for units already sharded)."""
     for module in model.modules():
@@ -126,9 +154,18 @@ def reshard_all(model: torch.nn.Module) -> None:
             module.reshard()
 
 
-def clip_gradients_(parameters: Sequence[torch.nn.Parameter], max_norm: float, device: torch.device) -> torch.Tensor:
+def clip_coefficient(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """What clipping multiplies the gradients by, given their global norm: min(1, max_norm / (norm + 1e-6))."""
+    return (max_norm / (norm + 1e-6)).clamp(max=1.0)
+
+
+def clip_gradients_(
+    parameters: Sequence[torch.nn.Parameter], max_norm: float, device: torch.device,
+    group: dist.ProcessGroup | None = None, scale: bool = True,
+) -> torch.Tensor:
     """Clips the gradients of `parameters` (sharded or not) in place by their global L2 norm over all ranks and
-    returns that norm (before clipping), the same on every rank.
+    returns that norm (before clipping), the same on every rank. scale=False only computes the norm (the
+    caller applies `clip_coefficient` itself).
 
     Works on the local shards: one multi-tensor norm, one all-reduce of the squared norm (with more than one
     rank), one multi-tensor scale. clip_grad_norm_ over DTensors computes the same but dispatches each
@@ -139,18 +176,23 @@ def clip_gradients_(parameters: Sequence[torch.nn.Parameter], max_norm: float, d
         squared = torch.stack([n.float() for n in torch._foreach_norm(grads, 2.0)]).square().sum()
     else:
         squared = torch.zeros((), dtype=torch.float32, device=device)
-    if dist.get_world_size() > 1:
-        dist.all_reduce(squared, op=dist.ReduceOp.SUM)
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(squared, op=dist.ReduceOp.SUM, group=group)
     norm = squared.sqrt()
-    if grads:
-        torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
+    if grads and scale:
+        torch._foreach_mul_(grads, clip_coefficient(norm, max_norm))
     return norm
 
 
-def all_reduce_floats(values: Sequence[float], op: dist.ReduceOp, device: torch.device) -> list[float]:
-    """All-reduce a list of Python floats (same length on every rank) in fp64 on `device`."""
+def all_reduce_floats(
+    values: Sequence[float], op: dist.ReduceOp, device: torch.device, group: dist.ProcessGroup | None = None
+) -> list[float]:
+    """All-reduce a list of Python floats (same length on every rank of `group`) in fp64 on `device`. A
+    one-rank group returns them as they are (the same floats: each is exact in fp64), without a collective."""
+    if DEFER_READS and dist.get_world_size(group) == 1:
+        return [float(value) for value in values]
     tensor = torch.tensor(list(values), dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=op)
+    dist.all_reduce(tensor, op=op, group=group)
     return tensor.tolist()
 
 
@@ -163,10 +205,12 @@ def placeholder_trajectory(pad_token_id: int) -> Trajectory:
 
 class FSDPLearner:
     """One learner rank. Composes a `PPOLearner` (objective, packing, logprob recomputation) whose policy (and
-    frozen reference, if any) is sharded with FSDP2 over all ranks of the default process group.
+    frozen reference, if any) is sharded with FSDP2 over the ranks of `group` (on a one-rank group, see
+    ONE_RANK_MODE: by default not wrapped at all).
 
     Construct on every rank with the same initial `model` (on GPU: after torch.cuda.set_device(local rank),
-    with `device` that GPU). `warmup_steps`: optimizer updates of linear learning-rate warm-up (0 = none).
+    with `device` that GPU). `group`: the learner ranks' process group (default: the whole world); the
+    world may hold other processes too, such as rollout workers that only share the weight-sync group.
     """
 
     def __init__(
@@ -177,20 +221,33 @@ class FSDPLearner:
         temperature: float,
         device: str | torch.device = "cpu",
         version: int = 0,
-        warmup_steps: int = 0,
         activation_checkpointing: bool = False,
         compile_layers: bool = False,
+        group: dist.ProcessGroup | None = None,
     ) -> None:
         self.ppo = PPOLearner(model, config, pad_token_id, temperature, device, version)
-        self.mesh = init_device_mesh(self.ppo.device.type, (dist.get_world_size(),))
-        shard_policy(self.ppo.model, self.mesh, activation_checkpointing, compile_layers)
-        if self.ppo.reference is not None:
-            shard_policy(self.ppo.reference, self.mesh)
+        self.group = group if group is not None else dist.group.WORLD
+        self.mesh = DeviceMesh.from_group(self.group, self.ppo.device.type)
+        if ONE_RANK_MODE not in ONE_RANK_MODES:
+            raise ValueError(f"ONE_RANK_MODE must be one of {ONE_RANK_MODES}, got {ONE_RANK_MODE!r}")
+        self.sharded = dist.get_world_size(self.group) > 1 or ONE_RANK_MODE == "fsdp"
+        if self.sharded:
+            shard_policy(self.ppo.model, self.mesh, activation_checkpointing, compile_layers)
+            if self.ppo.reference is not None:
+                shard_policy(self.ppo.reference, self.mesh)
+        else:
+            # The fp32 parameters stay the module's own (checkpoints and published weights see them as
+            # they are); the forward passes run under autocast, which casts each weight for its matmul.
+            plain_policy(self.ppo.model, activation_checkpointing, compile_layers)
+            self.ppo.autocast_dtype = plain_autocast_dtype(self.ppo.device.type)
+            if self.ppo.reference is not None:  # frozen: kept in the compute dtype, as FSDP would compute it
+                self.ppo.reference.to(self.ppo.autocast_dtype or torch.float32)
         # PPOLearner's optimizer holds the unsharded parameters that fully_shard replaced: rebuild it over
         # the sharded ones.
         self.optimizer = build_optimizer(self.ppo.model.parameters(), config)
         self.ppo.optimizer = self.optimizer
-        self.scheduler = LambdaLR(self.optimizer, functools.partial(warmup_factor, warmup_steps=warmup_steps))
+        self.scheduler = build_lr_scheduler(self.optimizer, config.lr_warmup_steps)
+        self.ppo.scheduler = self.scheduler
 
     @property
     def model(self) -> CausalLM:
@@ -207,6 +264,8 @@ class FSDPLearner:
     def _reshard_roots(self) -> None:
         """The roots (and, on one rank, the layers) keep their parameters gathered after a forward without
         backward: shard them again so that parameters() are the sharded ones outside a step."""
+        if not self.sharded:
+            return
         reshard_all(self.ppo.model)
         if self.ppo.reference is not None:
             reshard_all(self.ppo.reference)
@@ -220,7 +279,7 @@ class FSDPLearner:
         """
         budget = self.config.micro_batch_tokens
         packs = split_into_packs([t.num_tokens for t in trajectories], budget)
-        (num_packs,) = all_reduce_floats([len(packs)], dist.ReduceOp.MAX, self.ppo.device)
+        (num_packs,) = all_reduce_floats([len(packs)], dist.ReduceOp.MAX, self.ppo.device, self.group)
         placeholder = ([placeholder_trajectory(self.ppo.pad_token_id)], [0.0])
         micro_batches = []
         for index in range(int(num_packs)):
@@ -233,26 +292,74 @@ class FSDPLearner:
         self._reshard_roots()
         return micro_batches
 
-    def backward(self, micro_batches: Sequence[PackedBatch]) -> dict[str, float]:
+    def backward(self, micro_batches: Sequence[PackedBatch], read: bool = True) -> dict[str, float]:
         """Accumulates this rank's part of the gradient of the global token-mean loss; FSDP sums the parts
-        over the ranks. Returns the step's stats over all ranks (token means; behaviour_weight_max: max)."""
+        over the ranks. Returns the step's stats over all ranks (token means; behaviour_weight_max: max);
+        read=False: as 0-d fp64 device tensors, reduced over the ranks on the device, not yet read (see
+        `read_stats`)."""
         device = self.ppo.device
         local_tokens = sum(b.num_output_tokens for b in micro_batches)
-        (global_tokens,) = all_reduce_floats([local_tokens], dist.ReduceOp.SUM, device)
-        stats = self.ppo.backward(micro_batches, total_output_tokens=int(global_tokens))
+        (global_tokens,) = all_reduce_floats([local_tokens], dist.ReduceOp.SUM, device, self.group)
+        if read and not DEFER_READS:  # as before: read, then reduce the floats
+            stats = self.ppo.backward(micro_batches, total_output_tokens=int(global_tokens))
+            summed = sorted(name for name in stats if name != MAX_STAT)
+            reduced = dict(zip(summed, all_reduce_floats([stats[name] for name in summed], dist.ReduceOp.SUM,
+                                                         device, self.group)))
+            if MAX_STAT in stats:
+                (reduced[MAX_STAT],) = all_reduce_floats([stats[MAX_STAT]], dist.ReduceOp.MAX, device, self.group)
+            return reduced
+        # The same fp64 values reduced on the device by the same collectives (none on one rank), unread.
+        stats = self.ppo.backward(micro_batches, total_output_tokens=int(global_tokens), read=False)
         summed = sorted(name for name in stats if name != MAX_STAT)
-        reduced = dict(zip(summed, all_reduce_floats([stats[name] for name in summed], dist.ReduceOp.SUM, device)))
+        reduced: dict[str, torch.Tensor] = {}
+        if summed:
+            values = torch.stack([stats[name] for name in summed])
+            if dist.get_world_size(self.group) > 1:
+                dist.all_reduce(values, op=dist.ReduceOp.SUM, group=self.group)
+            reduced = dict(zip(summed, values.unbind()))
         if MAX_STAT in stats:
-            (reduced[MAX_STAT],) = all_reduce_floats([stats[MAX_STAT]], dist.ReduceOp.MAX, device)
-        return reduced
+            value = stats[MAX_STAT].reshape(1)
+            if dist.get_world_size(self.group) > 1:
+                dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.group)
+            reduced[MAX_STAT] = value[0]
+        return read_stats(reduced) if read else reduced
 
-    def optimizer_step(self) -> float:
+    def optimizer_step(self, read: bool = True) -> float | torch.Tensor:
         """Clips the gradient by its global norm (over all shards), steps AdamW and the learning-rate schedule.
-        Returns the norm before clipping."""
-        norm = clip_gradients_(list(self.model.parameters()), self.config.grad_clip, self.ppo.device)
-        self.optimizer.step()
+        Returns the norm before clipping (read=False: as a 0-d device tensor, not yet read)."""
+        clip = self.config.grad_clip
+        fold = FUSED_CLIP and not self.sharded and bool(self.optimizer.defaults.get("fused"))
+        norm = clip_gradients_(list(self.model.parameters()), clip, self.ppo.device, self.group, scale=not fold)
+        if fold:
+            # The fused kernel divides every gradient by grad_scale (the input GradScaler unscales through):
+            # dividing by 1 / coefficient clips inside the update, saving a read and write of every gradient.
+            self.optimizer.grad_scale = clip_coefficient(norm, clip).reciprocal()
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.grad_scale
+        else:
+            self.optimizer.step()
         self.scheduler.step()
-        return float(norm)
+        return float(norm) if read else norm
+
+    def update(self, micro_batches: Sequence[PackedBatch]) -> dict[str, float]:
+        """One optimizer update on `micro_batches` (every rank calls it together): zeroes the gradients,
+        accumulates them (`backward`), clips and steps (`optimizer_step`). Returns the stats over all ranks
+        with the learning rate this update used and the gradient norm before clipping, read from the device
+        once, after the optimizer step is queued (with DEFER_READS)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if not DEFER_READS:
+            stats = self.backward(micro_batches)
+            stats["lr"] = self.scheduler.get_last_lr()[0]
+            stats["grad_norm"] = self.optimizer_step()
+            return stats
+        unread = self.backward(micro_batches, read=False)
+        lr = self.scheduler.get_last_lr()[0]  # the rate this update uses
+        unread["grad_norm"] = self.optimizer_step(read=False)
+        stats = read_stats(unread)
+        grad_norm = stats.pop("grad_norm")
+        return stats | {"lr": lr, "grad_norm": grad_norm}
 
     def train_step(self, trajectories: Sequence[Trajectory], advantages: Sequence[float]) -> dict[str, float]:
         """One training step (minibatches_per_step optimizer updates) over this rank's share; every rank calls
@@ -262,26 +369,24 @@ class FSDPLearner:
         parts = np.array_split(np.arange(len(micro_batches)), num_parts)
         stats: dict[str, float] = {}
         for part in parts:
-            self.optimizer.zero_grad(set_to_none=True)
-            part_stats = self.backward([micro_batches[i] for i in part])
-            part_stats["lr"] = self.scheduler.get_last_lr()[0]  # the rate this update uses
-            part_stats["grad_norm"] = self.optimizer_step()
+            part_stats = self.update([micro_batches[i] for i in part])
             for name, value in part_stats.items():
                 previous = stats.get(name, 0.0)
                 stats[name] = max(previous, value) if name == MAX_STAT else previous + value / len(parts)
         self.ppo.version += 1
         (stats["trained_tokens"],) = all_reduce_floats(  # prompt + output, placeholders excluded
-            [sum(t.num_tokens for t in trajectories)], dist.ReduceOp.SUM, self.ppo.device
+            [sum(t.num_tokens for t in trajectories)], dist.ReduceOp.SUM, self.ppo.device, self.group
         )
         return stats
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The full policy weights, named as the model's parameters, on rank 0 (an empty dict elsewhere): what
         the weight publisher and the HF export need. A collective: every rank must call it."""
-        rank = dist.get_rank()
+        rank = dist.get_rank(self.group)
         state = {}
         for name, param in self.model.named_parameters():
-            full = param.full_tensor()  # all-gathers one parameter at a time, so the peak is one full tensor
+            # all-gathers one parameter at a time, so the peak is one full tensor (unsharded: the parameter)
+            full = param.full_tensor() if isinstance(param, DTensor) else param
             if rank == 0:
                 state[name] = full.detach()
         return state

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 from collections import defaultdict
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 
+from areal_async.checkpointing import load_learner_state, save_learner_state
 from areal_async.config import Objective, PPOConfig
 from areal_async.model import CausalLM, packed_sequence_logprobs
 from areal_async.objective import decoupled_ppo_loss, group_advantages, kl_penalty
@@ -29,6 +34,14 @@ def trajectory_advantages(trajectories: Sequence[Trajectory], normalise_std: boo
     return advantages
 
 
+def read_stats(stats: dict[str, torch.Tensor]) -> dict[str, float]:
+    """0-d tensors (one device) -> Python floats, in one host read (exact: each value goes through fp64)."""
+    if not stats:
+        return {}
+    names = list(stats)
+    return dict(zip(names, torch.stack([stats[name].to(torch.float64) for name in names]).tolist()))
+
+
 def build_optimizer(params, config: PPOConfig) -> torch.optim.AdamW:
     """AdamW with the config's hyperparameters (fused kernels on CUDA)."""
     params = list(params)
@@ -37,6 +50,18 @@ def build_optimizer(params, config: PPOConfig) -> torch.optim.AdamW:
         params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay,
         fused=fused or None,
     )
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """Learning-rate multiplier of optimizer step `step` (0-based): linear warm-up over `warmup_steps`, then 1."""
+    if warmup_steps <= 0:
+        return 1.0
+    return min(1.0, (step + 1) / warmup_steps)
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int) -> LambdaLR:
+    """Linear warm-up over `warmup_steps` optimizer updates, then the constant configured rate."""
+    return LambdaLR(optimizer, functools.partial(warmup_factor, warmup_steps=warmup_steps))
 
 
 class PPOLearner:
@@ -58,9 +83,26 @@ class PPOLearner:
         self.device = torch.device(device)
         self.version = version
         self.optimizer = build_optimizer(self.model.parameters(), config)
+        self.scheduler = build_lr_scheduler(self.optimizer, config.lr_warmup_steps)
         self.reference = None
         if config.kl_coef > 0:
             self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+        # The dtype the forward passes autocast to (None: no autocast, the parameters' dtype). A plain
+        # one-rank FSDPLearner on CUDA sets bf16 for its fp32 parameters.
+        self.autocast_dtype: torch.dtype | None = None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The context the policy's (and reference's) forward passes run in; backward runs outside it."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def save_state(self, staging: Path) -> None:
+        """Policy, optimizer and learning-rate schedule into a run checkpoint's staging folder."""
+        save_learner_state(staging, self)
+
+    def load_state(self, path: Path) -> None:
+        load_learner_state(path, self)
 
     def policy_state(self) -> dict[str, torch.Tensor]:
         """The weights to publish to the actors (named as the model's parameters)."""
@@ -78,7 +120,8 @@ class PPOLearner:
 
     @torch.no_grad()
     def _logprobs(self, model: CausalLM, batch: PackedBatch) -> torch.Tensor:
-        return packed_sequence_logprobs(model, batch.to(self.device), self.temperature)
+        with self.autocast():
+            return packed_sequence_logprobs(model, batch.to(self.device), self.temperature)
 
     def prepare(
         self, trajectories: Sequence[Trajectory], advantages: Sequence[float] | None = None
@@ -109,7 +152,8 @@ class PPOLearner:
         return micro_batches
 
     def backward(
-        self, micro_batches: Sequence[PackedBatch], loss_scale: float = 1.0, total_output_tokens: int | None = None
+        self, micro_batches: Sequence[PackedBatch], loss_scale: float = 1.0, total_output_tokens: int | None = None,
+        read: bool = True,
     ) -> dict[str, float]:
         """Accumulates `loss_scale` x the gradient of the token-mean loss over all `micro_batches`: each pack's
         token-mean loss is weighted by its share of the output tokens, so the gradient does not depend on how
@@ -119,7 +163,8 @@ class PPOLearner:
         Data-parallel ranks pass the all-reduced global count; the sum of their gradients is then the
         one-rank gradient of the whole batch (a reduction that averages over M ranks needs loss_scale=M).
         The returned stats are weighted the same way, so with a global count they too sum over ranks
-        (behaviour_weight_max: take the max); they do not include loss_scale.
+        (behaviour_weight_max: take the max); they do not include loss_scale. read=False returns them as 0-d
+        fp64 tensors on the device instead (no host read: the caller reads them later, with `read_stats`).
         """
         config = self.config
         if total_output_tokens is None:
@@ -139,7 +184,8 @@ class PPOLearner:
             share = pack.num_output_tokens / max(1, total_output_tokens)
             batch = pack.to(self.device)
             mask = batch.output_mask
-            logprobs = packed_sequence_logprobs(self.model, batch, self.temperature)
+            with self.autocast():
+                logprobs = packed_sequence_logprobs(self.model, batch, self.temperature)
             loss, loss_stats = decoupled_ppo_loss(
                 logprobs,
                 batch.values["proximal_logprobs"],
@@ -158,10 +204,7 @@ class PPOLearner:
             add("loss", loss, share)
             for name, value in loss_stats.items():
                 add(name, value, share)
-        if not stats:
-            return {}
-        names = list(stats)
-        return dict(zip(names, torch.stack([stats[name] for name in names]).tolist()))
+        return read_stats(stats) if read else stats
 
     def train_step(self, trajectories: Sequence[Trajectory]) -> dict[str, float]:
         """One training step over whole groups (minibatches_per_step optimizer updates): produces version + 1."""
@@ -174,7 +217,9 @@ class PPOLearner:
                 stats[name] = max(stats[name], value) if name == "behaviour_weight_max" else stats[name] + value / len(parts)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
             stats["grad_norm"] += float(grad_norm) / len(parts)
+            stats["lr"] += self.scheduler.get_last_lr()[0] / len(parts)  # the rate this update uses
             self.optimizer.step()
+            self.scheduler.step()
         self.version += 1
         stats["trained_tokens"] = float(sum(b.num_tokens for b in micro_batches))  # prompt + output
         return dict(stats)

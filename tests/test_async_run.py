@@ -16,7 +16,8 @@ ray = pytest.importorskip("ray")
 def async_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("async")
     config = compose_config("train", [
-        "cluster.placement=ray", "cluster.num_rollout_workers=2", "rollout.max_staleness=2",
+        "cluster.placement=ray", "cluster.num_rollout_workers=2", "cluster.num_learner_ranks=2",
+        "cluster.cpus_per_learner_rank=0.5", "cluster.cpus_per_rollout_worker=0.5", "rollout.max_staleness=2",
         "rollout.groups_per_step=4", "rollout.groups_per_request=4", "rollout.num_queue_shards=2",
         "total_steps=8", "data.num_heldout=16", "eval.num_samples=2", "reward.num_workers=1",
         "generation.max_new_tokens=12", f"output_dir={out}", "run_name=eta2",

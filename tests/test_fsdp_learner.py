@@ -23,7 +23,9 @@ from areal_async.model import CausalLM, DecoderConfig
 from areal_async.packing import split_into_packs
 from areal_async.types import Trajectory
 from conftest import TINY
-from learners.fsdp_learner import FSDPLearner, RankShare, split_step_across_ranks, warmup_factor
+from learners import fsdp_learner
+from learners.fsdp_learner import FSDPLearner, RankShare, split_step_across_ranks
+from learners.ppo_learner import warmup_factor
 from learners.ppo_learner import PPOLearner, trajectory_advantages
 
 WORLD = 2
@@ -80,10 +82,17 @@ def one_rank_step(learner: PPOLearner, trajectories: list[Trajectory]) -> dict:
     return {"stats": stats, "gradients": gradients, "weights": weights}
 
 
+def full_gradient(param: torch.nn.Parameter) -> torch.Tensor:
+    """The whole gradient of a parameter, sharded (a DTensor: gathered) or not."""
+    from torch.distributed.tensor import DTensor
+
+    return param.grad.full_tensor() if isinstance(param.grad, DTensor) else param.grad
+
+
 def sharded_step(learner: FSDPLearner, share: RankShare) -> dict:
     """The same after one sharded train_step; every rank calls it, the full weights are on rank 0 only."""
     stats = learner.train_step(share.trajectories, share.advantages)
-    gradients = {n: p.grad.full_tensor().numpy().copy() for n, p in learner.model.named_parameters()}
+    gradients = {n: full_gradient(p).numpy().copy() for n, p in learner.model.named_parameters()}
     weights = {n: t.numpy().copy() for n, t in learner.full_state_dict().items()}
     return {"stats": stats, "gradients": gradients, "weights": weights}
 
@@ -247,10 +256,12 @@ def gradient_and_mlp_calls(model: CausalLM, trajectories, activation_checkpointi
     mlp_forward = mlp.forward
     mlp.forward = lambda x: calls.append(1) or mlp_forward(x)  # counts recomputations too, unlike a module hook
     learner.backward(micro_batches)
-    return {n: p.grad.full_tensor().numpy() for n, p in learner.model.named_parameters()}, len(calls)
+    return {n: full_gradient(p).numpy() for n, p in learner.model.named_parameters()}, len(calls)
 
 
-def test_activation_checkpointing_keeps_the_gradient(one_rank_group, batch):
+@pytest.mark.parametrize("mode", fsdp_learner.ONE_RANK_MODES)
+def test_activation_checkpointing_keeps_the_gradient(one_rank_group, batch, monkeypatch, mode):
+    monkeypatch.setattr(fsdp_learner, "ONE_RANK_MODE", mode)
     model, trajectories = batch
     stored, stored_calls = gradient_and_mlp_calls(model, trajectories, activation_checkpointing=False)
     recomputed, recomputed_calls = gradient_and_mlp_calls(model, trajectories, activation_checkpointing=True)
@@ -259,17 +270,22 @@ def test_activation_checkpointing_keeps_the_gradient(one_rank_group, batch):
     assert gradient_diff < TOLERANCE
 
 
-def test_one_rank_step_matches_unsharded_learner(one_rank_group, batch, one_rank_runs):
-    """On one rank the layers keep their gathered parameters from forward to backward and the gradients take
-    FSDP's plain one-rank reduction: the step still equals PPOLearner's, and afterwards every parameter is
-    the sharded one again (also after a forward without backward)."""
+@pytest.mark.parametrize("mode", fsdp_learner.ONE_RANK_MODES)
+def test_one_rank_step_matches_unsharded_learner(one_rank_group, batch, one_rank_runs, monkeypatch, mode):
+    """On one rank, plain (no FSDP) or FSDP-wrapped (the layers keep their gathered parameters from forward to
+    backward and the gradients take FSDP's plain one-rank reduction): the step equals PPOLearner's. FSDP's
+    parameters are the sharded ones again after a step (also after a forward without backward); the plain
+    learner's stay the module's own fp32 tensors."""
     from torch.distributed.tensor import DTensor
 
+    monkeypatch.setattr(fsdp_learner, "ONE_RANK_MODE", mode)
     model, trajectories = batch
     config = configs()["balanced"]
     learner = FSDPLearner(copy.deepcopy(model), config, pad_token_id=0, temperature=1.0)
     learner.prepare(trajectories, trajectory_advantages(trajectories, config.normalise_advantage_std))
-    assert all(isinstance(p, DTensor) for p in learner.model.parameters())
+    sharded = mode == "fsdp"
+    assert learner.sharded == sharded
+    assert all(isinstance(p, DTensor) == sharded for p in learner.model.parameters())
     outcome = sharded_step(learner, RankShare(list(trajectories),
                                               trajectory_advantages(trajectories, config.normalise_advantage_std)))
     one = one_rank_runs["balanced"]
@@ -277,7 +293,88 @@ def test_one_rank_step_matches_unsharded_learner(one_rank_group, batch, one_rank
         assert outcome["stats"][stat] == pytest.approx(one["stats"][stat], rel=TOLERANCE), stat
     assert relative_diff(outcome["gradients"], one["gradients"]) < TOLERANCE
     assert relative_diff(outcome["weights"], one["weights"]) < TOLERANCE
-    assert all(isinstance(p, DTensor) for p in learner.model.parameters())
+    assert all(isinstance(p, DTensor) == sharded for p in learner.model.parameters())
+    assert all(p.dtype == torch.float32 for p in learner.model.parameters())
+
+
+def one_rank_learner_step(model: CausalLM, trajectories, config: PPOConfig, mode: str) -> dict:
+    learner = FSDPLearner(copy.deepcopy(model), config, pad_token_id=0, temperature=1.0)
+    assert learner.sharded == (mode == "fsdp")
+    return sharded_step(learner, RankShare(list(trajectories),
+                                           trajectory_advantages(trajectories, config.normalise_advantage_std)))
+
+
+@pytest.mark.parametrize("name", ["balanced", "tiny_budget", "idle_rank_with_kl"])
+def test_plain_one_rank_learner_equals_fsdp_one_rank_learner(one_rank_group, batch, monkeypatch, name):
+    """fp32 on CPU: the unwrapped one-rank learner's step (stats, clipped gradient, updated weights) equals the
+    FSDP-wrapped one's to 1e-6, with several packs (gradients accumulated over packs) and a KL reference."""
+    model, trajectories = batch
+    config = configs()[name]
+    outcomes = {}
+    for mode in fsdp_learner.ONE_RANK_MODES:
+        monkeypatch.setattr(fsdp_learner, "ONE_RANK_MODE", mode)
+        outcomes[mode] = one_rank_learner_step(model, trajectories, config, mode)
+    plain, fsdp = outcomes["plain"], outcomes["fsdp"]
+    for stat, value in fsdp["stats"].items():
+        assert plain["stats"][stat] == pytest.approx(value, rel=1e-6, abs=1e-9), stat
+    assert relative_diff(plain["gradients"], fsdp["gradients"]) < 1e-6
+    assert relative_diff(plain["weights"], fsdp["weights"]) < 1e-6
+
+
+def test_clipping_folded_into_fused_adamw_equals_a_clipping_pass(one_rank_group, batch, monkeypatch):
+    """With a fused AdamW (CPU has one too) the plain learner clips through the optimizer's grad_scale; the
+    weights equal those of a separate clipping pass."""
+
+    def fused_optimizer(params, config):
+        return torch.optim.AdamW(list(params), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
+                                 weight_decay=config.weight_decay, fused=True)
+
+    monkeypatch.setattr(fsdp_learner, "build_optimizer", fused_optimizer)
+    model, trajectories = batch
+    config = configs()["tiny_budget"]  # its gradient norm is above grad_clip: clipping changes the update
+    outcomes = {}
+    for folded in (True, False):
+        monkeypatch.setattr(fsdp_learner, "FUSED_CLIP", folded)
+        outcomes[folded] = one_rank_learner_step(model, trajectories, config, "plain")
+    assert outcomes[True]["stats"]["grad_norm"] > config.grad_clip
+    assert outcomes[True]["stats"] == outcomes[False]["stats"]
+    assert relative_diff(outcomes[True]["weights"], outcomes[False]["weights"]) < 1e-6
+
+
+@pytest.mark.parametrize("mode", fsdp_learner.ONE_RANK_MODES)
+def test_deferred_reads_give_the_same_step(one_rank_group, batch, monkeypatch, mode):
+    """Reading the stats and gradient norm once after the optimizer step (and no one-rank collectives) gives
+    exactly the stats and weights of reading them before it, over several packs and a KL reference."""
+    monkeypatch.setattr(fsdp_learner, "ONE_RANK_MODE", mode)
+    model, trajectories = batch
+    config = configs()["idle_rank_with_kl"]
+    outcomes = {}
+    for deferred in (True, False):
+        monkeypatch.setattr(fsdp_learner, "DEFER_READS", deferred)
+        outcomes[deferred] = one_rank_learner_step(model, trajectories, config, mode)
+    assert outcomes[True]["stats"] == outcomes[False]["stats"]
+    assert list(outcomes[True]["stats"]) == list(outcomes[False]["stats"])
+    for name, weight in outcomes[False]["weights"].items():
+        assert np.array_equal(outcomes[True]["weights"][name], weight), name
+
+
+def test_plain_one_rank_learner_autocasts_with_fp32_master_weights(one_rank_group, batch, monkeypatch):
+    """The CUDA configuration of the plain learner (bf16 autocast over fp32 parameters), run on CPU: parameters
+    and gradients stay fp32, the frozen reference is kept in bf16, and the step is the fp32 step to bf16
+    rounding."""
+    model, trajectories = batch
+    config = configs()["idle_rank_with_kl"]
+    fp32 = one_rank_learner_step(model, trajectories, config, "plain")
+    monkeypatch.setattr(fsdp_learner, "plain_autocast_dtype", lambda device_type: torch.bfloat16)
+    learner = FSDPLearner(copy.deepcopy(model), config, pad_token_id=0, temperature=1.0)
+    assert learner.ppo.autocast_dtype == torch.bfloat16
+    assert all(p.dtype == torch.bfloat16 for p in learner.ppo.reference.parameters())
+    bf16 = sharded_step(learner, RankShare(list(trajectories), trajectory_advantages(trajectories, False)))
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in learner.model.parameters())
+    assert bf16["stats"]["loss"] == pytest.approx(fp32["stats"]["loss"], rel=0.05, abs=1e-3)
+    gradient_diff = relative_diff(bf16["gradients"], fp32["gradients"])
+    assert 0 < gradient_diff < 0.1, gradient_diff
+    assert bf16["gradients"].keys() == fp32["gradients"].keys()
 
 
 def test_warmup_factor_is_linear_then_constant():

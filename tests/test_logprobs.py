@@ -69,3 +69,45 @@ def test_bf16_gradients_keep_the_parameter_dtype():
     assert out.dtype == torch.float32
     out.sum().backward()
     assert hidden.grad.dtype == weight.grad.dtype == torch.bfloat16
+
+
+def test_kept_low_precision_logits_give_the_recomputed_gradients(monkeypatch):
+    """bf16 logits kept from forward (KEEP_LOGITS_GIB > 0) give the same logprobs and gradients as logits formed
+    again in backward; fp32 logits are never kept."""
+    from areal_async.model import logprobs
+
+    torch.manual_seed(3)
+    hidden = torch.randn(40, 16).to(torch.bfloat16)
+    weight = torch.randn(53, 16).to(torch.bfloat16)
+    targets = torch.randint(0, 53, (40,))
+    upstream = torch.randn(40)
+    saved = []
+    original = logprobs._ChunkedTokenLogprobs.apply
+    monkeypatch.setattr(logprobs._ChunkedTokenLogprobs, "apply", lambda *a: saved.append(a[-1]) or original(*a))
+    results = {}
+    for gib in (0.0, 1.0):
+        monkeypatch.setattr(logprobs, "KEEP_LOGITS_GIB", gib)
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        out = token_logprobs(h, w, targets, 0.8, chunk_size=16)
+        (out * upstream).sum().backward()
+        results[gib] = (out.detach(), h.grad, w.grad)
+    assert saved == [False, True]
+    for kept, recomputed in zip(results[1.0], results[0.0]):
+        assert torch.equal(kept, recomputed)
+    with torch.no_grad():  # no gradient wanted: nothing kept
+        token_logprobs(hidden, weight, targets)
+    token_logprobs(hidden.float().requires_grad_(), weight.float(), targets)  # fp32: never kept
+    assert saved[2:] == [False, False]
+
+
+def test_autocast_runs_the_head_in_the_autocast_dtype():
+    torch.manual_seed(4)
+    hidden = torch.randn(12, 16, requires_grad=True)
+    weight = torch.randn(29, 16, requires_grad=True)
+    targets = torch.randint(0, 29, (12,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = token_logprobs(hidden, weight, targets)
+    expected = token_logprobs(hidden.bfloat16(), weight.bfloat16(), targets)
+    assert out.dtype == torch.float32 and torch.equal(out, expected)
+    out.sum().backward()
+    assert hidden.grad.dtype == weight.grad.dtype == torch.float32

@@ -79,9 +79,10 @@ BF16_LOGPROB_BOUND = 0.05
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("backend", ["flash", "flex"])
+@pytest.mark.parametrize("backend", ["flash", "flex", "cudnn"])
 def test_cuda_packed_logprobs_match_padded_sdpa_in_bf16(monkeypatch, backend):
-    """The CUDA packed paths (varlen flash kernel; flex_attention + BlockMask) against the padded SDPA path,
+    """The CUDA packed paths (varlen flash kernel; flex_attention + BlockMask; cuDNN length groups, here five
+    lengths including a one-token document) against the padded SDPA path,
     on sequences that straddle flex's 128-token blocks, forward and backward."""
     from areal_async.model import decoder
 
@@ -170,7 +171,8 @@ def test_flash_layout_matches_dense_mask_path(monkeypatch, compiled):
     dense_logprobs, dense_grads = logprobs_and_grads(model)
     monkeypatch.setattr(decoder, "_flash_varlen_forward_impl", _reference_flash_forward)
     monkeypatch.setattr(decoder, "_flash_varlen_backward_impl", _reference_flash_backward)
-    monkeypatch.setattr(decoder, "packed_attention_mask", lambda ids, dtype, head_dim: decoder.document_spans(ids))
+    monkeypatch.setattr(decoder, "packed_attention_mask", lambda ids, dtype, head_dim, lengths=None:
+                        decoder.document_spans(ids, decoder.offsets_from_lengths(ids, lengths)))
     if compiled:
         torch._dynamo.reset()
         for layer in model.model.layers:
@@ -181,3 +183,159 @@ def test_flash_layout_matches_dense_mask_path(monkeypatch, compiled):
     assert (flash_logprobs - dense_logprobs).abs().max().item() < 1e-10
     for name, grad in dense_grads.items():
         assert (flash_grads[name] - grad).norm().item() <= 1e-10 * (1 + grad.norm().item()), name
+
+
+def _reference_cudnn_forward(q, k, v, documents, length):
+    """Math stand-in for cuDNN's fused causal attention over equal-length documents packed back to back:
+    (out [N, H, D], logsumexp [documents, H, length, 1]), through the varlen stand-in above."""
+    cu_seqlens = torch.arange(documents + 1, dtype=torch.int32) * length
+    out, lse = _reference_flash_forward(q, k, v, cu_seqlens, length)  # lse [H, N]
+    return out, lse.view(q.shape[1], documents, length).transpose(0, 1)[..., None]
+
+
+def _reference_cudnn_backward(grad_out, q, k, v, out, lse, documents, length):
+    cu_seqlens = torch.arange(documents + 1, dtype=torch.int32) * length
+    flat_lse = lse[..., 0].transpose(0, 1).reshape(q.shape[1], -1)
+    return _reference_flash_backward(grad_out, q, k, v, out, flat_lse, cu_seqlens, length)
+
+
+# Documents of one length (4 x 5 tokens: no permutation), of two lengths interleaved (5, 9, 5, 9) and of four.
+LENGTH_CASES = {
+    "equal": ([[5, 6, 7], [8, 9, 10], [11, 12], [13, 14, 15]], [[20, 21], [22, 23], [24, 25, 26], [27, 28]]),
+    "two_lengths": ([[5, 6, 7], [8, 9], [11, 12], [13, 14, 15, 16]], [[20, 21], [22, 23, 1, 2, 3, 4, 5], [24, 25, 26],
+                                                                      [27, 28, 29, 30, 31]]),
+    "four_lengths": (PROMPTS, OUTPUTS),
+}
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("case", list(LENGTH_CASES))
+def test_cudnn_length_group_path_matches_sdpa_path(monkeypatch, case, compiled):
+    """The cuDNN code path (LengthGroups with the "cudnn" kernel: the permutation into length groups, the
+    [documents, heads, length, dim] views, the custom op's autograd and fake implementations) with a math
+    stand-in for the CUDA kernel: logprobs and gradients equal the SDPA length-group path's."""
+    from areal_async.model import decoder
+
+    prompts, outputs = LENGTH_CASES[case]
+    model = _model(6).to(torch.float64).train()
+    batch = pack_prompt_output_batch(prompts, outputs)
+
+    def logprobs_and_grads(m):
+        m.zero_grad(set_to_none=True)
+        logprobs = packed_sequence_logprobs(m, batch, 0.9)
+        weights = torch.linspace(-1, 1, int(batch.output_mask.sum()), dtype=logprobs.dtype)
+        (logprobs[batch.output_mask] * weights).sum().backward()
+        return logprobs.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    sdpa_logprobs, sdpa_grads = logprobs_and_grads(model)
+    monkeypatch.setattr(decoder, "_cudnn_causal_forward_impl", _reference_cudnn_forward)
+    monkeypatch.setattr(decoder, "_cudnn_causal_backward_impl", _reference_cudnn_backward)
+    layouts = []
+
+    def cudnn_layout(ids, dtype, head_dim, lengths=None):
+        layouts.append(decoder.document_length_groups(ids, kernel="cudnn",
+                                                      offsets=decoder.offsets_from_lengths(ids, lengths)))
+        return layouts[-1]
+
+    monkeypatch.setattr(decoder, "packed_attention_mask", cudnn_layout)
+    if compiled:
+        torch._dynamo.reset()
+        for layer in model.model.layers:
+            layer.compile(backend="aot_eager")
+    cudnn_logprobs, cudnn_grads = logprobs_and_grads(model)
+    if compiled:
+        torch._dynamo.reset()
+    assert (layouts[0].order is None) == (case == "equal")
+    assert len(layouts[0].groups) == {"equal": 1, "two_lengths": 2, "four_lengths": 4}[case]
+    assert (cudnn_logprobs - sdpa_logprobs).abs().max().item() < 1e-10
+    for name, grad in sdpa_grads.items():
+        assert (cudnn_grads[name] - grad).norm().item() <= 1e-10 * (1 + grad.norm().item()), name
+
+
+def test_length_groups_order_documents_by_length():
+    from areal_async.model.decoder import document_length_groups
+
+    ids = torch.tensor([[0, 0, 1, 1, 1, 2, 2, 3, 3, 3]])  # lengths 2, 3, 2, 3
+    layout = document_length_groups(ids, kernel="cudnn")
+    assert layout.groups == ((2, 2), (2, 3)) and layout.kernel == "cudnn"
+    assert layout.order.tolist() == [0, 1, 5, 6, 2, 3, 4, 7, 8, 9]
+    assert layout.order[layout.inverse].tolist() == list(range(10))
+    equal = document_length_groups(torch.tensor([[4, 4, 4, 7, 7, 7]]))
+    assert equal.order is None and equal.inverse is None and equal.groups == ((2, 3),) and equal.kernel == "sdpa"
+
+
+def test_layout_from_host_lengths_matches_read_ids():
+    """A PackedBatch's host-side document lengths give the layout read from its document ids (no device read),
+    and the grouping needs a permutation exactly when the lengths decrease somewhere."""
+    from areal_async.model import decoder
+    from areal_async.packing import pack_prompt_output_batch
+
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        count = int(torch.randint(1, 6, (), generator=generator))
+        lengths = torch.randint(2, 6, (count,), generator=generator).tolist()
+        batch = pack_prompt_output_batch([[1] * (n - 1) for n in lengths], [[2]] * count)
+        ids = batch.document_ids
+        assert batch.document_lengths == tuple(lengths) and batch.to("cpu").document_lengths == tuple(lengths)
+        offsets = decoder.offsets_from_lengths(ids, batch.document_lengths)
+        assert torch.equal(offsets, decoder._document_offsets(ids))
+        read, given = decoder.document_length_groups(ids), decoder.packed_attention_mask(ids, None, 8, lengths)
+        assert read.groups == given.groups and (read.order is None) == (given.order is None)
+        assert (read.order is None) == (lengths == sorted(lengths))
+        if read.order is not None:
+            assert torch.equal(read.order, given.order) and torch.equal(read.inverse, given.inverse)
+            by_length = sorted(range(len(lengths)), key=lambda d: (lengths[d], d))
+            expected = [t for d in by_length for t in range(sum(lengths[:d]), sum(lengths[: d + 1]))]
+            assert read.order.tolist() == expected
+    with pytest.raises(ValueError):
+        decoder.offsets_from_lengths(torch.zeros(1, 5, dtype=torch.long), (2, 2))
+
+
+def test_cuda_kernel_choice(monkeypatch):
+    """Which kernel a CUDA pack gets: cuDNN length groups under "auto" only for few, long lengths."""
+    from areal_async.model import decoder
+
+    bf16 = torch.bfloat16
+    monkeypatch.setattr(decoder, "CUDNN_MAX_LENGTHS", 2)
+    monkeypatch.setattr(decoder, "CUDNN_MIN_LENGTH", 512)
+    monkeypatch.setattr(decoder, "PACKED_ATTENTION", "auto")
+    assert decoder.cuda_packed_kernel([4096] * 4, bf16, 128) == "cudnn"
+    assert decoder.cuda_packed_kernel([4096, 2048, 4096], bf16, 128) == "cudnn"
+    assert decoder.cuda_packed_kernel([4096, 2048, 1024], bf16, 128) == "flash"  # three lengths
+    assert decoder.cuda_packed_kernel([4096, 100], bf16, 128) == "flash"  # a short document
+    assert decoder.cuda_packed_kernel([4096], bf16, 256) == "flash"  # head too large for cuDNN here
+    assert decoder.cuda_packed_kernel([4096], torch.float32, 128) == "flex"
+    monkeypatch.setattr(decoder, "PACKED_ATTENTION", "flash")
+    assert decoder.cuda_packed_kernel([4096] * 4, bf16, 128) == "flash"
+    monkeypatch.setattr(decoder, "PACKED_ATTENTION", "cudnn")
+    assert decoder.cuda_packed_kernel([4096, 2048, 1024, 100], bf16, 128) == "cudnn"
+    monkeypatch.setattr(decoder, "PACKED_ATTENTION", "flex")
+    assert decoder.cuda_packed_kernel([4096], bf16, 128) == "flex"
+    monkeypatch.setattr(decoder, "PACKED_ATTENTION", "nonsense")
+    with pytest.raises(ValueError, match="PACKED_ATTENTION"):
+        decoder.cuda_packed_kernel([4096], bf16, 128)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_cudnn_length_groups_match_varlen_flash_in_bf16():
+    """cuDNN's kernel on length groups (equal lengths; two lengths, permuted) against the varlen flash kernel,
+    forward and backward, bf16, grouped-query heads."""
+    from areal_async.model import decoder
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    for lengths in ([256] * 4, [640, 128, 640, 128]):
+        tokens = sum(lengths)
+        ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None].cuda()
+        leaves = [torch.randn(tokens, h, 128, device="cuda", dtype=torch.bfloat16, generator=generator) for h in (8, 2, 2)]
+        grad = torch.randn(tokens, 8, 128, device="cuda", dtype=torch.bfloat16, generator=generator)
+        results = []
+        for layout in (decoder.document_length_groups(ids, kernel="cudnn"), decoder.document_spans(ids)):
+            inputs = [t.clone().requires_grad_() for t in leaves]
+            attention = decoder.attention_by_length if isinstance(layout, decoder.LengthGroups) \
+                else decoder.packed_flash_attention
+            out = attention(*inputs, layout)
+            out.backward(grad)
+            results.append([out.float()] + [t.grad.float() for t in inputs])
+        for got, expected in zip(*results):
+            assert ((got - expected).norm() / expected.norm()).item() < 0.02

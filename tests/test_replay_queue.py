@@ -291,3 +291,46 @@ def test_queue_logs_what_it_hands_out(tmp_path):
         for shard in (0, 1)
     }
     assert logged == {0: [(names[0][1], 1)] * 2, 1: [(names[1][0], 1)] * 2}
+
+
+# ------------------------------------------------------------------------------ checkpoint snapshots
+
+
+def test_snapshot_reports_receipts_of_groups_the_controller_still_counts_in_flight():
+    shard = ReplayQueueShard(0, capacity_groups=8, max_staleness=None, keep_receipts=True)
+    assert shard.put(frame("a"), "a") == "queued"
+    assert shard.put(frame("b", rewards=(5.0, 5.0)), "b") == "zero_variance"
+    assert shard.put(b"junk", "c") == "bad_frame"
+    # the controller's snapshot still counts b and c in flight (their receipts had not reached it); a was known
+    state = shard.snapshot(in_flight_ids=["b", "c", "d"])
+    assert state["receipts"] == {"b": "zero_variance", "c": "bad_frame"}
+    assert len(state["frames"]) == 1
+    # receipts the controller has since confirmed are forgotten; the unconfirmed ones stay until it has
+    assert shard.snapshot(in_flight_ids=["c"])["receipts"] == {"c": "bad_frame"}
+    assert shard.snapshot(in_flight_ids=[])["receipts"] == {}
+    assert shard.snapshot(in_flight_ids=["c"])["receipts"] == {}
+
+
+def test_snapshot_round_trips_queued_groups():
+    shard = ReplayQueueShard(0, capacity_groups=8, max_staleness=None)
+    for name in "ab":
+        shard.put(frame(name), name)
+    state = json.loads(json.dumps(shard.snapshot()))  # what a run checkpoint stores
+    assert state["receipts"] == {}  # receipts are kept only when asked for
+    restored = ReplayQueueShard(0, capacity_groups=8, max_staleness=None)
+    restored.load_state_dict(state, resume_step=0)
+    assert ids(restored.take(5, training_step=0)[0]) == ["a", "b"]
+    assert restored.counts.received == 2
+
+
+def test_settle_deliveries_counts_received_groups_as_delivered():
+    from areal_async.controller import settle_deliveries
+
+    state = {"cursor": 10, "delivered_groups": 4, "freed_slots": 1, "readmitted": 0, "dropped": {},
+             "in_flight": [{"group_id": f"g{i}"} for i in (5, 6, 7, 8)]}
+    settled = settle_deliveries(state, {"g6": "queued", "g8": "zero_variance"})
+    assert [entry["group_id"] for entry in settled["in_flight"]] == ["g5", "g7"]
+    assert settled["delivered_groups"] == 6 and settled["freed_slots"] == 2  # the dropped one frees its slot
+    assert settle_deliveries(state, {}) == state
+    with pytest.raises(ValueError, match="receipts name groups"):
+        settle_deliveries(state, {"g9": "queued"})

@@ -52,6 +52,21 @@ def test_short_run_writes_run_folder_and_is_deterministic(tmp_path):
     assert losses(again) == losses(run_dir)  # invariant 5: same seed, same config, CPU -> same losses
 
 
+def test_benchmarks_are_evaluated_during_training(tmp_path):
+    """eval.benchmarks every N steps: pass@1 in metrics.jsonl, every sample in the run folder."""
+    from evaluation import write_synthetic_benchmark
+
+    bench = tmp_path / "synthetic12.jsonl"
+    write_synthetic_benchmark(bench, 12)
+    summary, run_dir = _run(tmp_path, "evals", [f"eval.benchmarks=['synthetic={bench}']",
+                                                "eval.benchmark_every_steps=2"])
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert "eval/synthetic/pass@1" not in lines[0] and "eval/synthetic/pass@1" in lines[1]
+    samples = [json.loads(line) for line in (run_dir / "eval/step2/samples/synthetic.jsonl").read_text().splitlines()]
+    assert len(samples) == 12 * 2  # eval.num_samples=2
+    assert lines[1]["eval/synthetic/pass@1"] == pytest.approx(sum(s["correct"] for s in samples) / len(samples))
+
+
 def test_unknown_key_is_an_error(capsys):
     assert main(["train", "ppo.learning_rate=1"]) == 2
     assert "ppo.learning_rate" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from areal_async.model.checkpoint import load_config, load_pretrained, save_pretrained
 from areal_async.model.decoder import CausalLM, DecoderConfig, KVCache
 from areal_async.model.logprobs import packed_sequence_logprobs, sequence_logprobs, token_logprobs
+from areal_async.model.slot_cache import SlotKVCache
 from areal_async.model.tokenizer import load_tokenizer
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "load_tokenizer",
     "packed_sequence_logprobs",
     "save_pretrained",
+    "SlotKVCache",
     "sequence_logprobs",
     "token_logprobs",
 ]

@@ -7,6 +7,7 @@ checkpoint folder loads with a plain `load_state_dict`.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 from dataclasses import asdict, dataclass, fields
 from typing import NamedTuple
@@ -96,6 +97,22 @@ class KVCache:
             valid=torch.zeros(batch, max_len, dtype=torch.bool, device=device),
         )
 
+    # The cache protocol of `CausalLM.hidden_states` (also implemented by `slot_cache.SlotKVCache`):
+    def positions_and_mask(self, input_ids, valid, positions):
+        """RoPE positions [B, T] and the attention mask of the next T tokens; marks their validity."""
+        return CausalLM._padded_positions_and_mask(input_ids, valid, positions, self)
+
+    def attention(self, layer_index: int, q, k, v, mask) -> torch.Tensor:
+        """Appends k, v [B, Hkv, T, D] at slots length .. length+T-1; q [B, H, T, D] attends to all filled slots."""
+        start, end = self.length, self.length + q.shape[2]
+        self.keys[layer_index, :, :, start:end] = k
+        self.values[layer_index, :, :, start:end] = v
+        k, v = self.keys[layer_index, :, :, :end], self.values[layer_index, :, :, :end]
+        return attend(q, k, v, mask, enable_gqa=q.shape[1] != k.shape[1])
+
+    def advance(self, tokens: int) -> None:
+        self.length += tokens
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
@@ -159,13 +176,10 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv_cache is not None:
-            start, end = kv_cache.length, kv_cache.length + seq
-            kv_cache.keys[layer_index, :, :, start:end] = k
-            kv_cache.values[layer_index, :, :, start:end] = v
-            k = kv_cache.keys[layer_index, :, :, :end]
-            v = kv_cache.values[layer_index, :, :, :end]
-        out = attend(q, k, v, mask, enable_gqa=self.num_heads != self.num_kv_heads)
+        if kv_cache is not None:  # the cache stores k, v and runs the attention (KVCache or SlotKVCache)
+            out = kv_cache.attention(layer_index, q, k, v, mask)
+        else:
+            out = attend(q, k, v, mask, enable_gqa=self.num_heads != self.num_kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -251,80 +265,234 @@ class DocumentSpans(NamedTuple):
     max_len: int
 
 
-def document_spans(document_ids: torch.Tensor) -> DocumentSpans:
-    """DocumentSpans of packed rows: a document is a run of equal ids within a row. document_ids: [B, T] int.
-    Reads the ids on the host (one device sync per forward)."""
+def _document_offsets(document_ids: torch.Tensor) -> torch.Tensor:
+    """Where each document of packed rows starts in the flattened [B * T] tokens, with the total at the end:
+    [documents + 1] int64 on the host (a document is a run of equal ids within a row). Reads the ids on the
+    host (one device sync)."""
     batch, seq = document_ids.shape
     ids = document_ids.detach().to("cpu", torch.long)
     starts = torch.ones(batch, seq, dtype=torch.bool)
     starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
     offsets = starts.reshape(-1).nonzero().squeeze(-1)
-    cu_seqlens = torch.cat([offsets, torch.tensor([batch * seq])])
+    return torch.cat([offsets, torch.tensor([batch * seq])])
+
+
+def document_spans(document_ids: torch.Tensor, offsets: torch.Tensor | None = None) -> DocumentSpans:
+    """DocumentSpans of packed rows: a document is a run of equal ids within a row. document_ids: [B, T] int;
+    offsets: their `_document_offsets` if already read (else they are read here: one device sync)."""
+    batch, seq = document_ids.shape
+    cu_seqlens = _document_offsets(document_ids) if offsets is None else offsets
     max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if batch * seq else 0
     return DocumentSpans(cu_seqlens.to(torch.int32).to(document_ids.device, non_blocking=True), max_len)
 
 
-# Packed-mode attention on CUDA: "flash" (varlen flash-attention kernel, bf16/fp16 only; other dtypes fall
-# back to flex) or "flex" (flex_attention with a document BlockMask).
-PACKED_ATTENTION_BACKENDS = ("flash", "flex")
-PACKED_ATTENTION = os.environ.get("AREAL_PACKED_ATTENTION", "flash")
+# Packed-mode attention on CUDA, for bf16/fp16 inputs (other dtypes use flex):
+#   "auto":  "cudnn" for a pack whose documents come in at most CUDNN_MAX_LENGTHS distinct lengths, none
+#            shorter than CUDNN_MIN_LENGTH (equal-length sequences, say), "flash" for any other pack;
+#   "flash": every pack through the varlen flash kernel (FlashAttention-2);
+#   "cudnn": the documents of each distinct length as one dense causal batch through cuDNN's fused attention
+#            (head_dim up to 128; larger heads use "flash");
+#   "flex":  flex_attention with a document BlockMask.
+# The default of one length keeps "auto" to packs of equal-length documents, which need no permutation and
+# add one compiled variant of the layers (each further count of length groups would add another).
+PACKED_ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "flex")
+PACKED_ATTENTION = os.environ.get("AREAL_PACKED_ATTENTION", "auto")
+CUDNN_MAX_LENGTHS = int(os.environ.get("AREAL_CUDNN_MAX_LENGTHS", "1"))
+CUDNN_MIN_LENGTH = int(os.environ.get("AREAL_CUDNN_MIN_LENGTH", "512"))
+# cuDNN takes fewer key/value heads than query heads as they are; True repeats them to the query heads first
+# (for a cuDNN build that rejects grouped-query shapes).
+CUDNN_REPEAT_KV = os.environ.get("AREAL_CUDNN_REPEAT_KV", "0") == "1"
 
 
-def packed_attention_mask(document_ids: torch.Tensor, dtype: torch.dtype | None = None, head_dim: int | None = None):
-    """The packed-mode mask for `attend`, built once per forward and shared by all layers.
-    document_ids: [B, T] int; dtype, head_dim: the attention inputs' dtype and head size.
-
-    On CUDA: DocumentSpans for the varlen flash kernel when PACKED_ATTENTION is "flash" and the kernel takes
-    the inputs (bf16/fp16, head_dim a multiple of 8 up to 256), else a flex BlockMask. Elsewhere a dense
-    LengthGroups (one dense causal SDPA per distinct document length)."""
+def cuda_packed_kernel(lengths, dtype: torch.dtype | None, head_dim: int | None) -> str:
+    """Which kernel PACKED_ATTENTION picks on CUDA for a pack with these document lengths (any iterable of
+    ints) and attention inputs of this dtype and head size: "cudnn", "flash" or "flex"."""
     if PACKED_ATTENTION not in PACKED_ATTENTION_BACKENDS:
         raise ValueError(f"PACKED_ATTENTION must be one of {PACKED_ATTENTION_BACKENDS}, got {PACKED_ATTENTION!r}")
-    if document_ids.is_cuda:
-        flash_ok = dtype in (torch.bfloat16, torch.float16) and head_dim is not None and head_dim % 8 == 0 \
-            and head_dim <= 256
-        if PACKED_ATTENTION == "flash" and flash_ok:
-            return document_spans(document_ids)
+    fused_ok = dtype in (torch.bfloat16, torch.float16) and head_dim is not None and head_dim % 8 == 0 \
+        and head_dim <= 256
+    if PACKED_ATTENTION == "flex" or not fused_ok:
+        return "flex"
+    if PACKED_ATTENTION == "flash" or head_dim > 128:
+        return "flash"
+    if PACKED_ATTENTION == "cudnn":
+        return "cudnn"
+    distinct = set(lengths)
+    few_long_lengths = bool(distinct) and len(distinct) <= CUDNN_MAX_LENGTHS and min(distinct) >= CUDNN_MIN_LENGTH
+    return "cudnn" if few_long_lengths else "flash"
+
+
+def offsets_from_lengths(document_ids: torch.Tensor, document_lengths) -> torch.Tensor | None:
+    """`_document_offsets` of packed rows whose documents' lengths (in token order) the host already knows:
+    their running sum, without reading document_ids back from the device. None without lengths."""
+    if document_lengths is None:
+        return None
+    if sum(document_lengths) != document_ids.numel() or min(document_lengths, default=1) < 1:
+        raise ValueError(f"document_lengths sum to {sum(document_lengths)}, not the {document_ids.numel()} tokens")
+    return torch.tensor([0, *itertools.accumulate(document_lengths)], dtype=torch.long)
+
+
+def packed_attention_mask(
+    document_ids: torch.Tensor, dtype: torch.dtype | None = None, head_dim: int | None = None,
+    document_lengths=None,
+):
+    """The packed-mode mask for `attend`, built once per forward and shared by all layers.
+    document_ids: [B, T] int; dtype, head_dim: the attention inputs' dtype and head size; document_lengths:
+    the documents' lengths in token order if the host knows them (else document_ids are read back: a device
+    sync).
+
+    On CUDA, as `cuda_packed_kernel` picks: LengthGroups with the cuDNN kernel, DocumentSpans for the varlen
+    flash kernel, or a flex BlockMask. Elsewhere LengthGroups with the SDPA kernel (one dense causal SDPA per
+    distinct document length)."""
+    offsets = offsets_from_lengths(document_ids, document_lengths)
+    if not document_ids.is_cuda:
+        if PACKED_ATTENTION not in PACKED_ATTENTION_BACKENDS:
+            raise ValueError(f"PACKED_ATTENTION must be one of {PACKED_ATTENTION_BACKENDS}, got {PACKED_ATTENTION!r}")
+        return document_length_groups(document_ids, offsets=offsets)
+    if cuda_packed_kernel((), dtype, head_dim) == "flex":
         return document_block_mask(document_ids)
-    return document_length_groups(document_ids)
+    if offsets is None:
+        offsets = _document_offsets(document_ids)
+    kernel = cuda_packed_kernel((offsets[1:] - offsets[:-1]).tolist(), dtype, head_dim)
+    if kernel == "cudnn":
+        return document_length_groups(document_ids, kernel="cudnn", offsets=offsets)
+    return document_spans(document_ids, offsets)
 
 
 class LengthGroups(NamedTuple):
-    """Packed-mode layout without a varlen kernel (CPU): documents of equal length attend as one dense
-    causal batch. order: [tokens] the flattened token positions grouped by document length; inverse: its
-    inverse permutation; groups: (documents, length) per group, in `order`."""
+    """Packed-mode layout as dense batches: the documents of each distinct length attend as one dense causal
+    batch. order: [tokens] the flattened token positions grouped by document length, or None where the pack
+    is in that order already; inverse: its inverse permutation (None with order); groups: (documents, length)
+    per group, in that order; kernel: "sdpa" (F.scaled_dot_product_attention, any device) or "cudnn"
+    (`cudnn_causal_attention`, CUDA)."""
 
-    order: torch.Tensor
-    inverse: torch.Tensor
+    order: torch.Tensor | None
+    inverse: torch.Tensor | None
     groups: tuple[tuple[int, int], ...]
+    kernel: str = "sdpa"
 
 
-def document_length_groups(document_ids: torch.Tensor) -> LengthGroups:
-    """LengthGroups of packed rows (documents are runs of equal ids within a row). document_ids: [B, T]."""
-    cu_seqlens = document_spans(document_ids).cu_seqlens.to("cpu", torch.long)
+def document_length_groups(
+    document_ids: torch.Tensor, kernel: str = "sdpa", offsets: torch.Tensor | None = None
+) -> LengthGroups:
+    """LengthGroups of packed rows (documents are runs of equal ids within a row). document_ids: [B, T];
+    offsets: their `_document_offsets` if already read."""
+    cu_seqlens = _document_offsets(document_ids) if offsets is None else offsets
     starts, lengths = cu_seqlens[:-1].tolist(), (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
     by_length: dict[int, list[int]] = {}
     for start, length in zip(starts, lengths):
         by_length.setdefault(length, []).append(start)
-    order, groups = [], []
-    for length, group_starts in sorted(by_length.items()):
-        order += [start + offset for start in group_starts for offset in range(length)]
-        groups.append((len(group_starts), length))
+    groups = tuple((len(group_starts), length) for length, group_starts in sorted(by_length.items()))
+    # The documents (contiguous, in order) are already grouped when their lengths never decrease (equal
+    # lengths, say): no permutation (decided per document, not per token: host time at the start of a step).
+    if all(a <= b for a, b in zip(lengths, lengths[1:])):
+        return LengthGroups(None, None, groups, kernel)
+    order = [start + offset for length, group_starts in sorted(by_length.items()) for start in group_starts
+             for offset in range(length)]
     order_t = torch.tensor(order, dtype=torch.long, device=document_ids.device)
-    return LengthGroups(order_t, torch.argsort(order_t), tuple(groups))
+    return LengthGroups(order_t, torch.argsort(order_t), groups, kernel)
 
 
 def attention_by_length(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: LengthGroups) -> torch.Tensor:
-    """Causal attention within each document, q [N, H, D], k, v [N, Hkv, D] -> [N, H, D]: one SDPA call per
-    distinct document length instead of an N x N mask."""
-    q, k, v = q[layout.order], k[layout.order], v[layout.order]
+    """Causal attention within each document, q [N, H, D], k, v [N, Hkv, D] -> [N, H, D]: one dense call per
+    distinct document length (SDPA or cuDNN, as layout.kernel says) instead of an N x N mask."""
+    if layout.order is not None:
+        q, k, v = (t.index_select(0, layout.order) for t in (q, k, v))
     outputs, offset = [], 0
     for documents, length in layout.groups:
-        span = slice(offset, offset + documents * length)
-        q_g, k_g, v_g = (t[span].view(documents, length, t.shape[1], t.shape[2]).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q_g, k_g, v_g, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
-        outputs.append(out.transpose(1, 2).reshape(documents * length, q.shape[1], q.shape[2]))
+        rows = slice(offset, offset + documents * length)
+        if layout.kernel == "cudnn":
+            outputs.append(cudnn_causal_attention(q[rows], k[rows], v[rows], documents, length))
+        else:
+            q_g, k_g, v_g = (_as_documents(t[rows], documents, length) for t in (q, k, v))
+            out = F.scaled_dot_product_attention(q_g, k_g, v_g, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+            outputs.append(out.transpose(1, 2).reshape(documents * length, q.shape[1], q.shape[2]))
         offset += documents * length
-    return torch.cat(outputs)[layout.inverse]
+    out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+    return out if layout.inverse is None else out.index_select(0, layout.inverse)
+
+
+def _as_documents(t: torch.Tensor, documents: int, length: int) -> torch.Tensor:
+    """[documents * length, heads, dim] -> [documents, heads, length, dim], a view (no copy)."""
+    return t.view(documents, length, t.shape[1], t.shape[2]).transpose(1, 2)
+
+
+def _cudnn_causal_forward_impl(q, k, v, documents, length):
+    """cuDNN's fused causal attention over `documents` documents of `length` tokens each, packed back to back:
+    q [documents * length, H, D], k, v [documents * length, Hkv, D] (grouped-query heads as they are) ->
+    (out [documents * length, H, D], logsumexp [documents, H, length, 1] fp32). cuDNN takes the strided
+    [documents, heads, length, dim] views and writes its output in q's memory layout, so no copies."""
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        _as_documents(q, documents, length), _as_documents(k, documents, length),
+        _as_documents(v, documents, length), None, True, 0.0, True, False,
+    )[:2]
+    return out.transpose(1, 2).reshape(q.shape), lse
+
+
+def _cudnn_causal_backward_impl(grad_out, q, k, v, out, lse, documents, length):
+    """Gradients (dq, dk, dv) of `_cudnn_causal_forward_impl`, in the packed layout. Without dropout the
+    kernel reads no seed or offset: it gets placeholders; no bias, no nested offsets."""
+    unused = torch.zeros((), dtype=torch.int64, device=q.device)
+    grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        *(_as_documents(t, documents, length) for t in (grad_out, q, k, v, out)), lse, unused, unused,
+        None, None, None, length, length, 0.0, True,
+    )
+    return tuple(g.transpose(1, 2).reshape(t.shape) for g, t in zip(grads, (q, k, v)))
+
+
+@torch.library.custom_op("areal_async::cudnn_causal_forward", mutates_args=())
+def _cudnn_causal_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: int, length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = _cudnn_causal_forward_impl(q, k, v, documents, length)
+    return out.contiguous(), lse.contiguous()  # the layouts the fake promises (no-ops for cuDNN's)
+
+
+@_cudnn_causal_forward.register_fake
+def _cudnn_causal_forward_fake(q, k, v, documents, length):
+    return torch.empty_like(q), q.new_empty((documents, q.shape[1], length, 1), dtype=torch.float32)
+
+
+@torch.library.custom_op("areal_async::cudnn_causal_backward", mutates_args=())
+def _cudnn_causal_backward(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, documents: int, length: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = _cudnn_causal_backward_impl(grad_out, q, k, v, out, lse, documents, length)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@_cudnn_causal_backward.register_fake
+def _cudnn_causal_backward_fake(grad_out, q, k, v, out, lse, documents, length):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _cudnn_causal_setup_context(ctx, inputs, output) -> None:
+    q, k, v, documents, length = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.documents, ctx.length = documents, length
+
+
+def _cudnn_causal_backward_rule(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _cudnn_causal_backward(grad_out.contiguous(), q, k, v, out, lse, ctx.documents, ctx.length)
+    return dq, dk, dv, None, None
+
+
+_cudnn_causal_forward.register_autograd(_cudnn_causal_backward_rule, setup_context=_cudnn_causal_setup_context)
+
+
+def cudnn_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: int, length: int
+) -> torch.Tensor:
+    """Causal attention within each of `documents` documents of `length` tokens, packed back to back:
+    q [documents * length, H, D], k, v [documents * length, Hkv, D] -> [documents * length, H, D], through
+    cuDNN's fused attention (CUDA, bf16/fp16)."""
+    if CUDNN_REPEAT_KV and k.shape[1] != q.shape[1]:
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    out, _ = _cudnn_causal_forward(q.contiguous(), k.contiguous(), v.contiguous(), documents, length)
+    return out
 
 
 def _flash_varlen_forward_impl(q, k, v, cu_seqlens, max_len):
@@ -441,31 +609,39 @@ class CausalLM(nn.Module):
         positions: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         document_ids: torch.Tensor | None = None,
+        document_lengths=None,
     ) -> torch.Tensor:
         """Final-norm hidden states [B, T, hidden].
 
         input_ids: [B, T]; valid: [B, T] bool (False = padding; default all True); positions: [B, T] RoPE
         positions (default: count of valid tokens before each one, including the cache's). With kv_cache, the
-        T tokens are appended at slots cache.length .. cache.length+T-1 and the cache's length advances.
+        T tokens are appended at slots cache.length .. cache.length+T-1 and the cache's length advances (a
+        KVCache; a `SlotKVCache` places each row's tokens and picks positions and mask itself).
 
         Packed mode: document_ids [B, T] int marks which sequence each token belongs to (several sequences
         concatenated in a row); attention is causal within a document and never crosses into another.
         `positions` must then be given (restarting at 0 for each document); valid and kv_cache must not be.
+        document_lengths: the documents' lengths in token order, where the host knows them (a PackedBatch
+        does): the attention layout is then built without reading document_ids back from the device.
         """
-        if document_ids is None:
-            positions, mask = self._padded_positions_and_mask(input_ids, valid, positions, kv_cache)
+        if document_ids is None and kv_cache is not None:
+            positions, mask = kv_cache.positions_and_mask(input_ids, valid, positions)
+        elif document_ids is None:
+            positions, mask = self._padded_positions_and_mask(input_ids, valid, positions, None)
         else:
             if positions is None or valid is not None or kv_cache is not None:
                 raise ValueError("packed mode (document_ids) needs positions, and takes no valid mask or kv_cache")
             mask = None
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         x = self.model.embed_tokens(input_ids)
-        if mask is None:
-            mask = packed_attention_mask(document_ids, x.dtype, self.config.head_dim)
+        if mask is None:  # the attention inputs' dtype: autocast's where it is on (q/k/v come from Linears)
+            device_type = x.device.type
+            dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+            mask = packed_attention_mask(document_ids, dtype, self.config.head_dim, document_lengths)
         for index, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, mask, index, kv_cache)
         if kv_cache is not None:
-            kv_cache.length += input_ids.shape[1]
+            kv_cache.advance(input_ids.shape[1])
         return self.model.norm(x)
 
     @staticmethod

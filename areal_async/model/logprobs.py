@@ -13,6 +13,7 @@ eagerly in the same order of operations as a plain `log_softmax(...)[target]` ov
 from __future__ import annotations
 
 import functools
+import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -24,6 +25,10 @@ if TYPE_CHECKING:
 # 4096 x 151,936 x 2 bytes = 1.2 GiB, two of them at the peak of backward (logits and their gradient).
 DEFAULT_CHUNK_ROWS = 1024
 CUDA_CHUNK_ROWS = 4096
+# Low-precision (bf16/fp16) logits of up to this many GiB per call are kept from forward for backward
+# instead of being formed again there (one LM-head matmul fewer per call): 16,384 rows x 151,936 x 2 bytes
+# = 4.6 GiB. 0 always recomputes. fp32 logits are never kept (that would materialise them whole in fp32).
+KEEP_LOGITS_GIB = float(os.environ.get("AREAL_KEEP_LOGITS_GIB", "6"))
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -78,27 +83,34 @@ def _chunk_kernels(device: torch.device):
 class _ChunkedTokenLogprobs(torch.autograd.Function):
     """hidden [N, H], weight [V, H], targets [N] -> log softmax(hidden @ weight^T / T)[target], fp32 [N].
 
-    Saves hidden, weight, targets and the per-row logsumexp; backward recomputes each chunk's logits."""
+    Saves hidden, weight, targets and the per-row logsumexp; backward recomputes each chunk's logits, unless
+    `keep_logits`: then forward writes every chunk's logits (low precision) into one [N, V] buffer that
+    backward reads instead."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature: float, chunk_size: int):
+    def forward(ctx, hidden, weight, targets, temperature: float, chunk_size: int, keep_logits: bool):
         forward_chunk, _ = _chunk_kernels(hidden.device)
         rows = hidden.shape[0]
-        dtype = torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
+        logits_dtype = torch.promote_types(hidden.dtype, weight.dtype)
+        dtype = torch.promote_types(logits_dtype, torch.float32)
         out = torch.empty(rows, dtype=dtype, device=hidden.device)
         lse = torch.empty(rows, dtype=dtype, device=hidden.device)
+        kept = torch.empty(rows, weight.shape[0], dtype=logits_dtype, device=hidden.device) if keep_logits else None
         for start in range(0, rows, chunk_size):
             end = min(rows, start + chunk_size)
-            logits = hidden[start:end] @ weight.T
+            if kept is None:
+                logits = hidden[start:end] @ weight.T
+            else:
+                logits = torch.mm(hidden[start:end], weight.T, out=kept[start:end])
             out[start:end], lse[start:end] = forward_chunk(logits, targets[start:end], temperature)
             del logits
-        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.save_for_backward(hidden, weight, targets, lse, kept)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, targets, lse = ctx.saved_tensors
+        hidden, weight, targets, lse, kept = ctx.saved_tensors
         _, grad_chunk = _chunk_kernels(hidden.device)
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_out = grad_out.to(lse.dtype)
@@ -107,8 +119,9 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             end = min(hidden.shape[0], start + ctx.chunk_size)
             rows = hidden[start:end]
-            grad_logits = grad_chunk(rows @ weight.T, targets[start:end], lse[start:end], grad_out[start:end],
-                                     ctx.temperature)
+            logits = rows @ weight.T if kept is None else kept[start:end]
+            grad_logits = grad_chunk(logits, targets[start:end], lse[start:end], grad_out[start:end], ctx.temperature)
+            del logits
             if need_hidden:
                 torch.mm(grad_logits, weight, out=grad_hidden[start:end])
             if need_weight:
@@ -119,7 +132,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             del grad_logits
         if need_weight and grad_weight is None:
             grad_weight = torch.zeros_like(weight)
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def token_logprobs(
@@ -133,17 +146,34 @@ def token_logprobs(
 
     hidden: [N, hidden] (any leading shape, flattened), lm_head_weight: [vocab, hidden], targets: [N] int.
     Returns [N] fp32 (fp64 for fp64 inputs). Logits are formed `chunk_size` rows at a time (default: 4096 on
-    CUDA, 1024 elsewhere), in forward and again in backward, so peak memory is about two chunks of logits and nothing of size
-    N x vocab is kept for backward.
+    CUDA, 1024 elsewhere), in forward and again in backward, so peak memory is about two chunks of logits and
+    nothing of size N x vocab is kept for backward; except that low-precision logits of at most KEEP_LOGITS_GIB
+    are kept from forward for backward when a gradient is wanted (no second formation).
+
+    Under autocast the head runs in the autocast dtype, as a Linear would (the Function's own matmuls are not
+    autocast in backward, so its inputs are cast here).
     """
     lead_shape = targets.shape
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1)
     if hidden.shape[0] == 0:
         return torch.zeros(lead_shape, dtype=torch.float32, device=hidden.device)
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, lm_head_weight = hidden.to(dtype), lm_head_weight.to(dtype)
     if chunk_size is None:
         chunk_size = CUDA_CHUNK_ROWS if hidden.is_cuda else DEFAULT_CHUNK_ROWS
-    out = _ChunkedTokenLogprobs.apply(hidden, lm_head_weight, targets, float(temperature), int(chunk_size))
+    logits_dtype = torch.promote_types(hidden.dtype, lm_head_weight.dtype)
+    kept_gib = hidden.shape[0] * lm_head_weight.shape[0] * logits_dtype.itemsize / 2**30
+    keep_logits = (
+        logits_dtype.itemsize <= 2 and kept_gib <= KEEP_LOGITS_GIB and torch.is_grad_enabled()
+        and (hidden.requires_grad or lm_head_weight.requires_grad)
+    )
+    with torch.autocast(device_type, enabled=False):
+        out = _ChunkedTokenLogprobs.apply(
+            hidden, lm_head_weight, targets, float(temperature), int(chunk_size), keep_logits
+        )
     return out.reshape(lead_shape)
 
 
@@ -157,5 +187,6 @@ def packed_sequence_logprobs(model, batch: PackedBatch, temperature: float = 1.0
     """Logprob of each packed token's next token in its own sequence: [N], entry t scores batch.targets[t]
     (meaningful where batch.output_mask, or anywhere but a sequence's last token). Attention never crosses
     a sequence boundary."""
-    hidden = model.hidden_states(batch.input_ids, positions=batch.positions, document_ids=batch.document_ids)
+    hidden = model.hidden_states(batch.input_ids, positions=batch.positions, document_ids=batch.document_ids,
+                                 document_lengths=batch.document_lengths)
     return token_logprobs(hidden[0], model.lm_head.weight, batch.targets, temperature)

@@ -1,0 +1,71 @@
+"""One place that builds a generation engine by name: "torch" (the built-in engine, default) or "vllm"."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ENGINE_KINDS = ("torch", "vllm")
+
+
+def _dtype_name(dtype: str | torch.dtype) -> str:
+    name = str(dtype).removeprefix("torch.")
+    aliases = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+    name = aliases.get(name, name)
+    if name not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"unsupported engine dtype {dtype!r}: use float32, bfloat16 or float16")
+    return name
+
+
+def _pad_token_id(model_path: str | os.PathLike) -> int:
+    """The tokenizer's pad id (EOS when it has none, as load_tokenizer does); the config's when no tokenizer."""
+    try:
+        from areal_async.model import load_tokenizer
+
+        return int(load_tokenizer(model_path).pad_token_id)
+    except (OSError, ValueError, TypeError):
+        with open(Path(model_path) / "config.json", encoding="utf-8") as f:
+            config = json.load(f)
+        for key in ("pad_token_id", "eos_token_id"):
+            value = config.get(key)
+            if isinstance(value, list):
+                value = value[0] if value else None
+            if value is not None:
+                return int(value)
+        return 0
+
+
+def build_engine(
+    kind: str,
+    model_path: str | os.PathLike,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    *,
+    pad_token_id: int | None = None,
+    seed: int = 0,
+    **engine_kwargs: Any,
+):
+    """An engine with the TorchEngine interface (`version`, `load_weights`, `generate`) for `model_path`.
+
+    kind "torch": TorchEngine on `device`, the checkpoint loaded in `dtype`; `pad_token_id` defaults to the
+    tokenizer's. kind "vllm": VLLMEngine (vLLM picks its own device; `device` is not used, `seed` seeds the
+    vLLM engine, `engine_kwargs` go to VLLMEngine / `vllm.LLM`). vLLM is imported only for kind "vllm".
+    """
+    if kind == "torch":
+        if engine_kwargs:
+            raise TypeError(f"engine 'torch' takes no extra options, got {sorted(engine_kwargs)}")
+        from actors.engine import TorchEngine
+        from areal_async.model import load_pretrained
+
+        model = load_pretrained(model_path, getattr(torch, _dtype_name(dtype)), device=device)
+        pad = _pad_token_id(model_path) if pad_token_id is None else pad_token_id
+        return TorchEngine(model, pad, device)
+    if kind == "vllm":
+        from actors.vllm_engine import VLLMEngine
+
+        return VLLMEngine(str(model_path), dtype=_dtype_name(dtype), seed=seed, **engine_kwargs)
+    raise ValueError(f"unknown engine {kind!r}: choose one of {', '.join(ENGINE_KINDS)}")

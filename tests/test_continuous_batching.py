@@ -1,0 +1,240 @@
+"""The engine's continuous batching: slot refill, per-request limits and stops, weight swaps with requests
+waiting and in flight, slot compaction, KV-length buckets, and the graph bookkeeping (with a stand-in for
+CUDA graphs), all against the model's own full forward pass."""
+
+import copy
+
+import pytest
+import torch
+
+from actors.engine import TorchEngine
+from actors.sampling import SamplingParams
+from areal_async.model import sequence_logprobs
+from areal_async.packing import pad_prompt_output_batch
+
+@pytest.fixture(params=[0, 1], ids=["synchronous", "lookahead"])
+def lookahead(request) -> int:
+    """Runs of decode steps queued ahead of the host's reads: 0 is the CPU default, 1 the CUDA default."""
+    return request.param
+
+
+PROMPTS = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10], [11], [12, 13, 14, 15, 16, 17, 18], [19, 20], [21, 22, 23, 24]]
+
+
+def greedy_reference(model, prompt, count, stop_ids=()):
+    """Greedy continuation from the model's full forward pass, recomputed from scratch at every token."""
+    ids, out = list(prompt), []
+    for _ in range(count):
+        with torch.no_grad():
+            token = int(model(torch.tensor([ids]))[0, -1].argmax())
+        out.append(token)
+        ids.append(token)
+        if token in stop_ids:
+            break
+    return out
+
+
+def test_more_requests_than_slots_match_greedy_reference(tiny_model, lookahead):
+    limits = [3, 9, 1, 6, 4, 8, 2]
+    engine = TorchEngine(tiny_model, pad_token_id=0, lookahead=lookahead, max_slots=3, sync_every=3, kv_bucket=4)
+    outputs = engine.generate(PROMPTS, SamplingParams(temperature=0.0), max_new_tokens=limits)
+    for prompt, limit, output in zip(PROMPTS, limits, outputs):
+        assert output.tokens == greedy_reference(tiny_model, prompt, limit)
+        assert len(output.logprobs) == len(output.versions) == limit
+        assert output.finish_reason == "length" and output.versions == [0] * limit
+    assert engine.stats["decode_steps"] < sum(limit - 1 for limit in limits)  # sequences ran side by side
+    # the same engine, a larger second call (the slot buffers grow) still matches
+    longer = engine.generate([p * 3 for p in PROMPTS[:5]], SamplingParams(max_new_tokens=12, temperature=0.0))
+    for prompt, output in zip(PROMPTS[:5], longer):
+        assert output.tokens == greedy_reference(tiny_model, prompt * 3, 12)
+
+
+def test_slot_is_refilled_as_soon_as_a_sequence_ends(tiny_model, lookahead):
+    limits = [2, 12, 2, 2, 2]
+    engine = TorchEngine(tiny_model, pad_token_id=0, lookahead=lookahead, max_slots=2, sync_every=1)
+    outputs = engine.generate(PROMPTS[:5], SamplingParams(temperature=0.0), max_new_tokens=limits)
+    # the long request needs 11 decode steps; the four short ones take turns in the other slot meanwhile
+    assert engine.stats["decode_steps"] == 11
+    for prompt, limit, output in zip(PROMPTS, limits, outputs):
+        assert output.tokens == greedy_reference(tiny_model, prompt, limit)
+
+
+def test_stop_token_frees_the_slot_for_a_waiting_request(tiny_model, lookahead):
+    greedy = SamplingParams(max_new_tokens=10, temperature=0.0)
+    free_run = TorchEngine(tiny_model, pad_token_id=0, lookahead=lookahead).generate(PROMPTS, greedy)
+    stop = free_run[0].tokens[2]
+    engine = TorchEngine(tiny_model, pad_token_id=0, lookahead=lookahead, max_slots=2, sync_every=2)
+    outputs = engine.generate(PROMPTS, SamplingParams(max_new_tokens=10, temperature=0.0, stop_token_ids=(stop,)))
+    for prompt, output in zip(PROMPTS, outputs):
+        assert output.tokens == greedy_reference(tiny_model, prompt, 10, stop_ids=(stop,))
+        assert output.finish_reason == ("stop" if output.tokens[-1] == stop else "length")
+    assert outputs[0].finish_reason == "stop" and len(outputs[0].tokens) <= 3
+
+
+@pytest.mark.parametrize("temperature, top_p, top_k", [(1.0, 1.0, 0), (0.7, 0.9, 0), (1.3, 1.0, 7)])
+def test_sampled_logprobs_equal_recomputation_with_refills(tiny_model, lookahead, temperature, top_p, top_k):
+    engine = TorchEngine(copy.deepcopy(tiny_model), pad_token_id=0, lookahead=lookahead, max_slots=3, sync_every=2,
+                         kv_bucket=8)
+    params = SamplingParams(max_new_tokens=9, temperature=temperature, top_p=top_p, top_k=top_k, seed=5,
+                            stop_token_ids=(3, 4))
+    outputs = engine.generate(PROMPTS, params, max_new_tokens=[9, 3, 7, 9, 5, 9, 2])
+    batch = pad_prompt_output_batch(PROMPTS, [o.tokens for o in outputs], pad_token_id=0,
+                                    per_token={"behaviour": [o.logprobs for o in outputs]})
+    with torch.no_grad():
+        recomputed = sequence_logprobs(tiny_model, batch.input_ids, batch.valid, temperature)
+    diff = (recomputed - batch.values["behaviour"])[batch.output_mask].abs().max().item()
+    assert diff < 1e-5
+
+
+def test_a_request_draws_the_same_tokens_whatever_its_slot_and_company(tiny_model, lookahead):
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, seed=11)
+    wide = TorchEngine(tiny_model, pad_token_id=0, lookahead=lookahead, max_slots=8, sync_every=5)
+    narrow = TorchEngine(tiny_model, pad_token_id=0, lookahead=lookahead, max_slots=2, sync_every=1)
+    wide, narrow = wide.generate(PROMPTS, params), narrow.generate(PROMPTS, params)
+    assert [g.tokens for g in wide] == [g.tokens for g in narrow]
+    other_seed = TorchEngine(tiny_model, pad_token_id=0, lookahead=lookahead).generate(
+        PROMPTS, SamplingParams(max_new_tokens=10, seed=12))
+    assert [g.tokens for g in wide] != [g.tokens for g in other_seed]
+    # identical prompts (a GRPO group) still get different samples
+    group = TorchEngine(tiny_model, pad_token_id=0, lookahead=lookahead).generate([PROMPTS[0]] * 4, params)
+    assert len({tuple(g.tokens) for g in group}) > 1
+
+
+def test_weight_swap_with_requests_waiting_and_in_flight(tiny_model, lookahead):
+    torch.manual_seed(1)
+    new_state = {name: p.detach() + 0.05 * torch.randn_like(p) for name, p in tiny_model.named_parameters()}
+    updated = copy.deepcopy(tiny_model)
+    updated.load_state_dict(new_state, strict=False)
+    engine = TorchEngine(copy.deepcopy(tiny_model), pad_token_id=0, lookahead=lookahead, max_slots=2, sync_every=2)
+    calls = []
+
+    def swap_at_seventh_boundary() -> bool:
+        calls.append(None)
+        if len(calls) == 7:
+            engine.load_weights(new_state, version=1)
+            return True
+        return False
+
+    limits = [4, 8, 3, 5, 6, 2, 7]
+    outputs = engine.generate(PROMPTS, SamplingParams(temperature=0.0), weight_update=swap_at_seventh_boundary,
+                              max_new_tokens=limits)
+    assert engine.stats["recomputes"] == 1
+    versions = [v for o in outputs for v in o.versions]
+    assert 0 in versions and 1 in versions
+    for prompt, output in zip(PROMPTS, outputs):
+        assert output.versions == sorted(output.versions)  # a request never goes back to older weights
+        ids = list(prompt)
+        for token, logprob, version in zip(output.tokens, output.logprobs, output.versions):
+            scorer = tiny_model if version == 0 else updated
+            with torch.no_grad():
+                full = scorer(torch.tensor([ids]))[0, -1]
+            assert token == int(full.argmax())
+            assert logprob == pytest.approx(float(torch.log_softmax(full, -1)[token]), abs=1e-5)
+            ids.append(token)
+
+
+def test_compaction_moves_the_tail_to_a_smaller_bucket(tiny_model, lookahead):
+    limits = [2, 2, 2, 14]
+    engine = TorchEngine(tiny_model, pad_token_id=0, lookahead=lookahead, max_slots=4, sync_every=1, kv_bucket=4)
+    outputs = engine.generate(PROMPTS[:4], SamplingParams(temperature=0.0), max_new_tokens=limits)
+    assert engine.stats["slot_moves"] == 1  # the long request leaves slot 3 for slot 0 (bucket 4 -> 1)
+    for prompt, limit, output in zip(PROMPTS, limits, outputs):
+        assert output.tokens == greedy_reference(tiny_model, prompt, limit)
+
+
+class StandInGraphs:
+    """CUDA graphs' contract on CPU: `warm` runs the step, `capture` records it without running it, and
+    `replay` runs the recorded step (here: calls it again, with the arguments it was captured with)."""
+
+    def __init__(self) -> None:
+        self.warm_runs = self.replays = 0
+        self.captured = []
+
+    def warm(self, step) -> None:
+        self.warm_runs += 1
+        step()
+
+    def capture(self, step):
+        self.captured.append(step)
+        graphs = self
+
+        class Graph:
+            def replay(self) -> None:
+                graphs.replays += 1
+                step()
+
+        return Graph()
+
+
+def test_graph_bookkeeping_captures_each_shape_once(tiny_model, lookahead):
+    params = SamplingParams(max_new_tokens=10, temperature=0.9, seed=3, stop_token_ids=(5,))
+    limits = [10, 4, 10, 2, 9, 10, 6]
+    eager = TorchEngine(tiny_model, pad_token_id=0, lookahead=lookahead, max_slots=3, sync_every=3, kv_bucket=4)
+    expected = eager.generate(PROMPTS, params, max_new_tokens=limits)
+    graphed = TorchEngine(tiny_model, pad_token_id=0, lookahead=lookahead, max_slots=3, sync_every=3, kv_bucket=4)
+    graphed.graphs = StandInGraphs()
+    outputs = graphed.generate(PROMPTS, params, max_new_tokens=limits)
+    assert [(g.tokens, g.logprobs) for g in outputs] == [(g.tokens, g.logprobs) for g in expected]
+    stand_in = graphed.graphs
+    assert stand_in.warm_runs == len(stand_in.captured) == graphed.stats["graph_captures"] > 1
+    assert stand_in.warm_runs + stand_in.replays == graphed.stats["decode_steps"]
+    # a second call with the same shapes replays only
+    again = graphed.generate(PROMPTS, params, max_new_tokens=limits)
+    assert [g.tokens for g in again] == [g.tokens for g in expected]
+    assert graphed.stats["graph_captures"] == 0
+
+
+@pytest.mark.parametrize("attention,backend", [("matmul", "eager"), ("matmul", "aot_eager"), ("sdpa", "eager")])
+def test_compiled_decode_forward_matches_eager(tiny_model, attention, backend):
+    """compile_decode traces the model's own forward (matmul attention: one graph, a break at the cache's
+    write in `advance`; sdpa: a break at every layer's attention); with the tracing-only backends the
+    results are the eager ones exactly."""
+    params = SamplingParams(max_new_tokens=8, temperature=0.8, seed=4)
+    limits = [8, 3, 8, 5, 8, 2, 6]
+    eager = TorchEngine(tiny_model, pad_token_id=0, max_slots=3, kv_bucket=4, decode_attention=attention)
+    expected = eager.generate(PROMPTS, params, max_new_tokens=limits)
+    torch._dynamo.reset()
+    compiled = TorchEngine(tiny_model, pad_token_id=0, max_slots=3, kv_bucket=4, compile_decode=True,
+                           compile_backend=backend, decode_attention=attention)
+    outputs = compiled.generate(PROMPTS, params, max_new_tokens=limits)
+    assert [g.tokens for g in outputs] == [g.tokens for g in expected]
+    for got, want in zip(outputs, expected):  # aot_eager's decompositions may reorder fp32 sums
+        assert got.logprobs == pytest.approx(want.logprobs, abs=1e-5)
+    if backend == "eager":
+        assert [g.logprobs for g in outputs] == [g.logprobs for g in expected]
+
+
+def test_matmul_and_sdpa_decode_attention_agree(tiny_model, lookahead):
+    """The matmul decode attention (the new token's key/value taken directly, the cache written in one
+    scatter after the layers) against the earlier SDPA path: the same tokens, logprobs and cache contents,
+    with refills, compaction and a weight swap in flight."""
+    params = SamplingParams(max_new_tokens=9, temperature=0.9, top_p=0.95, seed=11)
+    limits = [9, 4, 9, 2, 7, 9, 5]
+    runs = {}
+    for attention in ("sdpa", "matmul"):
+        engine = TorchEngine(copy.deepcopy(tiny_model), pad_token_id=0, lookahead=lookahead, max_slots=3,
+                             sync_every=2, kv_bucket=4, decode_attention=attention)
+        new_weights = {name: p.detach() * 1.01 for name, p in engine.model.named_parameters()}
+        calls = iter(range(1000))
+
+        def swap(engine=engine, new_weights=new_weights, calls=calls) -> bool:
+            if next(calls) == 12:
+                engine.load_weights(new_weights, 1)
+                return True
+            return False
+
+        outputs = engine.generate(PROMPTS, params, weight_update=swap, max_new_tokens=limits)
+        runs[attention] = (outputs, engine._state.cache, engine.stats, engine._state.lengths[:3].tolist())
+    (sdpa, sdpa_cache, sdpa_stats, sdpa_lengths), (matmul, matmul_cache, matmul_stats, lengths) = (
+        runs["sdpa"], runs["matmul"])
+    assert lengths == sdpa_lengths
+    assert sdpa_stats["recomputes"] == matmul_stats["recomputes"] == 1
+    assert [g.tokens for g in matmul] == [g.tokens for g in sdpa]
+    assert [g.versions for g in matmul] == [g.versions for g in sdpa]
+    for got, want in zip(matmul, sdpa):
+        assert got.logprobs == pytest.approx(want.logprobs, abs=1e-5)
+    # the positions each slot's last occupant wrote (those past them hold stale data)
+    for slot, length in enumerate(lengths):
+        for name in ("keys", "values"):
+            torch.testing.assert_close(getattr(matmul_cache, name)[:, slot, :, :length],
+                                       getattr(sdpa_cache, name)[:, slot, :, :length], atol=1e-5, rtol=1e-5)
