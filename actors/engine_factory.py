@@ -69,3 +69,31 @@ def build_engine(
 
         return VLLMEngine(str(model_path), dtype=_dtype_name(dtype), seed=seed, **engine_kwargs)
     raise ValueError(f"unknown engine {kind!r}: choose one of {', '.join(ENGINE_KINDS)}")
+
+
+class EngineWeights:
+    """The named tensors a weight receiver writes each version into, for either engine.
+
+    The built-in engine's are its model's own parameters, updated in place; vLLM's live inside vLLM, so a
+    host copy (loaded from the checkpoint in `dtype`) takes the receiver's writes and is loaded into vLLM
+    by `applied`."""
+
+    def __init__(self, engine, model_path: str | os.PathLike, dtype: str | torch.dtype = "float32") -> None:
+        from actors.engine import TorchEngine
+
+        self.engine = engine
+        self.in_place = isinstance(engine, TorchEngine)
+        if self.in_place:
+            self.tensors = dict(engine.model.named_parameters())
+        else:
+            from areal_async.model import load_pretrained
+
+            model = load_pretrained(model_path, getattr(torch, _dtype_name(dtype)))
+            self.tensors = {name: param.detach() for name, param in model.named_parameters()}
+
+    def applied(self, version: int) -> None:
+        """The receiver has written `version` into `tensors`: the engine generates with it from now on."""
+        if self.in_place:
+            self.engine.version = version
+        else:
+            self.engine.load_weights(self.tensors, version)

@@ -7,10 +7,10 @@ import time
 
 import torch
 
-from actors.engine import TorchEngine
+from actors.engine_factory import EngineWeights, build_engine
 from actors.rollout import RolloutWorker
 from areal_async.config import TrainConfig
-from areal_async.model import load_pretrained, load_tokenizer
+from areal_async.model import load_tokenizer
 from areal_async.process_groups import join_run_world
 from areal_async.reward import RewardVerifier
 from areal_async.weight_sync import TorchDistributedTransport, WeightReceiver, state_checksum
@@ -39,18 +39,24 @@ class RolloutActor:
         torch.set_num_threads(cluster.torch_threads_per_worker)
         _, sync_group = join_run_world(address, world_size, rank, backend, num_learner_ranks)
         tokenizer = load_tokenizer(self.model_path)
-        model = load_pretrained(self.model_path, getattr(torch, self.config.model.dtype), device=cluster.rollout_device)
-        engine = TorchEngine(model, tokenizer.pad_token_id, cluster.rollout_device)
+        dtype = self.config.model.dtype
+        kind = self.config.rollout.engine.value
+        # vLLM would take this process's torch.distributed world (the run's) for its own: its engine core runs
+        # in a child process instead, and weight updates reach it as a pickled call.
+        options = {"multiprocessing": True} if kind == "vllm" else {}
+        engine = build_engine(kind, self.model_path, dtype, cluster.rollout_device,
+                              pad_token_id=tokenizer.pad_token_id, seed=self.config.seed + self.worker_index, **options)
+        self.weights = EngineWeights(engine, self.model_path, dtype)
         self.verifier = RewardVerifier.from_config(self.config.reward, num_workers=1)
         decode = lambda tokens: tokenizer.decode(tokens, skip_special_tokens=True)  # noqa: E731
         self.worker = RolloutWorker(engine, decode, self.verifier, [tokenizer.eos_token_id])
-        self.receiver = WeightReceiver(dict(model.named_parameters()), TorchDistributedTransport(sync_group))
+        self.receiver = WeightReceiver(self.weights.tensors, TorchDistributedTransport(sync_group))
         self._sync()
         return engine.version
 
     def _sync(self) -> None:
         started = time.perf_counter()
-        self.worker.engine.version = self.receiver.sync()
+        self.weights.applied(self.receiver.sync())
         self.weight_sync_seconds += time.perf_counter() - started
 
     def weight_update(self, force: bool = False) -> bool:
@@ -86,5 +92,5 @@ class RolloutActor:
         return {
             "worker": self.worker_index, "groups": groups, "tokens": tokens, "errors": errors,
             "version": self.worker.engine.version, "weight_sync_seconds": self.weight_sync_seconds,
-            "weights_checksum": state_checksum(dict(self.worker.engine.model.named_parameters())),
+            "weights_checksum": state_checksum(self.weights.tensors),
         }

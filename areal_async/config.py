@@ -24,6 +24,11 @@ class BehaviourWeightMode(enum.Enum):
     mask = "mask"  # tokens with w > cap leave the loss (AReaL's choice)
 
 
+class EngineKind(enum.Enum):
+    torch = "torch"  # the built-in engine (continuous batching; CUDA graphs on GPU)
+    vllm = "vllm"  # actors/vllm_engine.py; needs vLLM installed (the `vllm` extra)
+
+
 class WandbMode(enum.Enum):
     disabled = "disabled"
     offline = "offline"
@@ -105,6 +110,7 @@ class RolloutConfig:
     queue_capacity_per_shard: int = 256  # groups; a full shard makes workers wait (backpressure)
     num_queue_shards: int = 1
     log_trajectories: bool = True  # zarr log of every consumed trajectory in the run folder
+    engine: EngineKind = EngineKind.torch  # the rollout workers' engine (vllm: cluster.placement=ray only)
 
 
 class Placement(enum.Enum):

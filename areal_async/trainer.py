@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from areal_async.config import Placement, SFTConfig, TrainConfig
+from areal_async.config import EngineKind, Placement, SFTConfig, TrainConfig
 from areal_async.checkpointing import (
     commit_checkpoint,
     latest_run_checkpoint,
@@ -63,6 +63,9 @@ def validate(config: TrainConfig) -> None:
     if config.resume and not config.run_name:
         raise ValueError("resume=true needs run_name=<the run to continue>")
     cluster = config.cluster
+    if config.rollout.engine is not EngineKind.torch and cluster.placement is not Placement.ray:
+        raise ValueError(f"rollout.engine={config.rollout.engine.value} drives the rollout workers of "
+                         "cluster.placement=ray; inline runs (and the driver's evaluation) use the built-in engine")
     if cluster.placement is Placement.ray:
         if torch.device(config.device).type != torch.device(cluster.rollout_device).type:
             raise ValueError(f"cluster.placement=ray: device={config.device} (learner ranks) and "

@@ -45,3 +45,33 @@ def test_importing_the_adapter_does_not_import_vllm():
 def test_vllm_engine_without_vllm_says_how_to_install_it():
     with pytest.raises(ImportError, match="install the vllm extra"):
         build_engine("vllm", CHECKPOINT)
+
+
+def test_engine_weights_are_the_built_in_engines_own_parameters():
+    from actors.engine_factory import EngineWeights
+
+    engine = build_engine("torch", CHECKPOINT)
+    weights = EngineWeights(engine, CHECKPOINT)
+    params = dict(engine.model.named_parameters())
+    assert weights.tensors.keys() == params.keys()
+    assert all(weights.tensors[name] is params[name] for name in params)  # a receiver writes in place
+    weights.applied(7)
+    assert engine.version == 7
+
+
+def test_engine_weights_load_a_host_copy_into_other_engines():
+    from actors.engine_factory import EngineWeights
+
+    class Recorder:  # an engine whose weights live elsewhere, as vLLM's do
+        def load_weights(self, state, version):
+            self.loaded = ({name: tensor.clone() for name, tensor in state.items()}, version)
+
+    engine = Recorder()
+    weights = EngineWeights(engine, CHECKPOINT)
+    reference = dict(build_engine("torch", CHECKPOINT).model.named_parameters())
+    assert all(torch.equal(weights.tensors[name], reference[name]) for name in reference)
+    with torch.no_grad():
+        weights.tensors["model.norm.weight"].add_(1.0)  # what a receiver's delta does
+    weights.applied(3)
+    loaded, version = engine.loaded
+    assert version == 3 and torch.equal(loaded["model.norm.weight"], reference["model.norm.weight"] + 1.0)

@@ -150,6 +150,15 @@ def _reference_flash_backward(grad_out, q, k, v, out, lse, cu_seqlens, max_len):
     return grad_q, fold(grad_keys), fold(grad_values)
 
 
+def _logprobs_and_grads(model, batch):
+    """Packed logprobs at T = 0.9 and the parameter gradients of a fixed weighted sum of them."""
+    model.zero_grad(set_to_none=True)
+    logprobs = packed_sequence_logprobs(model, batch, 0.9)
+    weights = torch.linspace(-1, 1, int(batch.output_mask.sum()), dtype=logprobs.dtype)
+    (logprobs[batch.output_mask] * weights).sum().backward()
+    return logprobs.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 def test_flash_layout_matches_dense_mask_path(monkeypatch, compiled):
     """The varlen-flash code path (DocumentSpans, [tokens, heads, dim] layout, the custom op's autograd and
@@ -161,14 +170,7 @@ def test_flash_layout_matches_dense_mask_path(monkeypatch, compiled):
     model = _model(5).to(torch.float64).train()
     batch = pack_prompt_output_batch(PROMPTS, OUTPUTS)
 
-    def logprobs_and_grads(m):
-        m.zero_grad(set_to_none=True)
-        logprobs = packed_sequence_logprobs(m, batch, 0.9)
-        weights = torch.linspace(-1, 1, int(batch.output_mask.sum()), dtype=logprobs.dtype)
-        (logprobs[batch.output_mask] * weights).sum().backward()
-        return logprobs.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
-
-    dense_logprobs, dense_grads = logprobs_and_grads(model)
+    dense_logprobs, dense_grads = _logprobs_and_grads(model, batch)
     monkeypatch.setattr(decoder, "_flash_varlen_forward_impl", _reference_flash_forward)
     monkeypatch.setattr(decoder, "_flash_varlen_backward_impl", _reference_flash_backward)
     monkeypatch.setattr(decoder, "packed_attention_mask", lambda ids, dtype, head_dim, lengths=None:
@@ -177,7 +179,7 @@ def test_flash_layout_matches_dense_mask_path(monkeypatch, compiled):
         torch._dynamo.reset()
         for layer in model.model.layers:
             layer.compile(backend="aot_eager")
-    flash_logprobs, flash_grads = logprobs_and_grads(model)
+    flash_logprobs, flash_grads = _logprobs_and_grads(model, batch)
     if compiled:
         torch._dynamo.reset()
     assert (flash_logprobs - dense_logprobs).abs().max().item() < 1e-10
@@ -220,14 +222,7 @@ def test_cudnn_length_group_path_matches_sdpa_path(monkeypatch, case, compiled):
     model = _model(6).to(torch.float64).train()
     batch = pack_prompt_output_batch(prompts, outputs)
 
-    def logprobs_and_grads(m):
-        m.zero_grad(set_to_none=True)
-        logprobs = packed_sequence_logprobs(m, batch, 0.9)
-        weights = torch.linspace(-1, 1, int(batch.output_mask.sum()), dtype=logprobs.dtype)
-        (logprobs[batch.output_mask] * weights).sum().backward()
-        return logprobs.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
-
-    sdpa_logprobs, sdpa_grads = logprobs_and_grads(model)
+    sdpa_logprobs, sdpa_grads = _logprobs_and_grads(model, batch)
     monkeypatch.setattr(decoder, "_cudnn_causal_forward_impl", _reference_cudnn_forward)
     monkeypatch.setattr(decoder, "_cudnn_causal_backward_impl", _reference_cudnn_backward)
     layouts = []
@@ -242,7 +237,7 @@ def test_cudnn_length_group_path_matches_sdpa_path(monkeypatch, case, compiled):
         torch._dynamo.reset()
         for layer in model.model.layers:
             layer.compile(backend="aot_eager")
-    cudnn_logprobs, cudnn_grads = logprobs_and_grads(model)
+    cudnn_logprobs, cudnn_grads = _logprobs_and_grads(model, batch)
     if compiled:
         torch._dynamo.reset()
     assert (layouts[0].order is None) == (case == "equal")

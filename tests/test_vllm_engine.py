@@ -266,3 +266,30 @@ def test_weight_reload_through_a_multiprocess_engine_core(engines, prompts, pert
     finally:
         engine.close()
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+
+def test_asynchronous_run_with_vllm_rollout_workers(tmp_path):
+    """rollout.engine=vllm: a Ray run whose rollout worker generates with vLLM and receives every version
+    over the weight-sync group into its host copy, then loads it into vLLM."""
+    ray = pytest.importorskip("ray")
+    import json
+
+    from areal_async.cli import compose_config
+    from areal_async.trainer import run_training
+
+    config = compose_config("train", [
+        "cluster.placement=ray", "rollout.engine=vllm", "cluster.num_rollout_workers=1",
+        "cluster.cpus_per_rollout_worker=0.5", "cluster.cpus_per_learner_rank=0.5", "rollout.max_staleness=1",
+        "rollout.groups_per_step=4", "rollout.groups_per_request=4", "generation.group_size=4", "total_steps=4",
+        "data.num_heldout=8", "eval.num_samples=2", "reward.num_workers=1", "generation.max_new_tokens=12",
+        f"output_dir={tmp_path}", "run_name=vllm",
+    ])
+    try:
+        summary = run_training(config, show_progress=False)
+    finally:
+        ray.shutdown()
+    assert summary["version"] == 4 and summary["ledger_balanced"] and summary["consumed"] == 16
+    assert [w["version"] for w in summary["workers"]] == [4]
+    assert summary["rollout_weights_identical"]  # the worker's host copy, which vLLM loaded, is the learner's
+    lines = [json.loads(line) for line in (tmp_path / "vllm" / "metrics.jsonl").read_text().splitlines()]
+    assert all(line["staleness_max"] <= 1 for line in lines)
