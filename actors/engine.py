@@ -182,7 +182,7 @@ class TorchEngine:
         sync_every: int = 8,
         refill_fraction: float = 1 / 16,
         cuda_graphs: bool | None = None,
-        kv_bucket: int = 128,
+        kv_bucket: int = 64,
         prefill_tokens: int = 16384,
         lookahead: int | None = None,
         compile_decode: bool | None = None,

@@ -404,7 +404,7 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="run the correctness bars")
     parser.add_argument("--check-prompts", type=int, default=32)
     parser.add_argument("--check-new-tokens", type=int, default=128)
-    parser.add_argument("--kv-bucket", type=int, default=128)
+    parser.add_argument("--kv-bucket", type=int, default=64)
     parser.add_argument("--sync-every", type=int, default=8)
     parser.add_argument("--profile", action="store_true", help="kernel table of eager decode steps")
     parser.add_argument("--tiny", action="store_true", help="a tiny shape and workload on CPU (smoke test)")
