@@ -86,6 +86,13 @@ class RayLearnerGroup:
         """The ranks load `path` when `RayCluster.start` connects them."""
         self.checkpoint = path
 
+    def publish(self, version: int) -> None:
+        """Rank 0 publishes `version` to the workers; the other ranks take part in gathering it."""
+        self._all("publish", version)
+
+    def close(self) -> None:
+        self._all("close")
+
 
 class RayCluster:
     """Rollout workers generating concurrently with the learner ranks, fed by an admission controller actor.
@@ -157,7 +164,7 @@ class RayCluster:
     def publish(self, version: int) -> None:
         """Announces `version` and runs its publish round (every worker joins at its next token boundary)."""
         self.controller.set_version(version)
-        self.learner._all("publish", version)
+        self.learner.publish(version)
 
     def check_workers(self) -> None:
         """Raises the error of a worker that stopped on its own."""
@@ -180,5 +187,5 @@ class RayCluster:
             _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.1)
         results = ray.get(self.running)
         if self.running:  # the world exists only once started
-            self.learner._all("close")
+            self.learner.close()
         return results

@@ -124,7 +124,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
-        from actors.engine import TorchEngine  # actors and learners meet only here, through areal_async types
+        from actors.engine_factory import build_engine  # actors and learners meet only here, through areal_async types
         from actors.rollout import RolloutWorker
         from learners.ppo_learner import PPOLearner
 
@@ -152,7 +152,7 @@ class Trainer:
         log_dir = str(self.run_dir / "trajectories") if rollout.log_trajectories else None
         self.verifier = RewardVerifier.from_config(config.reward)
         # the driver's engine: the rollout engine when inline, the evaluation engine in both placements
-        engine = TorchEngine(load_pretrained(self.model_path, dtype), self.tokenizer.pad_token_id, config.device)
+        engine = build_engine("torch", self.model_path, dtype, config.device, pad_token_id=self.tokenizer.pad_token_id)
         decode = lambda tokens: self.tokenizer.decode(tokens, skip_special_tokens=True)  # noqa: E731
         self.worker = RolloutWorker(engine, decode, self.verifier, [self.tokenizer.eos_token_id])
         self.ray_cluster = None

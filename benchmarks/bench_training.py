@@ -324,10 +324,9 @@ def ours_system(compile_layers: bool, activation_checkpointing: bool, decoupled:
     torch.manual_seed(0)
     with torch.device(DEVICE):
         model = CausalLM(DecoderConfig(**SHAPE, tie_word_embeddings=False))
-    config = PPOConfig(lr=1e-6, micro_batch_tokens=SIZES["budget"],
+    config = PPOConfig(lr=1e-6, micro_batch_tokens=SIZES["budget"], activation_checkpointing=activation_checkpointing,
                        objective=Objective.decoupled if decoupled else Objective.naive)
     learner = fsdp_learner.FSDPLearner(model, config, pad_token_id=0, temperature=1.0, device=DEVICE,
-                                       activation_checkpointing=activation_checkpointing,
                                        compile_layers=compile_layers)
 
     def make_steps(sequences: list[torch.Tensor]):

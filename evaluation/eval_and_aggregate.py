@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from actors.engine_factory import ENGINE_KINDS, build_engine
 from areal_async.reward.extraction import EXTRACT_MODES
 from evaluation.benchmarks import (
     DATA_DIR_ENV,
@@ -31,7 +32,6 @@ from evaluation.metrics import markdown_table
 from evaluation.prompts import PROMPT_TYPES
 from evaluation.runner import EvalSettings, RunFolderMismatch, evaluate, write_json_atomic
 
-ENGINES = ("torch", "vllm")
 EXAMPLES = f"""
 benchmarks: {", ".join(sorted(KNOWN_BENCHMARKS))} (files in --data-dir), or NAME=FILE.jsonl with optional
   ,problem=FIELD ,answer=FIELD ,id=FIELD ,format=plain|after_hashes (GSM8K-style '#### 42' answers) ,title=TEXT
@@ -74,7 +74,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         "(answer in <answer></answer>); boxed: the synthetic task's 'Q: ...\\nA: '; none: raw text")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="generation seeds derive from it")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="requests per generate call")
-    parser.add_argument("--engine", choices=ENGINES, default="torch", help="generation engine")
+    parser.add_argument("--engine", choices=ENGINE_KINDS, default="torch", help="generation engine")
     parser.add_argument("--device", default="auto", help="torch engine device (auto: cuda if available, else cpu)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="model dtype (auto: bfloat16 on GPU, float32 on CPU)")
@@ -103,27 +103,13 @@ def resolve_device_and_dtype(device: str, dtype: str) -> tuple[str, str]:
     return device, dtype
 
 
-def build_engine(kind: str, checkpoint: str, tokenizer, dtype: str, device: str, seed: int):
-    """The generation engine: the built-in TorchEngine, or the vLLM engine (``actors.vllm_engine.VLLMEngine``,
-    constructed as ``VLLMEngine(model_path=..., dtype=..., seed=...)``)."""
-    if kind == "torch":
-        import torch
-
-        from actors.engine import TorchEngine
-        from areal_async.model import load_pretrained
-
-        return TorchEngine(load_pretrained(checkpoint, getattr(torch, dtype)), tokenizer.pad_token_id, device)
-    if kind == "vllm":
-        try:
-            from actors.vllm_engine import VLLMEngine
-
-            return VLLMEngine(model_path=str(checkpoint), dtype=dtype, seed=seed)
-        except ImportError as error:  # the adapter module or the vllm package is missing
-            raise EngineNotAvailable(
-                f"--engine vllm is not available here: {error}. Use --engine torch, or install vLLM "
-                "(pip install 'areal-async[vllm]')."
-            ) from error
-    raise ValueError(f"unknown engine {kind!r}: choose one of {ENGINES}")
+def open_engine(kind: str, checkpoint: str, tokenizer, dtype: str, device: str, seed: int):
+    """`actors.engine_factory.build_engine` for `checkpoint`, padding with `tokenizer`'s pad id; an engine that
+    cannot be imported here (vLLM absent) is an EngineNotAvailable, reported as a command-line error."""
+    try:
+        return build_engine(kind, checkpoint, dtype, device, pad_token_id=tokenizer.pad_token_id, seed=seed)
+    except ImportError as error:
+        raise EngineNotAvailable(f"--engine {kind} is not available here: {error}") from error
 
 
 def checkpoint_labels(paths: list[str]) -> list[str]:
@@ -204,7 +190,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 max_context = load_config(checkpoint).max_position_embeddings
             except (ValueError, KeyError, TypeError):
                 max_context = None
-            engine = build_engine(args.engine, checkpoint, tokenizer, dtype, device, args.seed)
+            engine = open_engine(args.engine, checkpoint, tokenizer, dtype, device, args.seed)
             identity = {"checkpoint": str(Path(checkpoint).resolve()), "engine": args.engine, "dtype": dtype,
                         "extract_mode": args.extract_mode}
             print(f"evaluating {checkpoint} -> {folder}")

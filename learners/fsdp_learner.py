@@ -221,7 +221,6 @@ class FSDPLearner:
         temperature: float,
         device: str | torch.device = "cpu",
         version: int = 0,
-        activation_checkpointing: bool = False,
         compile_layers: bool = False,
         group: dist.ProcessGroup | None = None,
     ) -> None:
@@ -232,13 +231,13 @@ class FSDPLearner:
             raise ValueError(f"ONE_RANK_MODE must be one of {ONE_RANK_MODES}, got {ONE_RANK_MODE!r}")
         self.sharded = dist.get_world_size(self.group) > 1 or ONE_RANK_MODE == "fsdp"
         if self.sharded:
-            shard_policy(self.ppo.model, self.mesh, activation_checkpointing, compile_layers)
+            shard_policy(self.ppo.model, self.mesh, config.activation_checkpointing, compile_layers)
             if self.ppo.reference is not None:
                 shard_policy(self.ppo.reference, self.mesh)
         else:
             # The fp32 parameters stay the module's own (checkpoints and published weights see them as
             # they are); the forward passes run under autocast, which casts each weight for its matmul.
-            plain_policy(self.ppo.model, activation_checkpointing, compile_layers)
+            plain_policy(self.ppo.model, config.activation_checkpointing, compile_layers)
             self.ppo.autocast_dtype = plain_autocast_dtype(self.ppo.device.type)
             if self.ppo.reference is not None:  # frozen: kept in the compute dtype, as FSDP would compute it
                 self.ppo.reference.to(self.ppo.autocast_dtype or torch.float32)

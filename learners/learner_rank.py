@@ -39,15 +39,13 @@ class LearnerRank:
         if device.type == "cuda":  # Ray makes the rank's GPU the only visible one
             device = torch.device("cuda", torch.cuda.current_device())
         self.group, sync_group = join_run_world(address, world_size, self.rank, backend, cluster.num_learner_ranks)
-        ppo = self.config.ppo
         self.learner = FSDPLearner(
             load_pretrained(self.model_path, torch.float32),
-            ppo,
+            self.config.ppo,
             pad_token_id=load_tokenizer(self.model_path).pad_token_id,
             temperature=self.config.generation.temperature,
             device=device,
             version=version,
-            activation_checkpointing=ppo.activation_checkpointing,
             group=self.group,
         )
         if checkpoint is not None:

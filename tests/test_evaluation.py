@@ -31,7 +31,7 @@ from evaluation import (
     pass_at_k,
     write_synthetic_benchmark,
 )
-from evaluation.eval_and_aggregate import EngineNotAvailable, build_engine
+from evaluation.eval_and_aggregate import EngineNotAvailable, open_engine
 from evaluation.prompts import PROMPT_TYPES
 from evaluation.runner import derive_seed, plan_batches
 
@@ -315,7 +315,7 @@ def test_vllm_engine_is_a_clear_error_when_unavailable():
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vllm is installed")
     with pytest.raises(EngineNotAvailable, match="--engine vllm is not available"):
-        build_engine("vllm", str(BUNDLED_WARMSTART), ByteTokenizer(), "float32", "cpu", 0)
+        open_engine("vllm", str(BUNDLED_WARMSTART), ByteTokenizer(), "float32", "cpu", 0)
 
 
 # ---------------------------------------------------------------------------

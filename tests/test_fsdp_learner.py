@@ -249,8 +249,8 @@ def one_rank_group():
 def gradient_and_mlp_calls(model: CausalLM, trajectories, activation_checkpointing: bool) -> tuple[dict, int]:
     """The full gradient of one backward over the batch, and how often layer 0's MLP ran (forward passes and
     recomputations)."""
-    learner = FSDPLearner(copy.deepcopy(model), PPOConfig(micro_batch_tokens=40), pad_token_id=0, temperature=1.0,
-                          activation_checkpointing=activation_checkpointing)
+    config = PPOConfig(micro_batch_tokens=40, activation_checkpointing=activation_checkpointing)
+    learner = FSDPLearner(copy.deepcopy(model), config, pad_token_id=0, temperature=1.0)
     micro_batches = learner.prepare(trajectories, trajectory_advantages(trajectories, normalise_std=False))
     mlp, calls = learner.model.model.layers[0].mlp, []
     mlp_forward = mlp.forward

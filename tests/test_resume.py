@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -29,23 +30,30 @@ def _consumed_groups(run_dir):
     return [(row["consumed_at_step"], row["group_id"]) for row in rows if row["sample_index"] == 0]
 
 
-def test_kill_and_resume_continues_exactly(tmp_path):
-    command = [sys.executable, "-m", "areal_async.cli", "train", *RUN, f"output_dir={tmp_path}", "run_name=killed",
-               "--no-progress"]
+def _kill_then_resume(overrides, tmp_path, startup_s: float) -> tuple[Path, subprocess.CompletedProcess]:
+    """Runs `areal-async train` with `overrides` (8 steps) as run "killed", SIGKILLs its whole process group
+    (the trainer and its verifier processes) after its 5th metrics line, then resumes it with resume=true.
+    Returns the run folder and the resumed process."""
+    command = [sys.executable, "-m", "areal_async.cli", "train", *overrides, f"output_dir={tmp_path}",
+               "run_name=killed", "--no-progress"]
     run_dir = tmp_path / "killed"
     process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + startup_s
     while len(_metrics(run_dir)) < 5 and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.05)
     assert process.poll() is None, "the run ended before it could be killed"
-    os.killpg(process.pid, signal.SIGKILL)  # the trainer and its verifier processes, mid-run
+    os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    killed_at = len(_metrics(run_dir))
-    assert 5 <= killed_at < 8
+    assert 5 <= len(_metrics(run_dir)) < 8
 
     resumed = subprocess.run([*command, "resume=true"], capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed" in resumed.stdout
+    return run_dir, resumed
+
+
+def test_kill_and_resume_continues_exactly(tmp_path):
+    run_dir, _ = _kill_then_resume(RUN, tmp_path, startup_s=180)
 
     lines = _metrics(run_dir)
     assert [line["step"] for line in lines] == list(range(8))
@@ -91,21 +99,8 @@ def test_kill_and_resume_an_asynchronous_run(tmp_path):
     SIGKILL and a resume the versions and steps continue without gaps or repeats, the ledger balances, no
     group is trained twice, and the worker ends with the learner's weights."""
     pytest.importorskip("ray")
-    command = [sys.executable, "-m", "areal_async.cli", "train", *RAY_RUN, f"output_dir={tmp_path}",
-               "run_name=killed", "--no-progress"]
-    run_dir = tmp_path / "killed"
-    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while len(_metrics(run_dir)) < 5 and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.05)
-    assert process.poll() is None, "the run ended before it could be killed"
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    assert 5 <= len(_metrics(run_dir)) < 8
-
-    resumed = subprocess.run([*command, "resume=true"], capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed" in resumed.stdout and "at step 4 " in resumed.stdout  # checkpoints every 2 steps
+    run_dir, resumed = _kill_then_resume(RAY_RUN, tmp_path, startup_s=300)
+    assert "at step 4 " in resumed.stdout  # checkpoints every 2 steps
 
     lines = _metrics(run_dir)
     assert [line["step"] for line in lines] == list(range(8))
