@@ -9,8 +9,7 @@ import torch
 
 from actors.engine import TorchEngine
 from actors.sampling import SamplingParams
-from areal_async.model import sequence_logprobs
-from areal_async.packing import pad_prompt_output_batch
+from conftest import behaviour_logprob_gap
 
 @pytest.fixture(params=[0, 1], ids=["synchronous", "lookahead"])
 def lookahead(request) -> int:
@@ -78,12 +77,7 @@ def test_sampled_logprobs_equal_recomputation_with_refills(tiny_model, lookahead
     params = SamplingParams(max_new_tokens=9, temperature=temperature, top_p=top_p, top_k=top_k, seed=5,
                             stop_token_ids=(3, 4))
     outputs = engine.generate(PROMPTS, params, max_new_tokens=[9, 3, 7, 9, 5, 9, 2])
-    batch = pad_prompt_output_batch(PROMPTS, [o.tokens for o in outputs], pad_token_id=0,
-                                    per_token={"behaviour": [o.logprobs for o in outputs]})
-    with torch.no_grad():
-        recomputed = sequence_logprobs(tiny_model, batch.input_ids, batch.valid, temperature)
-    diff = (recomputed - batch.values["behaviour"])[batch.output_mask].abs().max().item()
-    assert diff < 1e-5
+    assert behaviour_logprob_gap(tiny_model, PROMPTS, outputs, temperature) < 1e-5
 
 
 def test_a_request_draws_the_same_tokens_whatever_its_slot_and_company(tiny_model, lookahead):

@@ -2,14 +2,12 @@
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 
 from actors.engine import TorchEngine
 from actors.sampling import SamplingParams, draw, scaled_logprobs, truncate
-from areal_async.model import sequence_logprobs
-from areal_async.packing import pad_prompt_output_batch
+from conftest import behaviour_logprob_gap
 
 PROMPTS = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10], [11]]
 
@@ -66,12 +64,7 @@ def test_behaviour_logprobs_equal_learner_recomputation(tiny_model, temperature)
     engine = TorchEngine(copy.deepcopy(tiny_model), pad_token_id=0)
     params = SamplingParams(max_new_tokens=9, temperature=temperature, top_p=0.9, seed=1, stop_token_ids=(3,))
     outputs = engine.generate(PROMPTS, params)
-    batch = pad_prompt_output_batch(PROMPTS, [o.tokens for o in outputs], pad_token_id=0,
-                                    per_token={"behaviour": [o.logprobs for o in outputs]})
-    with torch.no_grad():
-        recomputed = sequence_logprobs(tiny_model, batch.input_ids, batch.valid, temperature)
-    diff = (recomputed - batch.values["behaviour"])[batch.output_mask].abs().max().item()
-    assert diff < 1e-5
+    assert behaviour_logprob_gap(tiny_model, PROMPTS, outputs, temperature) < 1e-5
 
 
 def test_load_weights_sets_version_and_values(tiny_model):
