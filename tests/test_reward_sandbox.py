@@ -1,12 +1,15 @@
 """The sandboxed worker pool: hostile answers, hung and crashed workers, parallelism, shutdown."""
 
+import subprocess
+import sys
+import textwrap
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from areal_async.reward import RewardVerifier, SandboxError, math_reward
+from areal_async.reward import RewardVerifier, SandboxError, Verdict, math_reward
 from areal_async.reward import verifier as verifier_module
 
 TIMEOUT_S = 2.0
@@ -28,7 +31,7 @@ def default_verifier(verifier, monkeypatch):
 
 
 def _worker_pids(pool_verifier: RewardVerifier) -> set[int]:
-    return {worker.process.pid for worker in pool_verifier._pool._workers}
+    return set(pool_verifier._pool.pids)
 
 
 def _gone(pid: int, within_s: float = 3.0) -> bool:
@@ -95,7 +98,7 @@ def test_model_text_is_never_executed(default_verifier, tmp_path):
 def test_hung_worker_is_killed_and_replaced(verifier):
     before = _worker_pids(verifier)
     start = time.monotonic()
-    assert verifier._run_debug_tasks(["_debug_hang"]) == [False]
+    assert verifier._run_debug_tasks(["_debug_hang"]) == [Verdict(False, "timeout")]
     elapsed = time.monotonic() - start
     assert TIMEOUT_S * 0.9 < elapsed < TIMEOUT_S + 1.0
     after = _worker_pids(verifier)
@@ -107,7 +110,7 @@ def test_hung_worker_is_killed_and_replaced(verifier):
 def test_crashed_worker_is_replaced(verifier):
     before = _worker_pids(verifier)
     start = time.monotonic()
-    assert verifier._run_debug_tasks(["_debug_crash"]) == [False]
+    assert verifier._run_debug_tasks(["_debug_crash"]) == [Verdict(False, "worker_died")]
     assert time.monotonic() - start < 1.0  # a death is noticed at once, not at the timeout
     after = _worker_pids(verifier)
     (crashed,) = before - after
@@ -117,7 +120,7 @@ def test_crashed_worker_is_replaced(verifier):
 
 def test_batch_runs_in_parallel(verifier):
     start = time.monotonic()
-    assert verifier._run_debug_tasks(["_debug_hang", "_debug_hang"]) == [False, False]
+    assert [v.value for v in verifier._run_debug_tasks(["_debug_hang", "_debug_hang"])] == [False, False]
     assert time.monotonic() - start < 1.8 * TIMEOUT_S
 
 
@@ -129,7 +132,8 @@ def test_other_tasks_proceed_while_one_hangs(verifier):
         ("_debug_crash", None),
         ("equivalent", ("3", "3.0")),
     ]
-    assert verifier._pool.run(tasks) == [True, False, False, False, True]
+    assert verifier._pool.run(tasks) == [Verdict(True), Verdict(False, "timeout"), Verdict(False),
+                                         Verdict(False, "worker_died"), Verdict(True)]
 
 
 def _address_space_limit(pid: int) -> str:
@@ -163,3 +167,49 @@ def test_invalid_configuration():
         RewardVerifier(extract_mode="nonsense")
     with pytest.raises(ValueError):
         RewardVerifier(num_workers=0)
+
+
+def test_failures_are_counted_apart_from_incorrect_answers():
+    with RewardVerifier(num_workers=1, timeout_s=TIMEOUT_S, memory_limit_mb=512) as pool_verifier:
+        verdicts = pool_verifier.verify_batch([r"\boxed{3}", r"\boxed{4}"], [["3"], ["5"]])
+        assert verdicts == [Verdict(True), Verdict(False)] and not pool_verifier.failures
+        assert pool_verifier._run_debug_tasks(["_debug_allocate"], 4096) == [Verdict(False, "out_of_memory")]
+        assert pool_verifier._run_debug_tasks(["_debug_allocate"], 8) == [Verdict(True)]  # the worker survives
+        hostile = "\\boxed{" + "(" * 10_000 + "1" + ")" * 10_000 + "}"
+        (verdict,) = pool_verifier.verify_batch([hostile], [["1"]])
+        assert verdict.value is False
+
+
+def test_a_cap_too_small_to_verify_is_an_error_naming_it():
+    with pytest.raises(SandboxError, match="memory cap of 5 MB .*reward.memory_limit_mb"):
+        RewardVerifier(num_workers=1, memory_limit_mb=5)
+
+
+def _run_script(tmp_path: Path, source: str) -> subprocess.CompletedProcess:
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(source))
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+
+def test_a_script_without_a_main_guard_can_score(tmp_path):
+    """Workers never import the caller's main module (multiprocessing's spawn and forkserver would)."""
+    result = _run_script(tmp_path, """
+        from areal_async.reward import math_reward
+        print("reward", math_reward(r"\\boxed{x^2+2x+1}", ["(x+1)^2"]))
+    """)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["reward 5.0"]
+
+
+def test_the_cap_applies_to_a_clean_process(tmp_path):
+    """A main that imports torch (gigabytes of address space on GPU images) leaves the workers' cap untouched."""
+    result = _run_script(tmp_path, """
+        import torch
+        from areal_async.reward import RewardVerifier
+
+        if __name__ == "__main__":
+            with RewardVerifier(num_workers=2, memory_limit_mb=600) as verifier:
+                print("reward", verifier.score(r"\\boxed{x^2+2x+1}", ["(x+1)^2"]), dict(verifier.failures))
+    """)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["reward 5.0 {}"]

@@ -5,13 +5,14 @@ builds sympy objects) and every check runs in worker processes with a timeout an
 """
 
 from areal_async.reward.extraction import EXTRACT_MODES, extract_answer
-from areal_async.reward.sandbox import SandboxError
+from areal_async.reward.sandbox import SandboxError, Verdict
 from areal_async.reward.verifier import RewardVerifier, is_equivalent, math_reward
 
 __all__ = [
     "EXTRACT_MODES",
     "RewardVerifier",
     "SandboxError",
+    "Verdict",
     "extract_answer",
     "is_equivalent",
     "math_reward",

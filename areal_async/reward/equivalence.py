@@ -293,5 +293,7 @@ def _sympy_equal(prediction: sympy.Expr, gold: sympy.Expr, percent: bool = False
             return finite and _close(prediction_value, gold_value, percent)
         difference = prediction - gold
         return sympy.expand(difference) == 0 or sympy.simplify(difference) == 0
+    except MemoryError:  # the worker's memory cap: a verdict that could not be computed, not "unequal"
+        raise
     except Exception:  # sympy raises many unrelated error types on odd input; odd input is unequal
         return False

@@ -7,10 +7,11 @@ runs in the verifier's worker pool, so a hostile answer costs at most the timeou
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Sequence
 
 from areal_async.reward.extraction import EXTRACT_MODES
-from areal_async.reward.sandbox import SandboxPool
+from areal_async.reward.sandbox import SandboxPool, Verdict
 
 DEFAULT_CORRECT_REWARD = 5.0
 DEFAULT_INCORRECT_REWARD = -5.0
@@ -22,8 +23,10 @@ class RewardVerifier:
     Args:
         num_workers: Worker processes; a batch is spread over all of them.
         timeout_s: Wall-clock limit for one response (extraction and all gold comparisons);
-            a worker that overruns it is killed and replaced, and the response scores incorrect.
-        memory_limit_mb: Address-space cap of each worker.
+            a worker that overruns it is killed and replaced, and the response scores incorrect (counted in
+            `failures` as "timeout", apart from incorrect answers).
+        memory_limit_mb: Address-space cap of each worker (a clean process that imports only the verifier);
+            a cap under which a worker cannot verify a trivial equivalence fails construction with the cause.
         correct_reward, incorrect_reward: What :meth:`score` returns.
         extract_mode: How the answer is taken from a response (see ``extract_answer``).
     """
@@ -43,6 +46,7 @@ class RewardVerifier:
         self.incorrect_reward = incorrect_reward
         self.extract_mode = extract_mode
         self._pool = SandboxPool(num_workers, timeout_s, memory_limit_mb)
+        self.failures: Counter = Counter()  # verdicts that could not be computed, by reason, since construction
 
     @classmethod
     def from_config(cls, reward, num_workers: int | None = None) -> "RewardVerifier":
@@ -60,15 +64,22 @@ class RewardVerifier:
     def closed(self) -> bool:
         return self._pool.closed
 
-    def check_batch(self, responses: Sequence[str], gold_answers: Sequence[Sequence[str]]) -> list[bool]:
-        """Whether each response's answer equals one of its gold answers, in input order."""
+    def verify_batch(self, responses: Sequence[str], gold_answers: Sequence[Sequence[str]]) -> list[Verdict]:
+        """Per response, in input order: whether its answer equals one of its gold answers, and the failure
+        (timeout, out of memory, ...) when no verdict could be computed (the value is then False)."""
         if len(responses) != len(gold_answers):
             raise ValueError(f"{len(responses)} responses but {len(gold_answers)} gold answer lists")
         tasks = [
             ("score", (str(response), _gold_strings(golds), self.extract_mode))
             for response, golds in zip(responses, gold_answers)
         ]
-        return self._pool.run(tasks)
+        verdicts = self._pool.run(tasks)
+        self.failures.update(v.failure for v in verdicts if v.failure is not None)
+        return verdicts
+
+    def check_batch(self, responses: Sequence[str], gold_answers: Sequence[Sequence[str]]) -> list[bool]:
+        """Whether each response's answer equals one of its gold answers, in input order."""
+        return [verdict.value for verdict in self.verify_batch(responses, gold_answers)]
 
     def score(self, response: str, gold_answers: Sequence[str]) -> float:
         """The reward of one response."""
@@ -85,7 +96,7 @@ class RewardVerifier:
         """Whether two final answers are equivalent, decided inside the sandbox."""
         if prediction is None or gold is None:
             return False
-        return self._pool.run([("equivalent", (str(prediction), str(gold)))])[0]
+        return self._pool.run([("equivalent", (str(prediction), str(gold)))])[0].value
 
     def close(self) -> None:
         """Stop the worker processes (idempotent)."""
@@ -97,9 +108,9 @@ class RewardVerifier:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _run_debug_tasks(self, kinds: list[str]) -> list[bool]:
+    def _run_debug_tasks(self, kinds: list[str], payload: object = None) -> list[Verdict]:
         """Test hook: run worker task kinds such as ``_debug_hang`` and ``_debug_crash``."""
-        return self._pool.run([(kind, None) for kind in kinds])
+        return self._pool.run([(kind, payload) for kind in kinds])
 
 
 def _gold_strings(gold_answers: Sequence[str] | str) -> list[str]:
