@@ -20,6 +20,7 @@ captured graphs keep reading the same parameter storage.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -27,7 +28,7 @@ import torch
 
 from actors.sampling import SamplingParams, sample
 from areal_async.model import CausalLM
-from areal_async.model.slot_cache import SlotKVCache
+from areal_async.model.slot_cache import SlotKVCache, slot_cache_bytes
 
 MAX_STOP_IDS = 8  # stop ids held in the static buffer (grows if a call brings more)
 _SEED_MIX = 0x9E3779B97F4A7C15
@@ -113,13 +114,32 @@ class _SlotState:
 
 
 class CudaGraphs:
-    """Captures decode steps into CUDA graphs sharing one memory pool (they never run concurrently, and their
-    results live in the engine's persistent buffers, so a replay never reads another graph's memory)."""
+    """Captured decode steps by key, sharing one memory pool (they never run concurrently, and their results
+    live in the engine's persistent buffers, so a replay never reads another graph's memory).
+
+    A pool lives as long as a graph captured into it: once every graph of a pool is gone, the caching
+    allocator refuses new captures into it (an internal assert), so `clear` starts a fresh pool along with
+    the fresh graphs. Each instance has its own pools: several engines in one process never share one."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.pool = torch.cuda.graph_pool_handle()
         self.stream = torch.cuda.Stream(device)
+        self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def keys(self) -> list[tuple]:
+        return list(self._graphs)
+
+    def get(self, key: tuple) -> torch.cuda.CUDAGraph | None:
+        return self._graphs.get(key)
+
+    def clear(self) -> None:
+        """Drops every graph (their buffers are about to be reallocated) and starts a new pool."""
+        self._graphs.clear()
+        self.pool = torch.cuda.graph_pool_handle()
 
     def warm(self, step: Callable[[], None]) -> None:
         """Runs `step` for real on a side stream (lazy initialisation before the capture)."""
@@ -129,12 +149,14 @@ class CudaGraphs:
             step()
         current.wait_stream(self.stream)
 
-    def capture(self, step: Callable[[], None]):
-        """Records `step` without running it; the result's replay() runs it."""
+    def capture(self, key: tuple, step: Callable[[], None]) -> None:
+        """Runs `step` for real once (lazy initialisation), then records it as the graph of `key`, whose
+        replay() runs it."""
+        self.warm(step)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             step()
-        return graph
+        self._graphs[key] = graph
 
 
 def _request_uniforms(seed: int, index: int, count: int) -> torch.Tensor:
@@ -188,6 +210,7 @@ class TorchEngine:
         compile_decode: bool | None = None,
         compile_backend: str = "inductor",
         decode_attention: str = "sdpa",
+        kv_memory_gib: float | None = None,
     ) -> None:
         self.model = model.to(device).eval()
         self.pad_token_id = pad_token_id
@@ -199,7 +222,7 @@ class TorchEngine:
         # runs of decode steps queued ahead of the host's reads (default: one on CUDA, none elsewhere)
         self.lookahead = (1 if self.device.type == "cuda" else 0) if lookahead is None else lookahead
         self.graphs = CudaGraphs(self.device) if use_graphs else None
-        self._captured: dict[tuple, object] = {}
+        self.kv_memory_bytes = None if kv_memory_gib is None else int(kv_memory_gib * 2**30)
         self.decode_attention = decode_attention
         self._logits_and_sample = self._decode_forward
         if compile_decode is None:
@@ -234,8 +257,24 @@ class TorchEngine:
 
     def release(self) -> None:
         """Frees the slot buffers and captured graphs (they are rebuilt by the next call)."""
-        self._captured.clear()
+        if self.graphs is not None:
+            self.graphs.clear()
         self._state = None
+
+    def slots_within_budget(self, max_len: int) -> int:
+        """The most slots whose KV cache of `max_len` positions (rounded up to a bucket) fits `kv_memory_gib`
+        (max_slots without a budget)."""
+        if self.kv_memory_bytes is None:
+            return self.max_slots
+        max_len = _round_up(max_len, self.kv_bucket)
+        per_slot = slot_cache_bytes(self.model.config, 1, max_len, self._dtype) - slot_cache_bytes(
+            self.model.config, 0, max_len, self._dtype)
+        fitting = (self.kv_memory_bytes - slot_cache_bytes(self.model.config, 0, max_len, self._dtype)) // per_slot
+        return int(min(self.max_slots, max(0, fitting)))
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
 
     # --- generation --------------------------------------------------------------------------------------
 
@@ -270,15 +309,19 @@ class TorchEngine:
         if len(limits) != count or min(limits) < 1:
             raise ValueError("max_new_tokens needs one limit >= 1 per prompt")
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
-        slots = min(count, self.max_slots)
         max_len = max(len(p) + limit for p, limit in zip(prompts, limits))
+        slots = min(count, self.slots_within_budget(max_len))
+        if slots < 1:
+            needed = slot_cache_bytes(self.model.config, 1, _round_up(max_len, self.kv_bucket), self._dtype)
+            raise ValueError(f"the engine's KV memory budget (kv_memory_gib={self.kv_memory_bytes / 2**30:.3g}) "
+                             f"holds no sequence of {max_len} tokens, which needs {needed / 2**30:.3g} GiB")
         state = self._ensure_state(slots, max_len, max(limits), len(params.stop_token_ids))
         state.active.zero_()
         state.stop_ids.fill_(-1)
         if params.stop_token_ids:
             state.stop_ids[: len(params.stop_token_ids)] = torch.as_tensor(params.stop_token_ids)
         self.stats = {"decode_steps": 0, "prefill_forwards": 0, "syncs": 0, "recomputes": 0, "slot_moves": 0,
-                      "graph_captures": 0, "slots": slots}
+                      "graph_captures": 0, "capture_s": 0.0, "slots": slots}
         call = _Call(prompts, limits, params, seed, slots)
         # admit once this many slots are free (each prefill is a host-bound eager forward: refills are batched)
         refill_min = max(1, int(slots * self.refill_fraction))
@@ -310,12 +353,13 @@ class TorchEngine:
         max_len = _round_up(max_len, self.kv_bucket)
         if (state is None or state.slots < slots or state.max_len < max_len or state.max_new < max_new
                 or state.stop_ids.numel() < stops):
-            if state is not None:
-                slots, max_len = max(slots, state.slots), max(max_len, state.max_len)
+            if state is not None:  # grow to hold both calls' shapes when the budget allows (no reallocation ping-pong)
+                grown_len = max(max_len, state.max_len)
+                if max(slots, state.slots) <= self.slots_within_budget(grown_len):
+                    slots, max_len = max(slots, state.slots), grown_len
                 max_new = max(max_new, state.max_new)
             self.release()
-            dtype = next(self.model.parameters()).dtype
-            state = _SlotState(self.model, slots, max_len, max_new, dtype, self.device, self.decode_attention)
+            state = _SlotState(self.model, slots, max_len, max_new, self._dtype, self.device, self.decode_attention)
             if stops > state.stop_ids.numel():
                 state.stop_ids = torch.full((stops,), -1, dtype=torch.long, device=self.device)
             self._state = state
@@ -419,17 +463,14 @@ class TorchEngine:
             self._decode_step(batch, kv_len, params)
             return
         key = (batch, kv_len, params.temperature, params.top_k, params.top_p)
-        graph = self._captured.get(key)
+        graph = self.graphs.get(key)
         if graph is not None:
             graph.replay()
             return
-
-        def step() -> None:
-            self._decode_step(batch, kv_len, params)
-
-        self.graphs.warm(step)  # this step, for real
-        self._captured[key] = self.graphs.capture(step)  # the next ones
+        started = time.perf_counter()
+        self.graphs.capture(key, lambda: self._decode_step(batch, kv_len, params))  # runs this step, for real
         self.stats["graph_captures"] += 1
+        self.stats["capture_s"] += time.perf_counter() - started
 
     def _decode_step(self, batch: int, kv_len: int, params: SamplingParams) -> None:
         """Slots 0 .. batch-1 advance by one token. Tensor operations on the persistent buffers only, with

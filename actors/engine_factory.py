@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from areal_async.config import EngineConfig
+
 ENGINE_KINDS = ("torch", "vllm")
 
 
@@ -39,6 +41,16 @@ def _pad_token_id(model_path: str | os.PathLike) -> int:
         return 0
 
 
+def torch_engine_options(settings: EngineConfig) -> dict[str, Any]:
+    """TorchEngine's keyword arguments for `settings`."""
+    return {
+        "max_slots": settings.max_slots, "kv_memory_gib": settings.kv_memory_gib, "kv_bucket": settings.kv_bucket,
+        "sync_every": settings.sync_every, "prefill_tokens": settings.prefill_tokens,
+        "cuda_graphs": settings.cuda_graphs, "compile_decode": settings.compile_decode,
+        "decode_attention": settings.decode_attention.value,
+    }
+
+
 def build_engine(
     kind: str,
     model_path: str | os.PathLike,
@@ -47,23 +59,25 @@ def build_engine(
     *,
     pad_token_id: int | None = None,
     seed: int = 0,
+    settings: EngineConfig | None = None,
     **engine_kwargs: Any,
 ):
     """An engine with the TorchEngine interface (`version`, `load_weights`, `generate`) for `model_path`.
 
-    kind "torch": TorchEngine on `device`, the checkpoint loaded in `dtype`; `pad_token_id` defaults to the
-    tokenizer's. kind "vllm": VLLMEngine (vLLM picks its own device; `device` is not used, `seed` seeds the
-    vLLM engine, `engine_kwargs` go to VLLMEngine / `vllm.LLM`). vLLM is imported only for kind "vllm".
+    kind "torch": TorchEngine on `device` with `settings` (default EngineConfig()), the checkpoint loaded in
+    `dtype`; `pad_token_id` defaults to the tokenizer's. kind "vllm": VLLMEngine (vLLM picks its own device;
+    `device` is not used, `seed` seeds the vLLM engine, `engine_kwargs` go to VLLMEngine / `vllm.LLM`). vLLM is
+    imported only for kind "vllm".
     """
     if kind == "torch":
         if engine_kwargs:
-            raise TypeError(f"engine 'torch' takes no extra options, got {sorted(engine_kwargs)}")
+            raise TypeError(f"engine 'torch' takes its options as `settings` (EngineConfig), got {sorted(engine_kwargs)}")
         from actors.engine import TorchEngine
         from areal_async.model import load_pretrained
 
         model = load_pretrained(model_path, getattr(torch, _dtype_name(dtype)), device=device)
         pad = _pad_token_id(model_path) if pad_token_id is None else pad_token_id
-        return TorchEngine(model, pad, device)
+        return TorchEngine(model, pad, device, **torch_engine_options(settings or EngineConfig()))
     if kind == "vllm":
         from actors.vllm_engine import VLLMEngine
 

@@ -44,6 +44,8 @@ class RolloutActor:
         # vLLM would take this process's torch.distributed world (the run's) for its own: its engine core runs
         # in a child process instead, and weight updates reach it as a pickled call.
         options = {"multiprocessing": True} if kind == "vllm" else {}
+        if kind == "torch":
+            options["settings"] = self.config.engine
         engine = build_engine(kind, self.model_path, dtype, cluster.rollout_device,
                               pad_token_id=tokenizer.pad_token_id, seed=self.config.seed + self.worker_index, **options)
         self.weights = EngineWeights(engine, self.model_path, dtype)

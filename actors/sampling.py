@@ -9,6 +9,9 @@ reproducible random stream and keep the draw inside a CUDA graph (the uniforms a
 
 from __future__ import annotations
 
+import hashlib
+import math
+import random
 from dataclasses import dataclass
 
 import torch
@@ -106,3 +109,11 @@ def draw(logprobs: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """Samples one token per row from the (truncated) distribution; greedy when temperature <= 0. -> [B]."""
     uniform = torch.rand(logprobs.shape[0], generator=generator, device=logprobs.device, dtype=torch.float64)
     return pick(logprobs, params, uniform)
+
+
+def long_tailed_limit(mean: float, low: int, high: int, key: str) -> int:
+    """A token limit drawn log-normal (sigma 1) with the given mean, clipped to [low, high], from its own
+    stream seeded by `key`: the same key always gives the same limit, whatever else is drawn."""
+    seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
+    draw = math.exp(math.log(mean) - 0.5 + random.Random(seed).gauss(0.0, 1.0))
+    return int(min(high, max(low, round(draw))))

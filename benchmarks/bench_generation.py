@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import sys
 import time
 import traceback
@@ -59,7 +58,7 @@ from pathlib import Path
 import torch
 
 from actors.engine import TorchEngine
-from actors.sampling import SamplingParams
+from actors.sampling import SamplingParams, long_tailed_limit
 from areal_async.model import CausalLM, DecoderConfig
 
 SHAPE = dict(
@@ -103,10 +102,7 @@ def random_prompts(count: int, length: int, vocab: int, seed: int, min_length: i
 
 def long_tailed_limits(count: int, mean: float, low: int, high: int, seed: int) -> list[int]:
     """Log-normal token limits (sigma 1) with the given mean, clipped to [low, high]."""
-    generator = torch.Generator().manual_seed(seed)
-    mu = math.log(mean) - 0.5
-    draws = torch.exp(mu + torch.randn(count, generator=generator, dtype=torch.float64))
-    return [int(min(high, max(low, round(float(x))))) for x in draws]
+    return [long_tailed_limit(mean, low, high, f"{seed}:{index}") for index in range(count)]
 
 
 # --- bandwidth floor ----------------------------------------------------------------------------------------------
@@ -179,9 +175,9 @@ def step_times(engine: TorchEngine, batch: int) -> dict:
     Runs on the stale state of the last call (results are discarded; the next call resets the slots)."""
     device = engine.device
     out = {}
-    keys = sorted(k for k in engine._captured if k[0] == batch)
+    keys = sorted(k for k in engine.graphs.keys() if k[0] == batch)
     for key in keys:
-        graph = engine._captured[key]
+        graph = engine.graphs.get(key)
         graph.replay()
         _, seconds = timed(device, lambda: [graph.replay() for _ in range(10)])
         out[f"graph_b{key[0]}_kv{key[1]}"] = 1e3 * seconds / 10
@@ -200,7 +196,7 @@ def profile_steps(engine: TorchEngine, batch: int, path: Path) -> None:
     """Kernel table of three eager decode steps at the longest captured KV bucket."""
     from torch.profiler import ProfilerActivity, profile
 
-    keys = sorted(k for k in engine._captured if k[0] == batch)
+    keys = sorted(k for k in engine.graphs.keys() if k[0] == batch)
     if not keys:
         return
     _, kv_len, temperature, top_k, top_p = keys[-1]

@@ -137,18 +137,28 @@ def test_compaction_moves_the_tail_to_a_smaller_bucket(tiny_model, lookahead):
 
 
 class StandInGraphs:
-    """CUDA graphs' contract on CPU: `warm` runs the step, `capture` records it without running it, and
-    `replay` runs the recorded step (here: calls it again, with the arguments it was captured with)."""
+    """CudaGraphs' contract on CPU: `capture(key, step)` runs the step once and records it under `key`, a
+    graph's `replay` runs the recorded step again (with the arguments it was captured with), and `clear`
+    drops every graph (the engine's buffers are about to be reallocated)."""
 
     def __init__(self) -> None:
-        self.warm_runs = self.replays = 0
+        self.warm_runs = self.replays = self.clears = 0
         self.captured = []
+        self._graphs = {}
 
-    def warm(self, step) -> None:
+    def keys(self):
+        return list(self._graphs)
+
+    def get(self, key):
+        return self._graphs.get(key)
+
+    def clear(self) -> None:
+        self.clears += 1
+        self._graphs.clear()
+
+    def capture(self, key, step) -> None:
         self.warm_runs += 1
         step()
-
-    def capture(self, step):
         self.captured.append(step)
         graphs = self
 
@@ -157,7 +167,7 @@ class StandInGraphs:
                 graphs.replays += 1
                 step()
 
-        return Graph()
+        self._graphs[key] = Graph()
 
 
 def test_graph_bookkeeping_captures_each_shape_once(tiny_model, lookahead):
@@ -176,6 +186,13 @@ def test_graph_bookkeeping_captures_each_shape_once(tiny_model, lookahead):
     again = graphed.generate(PROMPTS, params, max_new_tokens=limits)
     assert [g.tokens for g in again] == [g.tokens for g in expected]
     assert graphed.stats["graph_captures"] == 0
+    # a longer call reallocates the buffers: every graph is dropped and captured again on the new ones
+    longer = SamplingParams(max_new_tokens=20, temperature=0.9, seed=3, stop_token_ids=(5,))
+    longer_limits = [20, 4, 10, 2, 9, 10, 6]
+    reference = eager.generate(PROMPTS, longer, max_new_tokens=longer_limits)
+    assert [g.tokens for g in graphed.generate(PROMPTS, longer, max_new_tokens=longer_limits)] == [
+        g.tokens for g in reference]
+    assert stand_in.clears == 2 and graphed.stats["graph_captures"] > 0  # the first allocation, then this one
 
 
 @pytest.mark.parametrize("attention,backend", [("matmul", "eager"), ("matmul", "aot_eager"), ("sdpa", "eager")])

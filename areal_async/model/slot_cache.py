@@ -62,6 +62,13 @@ def _bmm(a: torch.Tensor, b: torch.Tensor, fp32: bool) -> torch.Tensor:
     return torch.bmm(a, b, out_dtype=torch.float32) if fp32 else torch.bmm(a, b).float()
 
 
+def slot_cache_bytes(config: DecoderConfig, slots: int, max_len: int, dtype: torch.dtype) -> int:
+    """The bytes a SlotKVCache of `slots` slots and `max_len` positions allocates (keys and values, spares
+    included)."""
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_hidden_layers * (slots + 1) * config.num_key_value_heads * (max_len + 1) * config.head_dim * element
+
+
 class SlotKVCache:
     """keys, values: [layers, slots + 1, kv_heads, max_len + 1, head_dim] (the last slot and position are
     spares, never used)."""
