@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
+import traceback
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from actors.engine import TorchEngine
-from actors.sampling import SamplingParams
+from actors.sampling import SamplingParams, long_tailed_limit
 from areal_async.config import GenerationConfig
 from areal_async.types import PromptGroup, Trajectory
 from areal_async.wire import encode_group
@@ -19,8 +21,10 @@ QUEUE_FULL_BACKOFF_S = 0.05
 class RolloutWorker:
     """Turns prompt groups into scored trajectories with one engine and one reward verifier.
 
-    `verifier` is anything with `score_batch(responses, gold_answers) -> list[float]`; `decode` maps output
-    token ids to text (the tokenizer's decode without special tokens).
+    `verifier` is a RewardVerifier (`verify_batch(responses, gold_answers) -> verdicts`, `correct_reward`,
+    `incorrect_reward`); `decode` maps output token ids to text (the tokenizer's decode without special
+    tokens). `last_round` holds the reward failures (verdicts that could not be computed, by reason) and the
+    generation and reward seconds of the last `rollout`.
     """
 
     def __init__(self, engine: TorchEngine, decode, verifier, stop_token_ids: Sequence[int]) -> None:
@@ -28,6 +32,7 @@ class RolloutWorker:
         self.decode = decode
         self.verifier = verifier
         self.stop_token_ids = tuple(stop_token_ids)
+        self.last_round: dict = {}
 
     def rollout(
         self,
@@ -48,11 +53,19 @@ class RolloutWorker:
         )
         started = time.perf_counter()
         requests = [(group, index) for group in groups for index in range(group.group_size)]
-        generations = self.engine.generate([group.prompt_tokens for group, _ in requests], params, weight_update)
+        limits = None
+        if generation.simulated_length_mean is not None:
+            limits = [long_tailed_limit(generation.simulated_length_mean, min(16, generation.max_new_tokens),
+                                        generation.max_new_tokens, f"{seed}:{group.group_id}:{index}")
+                      for group, index in requests]
+        generations = self.engine.generate([group.prompt_tokens for group, _ in requests], params, weight_update,
+                                           max_new_tokens=limits)
         generated = time.perf_counter()
         texts = [self.decode(g.tokens) for g in generations]
-        rewards = self.verifier.score_batch(texts, [list(group.solutions) for group, _ in requests])
+        verdicts = self.verifier.verify_batch(texts, [list(group.solutions) for group, _ in requests])
+        rewards = [self.verifier.correct_reward if v.value else self.verifier.incorrect_reward for v in verdicts]
         timings = {"generate_s": generated - started, "reward_s": time.perf_counter() - generated}
+        self.last_round = {**timings, "reward_failures": Counter(v.failure for v in verdicts if v.failure)}
         return [
             Trajectory(
                 query_id=group.query_id,
@@ -83,16 +96,17 @@ class RolloutWorker:
 
         `controller` offers admit_groups / delivered / readmit / free_slots, `queue` offers put(group_id,
         frame) -> outcome (local objects or Ray proxies alike). If generation raises, the groups go back to
-        the controller to be handed out again. Returns counts and timings of the round.
+        the controller to be handed out again, with the error and its traceback. Returns counts and timings of
+        the round, which it also reports to the controller (`report_generation`).
         """
         groups = controller.admit_groups(max_groups)
         if not groups:
-            return {"groups": 0, "tokens": 0, "generate_s": 0.0, "errors": 0}
+            return {"groups": 0, "tokens": 0, "generate_s": 0.0, "reward_s": 0.0, "errors": 0}
         try:
             trajectories = self.rollout(groups, generation, seed=seed, weight_update=weight_update)
         except Exception as error:  # noqa: BLE001 - any engine failure must not lose the groups
-            controller.readmit(groups, f"{type(error).__name__}: {error}")
-            return {"groups": 0, "tokens": 0, "generate_s": 0.0, "errors": 1}
+            controller.readmit(groups, f"{type(error).__name__}: {error}", traceback.format_exc())
+            return {"groups": 0, "tokens": 0, "generate_s": 0.0, "reward_s": 0.0, "errors": 1}
         by_group: dict[str, list[Trajectory]] = {}
         for trajectory in trajectories:
             by_group.setdefault(trajectory.group_id, []).append(trajectory)
@@ -108,9 +122,13 @@ class RolloutWorker:
             controller.delivered(group.group_id)
             if outcome != "queued":
                 controller.free_slots(1)
-        return {
+        result = {
             "groups": len(groups),
             "tokens": sum(len(t.output_tokens) for t in trajectories),
-            "generate_s": trajectories[0].timings["generate_s"] + trajectories[0].timings["reward_s"],
+            "generate_s": self.last_round["generate_s"],
+            "reward_s": self.last_round["reward_s"],
             "errors": 0,
         }
+        controller.report_generation(result["tokens"], result["generate_s"], result["reward_s"],
+                                     dict(self.last_round["reward_failures"]))
+        return result

@@ -84,9 +84,7 @@ class RolloutActor:
             )
             self.rounds += 1
             tokens, groups, errors = tokens + result["tokens"], groups + result["groups"], errors + result["errors"]
-            if result["groups"]:
-                self.controller.report_generation(result["tokens"], result["generate_s"])
-            else:
+            if not result["groups"]:
                 self.weight_update(force=True)
                 time.sleep(IDLE_SLEEP_S)
         self.weight_update(force=True)  # the last published version's round includes this worker

@@ -92,6 +92,10 @@ class GenerationConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    # Benchmarks with random weights (which never sample the stop token): each request's token limit is drawn
+    # log-normal (sigma 1) with this mean, clipped to [16, max_new_tokens], seeded by its group and sample index.
+    # null: every request may use max_new_tokens.
+    simulated_length_mean: float | None = None
 
 
 @dataclass
@@ -122,6 +126,7 @@ class PPOConfig:
     activation_checkpointing: bool = False  # recompute each decoder layer in backward (learner ranks)
     micro_batch_tokens: int = 16384  # token budget per forward/backward (gradient is budget-invariant)
     filter_zero_variance_groups: bool = True
+    compile_layers: bool | None = None  # torch.compile each decoder layer of the trained policy; null: on CUDA
 
 
 @dataclass
@@ -217,6 +222,8 @@ class SFTConfig:
     lr: float = 3e-3
     warmup_steps: int = 100
     error_rate: float = 0.4  # share of demonstrations with a near-miss answer
+    worked_steps: bool = False  # demonstrations show running totals before the answer (operators '+-' only)
+    device: str = "cpu"
     seed: int = 0
     shape: TinyModelShape = field(default_factory=TinyModelShape)
     arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)

@@ -39,6 +39,10 @@ class PaddedBatch:
     def num_output_tokens(self) -> int:
         return int(self.output_mask.sum())
 
+    def to(self, device: torch.device | str) -> "PaddedBatch":
+        return PaddedBatch(self.input_ids.to(device), self.valid.to(device), self.output_mask.to(device),
+                           {name: value.to(device) for name, value in self.values.items()})
+
 
 def pad_prompt_output_batch(
     prompts: Sequence[Sequence[int]],

@@ -101,7 +101,7 @@ class RayCluster:
     proxies) connects the world, publishes the first version and sets the workers generating."""
 
     def __init__(self, config: TrainConfig, model_path: str, controller: RolloutController, log_dir: str | None,
-                 max_generation_attempts: int) -> None:
+                 max_generation_attempts: int, max_repeated_errors: int) -> None:
         import ray
 
         from actors.rollout_actor import RolloutActor
@@ -114,7 +114,8 @@ class RayCluster:
             ray.init(address=cluster.address, include_dashboard=False, log_to_driver=True,
                      runtime_env={"env_vars": WORKER_ENV})
         check_resources(cluster, ray.cluster_resources())
-        self.controller_handle = ray.remote(num_cpus=0)(ControllerService).remote(controller, max_generation_attempts)
+        self.controller_handle = ray.remote(num_cpus=0)(ControllerService).remote(controller, max_generation_attempts,
+                                                                                 max_repeated_errors)
         shard_actor = ray.remote(num_cpus=0)(ReplayQueueShard)
         self.shard_handles = [
             shard_actor.remote(index, rollout.queue_capacity_per_shard, rollout.max_staleness,

@@ -56,6 +56,7 @@ def run_sft(config: SFTConfig, show_progress: bool = True) -> Path:
                 pad_token_id=tokenizer.pad_token_id,
             )
         )
+        model.to(config.device)
         problems = arithmetic_problems(10000, arithmetic_spec(config.arithmetic), seed=config.seed, held_out=False)
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01, betas=(0.9, 0.98))
         schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -66,10 +67,11 @@ def run_sft(config: SFTConfig, show_progress: bool = True) -> Path:
             batch = rng.sample(problems, config.batch_size)
             prompts = [tokenizer.encode(r.prompt) for r in batch]
             responses = [
-                tokenizer.encode(noisy_demonstration(r, rng, config.error_rate)) + [tokenizer.eos_token_id]
+                tokenizer.encode(noisy_demonstration(r, rng, config.error_rate, config.worked_steps))
+                + [tokenizer.eos_token_id]
                 for r in batch
             ]
-            padded = pad_prompt_output_batch(prompts, responses, tokenizer.pad_token_id)
+            padded = pad_prompt_output_batch(prompts, responses, tokenizer.pad_token_id).to(config.device)
             logprobs = sequence_logprobs(model, padded.input_ids, padded.valid)
             loss = -(logprobs * padded.output_mask).sum() / padded.num_output_tokens
             optimizer.zero_grad(set_to_none=True)
@@ -78,4 +80,4 @@ def run_sft(config: SFTConfig, show_progress: bool = True) -> Path:
             optimizer.step()
             schedule.step()
             progress.set_postfix(loss=f"{loss.item():.3f}")
-        return save_pretrained(model, output, tokenizer_dir=tokenizer_dir)
+        return save_pretrained(model.cpu(), output, tokenizer_dir=tokenizer_dir)

@@ -6,9 +6,10 @@ versions, a conservation ledger); with max_staleness = 0 it is synchronous RL.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections import Counter
 import time
+from collections import Counter
 from datetime import datetime
 from pathlib import Path
 
@@ -30,7 +31,9 @@ from areal_async.data import load_train_and_heldout
 from areal_async.ledger import Ledger
 from areal_async.replay_queue import ShardedReplayQueue
 from areal_async.runtime import ControllerService
-from areal_async.model import load_pretrained, load_tokenizer, save_pretrained
+from areal_async.memory_plan import GIB, plan_one_gpu
+from areal_async.model import load_config, load_pretrained, load_tokenizer, save_pretrained
+from areal_async.plots import plot_training_curves
 from areal_async.reward import RewardVerifier
 from areal_async.sft import BUNDLED_WARMSTART, run_sft
 from areal_async.types import PromptGroup, Trajectory
@@ -39,7 +42,12 @@ from areal_async.weight_sync import InProcessTransport, WeightPublisher, WeightR
 EVAL_GROUPS_PER_CALL = 64
 MAX_IDLE_ROUNDS = 1000  # rounds in which nothing was admitted, generated or taken
 MAX_GENERATION_ATTEMPTS = 3  # a group whose generation fails this often is dropped
+MAX_REPEATED_ERRORS = 3  # the same generation error this many times in a row stops the run
 RAY_POLL_S = 0.005
+
+
+class GenerationFailed(RuntimeError):
+    """Generation keeps failing with the same error: the run stops with it (all errors are in the run folder)."""
 
 
 def resolve_model_path(config: TrainConfig) -> Path:
@@ -87,6 +95,24 @@ def validate(config: TrainConfig) -> None:
             )
 
 
+def plan_inline_gpu_memory(config: TrainConfig, model_path: Path) -> float | None:
+    """engine.kv_memory_gib for an inline run on one GPU: as set, or what the learner and the weights leave;
+    fails (ValueError with the numbers) when the run cannot fit. None elsewhere (no budget)."""
+    device = torch.device(config.device)
+    if device.type != "cuda" or config.cluster.placement is not Placement.inline:
+        return config.engine.kv_memory_gib
+    dtype = getattr(torch, config.model.dtype)
+    plan = plan_one_gpu(
+        load_config(model_path), torch.cuda.get_device_properties(device).total_memory, dtype,
+        torch.empty((), dtype=dtype).element_size(),
+        config.ppo.micro_batch_tokens, longest_sequence=config.generation.max_new_tokens + 1,
+        kv_memory_gib=config.engine.kv_memory_gib, kv_bucket=config.engine.kv_bucket,
+        activation_checkpointing=config.ppo.activation_checkpointing, reference_model=config.ppo.kl_coef > 0,
+    )
+    print(f"memory plan of one GPU (engine and learner in one process):\n{plan.describe()}")
+    return plan.kv_cache / GIB
+
+
 class MetricsLog:
     """metrics.jsonl in the run folder, plus wandb when enabled."""
 
@@ -126,7 +152,7 @@ class Trainer:
         self.config = config
         from actors.engine_factory import build_engine  # actors and learners meet only here, through areal_async types
         from actors.rollout import RolloutWorker
-        from learners.ppo_learner import PPOLearner
+        from learners.fsdp_learner import FSDPLearner, compiles_layers
 
         validate(config)
         torch.manual_seed(config.seed)
@@ -138,9 +164,12 @@ class Trainer:
         self.model_path = resolve_model_path(config)
         self.tokenizer = load_tokenizer(self.model_path)
         dtype = getattr(torch, config.model.dtype)
+        engine_settings = dataclasses.replace(config.engine, kv_memory_gib=plan_inline_gpu_memory(config, self.model_path))
         self.train_records, self.heldout_records = load_train_and_heldout(config.data)
 
         rollout = config.rollout
+        self.error_log = self.run_dir / "generation_errors.jsonl"
+        self.errors_logged = 0
         controller = RolloutController(
             self.train_records,
             self.tokenizer.encode,
@@ -152,25 +181,31 @@ class Trainer:
         log_dir = str(self.run_dir / "trajectories") if rollout.log_trajectories else None
         self.verifier = RewardVerifier.from_config(config.reward)
         # the driver's engine: the rollout engine when inline, the evaluation engine in both placements
-        engine = build_engine("torch", self.model_path, dtype, config.device, pad_token_id=self.tokenizer.pad_token_id)
+        engine = build_engine("torch", self.model_path, dtype, config.device, pad_token_id=self.tokenizer.pad_token_id,
+                              settings=engine_settings)
         decode = lambda tokens: self.tokenizer.decode(tokens, skip_special_tokens=True)  # noqa: E731
         self.worker = RolloutWorker(engine, decode, self.verifier, [self.tokenizer.eos_token_id])
         self.ray_cluster = None
         if config.cluster.placement is Placement.ray:
             from areal_async.ray_cluster import RayCluster
 
-            self.ray_cluster = RayCluster(config, self.model_path, controller, log_dir, MAX_GENERATION_ATTEMPTS)
+            self.ray_cluster = RayCluster(config, self.model_path, controller, log_dir, MAX_GENERATION_ATTEMPTS,
+                                          MAX_REPEATED_ERRORS)
             self.controller, self.queue = self.ray_cluster.controller, self.ray_cluster.queue
             self.learner = self.ray_cluster.learner
         else:
-            self.learner = PPOLearner(
-                load_pretrained(self.model_path, dtype),
+            # fp32 master weights (what AdamW updates), compute under autocast in model.dtype, published in it
+            self.learner = FSDPLearner(
+                load_pretrained(self.model_path, torch.float32),
                 config.ppo,
                 pad_token_id=self.tokenizer.pad_token_id,
                 temperature=config.generation.temperature,
                 device=config.device,
+                compile_layers=compiles_layers(config.ppo, config.device),
+                compute_dtype=dtype,
+                publish_dtype=dtype,
             )
-            self.controller = ControllerService(controller, MAX_GENERATION_ATTEMPTS)
+            self.controller = ControllerService(controller, MAX_GENERATION_ATTEMPTS, MAX_REPEATED_ERRORS)
             self.queue = ShardedReplayQueue(rollout.num_queue_shards, rollout.queue_capacity_per_shard,
                                             rollout.max_staleness, log_dir,
                                             filter_zero_variance=config.ppo.filter_zero_variance_groups)
@@ -202,9 +237,12 @@ class Trainer:
         if self.worker.engine.version != self.learner.version:
             self.worker.engine.load_weights(self.learner.policy_state(), self.learner.version)
 
-    def heldout_accuracy(self, seed: int) -> float:
-        """Averaged pass@1 on the held-out prompts: mean correctness of eval.num_samples samples each."""
+    def heldout_accuracy(self, seed: int) -> float | None:
+        """Averaged pass@1 on the held-out prompts: mean correctness of eval.num_samples samples each (None
+        without held-out prompts or samples)."""
         config = self.config
+        if not self.heldout_records or config.eval.num_samples < 1:
+            return None
         self.sync_driver_engine()
         groups = [
             PromptGroup(f"heldout{i}", r.query_id, r.prompt, self.tokenizer.encode(r.prompt), r.solutions,
@@ -254,18 +292,39 @@ class Trainer:
                 break
             if self.ray_cluster is not None:
                 self.ray_cluster.check_workers()
+                self.check_generation_errors(step)
                 time.sleep(RAY_POLL_S)
                 continue
             produced = self.worker.produce(
                 self.controller, self.queue, self.config.generation, self.config.rollout.groups_per_request,
                 seed=self.config.seed * 100_003 + self.controller.counts()["produced"], wait_when_full=False,
             )
-            self.controller.report_generation(produced["tokens"], produced["generate_s"])
+            self.check_generation_errors(step)
             rounds_without_progress = 0 if groups or produced["groups"] else rounds_without_progress + 1
             if rounds_without_progress > MAX_IDLE_ROUNDS:
                 raise RuntimeError(f"step {step}: no trainable group arrived after {MAX_IDLE_ROUNDS} rounds "
-                                   f"(ledger {self.ledger().totals()})")
+                                   f"(ledger {self.ledger().totals()}; generation errors in {self.error_log})")
         return batch
+
+    def log_generation_errors(self) -> None:
+        """Appends the generation errors not yet written (with their tracebacks) to generation_errors.jsonl."""
+        errors = self.controller.errors_since(self.errors_logged)
+        if not errors:
+            return
+        with open(self.error_log, "a", encoding="utf-8") as f:
+            for error in errors:
+                f.write(json.dumps(error) + "\n")
+        self.errors_logged = errors[-1]["index"] + 1
+
+    def check_generation_errors(self, step: int) -> None:
+        """Writes new generation errors to the run folder; stops the run when one keeps repeating."""
+        self.log_generation_errors()
+        fatal = self.controller.fatal_error()
+        if fatal is not None:
+            raise GenerationFailed(
+                f"step {step}: generation failed {fatal['repeated']} times in a row with the same error "
+                f"(every error is in {self.error_log}):\n{fatal['traceback'] or fatal['reason']}"
+            )
 
     def ledger(self) -> Ledger:
         """Exact at quiet points (inline, or after the workers stopped); during a Ray run a group can be
@@ -294,6 +353,10 @@ class Trainer:
         after = self.controller.counts()
         generated_tokens = after["generated_tokens"] - before["generated_tokens"]
         generate_s = after["generation_seconds"] - before["generation_seconds"]
+        reward_s = after["reward_seconds"] - before["reward_seconds"]
+        reward_failures = Counter(after["reward_failures"])
+        reward_failures.subtract(before["reward_failures"])
+        step_s = published - started
         ledger = self.ledger()
         dropped = sum(ledger.dropped.values())
         record = {
@@ -306,15 +369,25 @@ class Trainer:
             "staleness_mean": sum(staleness) / len(staleness),
             "queue_depth": self.queue.depth,
             "groups_dropped": dropped - self.dropped_before,
-            "tokens_per_s": generated_tokens / (published - started),  # generated tokens per second of wall time
+            "tokens_per_s": generated_tokens / step_s,  # generated tokens per second of wall time
+            "trained_tokens_per_s": stats["trained_tokens"] / step_s,
             "generation_tokens_per_s": generated_tokens / max(generate_s, 1e-9),  # per worker
             "training_tokens_per_s": stats["trained_tokens"] / (trained - gathered),
+            "reward_failures": sum(reward_failures.values()),
+            "reward_failures_by_reason": {reason: n for reason, n in reward_failures.items() if n},
             "gather_s": gathered - started,
             "train_s": trained - gathered,
             "weight_sync_seconds": published - trained,
-            "step_s": published - started,
+            "step_s": step_s,
+            # inline, the step's phases; under Ray generation and reward overlap the rest (per-worker sums)
+            "generation_s": generate_s,
+            "reward_s": reward_s,
             **stats,
         }
+        if self.ray_cluster is None:
+            timings = self.learner.last_step_timings
+            record.update(timings)
+            record["other_s"] = step_s - generate_s - reward_s - sum(timings.values()) - record["weight_sync_seconds"]
         self.dropped_before = dropped
         return record
 
@@ -375,8 +448,9 @@ class Trainer:
         try:
             if self.accuracy_before is None:
                 self.accuracy_before = self.heldout_accuracy(seed=config.seed)
-                print(f"held-out accuracy before RL: {self.accuracy_before:.3f} ({len(self.heldout_records)} "
-                      f"problems x {config.eval.num_samples} samples, T={config.eval.temperature})")
+                if self.accuracy_before is not None:
+                    print(f"held-out accuracy before RL: {self.accuracy_before:.3f} ({len(self.heldout_records)} "
+                          f"problems x {config.eval.num_samples} samples, T={config.eval.temperature})")
             accuracy_before = self.accuracy_before
             progress = tqdm(range(self.start_step, config.total_steps), desc="train", disable=not show_progress,
                             initial=self.start_step, total=config.total_steps)
@@ -397,6 +471,7 @@ class Trainer:
             final = self.save_checkpoint("final")
             learner_checksum = state_checksum(self.learner.policy_state())  # before the learner ranks stop
         finally:
+            self.log_generation_errors()
             worker_results = self.ray_cluster.stop() if self.ray_cluster is not None else []
             self.controller.stop()
             self.queue.drain("shutdown")  # generated ahead but never trained on
@@ -418,13 +493,16 @@ class Trainer:
             "ledger_balanced": ledger.balanced,
             "readmitted": self.controller.counts()["readmitted"],
             "generation_errors": self.controller.counts()["generation_errors"],
+            "reward_failures": self.controller.counts()["reward_failures"],
             "workers": worker_results,
             "rollout_weights_identical": all(checksum == learner_checksum for checksum in rollout_checksums),
         }
         with open(self.run_dir / "summary.json", "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
-        print(f"held-out accuracy: before {accuracy_before:.3f} -> after {accuracy_after:.3f} "
-              f"({summary['wall_seconds']:.0f} s, version {self.learner.version}); run folder {self.run_dir}")
+        plot_training_curves(self.run_dir)
+        accuracy = ("no held-out evaluation" if accuracy_after is None else
+                    f"held-out accuracy: before {accuracy_before:.3f} -> after {accuracy_after:.3f}")
+        print(f"{accuracy} ({summary['wall_seconds']:.0f} s, version {self.learner.version}); run folder {self.run_dir}")
         return summary
 
 

@@ -10,15 +10,19 @@ Every rank trains on its own share of the step's trajectories:
   collective): a rank with fewer packs runs empty placeholder packs that carry no trained token.
 
 A one-rank group has nothing to shard: by default (ONE_RANK_MODE "plain") it trains the module itself, whose
-fp32 parameters are the master weights, with fp32 gradients and, on CUDA, bf16 compute under autocast.
+fp32 parameters are the master weights, with fp32 gradients and, on CUDA, bf16 compute under autocast. Without
+a process group at all (torch.distributed not initialised, `group=None`) the learner is that one rank on its
+own: the inline placement's learner, which shares its process (and GPU) with the engine.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,6 +32,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
+from areal_async.checkpointing import load_learner_state, save_learner_state
 from areal_async.config import PPOConfig
 from areal_async.model import CausalLM
 from areal_async.packing import PackedBatch, balance_across_ranks, split_into_packs
@@ -147,11 +152,21 @@ def plain_policy(model: CausalLM, activation_checkpointing: bool = False, compil
     return model
 
 
+def compiles_layers(config: PPOConfig, device: torch.device | str) -> bool:
+    """ppo.compile_layers, whose default (null) is: on CUDA."""
+    return torch.device(device).type == "cuda" if config.compile_layers is None else config.compile_layers
+
+
 def reshard_all(model: torch.nn.Module) -> None:
     """Reshard every FSDP unit of `model` (a no-op for units already sharded)."""
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
+
+
+def group_size(group: dist.ProcessGroup | None) -> int:
+    """Ranks in `group`; 1 when there is no process group at all (a learner on its own)."""
+    return dist.get_world_size(group) if dist.is_initialized() else 1
 
 
 def clip_coefficient(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
@@ -176,7 +191,7 @@ def clip_gradients_(
         squared = torch.stack([n.float() for n in torch._foreach_norm(grads, 2.0)]).square().sum()
     else:
         squared = torch.zeros((), dtype=torch.float32, device=device)
-    if dist.get_world_size(group) > 1:
+    if group_size(group) > 1:
         dist.all_reduce(squared, op=dist.ReduceOp.SUM, group=group)
     norm = squared.sqrt()
     if grads and scale:
@@ -189,7 +204,7 @@ def all_reduce_floats(
 ) -> list[float]:
     """All-reduce a list of Python floats (same length on every rank of `group`) in fp64 on `device`. A
     one-rank group returns them as they are (the same floats: each is exact in fp64), without a collective."""
-    if DEFER_READS and dist.get_world_size(group) == 1:
+    if group_size(group) == 1 and (DEFER_READS or not dist.is_initialized()):
         return [float(value) for value in values]
     tensor = torch.tensor(list(values), dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=op, group=group)
@@ -209,8 +224,11 @@ class FSDPLearner:
     ONE_RANK_MODE: by default not wrapped at all).
 
     Construct on every rank with the same initial `model` (on GPU: after torch.cuda.set_device(local rank),
-    with `device` that GPU). `group`: the learner ranks' process group (default: the whole world); the
-    world may hold other processes too, such as rollout workers that only share the weight-sync group.
+    with `device` that GPU). `group`: the learner ranks' process group (default: the whole world, or, with no
+    torch.distributed world, this learner on its own); the world may hold other processes too, such as rollout
+    workers that only share the weight-sync group. compute_dtype: the plain one-rank path's autocast dtype
+    (default: bf16 on CUDA, fp32 elsewhere; float32 turns autocast off). publish_dtype: the dtype of
+    `policy_state` (what the engines hold; default: the parameters' fp32).
     """
 
     def __init__(
@@ -223,14 +241,20 @@ class FSDPLearner:
         version: int = 0,
         compile_layers: bool = False,
         group: dist.ProcessGroup | None = None,
+        compute_dtype: torch.dtype | None = None,
+        publish_dtype: torch.dtype | None = None,
     ) -> None:
         self.ppo = PPOLearner(model, config, pad_token_id, temperature, device, version)
-        self.group = group if group is not None else dist.group.WORLD
-        self.mesh = DeviceMesh.from_group(self.group, self.ppo.device.type)
+        self.publish_dtype = publish_dtype
+        self.last_step_timings: dict[str, float] = {}
+        if group is None and dist.is_initialized():
+            group = dist.group.WORLD
+        self.group = group
         if ONE_RANK_MODE not in ONE_RANK_MODES:
             raise ValueError(f"ONE_RANK_MODE must be one of {ONE_RANK_MODES}, got {ONE_RANK_MODE!r}")
-        self.sharded = dist.get_world_size(self.group) > 1 or ONE_RANK_MODE == "fsdp"
+        self.sharded = group_size(self.group) > 1 or (ONE_RANK_MODE == "fsdp" and self.group is not None)
         if self.sharded:
+            self.mesh = DeviceMesh.from_group(self.group, self.ppo.device.type)
             shard_policy(self.ppo.model, self.mesh, config.activation_checkpointing, compile_layers)
             if self.ppo.reference is not None:
                 shard_policy(self.ppo.reference, self.mesh)
@@ -238,7 +262,8 @@ class FSDPLearner:
             # The fp32 parameters stay the module's own (checkpoints and published weights see them as
             # they are); the forward passes run under autocast, which casts each weight for its matmul.
             plain_policy(self.ppo.model, config.activation_checkpointing, compile_layers)
-            self.ppo.autocast_dtype = plain_autocast_dtype(self.ppo.device.type)
+            autocast = plain_autocast_dtype(self.ppo.device.type) if compute_dtype is None else compute_dtype
+            self.ppo.autocast_dtype = None if autocast == torch.float32 else autocast
             if self.ppo.reference is not None:  # frozen: kept in the compute dtype, as FSDP would compute it
                 self.ppo.reference.to(self.ppo.autocast_dtype or torch.float32)
         # PPOLearner's optimizer holds the unsharded parameters that fully_shard replaced: rebuild it over
@@ -255,6 +280,10 @@ class FSDPLearner:
     @property
     def version(self) -> int:
         return self.ppo.version
+
+    @version.setter
+    def version(self, value: int) -> None:
+        self.ppo.version = value
 
     @property
     def config(self) -> PPOConfig:
@@ -299,7 +328,7 @@ class FSDPLearner:
         device = self.ppo.device
         local_tokens = sum(b.num_output_tokens for b in micro_batches)
         (global_tokens,) = all_reduce_floats([local_tokens], dist.ReduceOp.SUM, device, self.group)
-        if read and not DEFER_READS:  # as before: read, then reduce the floats
+        if read and not DEFER_READS and self.group is not None:  # as before: read, then reduce the floats
             stats = self.ppo.backward(micro_batches, total_output_tokens=int(global_tokens))
             summed = sorted(name for name in stats if name != MAX_STAT)
             reduced = dict(zip(summed, all_reduce_floats([stats[name] for name in summed], dist.ReduceOp.SUM,
@@ -313,12 +342,12 @@ class FSDPLearner:
         reduced: dict[str, torch.Tensor] = {}
         if summed:
             values = torch.stack([stats[name] for name in summed])
-            if dist.get_world_size(self.group) > 1:
+            if group_size(self.group) > 1:
                 dist.all_reduce(values, op=dist.ReduceOp.SUM, group=self.group)
             reduced = dict(zip(summed, values.unbind()))
         if MAX_STAT in stats:
             value = stats[MAX_STAT].reshape(1)
-            if dist.get_world_size(self.group) > 1:
+            if group_size(self.group) > 1:
                 dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.group)
             reduced[MAX_STAT] = value[0]
         return read_stats(reduced) if read else reduced
@@ -360,10 +389,20 @@ class FSDPLearner:
         grad_norm = stats.pop("grad_norm")
         return stats | {"lr": lr, "grad_norm": grad_norm}
 
-    def train_step(self, trajectories: Sequence[Trajectory], advantages: Sequence[float]) -> dict[str, float]:
+    def train_step(self, trajectories: Sequence[Trajectory], advantages: Sequence[float] | None = None
+                   ) -> dict[str, float]:
         """One training step (minibatches_per_step optimizer updates) over this rank's share; every rank calls
-        it together. Produces version + 1; the returned stats are over all ranks and identical on each."""
+        it together. Produces version + 1; the returned stats are over all ranks and identical on each.
+        `last_step_timings` then holds the seconds of the proximal recomputation (`prepare_s`) and of the
+        updates (`update_s`).
+
+        advantages: one per trajectory, computed over the whole step batch; default: group-normalised within
+        `trajectories` (a learner on its own holds the whole batch)."""
+        if advantages is None:
+            advantages = trajectory_advantages(trajectories, self.config.normalise_advantage_std)
+        started = time.perf_counter()
         micro_batches = self.prepare(trajectories, advantages)
+        prepared = time.perf_counter()
         num_parts = max(1, min(self.config.minibatches_per_step, len(micro_batches)))  # equal on every rank
         parts = np.array_split(np.arange(len(micro_batches)), num_parts)
         stats: dict[str, float] = {}
@@ -376,12 +415,28 @@ class FSDPLearner:
         (stats["trained_tokens"],) = all_reduce_floats(  # prompt + output, placeholders excluded
             [sum(t.num_tokens for t in trajectories)], dist.ReduceOp.SUM, self.ppo.device, self.group
         )
+        # the last update's stats were read from the device, so its work has finished
+        self.last_step_timings = {"prepare_s": prepared - started, "update_s": time.perf_counter() - prepared}
         return stats
+
+    def policy_state(self) -> dict[str, torch.Tensor]:
+        """The full weights in `publish_dtype` (what the engines hold), on rank 0; a collective."""
+        state = self.full_state_dict()
+        if self.publish_dtype is None:
+            return state
+        return {name: tensor.to(self.publish_dtype) for name, tensor in state.items()}
+
+    def save_state(self, staging: Path) -> None:
+        """This rank's policy, optimizer and schedule into a run checkpoint's staging folder (every rank)."""
+        save_learner_state(staging, self, self.group)
+
+    def load_state(self, path: Path) -> None:
+        load_learner_state(path, self, self.group)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The full policy weights, named as the model's parameters, on rank 0 (an empty dict elsewhere): what
         the weight publisher and the HF export need. A collective: every rank must call it."""
-        rank = dist.get_rank(self.group)
+        rank = dist.get_rank(self.group) if self.group is not None else 0
         state = {}
         for name, param in self.model.named_parameters():
             # all-gathers one parameter at a time, so the peak is one full tensor (unsharded: the parameter)

@@ -11,13 +11,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from areal_async.checkpointing import load_learner_state, save_learner_state
 from areal_async.config import TrainConfig
 from areal_async.model import load_pretrained, load_tokenizer
 from areal_async.process_groups import join_run_world
 from areal_async.types import Trajectory
 from areal_async.weight_sync import TorchDistributedTransport, WeightPublisher
-from learners.fsdp_learner import FSDPLearner
+from learners.fsdp_learner import FSDPLearner, compiles_layers
 
 
 class LearnerRank:
@@ -28,7 +27,6 @@ class LearnerRank:
         self.rank = rank
         self.config = config
         self.model_path = model_path
-        self.publish_dtype = getattr(torch, config.model.dtype)  # what the rollout engines hold
 
     def connect(self, address: str, world_size: int, backend: str, version: int, checkpoint: str | None) -> int:
         """Joins the world, shards the policy (restored from `checkpoint` if given) and publishes `version`
@@ -46,10 +44,13 @@ class LearnerRank:
             temperature=self.config.generation.temperature,
             device=device,
             version=version,
+            compile_layers=compiles_layers(self.config.ppo, device),
             group=self.group,
+            compute_dtype=getattr(torch, self.config.model.dtype),
+            publish_dtype=getattr(torch, self.config.model.dtype),  # what the rollout engines hold
         )
         if checkpoint is not None:
-            load_learner_state(Path(checkpoint), self.learner, self.group)
+            self.learner.load_state(Path(checkpoint))
         state = self.published_state()
         self.publisher = None
         if self.rank == 0:
@@ -63,7 +64,7 @@ class LearnerRank:
 
     def published_state(self) -> dict[str, torch.Tensor]:
         """The full weights in the rollout engines' dtype on rank 0 (empty elsewhere); a collective."""
-        return {name: tensor.to(self.publish_dtype) for name, tensor in self.learner.full_state_dict().items()}
+        return self.learner.policy_state()
 
     def publish(self, version: int, state: dict[str, torch.Tensor] | None = None) -> None:
         """Rank 0 publishes `version` to the workers (each joins at its next token boundary)."""
@@ -77,7 +78,7 @@ class LearnerRank:
 
     def save_state(self, staging: str) -> None:
         """Writes this rank's part of a run checkpoint into the staging folder."""
-        save_learner_state(Path(staging), self.learner, self.group)
+        self.learner.save_state(Path(staging))
 
     def close(self) -> None:
         dist.destroy_process_group()

@@ -117,3 +117,32 @@ def test_step_raises_logprob_of_rewarded_samples(tiny_model, objective):
     assert mean_logprob(5.0) > good_before and mean_logprob(-5.0) < bad_before
     assert stats["behaviour_weight_mean"] == pytest.approx(1.0, abs=1e-4)
     assert stats["kl_reference"] == pytest.approx(0.0, abs=1e-8)
+
+
+def _changed_fraction(before: dict, after: dict) -> float:
+    changed = sum(int((before[n] != after[n]).sum()) for n in before)
+    return changed / sum(t.numel() for t in before.values())
+
+
+def test_the_inline_learner_keeps_fp32_master_weights_and_publishes_bf16(tiny_model):
+    """Small updates accumulate in the fp32 masters: bf16 parameters updated in place round most of them away."""
+    from learners.fsdp_learner import FSDPLearner
+
+    trajectories = _trajectories(tiny_model, [[1, 2, 3], [4, 5, 6, 7], [8, 9]])
+    config = PPOConfig(lr=2e-6)
+    bf16 = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    master = FSDPLearner(copy.deepcopy(tiny_model), config, pad_token_id=0, temperature=1.0,
+                         compute_dtype=torch.bfloat16, publish_dtype=torch.bfloat16)
+    in_place = PPOLearner(copy.deepcopy(bf16), config, pad_token_id=0, temperature=1.0)
+    assert all(p.dtype == torch.float32 for p in master.model.parameters())
+    start = {n: t.clone() for n, t in master.policy_state().items()}
+    assert all(t.dtype == torch.bfloat16 for t in start.values())
+    assert all(torch.equal(start[n], t) for n, t in bf16.state_dict().items() if n in start)
+    for _ in range(10):
+        master.train_step(trajectories)
+        in_place.train_step(trajectories)
+    published = master.policy_state()
+    assert all(torch.equal(published[n], p.detach().to(torch.bfloat16)) for n, p in master.model.named_parameters())
+    master_changed = _changed_fraction(start, published)
+    in_place_changed = _changed_fraction(start, in_place.policy_state())
+    assert master_changed > 2 * in_place_changed, (master_changed, in_place_changed)

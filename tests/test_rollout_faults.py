@@ -9,6 +9,7 @@ from areal_async.controller import RolloutController
 from areal_async.data.records import PromptRecord
 from areal_async.ledger import Ledger
 from areal_async.replay_queue import ShardedReplayQueue
+from areal_async.reward import Verdict
 from areal_async.runtime import ControllerService
 
 
@@ -19,7 +20,7 @@ class FlakyEngine:
         self.failures = failures
         self.version = 0
 
-    def generate(self, prompts, params, weight_update=None):
+    def generate(self, prompts, params, weight_update=None, max_new_tokens=None):
         if self.failures:
             self.failures -= 1
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
@@ -27,15 +28,17 @@ class FlakyEngine:
 
 
 class CountingVerifier:
-    def score_batch(self, responses, gold_answers):
-        return [5.0 if response == "1" else -5.0 for response in responses]
+    correct_reward, incorrect_reward = 5.0, -5.0
+
+    def verify_batch(self, responses, gold_answers):
+        return [Verdict(response == "1") for response in responses]
 
 
-def _system(failures: int):
+def _system(failures: int, max_repeated_errors: int = 3):
     records = [PromptRecord(f"q{i}", f"prompt {i}", ("1",)) for i in range(10)]
     controller = ControllerService(
         RolloutController(records, lambda text: [1, 2, 3], group_size=2, groups_per_step=2, max_staleness=0, seed=0),
-        max_generation_attempts=3,
+        max_generation_attempts=3, max_repeated_errors=max_repeated_errors,
     )
     queue = ShardedReplayQueue(num_shards=2, capacity_per_shard=8, max_staleness=0)
     worker = RolloutWorker(FlakyEngine(failures), lambda tokens: str(tokens[0]), CountingVerifier(), [7])
@@ -80,3 +83,23 @@ def test_corrupt_frame_is_counted_and_queue_keeps_serving():
     assert len(groups) == 2
     assert sum(c.dropped["bad_frame"] for c in queue.shard_counts()) == 1
     assert all(isinstance(t.output_tokens, np.ndarray) for g in groups for t in g)
+
+
+def test_an_error_that_keeps_repeating_is_fatal_with_its_traceback():
+    controller, queue, worker = _system(failures=5, max_repeated_errors=3)
+    for _ in range(2):
+        worker.produce(controller, queue, GenerationConfig(), max_groups=2, seed=0)
+    assert controller.fatal_error() is None
+    worker.produce(controller, queue, GenerationConfig(), max_groups=2, seed=0)
+    fatal = controller.fatal_error()
+    assert fatal["repeated"] == 3 and "illegal memory access" in fatal["reason"]
+    assert "Traceback" in fatal["traceback"] and "in generate" in fatal["traceback"]
+    assert [error["index"] for error in controller.errors_since(1)] == [1, 2]
+
+
+def test_a_delivery_resets_the_repetition_count():
+    controller, queue, worker = _system(failures=2, max_repeated_errors=3)
+    for _ in range(3):
+        worker.produce(controller, queue, GenerationConfig(), max_groups=2, seed=0)
+    assert controller.counts()["generation_errors"] == 2 and controller.fatal_error() is None
+    assert controller.repeated == 0

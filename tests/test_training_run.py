@@ -106,3 +106,30 @@ def test_synthetic_problems_are_correct_and_splits_disjoint():
         assert record.solutions == (f"\\boxed{{{evaluate_expression(expression)}}}",)
     with pytest.raises(ValueError, match="too small"):
         arithmetic_problems(100, ArithmeticSpec(max_operand=2, operators="+"), seed=0, held_out=False)
+
+
+def test_a_generation_error_that_repeats_stops_the_run_at_once_with_its_traceback(tmp_path):
+    from areal_async.trainer import GenerationFailed, Trainer
+
+    config = compose_config("train", [*SHORT_RUN, f"output_dir={tmp_path}", "run_name=broken", "data.num_heldout=0"])
+    trainer = Trainer(config)
+
+    def broken_generate(*args, **kwargs):
+        raise RuntimeError("it->second->use_count > 0 INTERNAL ASSERT FAILED")
+
+    trainer.worker.engine.generate = broken_generate
+    with pytest.raises(GenerationFailed, match="3 times in a row") as failure:
+        trainer.run(show_progress=False)
+    assert "INTERNAL ASSERT FAILED" in str(failure.value) and "Traceback" in str(failure.value)
+    errors = [json.loads(line) for line in (tmp_path / "broken" / "generation_errors.jsonl").read_text().splitlines()]
+    assert len(errors) == 3 and all("broken_generate" in error["traceback"] for error in errors)
+
+
+def test_reward_failures_and_phase_timings_are_in_the_metrics(tmp_path):
+    _, run_dir = _run(tmp_path, "phases", ["total_steps=1", "data.num_heldout=0"])
+    (line,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert line["reward_failures"] == 0 and line["reward_failures_by_reason"] == {}
+    phases = ("generation_s", "reward_s", "prepare_s", "update_s", "weight_sync_seconds", "other_s")
+    assert all(line[name] >= 0 for name in phases)
+    assert sum(line[name] for name in phases) == pytest.approx(line["step_s"])
+    assert (run_dir / "training_curves.png").stat().st_size > 0

@@ -98,10 +98,48 @@ def arithmetic_problems(count: int, spec: ArithmeticSpec, seed: int, held_out: b
     return records
 
 
-def noisy_demonstration(record: PromptRecord, rng: random.Random, error_rate: float) -> str:
+NEAR_MISSES = (-10, -2, -1, 1, 2, 10)
+
+
+def expression_of(record: PromptRecord) -> str:
+    return record.prompt.removeprefix("Q: ").removesuffix("\nA: ")
+
+
+def worked_steps(expression: str, error_at: int | None = None, error: int = 0) -> tuple[list[str], int]:
+    """Left-to-right running totals of a '+'/'-' expression: ["37+45=82", "82-12=70"] and the final value.
+    Step `error_at` (0-based) adds `error` to its result, and the later steps carry the slip on."""
+    numbers, operators, number = [], [], ""
+    for char in expression:
+        if char.isdigit():
+            number += char
+        else:
+            numbers.append(int(number))
+            operators.append(char)
+            number = ""
+    numbers.append(int(number))
+    if set(operators) - set("+-"):
+        raise ValueError(f"worked steps need '+' and '-' only, got {expression!r}")
+    total, steps = numbers[0], []
+    for index, (operator, operand) in enumerate(zip(operators, numbers[1:])):
+        result = total + operand if operator == "+" else total - operand
+        if index == error_at:
+            result += error
+        steps.append(f"{total}{operator}{operand}={result}")
+        total = result
+    return steps, total
+
+
+def noisy_demonstration(record: PromptRecord, rng: random.Random, error_rate: float, steps: bool = False) -> str:
     """A supervised response for `record`: the boxed gold answer, or with probability `error_rate` a
-    near-miss (off by 1, 2 or 10), imitating a teacher that is right only part of the time."""
+    near-miss (off by 1, 2 or 10), imitating a teacher that is right only part of the time. With `steps` the
+    answer follows its worked steps ("37+45=82, 82-12=70. \\boxed{70}"), and the near-miss is a slip in one
+    step that the later steps carry on."""
+    slipped = rng.random() < error_rate
+    error = rng.choice(NEAR_MISSES) if slipped else 0
+    if steps:
+        expression = expression_of(record)
+        error_at = rng.randrange(max(1, expression.count("+") + expression.count("-"))) if slipped else None
+        lines, value = worked_steps(expression, error_at, error)
+        return f"{', '.join(lines)}. {answer_text(value)}"
     gold = int(record.solutions[0].removeprefix("\\boxed{").removesuffix("}"))
-    if rng.random() < error_rate:
-        gold += rng.choice((-10, -2, -1, 1, 2, 10))
-    return answer_text(gold)
+    return answer_text(gold + error)

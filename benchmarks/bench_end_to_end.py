@@ -1,0 +1,275 @@
+"""The whole RL step on one device, through `areal-async train`, against the engine and the learner alone.
+
+Shape: DeepSeek-R1-Distill-Qwen-1.5B (hidden 1536, 28 layers, 12 heads, 2 KV heads, intermediate 8960) with the
+real 151,936-token vocabulary: random weights (the model's own initialisation, seed 0) saved as a checkpoint
+folder with the project's byte tokenizer padded to that vocabulary (`build_byte_tokenizer(vocab_size=...)`).
+Prompts are random letters (one token each). Random weights never answer correctly, so every group has zero
+reward variance: the runs set ppo.filter_zero_variance_groups=false to train on them anyway.
+
+Workloads:
+  i   -- 32 prompts x 8 samples x 1,024 new tokens, prompts of 128 tokens;
+  ii  -- the seed's first stage at AReaL's small-scale batch: 64 prompts x 16 samples, prompts of 256 tokens,
+         per-request limits drawn log-normal with mean 2,048, capped at 8,192 (generation.simulated_length_mean:
+         random weights do not stop by themselves).
+
+Per workload, in one process:
+  1. the run: `areal-async train` (the same composition: `compose_config("train", overrides)` then
+     `run_training`) with inline placement on the device, `--steps` steps; the first `--warmup-steps` steps
+     compile and capture CUDA graphs and are not timed. Per timed step: generation, reward, proximal recompute,
+     update, weight publication and the rest (packing, queue, admission), and trained tokens/s (prompt +
+     output tokens trained per second of step) per GPU;
+  2. the engine alone: the run's engine generates the same number of requests with the same prompt and token-
+     limit distribution (warm: the run captured its graphs);
+  3. the learner alone: the run's learner takes one PPO step (proximal recompute + update) on trajectories of
+     those generations.
+The overhead is the ratio: mean run step time / (engine alone + learner alone). The run's summary gives the
+ledger, the worker-vs-learner checksum check and the generation and reward error counts.
+
+Prints a table and writes JSON (`--out`). `--tiny` runs a tiny shape on the CPU (a smoke test of the script,
+not a measurement).
+
+    PYTHONPATH=$PWD python3 benchmarks/bench_end_to_end.py --workloads i ii --out benchmarks/results/e2e.json
+    PYTHONPATH=$PWD python3 benchmarks/bench_end_to_end.py --tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import string
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from actors.sampling import SamplingParams, long_tailed_limit
+from areal_async.cli import compose_config
+from areal_async.model import CausalLM, DecoderConfig, save_pretrained
+from areal_async.model.tokenizer import build_byte_tokenizer, load_tokenizer
+from areal_async.trainer import Trainer
+from areal_async.types import Trajectory
+
+SHAPE = dict(
+    vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+    num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=131072, tie_word_embeddings=False,
+)
+TINY_SHAPE = dict(
+    vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False,
+)
+# prompts, samples per prompt, prompt tokens, max new tokens, simulated length mean (None: every request runs to
+# the limit), KV bucket
+WORKLOADS = {
+    "i": dict(prompts=32, group_size=8, prompt_tokens=128, max_new_tokens=1024, length_mean=None, kv_bucket=64),
+    "ii": dict(prompts=64, group_size=16, prompt_tokens=256, max_new_tokens=8192, length_mean=2048, kv_bucket=256),
+}
+TINY_WORKLOADS = {
+    "i": dict(prompts=4, group_size=4, prompt_tokens=16, max_new_tokens=32, length_mean=None, kv_bucket=16),
+    "ii": dict(prompts=4, group_size=4, prompt_tokens=24, max_new_tokens=64, length_mean=24, kv_bucket=16),
+}
+PHASES = ("generation_s", "reward_s", "prepare_s", "update_s", "weight_sync_seconds", "other_s")
+
+
+def log(*parts) -> None:
+    print(*parts, flush=True)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_checkpoint(folder: Path, shape: dict, dtype: torch.dtype) -> Path:
+    """Random weights in `shape` with a byte tokenizer padded to its vocabulary."""
+    tokenizer_dir = folder / "tokenizer"
+    build_byte_tokenizer(tokenizer_dir, vocab_size=shape["vocab_size"])
+    tokenizer = load_tokenizer(tokenizer_dir)
+    torch.manual_seed(0)
+    model = CausalLM(DecoderConfig(**shape, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                   pad_token_id=tokenizer.pad_token_id)).to(dtype)
+    return save_pretrained(model, folder / "model", tokenizer_dir=tokenizer_dir)
+
+
+def write_prompts(path: Path, count: int, tokens: int, seed: int) -> Path:
+    """`count` prompts of `tokens` random letters (a token each with the byte tokenizer), gold answer 42."""
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for index in range(count):
+            prompt = "".join(rng.choice(string.ascii_letters) for _ in range(tokens))
+            f.write(json.dumps({"query_id": f"p{index}", "prompt": prompt, "answer": "42"}) + "\n")
+    return path
+
+
+def run_overrides(workload: dict, checkpoint: Path, prompts: Path, out_dir: Path, name: str, steps: int,
+                  device: torch.device, dtype: str) -> list[str]:
+    """The `areal-async train` overrides of the workload's run."""
+    overrides = [
+        f"device={device.type}", f"model.path={checkpoint}", f"model.dtype={dtype}",
+        "data.kind=jsonl", f"data.path={prompts}", "data.num_heldout=0", "eval.num_samples=0",
+        f"total_steps={steps}", "checkpoint_every=0", f"output_dir={out_dir}", f"run_name={name}",
+        f"rollout.groups_per_step={workload['prompts']}", f"rollout.groups_per_request={workload['prompts']}",
+        f"rollout.queue_capacity_per_shard={2 * workload['prompts']}",
+        f"generation.group_size={workload['group_size']}", f"generation.max_new_tokens={workload['max_new_tokens']}",
+        "ppo.filter_zero_variance_groups=false", "ppo.lr=1e-6", f"engine.kv_bucket={workload['kv_bucket']}",
+    ]
+    if workload["length_mean"] is not None:
+        overrides.append(f"generation.simulated_length_mean={workload['length_mean']}")
+    return overrides
+
+
+def engine_alone(trainer: Trainer, workload: dict, seed: int) -> tuple[dict, list[Trajectory]]:
+    """The run's engine on the workload's shapes (new prompts, limits from the same distribution)."""
+    engine, tokenizer, config = trainer.worker.engine, trainer.tokenizer, trainer.config
+    rng = random.Random(seed)
+    prompts = [tokenizer.encode("".join(rng.choice(string.ascii_letters) for _ in range(workload["prompt_tokens"])))
+               for _ in range(workload["prompts"])]
+    requests = [(p, s) for p in range(len(prompts)) for s in range(workload["group_size"])]
+    limit = workload["max_new_tokens"]
+    limits = [limit if workload["length_mean"] is None else
+              long_tailed_limit(workload["length_mean"], min(16, limit), limit, f"alone{seed}:{p}:{s}")
+              for p, s in requests]
+    params = SamplingParams(max_new_tokens=limit, temperature=config.generation.temperature,
+                            stop_token_ids=(tokenizer.eos_token_id,), seed=seed)
+    synchronize(engine.device)
+    started = time.perf_counter()
+    generations = engine.generate([prompts[p] for p, _ in requests], params, max_new_tokens=limits)
+    synchronize(engine.device)
+    seconds = time.perf_counter() - started
+    tokens = sum(len(g.tokens) for g in generations)
+    rewards = np.random.default_rng(seed).choice([5.0, -5.0], size=len(requests))
+    trajectories = [
+        Trajectory(f"q{p}", f"alone{p}", s, np.asarray(prompts[p], dtype=np.int32),
+                   np.asarray(g.tokens, dtype=np.int32), np.asarray(g.logprobs, dtype=np.float32),
+                   np.asarray(g.versions, dtype=np.int32), float(reward), g.finish_reason)
+        for (p, s), g, reward in zip(requests, generations, rewards)
+    ]
+    return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
+            "graph_captures": engine.stats.get("graph_captures", 0)}, trajectories
+
+
+def learner_alone(trainer: Trainer, trajectories: list[Trajectory]) -> dict:
+    learner = trainer.learner
+    synchronize(learner.ppo.device)
+    started = time.perf_counter()
+    stats = learner.train_step(trajectories)
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "trained_tokens": stats["trained_tokens"],
+            "trained_tokens_per_s": stats["trained_tokens"] / seconds, **learner.last_step_timings}
+
+
+def bench_workload(name: str, workload: dict, args, device: torch.device, checkpoint: Path, work: Path) -> dict:
+    prompts = write_prompts(work / f"prompts_{name}.jsonl", 4 * workload["prompts"] * args.steps,
+                            workload["prompt_tokens"], seed=1)
+    overrides = run_overrides(workload, checkpoint, prompts, work / "runs", f"e2e_{name}", args.steps, device,
+                              args.dtype)
+    log(f"[{name}] areal-async train " + " ".join(overrides))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
+    trainer = Trainer(compose_config("train", overrides))
+    built = time.perf_counter()
+    summary = trainer.run(show_progress=False)
+    run_seconds = time.perf_counter() - built
+    records = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    timed = records[args.warmup_steps:] or records[-1:]
+    step_s = float(np.mean([r["step_s"] for r in timed]))
+    phases = {phase: float(np.mean([r.get(phase, 0.0) for r in timed])) for phase in PHASES}
+    trained_tokens = float(np.mean([r["trained_tokens"] for r in timed]))
+    generated = float(np.mean([r["tokens_per_s"] * r["step_s"] for r in timed]))
+    gpus = 1
+    alone_generation, trajectories = engine_alone(trainer, workload, seed=7)
+    alone_training = learner_alone(trainer, trajectories)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    result = {
+        "overrides": overrides,
+        "build_s": built - started,
+        "run_s": run_seconds,
+        "steps": [{k: r.get(k) for k in ("step", "step_s", "trained_tokens", "response_length_mean", *PHASES)}
+                  for r in records],
+        "timed_steps": len(timed),
+        "step_s": step_s,
+        "phases_s": phases,
+        "generated_tokens_per_step": generated,
+        "trained_tokens_per_step": trained_tokens,
+        "trained_tokens_per_s_per_gpu": trained_tokens / step_s / gpus,
+        "engine_alone": alone_generation,
+        "learner_alone": alone_training,
+        # the engine alone generated a workload of the same distribution, not the same tokens: scale its time to
+        # the run's token count, and the learner's to the run's trained tokens
+        "engine_alone_s_scaled": alone_generation["seconds"] * generated / max(1, alone_generation["tokens"]),
+        "learner_alone_s_scaled": alone_training["seconds"] * trained_tokens / max(1.0, alone_training["trained_tokens"]),
+        "summary": {k: summary.get(k) for k in ("ledger_balanced", "produced", "consumed", "dropped", "queued",
+                                                "in_flight", "rollout_weights_identical", "generation_errors",
+                                                "reward_failures", "version")},
+        "peak_gib": peak,
+    }
+    result["overhead_ratio"] = step_s / (result["engine_alone_s_scaled"] + result["learner_alone_s_scaled"])
+    result["overhead_ratio_unscaled"] = step_s / (alone_generation["seconds"] + alone_training["seconds"])
+    del trainer
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def print_table(results: dict) -> None:
+    log("\n| workload | step s | gen | reward | recompute | update | publish | rest | engine alone | learner alone "
+        "| overhead | trained tok/s/GPU | ledger | checksums | gen err | reward fail |")
+    log("|---" * 16 + "|")
+    for name, r in results.items():
+        p = r["phases_s"]
+        s = r["summary"]
+        log(f"| {name} | {r['step_s']:.2f} | {p['generation_s']:.2f} | {p['reward_s']:.2f} | {p['prepare_s']:.2f} | "
+            f"{p['update_s']:.2f} | {p['weight_sync_seconds']:.2f} | {p['other_s']:.2f} | "
+            f"{r['engine_alone_s_scaled']:.2f} | {r['learner_alone_s_scaled']:.2f} | {r['overhead_ratio']:.3f} | "
+            f"{r['trained_tokens_per_s_per_gpu']:,.0f} | {s['ledger_balanced']} | {s['rollout_weights_identical']} | "
+            f"{s['generation_errors']} | {sum((s['reward_failures'] or {}).values())} |")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", nargs="+", default=["i", "ii"], choices=list(WORKLOADS))
+    parser.add_argument("--steps", type=int, default=3, help="RL steps per run (the first --warmup-steps untimed)")
+    parser.add_argument("--warmup-steps", type=int, default=1)
+    parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on the CPU")
+    parser.add_argument("--tiny", action="store_true", help="a tiny shape and workload on the CPU (smoke test)")
+    parser.add_argument("--work-dir", default=None, help="checkpoint and run folders (default: a temporary folder)")
+    parser.add_argument("--out", default=None, help="JSON file of the results")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    shape, workloads = (TINY_SHAPE, TINY_WORKLOADS) if args.tiny else (SHAPE, WORKLOADS)
+    report = {"args": vars(args), "device": str(device), "torch": torch.__version__, "results": {}, "errors": {}}
+    if device.type == "cuda":
+        report["device_name"] = torch.cuda.get_device_name(device)
+    log(f"device {report.get('device_name', device)}, torch {torch.__version__}, dtype {args.dtype}")
+    with tempfile.TemporaryDirectory() as temporary:
+        work = Path(args.work_dir or temporary)
+        started = time.perf_counter()
+        checkpoint = make_checkpoint(work, shape, getattr(torch, args.dtype))
+        report["checkpoint_s"] = time.perf_counter() - started
+        for name in args.workloads:
+            try:
+                report["results"][name] = bench_workload(name, workloads[name], args, device, checkpoint, work)
+                log(f"[{name}] {json.dumps(report['results'][name]['phases_s'])} overhead "
+                    f"{report['results'][name]['overhead_ratio']:.3f}")
+            except Exception as error:  # noqa: BLE001 - one failing workload must not lose the other
+                traceback.print_exc()
+                sys.stdout.flush()
+                report["errors"][name] = f"{type(error).__name__}: {error}"
+            if args.out:  # after every workload: a run cut short keeps what it measured
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(json.dumps(report, indent=2))
+    if report["results"]:
+        print_table(report["results"])
+    return 1 if report["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
