@@ -94,7 +94,7 @@ class RolloutWorker:
     ) -> dict[str, float]:
         """One round: admit up to `max_groups` groups, generate and score them, deliver one frame per group.
 
-        `controller` offers admit_groups / delivered / readmit / free_slots, `queue` offers put(group_id,
+        `controller` offers admit_groups / delivered / readmit / report_generation, `queue` offers put(group_id,
         frame) -> outcome (local objects or Ray proxies alike). If generation raises, the groups go back to
         the controller to be handed out again, with the error and its traceback. Returns counts and timings of
         the round, which it also reports to the controller (`report_generation`).
@@ -119,9 +119,7 @@ class RolloutWorker:
                 if weight_update is not None:
                     weight_update()
                 time.sleep(QUEUE_FULL_BACKOFF_S)
-            controller.delivered(group.group_id)
-            if outcome != "queued":
-                controller.free_slots(1)
+            controller.delivered(group.group_id, dropped=outcome != "queued")
         result = {
             "groups": len(groups),
             "tokens": sum(len(t.output_tokens) for t in trajectories),

@@ -95,10 +95,12 @@ class RolloutController:
     def in_flight(self) -> int:
         return self.cursor - self.delivered_groups - sum(self.dropped.values())
 
-    def delivered(self, group_id: str) -> None:
-        """A worker handed a finished group to the queue (whatever the queue then did with it)."""
+    def delivered(self, group_id: str, dropped: bool = False) -> None:
+        """A worker handed a finished group to the queue; `dropped`: the queue dropped it on arrival, which
+        frees its admission slot in the same call (a checkpoint never sees the one without the other)."""
         del self._in_flight[group_id]
         self.delivered_groups += 1
+        self.freed_slots += int(dropped)
 
     def readmit(self, group: PromptGroup) -> None:
         """Generation of `group` failed: it stays in flight and is handed out again."""
@@ -112,7 +114,7 @@ class RolloutController:
         self.freed_slots += 1
 
     def free_slots(self, groups: int) -> None:
-        """Groups dropped after generation give their admission slots back."""
+        """Groups the queue dropped as stale when the learner took a batch give their admission slots back."""
         self.freed_slots += groups
 
     def state_dict(self) -> dict:

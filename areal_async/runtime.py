@@ -46,8 +46,8 @@ class ControllerService:
             groups.append(group)
         return groups
 
-    def delivered(self, group_id: str) -> None:
-        self.controller.delivered(group_id)
+    def delivered(self, group_id: str, dropped: bool = False) -> None:
+        self.controller.delivered(group_id, dropped)
         self.repeated = 0
 
     def free_slots(self, groups: int) -> None:

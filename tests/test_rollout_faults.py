@@ -103,3 +103,39 @@ def test_a_delivery_resets_the_repetition_count():
         worker.produce(controller, queue, GenerationConfig(), max_groups=2, seed=0)
     assert controller.counts()["generation_errors"] == 2 and controller.fatal_error() is None
     assert controller.repeated == 0
+
+
+class SnapshotAfterEveryCall:
+    """The controller service as a run checkpoint sees it: a snapshot may fall between any two of a worker's
+    calls. Records, after every call, whether the admission slots agree with the groups the queue dropped."""
+
+    def __init__(self, service: ControllerService, queue: ShardedReplayQueue) -> None:
+        self.service, self.queue, self.disagreements = service, queue, []
+
+    def __getattr__(self, name):
+        method = getattr(self.service, name)
+
+        def call(*args, **kwargs):
+            result = method(*args, **kwargs)
+            controller = self.service.controller
+            queue_drops = sum(sum(counts.dropped.values()) for counts in self.queue.shard_counts())
+            expected = controller.produced - sum(controller.dropped.values()) - queue_drops
+            if controller.occupied_slots != expected:
+                self.disagreements.append((name, controller.occupied_slots, expected))
+            return result
+
+        return call
+
+
+def test_a_dropped_group_frees_its_slot_in_the_same_call_as_its_delivery():
+    """A snapshot between "delivered" and "slot freed" would shrink admission for good after a resume."""
+    records = [PromptRecord(f"q{i}", f"prompt {i}", ("1",)) for i in range(10)]
+    service = ControllerService(RolloutController(records, lambda text: [1, 2, 3], group_size=2, groups_per_step=2,
+                                                  max_staleness=0, seed=0))
+    queue = ShardedReplayQueue(num_shards=2, capacity_per_shard=8, max_staleness=0, filter_zero_variance=True)
+    worker = RolloutWorker(FlakyEngine(0), lambda tokens: "1", CountingVerifier(), [7])  # every sample correct
+    controller = SnapshotAfterEveryCall(service, queue)
+    result = worker.produce(controller, queue, GenerationConfig(), max_groups=2, seed=0)
+    assert result["groups"] == 2 and sum(c.dropped["zero_variance"] for c in queue.shard_counts()) == 2
+    assert controller.disagreements == []
+    assert service.controller.occupied_slots == 0

@@ -159,9 +159,8 @@ class ActorLearnerLoop(RuleBasedStateMachine):
         assert outcome == expected
         assert group_id not in self.delivered_ids
         self.delivered_ids.add(group_id)
-        self.controller.delivered(group_id)
+        self.controller.delivered(group_id, dropped=outcome != "queued")
         if outcome != "queued":
-            self.controller.free_slots(1)
             self.expected_drops[outcome] += 1
 
     # ------------------------------------------------------------------------------------ learner
