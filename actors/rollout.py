@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -16,6 +17,13 @@ from areal_async.types import PromptGroup, Trajectory
 from areal_async.wire import encode_group
 
 QUEUE_FULL_BACKOFF_S = 0.05
+
+
+class WeightUpdate(Protocol):
+    """Joins the publish round of a newer version if there is one (called at token boundaries, where it may be
+    throttled; `force` asks now). Returns whether the weights changed."""
+
+    def __call__(self, force: bool = False) -> bool: ...
 
 
 class RolloutWorker:
@@ -40,7 +48,7 @@ class RolloutWorker:
         generation: GenerationConfig,
         seed: int | None = None,
         temperature: float | None = None,
-        weight_update: Callable[[], bool] | None = None,
+        weight_update: WeightUpdate | None = None,
     ) -> list[Trajectory]:
         """G samples for every group (temperature overrides generation.temperature, e.g. for evaluation)."""
         params = SamplingParams(
@@ -89,7 +97,7 @@ class RolloutWorker:
         generation: GenerationConfig,
         max_groups: int,
         seed: int,
-        weight_update: Callable[[], bool] | None = None,
+        weight_update: WeightUpdate | None = None,
         wait_when_full: bool = True,
     ) -> dict[str, float]:
         """One round: admit up to `max_groups` groups, generate and score them, deliver one frame per group.
@@ -102,6 +110,8 @@ class RolloutWorker:
         groups = controller.admit_groups(max_groups)
         if not groups:
             return {"groups": 0, "tokens": 0, "generate_s": 0.0, "reward_s": 0.0, "errors": 0}
+        if weight_update is not None and max(g.admitted_at_version for g in groups) > self.engine.version:
+            weight_update(force=True)  # admitted for a version this engine lacks: take it before the first token
         try:
             trajectories = self.rollout(groups, generation, seed=seed, weight_update=weight_update)
         except Exception as error:  # noqa: BLE001 - any engine failure must not lose the groups

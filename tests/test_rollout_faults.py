@@ -139,3 +139,24 @@ def test_a_dropped_group_frees_its_slot_in_the_same_call_as_its_delivery():
     assert result["groups"] == 2 and sum(c.dropped["zero_variance"] for c in queue.shard_counts()) == 2
     assert controller.disagreements == []
     assert service.controller.occupied_slots == 0
+
+
+def test_a_group_admitted_at_a_newer_version_is_generated_with_it():
+    """With max_staleness 0, groups admitted for version v sampled with v - 1 would all be dropped as stale."""
+    controller, queue, worker = _system(failures=0)
+    controller.set_version(1)
+    engine = worker.engine
+    generated_at = []
+    generate = engine.generate
+    engine.generate = lambda *args, **kwargs: generated_at.append(engine.version) or generate(*args, **kwargs)
+
+    def throttled_update(force: bool = False) -> bool:  # an idle worker's poll is throttled unless forced
+        if not force:
+            return False
+        engine.version = 1
+        return True
+
+    worker.produce(controller, queue, GenerationConfig(), max_groups=2, seed=0, weight_update=throttled_update)
+    assert generated_at == [1]
+    groups, stale = queue.take(2, training_step=1)
+    assert len(groups) == 2 and stale == 0
