@@ -142,6 +142,17 @@ def pack_prompt_output_batch(
     )
 
 
+def split_into_minibatches(count: int, parts: int, seed: int) -> list[list[int]]:
+    """Indices 0 .. count-1 in a random order drawn from `seed`, cut into `parts` minibatches whose sizes differ
+    by at most one (the first ones are the larger; a minibatch is empty when count < parts). Each minibatch
+    is then packed on its own, so the number of optimizer updates does not depend on the token budget and a
+    minibatch mixes short and long sequences."""
+    if parts < 1:
+        raise ValueError(f"minibatches per step must be >= 1, got {parts}")
+    order = np.random.default_rng(seed).permutation(count)
+    return [[int(i) for i in part] for part in np.array_split(order, parts)]
+
+
 def split_into_packs(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
     """First-fit decreasing: groups sequence indices into packs whose summed length stays within `token_budget`.
 

@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from areal_async.checkpointing import load_learner_state, save_learner_state
 from areal_async.config import PPOConfig
 from areal_async.model import CausalLM
-from areal_async.packing import PackedBatch, balance_across_ranks, split_into_packs
+from areal_async.packing import PackedBatch, balance_across_ranks, split_into_minibatches, split_into_packs
 from areal_async.types import Trajectory
 from learners.ppo_learner import PPOLearner, build_lr_scheduler, build_optimizer, read_stats, trajectory_advantages
 
@@ -391,8 +391,11 @@ class FSDPLearner:
 
     def train_step(self, trajectories: Sequence[Trajectory], advantages: Sequence[float] | None = None
                    ) -> dict[str, float]:
-        """One training step (minibatches_per_step optimizer updates) over this rank's share; every rank calls
-        it together. Produces version + 1; the returned stats are over all ranks and identical on each.
+        """One training step over this rank's share; every rank calls it together. Produces version + 1; the
+        returned stats are over all ranks and identical on each. The share is shuffled and cut into
+        minibatches (as many on every rank: minibatches_per_step, at most one per trajectory of the whole
+        batch), each packed on its own and trained in one optimizer update over all ranks; every minibatch's
+        proximal logprobs are taken before the first update.
         `last_step_timings` then holds the seconds of the proximal recomputation (`prepare_s`) and of the
         updates (`update_s`).
 
@@ -401,16 +404,18 @@ class FSDPLearner:
         if advantages is None:
             advantages = trajectory_advantages(trajectories, self.config.normalise_advantage_std)
         started = time.perf_counter()
-        micro_batches = self.prepare(trajectories, advantages)
+        (batch_size,) = all_reduce_floats([len(trajectories)], dist.ReduceOp.SUM, self.ppo.device, self.group)
+        # as many minibatches on every rank (a rank whose share is short trains placeholders in some)
+        num_parts = max(1, min(self.config.minibatches_per_step, int(batch_size)))
+        parts = split_into_minibatches(len(trajectories), num_parts, seed=self.version)
+        minibatches = [self.prepare([trajectories[i] for i in part], [advantages[i] for i in part]) for part in parts]
         prepared = time.perf_counter()
-        num_parts = max(1, min(self.config.minibatches_per_step, len(micro_batches)))  # equal on every rank
-        parts = np.array_split(np.arange(len(micro_batches)), num_parts)
         stats: dict[str, float] = {}
-        for part in parts:
-            part_stats = self.update([micro_batches[i] for i in part])
+        for micro_batches in minibatches:
+            part_stats = self.update(micro_batches)
             for name, value in part_stats.items():
                 previous = stats.get(name, 0.0)
-                stats[name] = max(previous, value) if name == MAX_STAT else previous + value / len(parts)
+                stats[name] = max(previous, value) if name == MAX_STAT else previous + value / len(minibatches)
         self.ppo.version += 1
         (stats["trained_tokens"],) = all_reduce_floats(  # prompt + output, placeholders excluded
             [sum(t.num_tokens for t in trajectories)], dist.ReduceOp.SUM, self.ppo.device, self.group

@@ -17,7 +17,7 @@ from areal_async.checkpointing import load_learner_state, save_learner_state
 from areal_async.config import Objective, PPOConfig
 from areal_async.model import CausalLM, packed_sequence_logprobs
 from areal_async.objective import decoupled_ppo_loss, group_advantages, kl_penalty
-from areal_async.packing import PackedBatch, pack_prompt_output_batch, split_into_packs
+from areal_async.packing import PackedBatch, pack_prompt_output_batch, split_into_minibatches, split_into_packs
 from areal_async.types import Trajectory
 
 
@@ -207,19 +207,26 @@ class PPOLearner:
         return read_stats(stats) if read else stats
 
     def train_step(self, trajectories: Sequence[Trajectory]) -> dict[str, float]:
-        """One training step over whole groups (minibatches_per_step optimizer updates): produces version + 1."""
-        micro_batches = self.prepare(trajectories)
-        parts = np.array_split(np.arange(len(micro_batches)), max(1, min(self.config.minibatches_per_step, len(micro_batches))))
+        """One training step over whole groups: produces version + 1. Advantages come from the whole batch, the
+        shuffled trajectories are cut into minibatches_per_step minibatches (one optimizer update each, at most
+        one per trajectory), and every minibatch's proximal logprobs are taken before the first update."""
+        advantages = trajectory_advantages(trajectories, self.config.normalise_advantage_std)
+        num_parts = max(1, min(self.config.minibatches_per_step, len(trajectories)))
+        minibatches = [
+            self.prepare([trajectories[i] for i in part], [advantages[i] for i in part])
+            for part in split_into_minibatches(len(trajectories), num_parts, seed=self.version)
+        ]
         stats: dict[str, float] = defaultdict(float)
-        for part in parts:
+        for micro_batches in minibatches:
             self.optimizer.zero_grad(set_to_none=True)
-            for name, value in self.backward([micro_batches[i] for i in part]).items():
-                stats[name] = max(stats[name], value) if name == "behaviour_weight_max" else stats[name] + value / len(parts)
+            for name, value in self.backward(micro_batches).items():
+                stats[name] = (max(stats[name], value) if name == "behaviour_weight_max"
+                               else stats[name] + value / len(minibatches))
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-            stats["grad_norm"] += float(grad_norm) / len(parts)
-            stats["lr"] += self.scheduler.get_last_lr()[0] / len(parts)  # the rate this update uses
+            stats["grad_norm"] += float(grad_norm) / len(minibatches)
+            stats["lr"] += self.scheduler.get_last_lr()[0] / len(minibatches)  # the rate this update uses
             self.optimizer.step()
             self.scheduler.step()
         self.version += 1
-        stats["trained_tokens"] = float(sum(b.num_tokens for b in micro_batches))  # prompt + output
+        stats["trained_tokens"] = float(sum(t.num_tokens for t in trajectories))  # prompt + output
         return dict(stats)

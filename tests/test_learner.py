@@ -146,3 +146,31 @@ def test_the_inline_learner_keeps_fp32_master_weights_and_publishes_bf16(tiny_mo
     master_changed = _changed_fraction(start, published)
     in_place_changed = _changed_fraction(start, in_place.policy_state())
     assert master_changed > 2 * in_place_changed, (master_changed, in_place_changed)
+
+
+@pytest.mark.parametrize("budget", [10**6, 20])
+@pytest.mark.parametrize("kind", ["ppo", "fsdp"])
+def test_minibatches_are_shuffled_trajectories_one_update_each_whatever_the_budget(tiny_model, budget, kind):
+    """Minibatches were slices of the (longest-first) pack list: their number followed the token budget."""
+    from learners.fsdp_learner import FSDPLearner
+
+    trajectories = _trajectories(tiny_model, [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10], [11, 12]])
+    config = PPOConfig(micro_batch_tokens=budget, minibatches_per_step=4)
+    if kind == "ppo":
+        learner = PPOLearner(copy.deepcopy(tiny_model), config, pad_token_id=0, temperature=1.0)
+    else:
+        learner = FSDPLearner(copy.deepcopy(tiny_model), config, pad_token_id=0, temperature=1.0)
+    trained = []  # the trajectories of each minibatch, in update order
+    prepare = learner.prepare
+    learner.prepare = lambda part, advantages: trained.append(sorted(t.num_tokens for t in part)) or prepare(
+        part, advantages)
+    updates = []
+    step = learner.optimizer.step
+    learner.optimizer.step = lambda *args, **kwargs: updates.append(1) or step(*args, **kwargs)
+    stats = learner.train_step(trajectories)
+    assert len(updates) == 4 and len(trained) == 4
+    assert sorted(n for part in trained for n in part) == sorted(t.num_tokens for t in trajectories)
+    assert [len(part) for part in trained] == [4, 4, 4, 4]
+    assert stats["trained_tokens"] == sum(t.num_tokens for t in trajectories)
+    # shuffled, not longest first: some minibatch holds both a sequence of the longest and of the shortest prompt
+    assert any(part[0] < part[-1] for part in trained)

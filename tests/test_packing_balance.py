@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from areal_async.packing import balance_across_ranks, pack_prompt_output_batch, split_into_packs
+from areal_async.packing import balance_across_ranks, pack_prompt_output_batch, split_into_minibatches, split_into_packs
 
 
 def test_packed_batch_layout():
@@ -71,3 +71,15 @@ def test_rank_balance_is_within_four_thirds_of_the_optimum(lengths, num_ranks):
 def test_rank_balance_is_deterministic_with_ties():
     assert balance_across_ranks([5, 5, 5, 5, 2, 2], num_ranks=2) == [[0, 2, 4], [1, 3, 5]]
     assert balance_across_ranks([3], num_ranks=3) == [[0], [], []]
+
+
+def test_minibatches_cover_every_index_once_in_near_equal_shuffled_parts():
+    parts = split_into_minibatches(10, 3, seed=0)
+    assert [len(p) for p in parts] == [4, 3, 3]
+    assert sorted(i for p in parts for i in p) == list(range(10))
+    assert parts == split_into_minibatches(10, 3, seed=0) and parts != split_into_minibatches(10, 3, seed=1)
+    assert [i for p in parts for i in p] != list(range(10))  # shuffled
+    assert split_into_minibatches(2, 4, seed=0) in ([[0], [1], [], []], [[1], [0], [], []])
+    assert split_into_minibatches(0, 1, seed=0) == [[]]
+    with pytest.raises(ValueError, match=">= 1"):
+        split_into_minibatches(4, 0, seed=0)
