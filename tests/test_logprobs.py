@@ -111,3 +111,31 @@ def test_autocast_runs_the_head_in_the_autocast_dtype():
     assert out.dtype == torch.float32 and torch.equal(out, expected)
     out.sum().backward()
     assert hidden.grad.dtype == weight.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("master", [True, False], ids=["fp32-master-under-bf16-autocast", "bf16-weight"])
+def test_head_weight_gradient_does_not_lose_precision_with_more_chunks(master):
+    """A bf16 running sum of the chunks' products lost more with every chunk (relative 0.003 -> 0.007 at 32)."""
+    torch.manual_seed(0)
+    rows, width, vocab = 2048, 64, 512
+    hidden = torch.randn(rows, width, dtype=torch.float64)
+    weight = torch.randn(vocab, width, dtype=torch.float64) * 0.1
+    targets = torch.randint(0, vocab, (rows,))
+    coefficients = torch.randn(rows, dtype=torch.float64)
+
+    def weight_gradient(dtype, chunk_size):
+        w = weight.to(torch.float32 if master else dtype).detach().clone().requires_grad_(True)
+        h = hidden.to(w.dtype)
+        with torch.autocast("cpu", dtype=dtype, enabled=master and dtype != torch.float64):
+            out = token_logprobs(h, w, targets, 1.0, chunk_size=chunk_size)
+        (out.double() * coefficients).sum().backward()
+        return w.grad
+
+    reference = weight_gradient(torch.float64, rows).double()
+    errors = {}
+    for chunks in (1, 32):
+        gradient = weight_gradient(torch.bfloat16, rows // chunks)
+        assert gradient.dtype == (torch.float32 if master else torch.bfloat16)
+        errors[chunks] = ((gradient.double() - reference).norm() / reference.norm()).item()
+    assert errors[1] < 4e-3
+    assert errors[32] < (1.05 if master else 1.3) * errors[1], errors

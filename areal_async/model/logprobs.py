@@ -83,15 +83,19 @@ def _chunk_kernels(device: torch.device):
 class _ChunkedTokenLogprobs(torch.autograd.Function):
     """hidden [N, H], weight [V, H], targets [N] -> log softmax(hidden @ weight^T / T)[target], fp32 [N].
 
-    Saves hidden, weight, targets and the per-row logsumexp; backward recomputes each chunk's logits, unless
-    `keep_logits`: then forward writes every chunk's logits (low precision) into one [N, V] buffer that
-    backward reads instead."""
+    The head computes in hidden's dtype (the weight is cast to it: an fp32 master weight under bf16 autocast).
+    Saves hidden, the cast weight, targets and the per-row logsumexp; backward recomputes each chunk's logits,
+    unless `keep_logits`: then forward writes every chunk's logits (low precision) into one [N, V] buffer that
+    backward reads instead. The weight's gradient is summed over the chunks in fp32 (at least), whatever the
+    compute dtype: a bf16 running sum lost more with every chunk."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature: float, chunk_size: int, keep_logits: bool):
         forward_chunk, _ = _chunk_kernels(hidden.device)
         rows = hidden.shape[0]
-        logits_dtype = torch.promote_types(hidden.dtype, weight.dtype)
+        ctx.weight_dtype = weight.dtype
+        weight = weight.to(hidden.dtype)
+        logits_dtype = hidden.dtype
         dtype = torch.promote_types(logits_dtype, torch.float32)
         out = torch.empty(rows, dtype=dtype, device=hidden.device)
         lse = torch.empty(rows, dtype=dtype, device=hidden.device)
@@ -116,6 +120,9 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         grad_out = grad_out.to(lse.dtype)
         grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
         grad_weight = None
+        if need_weight:
+            grad_weight = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
+                                      device=weight.device)
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             end = min(hidden.shape[0], start + ctx.chunk_size)
             rows = hidden[start:end]
@@ -124,14 +131,13 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             del logits
             if need_hidden:
                 torch.mm(grad_logits, weight, out=grad_hidden[start:end])
-            if need_weight:
-                if grad_weight is None:
-                    grad_weight = grad_logits.T @ rows
-                else:
-                    grad_weight.addmm_(grad_logits.T, rows)
+            if need_weight and grad_logits.dtype == grad_weight.dtype:
+                grad_weight.addmm_(grad_logits.T, rows)
+            elif need_weight:  # the chunk's product is rounded once; the sum over chunks is not
+                grad_weight.add_(grad_logits.T @ rows)
             del grad_logits
-        if need_weight and grad_weight is None:
-            grad_weight = torch.zeros_like(weight)
+        if need_weight:
+            grad_weight = grad_weight.to(ctx.weight_dtype)
         return grad_hidden, grad_weight, None, None, None, None
 
 
@@ -150,8 +156,9 @@ def token_logprobs(
     nothing of size N x vocab is kept for backward; except that low-precision logits of at most KEEP_LOGITS_GIB
     are kept from forward for backward when a gradient is wanted (no second formation).
 
-    Under autocast the head runs in the autocast dtype, as a Linear would (the Function's own matmuls are not
-    autocast in backward, so its inputs are cast here).
+    The head computes in hidden's dtype; under autocast in the autocast dtype, as a Linear would (the Function's
+    own matmuls are not autocast in backward, so hidden is cast here and the weight inside the Function, whose
+    gradient then reaches an fp32 master weight in fp32).
     """
     lead_shape = targets.shape
     hidden = hidden.reshape(-1, hidden.shape[-1])
@@ -161,10 +168,10 @@ def token_logprobs(
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
-        hidden, lm_head_weight = hidden.to(dtype), lm_head_weight.to(dtype)
+        hidden = hidden.to(dtype)
     if chunk_size is None:
         chunk_size = CUDA_CHUNK_ROWS if hidden.is_cuda else DEFAULT_CHUNK_ROWS
-    logits_dtype = torch.promote_types(hidden.dtype, lm_head_weight.dtype)
+    logits_dtype = hidden.dtype
     kept_gib = hidden.shape[0] * lm_head_weight.shape[0] * logits_dtype.itemsize / 2**30
     keep_logits = (
         logits_dtype.itemsize <= 2 and kept_gib <= KEEP_LOGITS_GIB and torch.is_grad_enabled()
