@@ -64,11 +64,12 @@ def decoupled_ppo_loss(
     with torch.no_grad():
         stats = {
             "clip_fraction": masked_mean((clipped < unclipped).float(), mask),
-            "behaviour_weight_mean": masked_mean(behaviour_weight, mask),
-            # 0 for an empty mask, decided on the device: `if mask.any()` would stall the host until the
-            # forward pass had finished, before it could queue the backward pass.
+            # over the tokens trained on (in mask mode, those under the cap); `dropped_fraction` is the rest
+            "behaviour_weight_mean": masked_mean(behaviour_weight, trained),
+            # 0 when nothing is trained, decided on the device: `if trained.any()` would stall the host until
+            # the forward pass had finished, before it could queue the backward pass.
             "behaviour_weight_max": torch.where(
-                mask.any(), behaviour_weight.masked_fill(~mask, float("-inf")).max(), 0.0
+                trained.any(), behaviour_weight.masked_fill(~trained, float("-inf")).max(), 0.0
             )
             if mask.numel()
             else behaviour_weight.new_zeros(()),

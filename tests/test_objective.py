@@ -45,6 +45,9 @@ def test_behaviour_weight_cap_clip_and_mask():
     )
     assert masked.item() == pytest.approx((-1.1 + 0.8) / 3, abs=1e-6)
     assert stats["dropped_fraction"].item() == pytest.approx(1 / 3)
+    # the weights' stats are over the tokens trained on (weights 1 and 1), not the dropped one (2)
+    assert stats["behaviour_weight_mean"].item() == pytest.approx(1.0, abs=1e-6)
+    assert stats["behaviour_weight_max"].item() == pytest.approx(1.0, abs=1e-6)
     with pytest.raises(ValueError, match="behaviour_weight_mode"):
         decoupled_ppo_loss(logprobs, proximal, behaviour, advantages, mask, behaviour_weight_mode="drop")
 
