@@ -80,4 +80,5 @@ def run_sft(config: SFTConfig, show_progress: bool = True) -> Path:
             optimizer.step()
             schedule.step()
             progress.set_postfix(loss=f"{loss.item():.3f}")
+        print(f"sft: {config.steps} steps of {config.batch_size} demonstrations, last loss {loss.item():.3f}")
         return save_pretrained(model.cpu(), output, tokenizer_dir=tokenizer_dir)

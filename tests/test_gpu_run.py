@@ -49,8 +49,10 @@ def test_several_engines_and_recaptures_in_one_process_equal_eager():
     assert _generate(first, 10) == expected[10]
 
 
+# eager kernels: this checks the composition on a GPU (the compiled paths are the benchmarks' and their own tests')
 RUN = ["device=cuda", "total_steps=4", "checkpoint_every=2", "rollout.groups_per_step=8", "generation.group_size=4",
-       "data.num_heldout=16", "eval.num_samples=2", "reward.num_workers=2", "ppo.lr=1e-4"]
+       "data.num_heldout=16", "eval.num_samples=2", "reward.num_workers=2", "ppo.lr=1e-4", "engine.compile_decode=false",
+       "ppo.compile_layers=false"]
 
 
 def _lines(run_dir):
