@@ -24,8 +24,10 @@ to 0 mod 2**64 (about 2**-64 for unstructured errors), and swapped words are cau
 weights differ. It runs on the bucket's device in int64 chunks (no host copy, bounded temporaries).
 A receiver rebuilds each target bucket in a scratch buffer (received snapshot, or delta XOR its own
 bits), checks it against the publisher's checksum of version v and only then copies it into its
-parameters, in place. A failed bucket is left out, the receiver drops to version -1 (so its next sync is a
-snapshot) and raises `WeightSyncError` naming version and buckets. Layout and protocol errors are fatal.
+parameters, in place. A failed bucket is left out, the receiver drops to version -1 and asks for a snapshot
+in the same round (damage in transit must not leave it waiting for a round that never comes); after
+MAX_SNAPSHOT_REFETCHES failed snapshots it gives up and raises `WeightSyncError` naming version and
+buckets. Layout and protocol errors are fatal.
 
 Publisher memory: two copies of the weights' bits (version v and, reused in place, the delta over v - 1);
 receiver memory: one scratch bucket per dtype.
@@ -33,7 +35,8 @@ receiver memory: one scratch bucket per dtype.
 Transports share one interface: the publisher end `offer(release, receivers)` delivers a `Release`
 (the staged version) to receivers, the receiver end `fetch(held_version, bucket_buffer)` sends the
 version it holds and returns the header plus an iterator that fills `bucket_buffer(index)` for each bucket
-sent. Deciding delta vs snapshot, headers, checksums and verification are shared code (`Release`,
+sent, and the receiver ends its part of the round with `acknowledge(ack, bucket_buffer)`: APPLIED, GIVE_UP, or
+SNAPSHOT, which returns a snapshot's header and iterator as fetch does. Deciding delta vs snapshot, headers, checksums and verification are shared code (`Release`,
 `WeightReceiver`); transports only move bytes.
 
 - `InProcessTransport`: offer keeps the newest release; fetch copies from it (synchronous loop, tests).
@@ -46,14 +49,17 @@ sent. Deciding delta vs snapshot, headers, checksums and verification are shared
        buckets that follow, broadcast flag, parameter list for snapshots);
     3. bucket bytes (uint8 views) follow in header order: one `broadcast` per bucket when every receiver
        of the group takes part and all need the same message (the steady state: all deltas; the start:
-       all snapshots), otherwise point-to-point `send`s, receiver after receiver.
+       all snapshots), otherwise point-to-point `send`s, receiver after receiver;
+    4. each listed receiver sends its acknowledgement (int64[1]), in rank order; after SNAPSHOT rank 0
+       sends it a snapshot (header and buckets, point-to-point) and reads its next acknowledgement.
   A receiver that missed rounds simply takes part in a later one: it reports an old version and gets a
   snapshot while the others get deltas (point-to-point that round). Control messages travel as tensors on
   the group's device (CUDA for NCCL) over the same group, so no second group is needed.
 - `CudaIpcTransport`: learner and actor on one GPU. Per receiver a pair of torch.multiprocessing queues:
   the receiver puts its held version, the publisher replies (header, bucket tensors) which the queue
   shares through CUDA IPC handles, the receiver copies each into its scratch, synchronises and puts
-  "done"; the publisher waits for every "done" before it may overwrite its buffers at the next publish.
+  "done"; the publisher waits for every "done" before it may overwrite its buffers at the next publish, then
+  for each receiver's acknowledgement (a SNAPSHOT one is answered with a snapshot and another "done").
 
 Stats: `WeightPublisher.stats()` / `WeightReceiver.stats()` return the last version's record
 (`weight_sync_seconds`, bytes moved as delta and as snapshot, ...); `history` keeps every record.
@@ -67,7 +73,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from enum import Enum
+from enum import Enum, IntEnum
 from typing import Any
 
 import msgpack
@@ -400,6 +406,17 @@ def decode_header(payload: torch.Tensor) -> dict[str, Any]:
 BucketBuffer = Callable[[int], torch.Tensor]  # bucket index -> receiver-owned words [bucket.numel]
 
 
+class Ack(IntEnum):
+    """What a receiver says of the message it fetched, before the round ends."""
+
+    APPLIED = 0
+    SNAPSHOT = 1  # a bucket failed its checksum: send a snapshot, in this round
+    GIVE_UP = 2  # still failing after MAX_SNAPSHOT_REFETCHES snapshots: the receiver raises
+
+
+MAX_SNAPSHOT_REFETCHES = 2
+
+
 class WeightTransport(ABC):
     """Moves releases from the publisher to receivers; `offer` runs on the publisher, `fetch` on a receiver."""
 
@@ -411,7 +428,12 @@ class WeightTransport(ABC):
     def fetch(self, held_version: int, bucket_buffer: BucketBuffer) -> tuple[dict[str, Any], Iterator[int]]:
         """Asks for the newest version holding `held_version`; returns the header and an iterator that
         fills `bucket_buffer(index)` for each bucket in `header["buckets"]` and yields its index.
-        The caller must exhaust the iterator (the protocol stays in lockstep)."""
+        The caller must exhaust the iterator (the protocol stays in lockstep), then `acknowledge`."""
+
+    @abstractmethod
+    def acknowledge(self, ack: Ack, bucket_buffer: BucketBuffer) -> tuple[dict[str, Any], Iterator[int]] | None:
+        """Ends the receiver's part of the round (APPLIED, GIVE_UP), or asks for a snapshot within it
+        (SNAPSHOT): then returns the snapshot's header and bucket iterator, as `fetch` does."""
 
 
 def _bytes_by_kind(messages: Sequence[Message]) -> dict[MessageKind, int]:
@@ -439,6 +461,9 @@ class InProcessTransport(WeightTransport):
             raise WeightSyncError("nothing has been published yet")
         message = self._release.message_for(held_version)
         return message.header, self._copy(message, bucket_buffer)
+
+    def acknowledge(self, ack: Ack, bucket_buffer: BucketBuffer) -> tuple[dict[str, Any], Iterator[int]] | None:
+        return self.fetch(-1, bucket_buffer) if ack is Ack.SNAPSHOT else None
 
     @staticmethod
     def _copy(message: Message, bucket_buffer: BucketBuffer) -> Iterator[int]:
@@ -505,17 +530,33 @@ class TorchDistributedTransport(WeightTransport):
             sent = _bytes_by_kind([shared])
         else:
             for rank, message in messages.items():
-                for _, words in message.buckets:
-                    dist.send(words.view(torch.uint8), group_dst=rank, group=self.group)
+                self._send_buckets(message, rank)
             sent = _bytes_by_kind(list(messages.values()))
+        for rank in ranks:  # a receiver whose buckets failed their checksums gets a snapshot in this round
+            while Ack(self._recv_int(rank)) is Ack.SNAPSHOT:
+                snapshot = release.message_for(-1)
+                self._send_header({**snapshot.header, "broadcast": False}, rank)
+                self._send_buckets(snapshot, rank)
+                sent[MessageKind.SNAPSHOT] += snapshot.nbytes
         if self.device.type == "cuda":  # NCCL calls return once enqueued; the timing should cover the transfer
             torch.cuda.current_stream(self.device).synchronize()
         return sent
+
+    def _send_buckets(self, message: Message, rank: int) -> None:
+        for _, words in message.buckets:
+            dist.send(words.view(torch.uint8), group_dst=rank, group=self.group)
 
     def fetch(self, held_version: int, bucket_buffer: BucketBuffer) -> tuple[dict[str, Any], Iterator[int]]:
         if self.rank == PUBLISHER_RANK:
             raise WeightSyncError("the publisher rank cannot fetch")
         self._send_int(held_version, PUBLISHER_RANK)
+        header = self._recv_header()
+        return header, self._receive(header, bucket_buffer)
+
+    def acknowledge(self, ack: Ack, bucket_buffer: BucketBuffer) -> tuple[dict[str, Any], Iterator[int]] | None:
+        self._send_int(int(ack), PUBLISHER_RANK)
+        if ack is not Ack.SNAPSHOT:
+            return None
         header = self._recv_header()
         return header, self._receive(header, bucket_buffer)
 
@@ -576,9 +617,19 @@ class CudaIpcTransport(WeightTransport):
         for rid, message in messages.items():
             self.channels[rid].to_receiver.put((message.header, [words for _, words in message.buckets]))
         for rid in ids:  # our buffers are overwritten at the next publish: wait until every copy is done
-            if self._get(self.channels[rid].to_publisher, f"'done' of {rid}") != _IPC_DONE:
-                raise WeightSyncError(f"receiver {rid} broke the IPC protocol")
-        return _bytes_by_kind(list(messages.values()))
+            self._wait_done(rid)
+        sent = _bytes_by_kind(list(messages.values()))
+        for rid in ids:  # a receiver whose buckets failed their checksums gets a snapshot in this round
+            while Ack(self._get(self.channels[rid].to_publisher, f"acknowledgement of {rid}")) is Ack.SNAPSHOT:
+                snapshot = release.message_for(-1)
+                self.channels[rid].to_receiver.put((snapshot.header, [words for _, words in snapshot.buckets]))
+                self._wait_done(rid)
+                sent[MessageKind.SNAPSHOT] += snapshot.nbytes
+        return sent
+
+    def _wait_done(self, rid: int) -> None:
+        if self._get(self.channels[rid].to_publisher, f"'done' of {rid}") != _IPC_DONE:
+            raise WeightSyncError(f"receiver {rid} broke the IPC protocol")
 
     def fetch(self, held_version: int, bucket_buffer: BucketBuffer) -> tuple[dict[str, Any], Iterator[int]]:
         if len(self.channels) != 1:
@@ -586,6 +637,14 @@ class CudaIpcTransport(WeightTransport):
         (channel,) = self.channels.values()
         channel.to_publisher.put(held_version)
         header, shared = self._get(channel.to_receiver, "reply from the publisher")
+        return header, self._copy(channel, header, shared, bucket_buffer)
+
+    def acknowledge(self, ack: Ack, bucket_buffer: BucketBuffer) -> tuple[dict[str, Any], Iterator[int]] | None:
+        (channel,) = self.channels.values()
+        channel.to_publisher.put(int(ack))
+        if ack is not Ack.SNAPSHOT:
+            return None
+        header, shared = self._get(channel.to_receiver, "snapshot from the publisher")
         return header, self._copy(channel, header, shared, bucket_buffer)
 
     @staticmethod
@@ -729,10 +788,25 @@ class WeightReceiver:
             raise WeightSyncError(f"version {header['version']}: got a {kind.value} message at version {self.version}")
 
     def sync(self) -> int:
-        """Fetches and applies the newest version; returns it. Raises WeightSyncError when a bucket fails
-        its checksum (after receiving the whole message; the receiver then needs a snapshot)."""
+        """Fetches and applies the newest version; returns it. A message whose buckets fail their checksums
+        is followed by a snapshot in the same round (up to MAX_SNAPSHOT_REFETCHES); raises WeightSyncError
+        when those fail too (the receiver then holds no version: its next sync fetches a snapshot)."""
         started = time.perf_counter()
         header, filled = self.transport.fetch(self.version, self._bucket_buffer)
+        refetches = 0
+        while (failure := self._apply(header, filled)) is not None:
+            self.version, self._held_checksums = -1, None
+            if refetches == MAX_SNAPSHOT_REFETCHES:
+                self.transport.acknowledge(Ack.GIVE_UP, self._bucket_buffer)
+                raise WeightSyncError(f"{failure}; {refetches} snapshots fetched in the same round failed too")
+            header, filled = self.transport.acknowledge(Ack.SNAPSHOT, self._bucket_buffer)
+            refetches += 1
+        self.transport.acknowledge(Ack.APPLIED, self._bucket_buffer)
+        self.history[-1].update(weight_sync_seconds=time.perf_counter() - started, refetched_snapshots=refetches)
+        return self.version
+
+    def _apply(self, header: Mapping[str, Any], filled: Iterator[int]) -> str | None:
+        """Applies one message (exhausting `filled`); returns what failed its checksums, or None."""
         layout = self._layout_for(header)
         kind = MessageKind(header["kind"])
         self._check_kind(header, kind)
@@ -754,19 +828,17 @@ class WeightReceiver:
             failed += [i for i, (mine, theirs) in enumerate(zip(self._held_checksums, expected))
                        if i not in sent and mine != theirs]
         if failed:
-            self.version, self._held_checksums = -1, None
-            raise WeightSyncError(f"version {header['version']} ({kind.value}): buckets {sorted(failed)} do not "
-                                  "match the publisher's checksums; the next sync fetches a snapshot")
+            return f"version {header['version']} ({kind.value}): buckets {sorted(failed)} do not match the " \
+                   "publisher's checksums"
         self.version, self._held_checksums = header["version"], list(expected)
         self.history.append({
             "version": self.version,
             "kind": kind.value,
-            "weight_sync_seconds": time.perf_counter() - started,
             "delta_bytes": received_bytes if kind is MessageKind.DELTA else 0,
             "snapshot_bytes": received_bytes if kind is MessageKind.SNAPSHOT else 0,
             "buckets_applied": len(header["buckets"]),
         })
-        return self.version
+        return None
 
     def stats(self) -> dict[str, Any]:
         """The last applied version's record ({} before the first sync)."""

@@ -282,14 +282,17 @@ def test_receiver_updates_model_parameters_in_place(tiny_model: CausalLM) -> Non
     assert torch.equal(actor_model(tokens), tiny_model(tokens))
 
 
-class BitFlippingTransport(InProcessTransport):
-    """Flips one bit of the first bucket received while `corrupt` is set: damage in transit."""
+class DamageInTransit:
+    """Flips one bit of the first bucket of the next `damaged` messages received (a transport mix-in)."""
 
-    corrupt = False
+    damaged = 0
 
     def fetch(self, held_version, bucket_buffer):
         header, filled = super().fetch(held_version, bucket_buffer)
-        return header, self._flip_first(filled, bucket_buffer) if self.corrupt else filled
+        if not self.damaged:
+            return header, filled
+        self.damaged -= 1
+        return header, self._flip_first(filled, bucket_buffer)
 
     @staticmethod
     def _flip_first(filled, bucket_buffer):
@@ -299,8 +302,16 @@ class BitFlippingTransport(InProcessTransport):
             yield index
 
 
+class BitFlippingTransport(DamageInTransit, InProcessTransport):
+    pass
+
+
+class DamagingGlooTransport(DamageInTransit, TorchDistributedTransport):
+    pass
+
+
 @pytest.mark.parametrize("corrupt_version", [0, 4])  # a snapshot, a delta
-def test_corrupted_bucket_raises_and_the_receiver_recovers(corrupt_version: int) -> None:
+def test_a_corrupted_bucket_is_refetched_as_a_snapshot_in_the_same_round(corrupt_version: int) -> None:
     g = torch.Generator().manual_seed(4)
     state = model_like_state(0)
     transport = BitFlippingTransport()
@@ -310,15 +321,30 @@ def test_corrupted_bucket_raises_and_the_receiver_recovers(corrupt_version: int)
         if version:
             adamw_like_step(state, g, version)
         publisher.publish(state, version)
-        transport.corrupt = version == corrupt_version
-        if transport.corrupt:
-            with pytest.raises(WeightSyncError, match=rf"version {version} .*buckets \[\d+\] do not match"):
-                receiver.sync()
-            assert receiver.version == -1
-            continue
-        receiver.sync()
+        transport.damaged = 1 if version == corrupt_version else 0
+        assert receiver.sync() == version
         assert_bitwise_equal(receiver.params, state)
-    assert receiver.history[-1]["kind"] == "snapshot"  # the version after the failure
+        assert receiver.stats()["refetched_snapshots"] == (version == corrupt_version)
+        if version == corrupt_version:
+            assert receiver.stats()["kind"] == "snapshot"
+    assert receiver.history[-1]["kind"] == "delta"  # the version after the repaired one
+
+
+def test_damage_that_persists_gives_up_and_the_next_round_recovers() -> None:
+    g = torch.Generator().manual_seed(4)
+    state = model_like_state(0)
+    transport = BitFlippingTransport()
+    publisher = WeightPublisher(state, transport, bucket_bytes=SMALL_BUCKET_BYTES)
+    receiver = WeightReceiver(zeros_like_state(state), transport)
+    publisher.publish(state, 0)
+    transport.damaged = 1 + weight_sync.MAX_SNAPSHOT_REFETCHES
+    with pytest.raises(WeightSyncError, match=r"version 0 \(snapshot\): buckets \[\d+\] do not match.*2 snapshots"):
+        receiver.sync()
+    assert receiver.version == -1 and transport.damaged == 0
+    adamw_like_step(state, g, 1)
+    publisher.publish(state, 1)
+    assert receiver.sync() == 1 and receiver.stats()["kind"] == "snapshot"
+    assert_bitwise_equal(receiver.params, state)
 
 
 def test_layout_mismatch_names_the_first_differing_parameter() -> None:
@@ -345,6 +371,7 @@ def test_layout_mismatch_names_the_first_differing_parameter() -> None:
 GLOO_VERSIONS = 24
 GLOO_WORLD = 3
 GLOO_MISSED = range(8, 13)  # rank 2 sits these versions out, then catches up with a snapshot
+GLOO_DAMAGED = 16  # rank 2 receives this version's delta damaged and re-fetches a snapshot in the round
 
 
 def gloo_participants(version: int) -> list[int]:
@@ -357,7 +384,7 @@ def gloo_worker(rank: int, port: int, results) -> None:
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=GLOO_WORLD, rank=rank,
                                 timeout=timedelta(seconds=60))
-        transport = TorchDistributedTransport()
+        transport = DamagingGlooTransport()
         state = model_like_state(0)
         checksums, kinds = {}, {}
         if rank == 0:
@@ -374,6 +401,7 @@ def gloo_worker(rank: int, port: int, results) -> None:
             receiver = WeightReceiver(state, transport)
             for version in range(GLOO_VERSIONS):
                 if rank in gloo_participants(version):
+                    transport.damaged = int(rank == 2 and version == GLOO_DAMAGED)
                     assert receiver.sync() == version
                     checksums[version] = state_checksum(state)
                     kinds[version] = receiver.stats()["kind"]
@@ -406,11 +434,12 @@ def test_gloo_publisher_and_two_receivers_across_processes() -> None:
     assert reports[1][0] == published and reports[1][2] == final
     assert reports[2][0] == {v: c for v, c in published.items() if v not in GLOO_MISSED} and reports[2][2] == final
     assert reports[1][1] == {v: "snapshot" if v == 0 else "delta" for v in range(GLOO_VERSIONS)}
-    assert reports[2][1][GLOO_MISSED.stop] == "snapshot"
-    assert [k for v, k in reports[2][1].items() if v not in (0, GLOO_MISSED.stop)] == ["delta"] * 17
+    assert reports[2][1][GLOO_MISSED.stop] == "snapshot" and reports[2][1][GLOO_DAMAGED] == "snapshot"
+    assert [k for v, k in reports[2][1].items() if v not in (0, GLOO_MISSED.stop, GLOO_DAMAGED)] == ["delta"] * 16
     snapshot_bytes = sent[0][1]  # version 0: one broadcast snapshot for both receivers
     assert sent[GLOO_MISSED.stop] == (sent[GLOO_MISSED.stop][0], snapshot_bytes)  # rank 1 delta, rank 2 snapshot
     assert sent[1][1] == 0 and 0 < sent[1][0] < snapshot_bytes
+    assert sent[GLOO_DAMAGED] == (sent[GLOO_DAMAGED][0], snapshot_bytes)  # the broadcast delta, then a snapshot
 
 
 # --------------------------------------------------------------------------------- CUDA IPC (GPU)
