@@ -32,11 +32,14 @@ class RolloutWorker:
     `verifier` is a RewardVerifier (`verify_batch(responses, gold_answers) -> verdicts`, `correct_reward`,
     `incorrect_reward`); `decode` maps output token ids to text (the tokenizer's decode without special
     tokens). `last_round` holds the reward failures (verdicts that could not be computed, by reason) and the
-    generation and reward seconds of the last `rollout`.
+    generation and reward seconds of the last `rollout`. `worker_id` names the worker to the controller, which
+    knows which groups a dead worker held.
     """
 
-    def __init__(self, engine: TorchEngine, decode, verifier, stop_token_ids: Sequence[int]) -> None:
+    def __init__(self, engine: TorchEngine, decode, verifier, stop_token_ids: Sequence[int],
+                 worker_id: int | None = None) -> None:
         self.engine = engine
+        self.worker_id = worker_id
         self.decode = decode
         self.verifier = verifier
         self.stop_token_ids = tuple(stop_token_ids)
@@ -107,7 +110,7 @@ class RolloutWorker:
         the controller to be handed out again, with the error and its traceback. Returns counts and timings of
         the round, which it also reports to the controller (`report_generation`).
         """
-        groups = controller.admit_groups(max_groups)
+        groups = controller.admit_groups(max_groups, worker=self.worker_id)
         if not groups:
             return {"groups": 0, "tokens": 0, "generate_s": 0.0, "reward_s": 0.0, "errors": 0}
         if weight_update is not None and max(g.admitted_at_version for g in groups) > self.engine.version:

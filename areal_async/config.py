@@ -157,6 +157,11 @@ class ClusterConfig:
     gpus_per_rollout_worker: float = 0.0
     rollout_device: str = "cpu"
     torch_threads_per_worker: int = 1
+    # A dead rollout worker is replaced; this many deaths within worker_restart_window_s stop the run.
+    max_worker_restarts: int = 3
+    worker_restart_window_s: float = 600.0
+    # Weight-sync operations fail after this long (a member that never answers); gloo fails at once on a dead one.
+    sync_timeout_s: float = 300.0
 
 
 @dataclass

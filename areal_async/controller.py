@@ -95,6 +95,10 @@ class RolloutController:
     def in_flight(self) -> int:
         return self.cursor - self.delivered_groups - sum(self.dropped.values())
 
+    def in_flight_groups(self) -> list[PromptGroup]:
+        """The groups admitted and neither delivered nor given up (those waiting to be handed out again too)."""
+        return list(self._in_flight.values())
+
     def delivered(self, group_id: str, dropped: bool = False) -> None:
         """A worker handed a finished group to the queue; `dropped`: the queue dropped it on arrival, which
         frees its admission slot in the same call (a checkpoint never sees the one without the other)."""

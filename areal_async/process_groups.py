@@ -1,22 +1,57 @@
-"""The torch.distributed world of a Ray run: learner ranks 0..M-1, then the rollout workers.
+"""The torch.distributed groups of a Ray run.
 
-Two groups are carved out of it, created by every process in this order:
-  1. the learner group (ranks 0..M-1): FSDP's all-gathers and reduce-scatters;
-  2. the weight-sync group (learner rank 0 and every worker): learner rank 0 publishes each version there.
+The learner ranks 0..M-1 form the run's world: FSDP's all-gathers and reduce-scatters. Weight publication runs
+in a group of its own: learner rank 0 (the publisher, its rank 0) and rollout worker i (its rank i + 1). That
+group is standalone, built from a store the driver hosts, and numbered by an epoch: a group that lost a member
+cannot be used again (its members would wait for the dead one), so when a worker dies the driver opens epoch
+e + 1, whose members are the publisher, the live workers and the dead one's replacement.
+
+A member leaves an epoch by dropping its group (`close_sync_group`, then no reference left). With gloo that
+closes its connections, so a member still waiting on it in that epoch fails at once (gloo's own `abort` does not
+wake a waiting thread, nor tell the peers); an NCCL group is aborted, which makes its pending operations fail.
 """
 
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch.distributed as dist
 
 
-def join_run_world(address: str, world_size: int, rank: int, backend: str, num_learner_ranks: int):
-    """Joins the run's world and creates its two groups (every process of the run calls this).
-    Returns (learner group, weight-sync group); a process outside a group gets GroupMember.NON_GROUP_MEMBER."""
+def join_learner_world(address: str, world_size: int, rank: int, backend: str) -> dist.ProcessGroup:
+    """Joins the learner ranks' world (every learner rank calls this); returns its group."""
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     dist.init_process_group(backend, init_method=address, world_size=world_size, rank=rank)
-    learner_group = dist.new_group(list(range(num_learner_ranks)))
-    sync_group = dist.new_group([0, *range(num_learner_ranks, world_size)])
-    return learner_group, sync_group
+    return dist.group.WORLD
+
+
+def host_sync_store(host: str, port: int) -> dist.TCPStore:
+    """The store of the weight-sync groups, hosted by the driver for the whole run (keep the object alive)."""
+    return dist.TCPStore(host, port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
+
+
+def sync_rank(worker_index: int) -> int:
+    """Rollout worker `worker_index`'s rank in every weight-sync group."""
+    return worker_index + 1
+
+
+def open_sync_group(store_address: tuple[str, int], epoch: int, rank: int, size: int, backend: str,
+                    timeout_s: float) -> dist.ProcessGroup:
+    """Epoch `epoch`'s weight-sync group of `size` members (every member calls this; it returns once all have).
+    Operations on it fail after `timeout_s` (gloo fails at once when a member's process is gone)."""
+    host, port = store_address
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.PrefixStore(f"sync-epoch-{epoch}/", dist.TCPStore(host, port, is_master=False, timeout=timeout))
+    if backend == "nccl":
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        return dist.ProcessGroupNCCL(store, rank, size, options)
+    return dist.ProcessGroupGloo(store, rank, size, timeout)
+
+
+def close_sync_group(group: dist.ProcessGroup) -> None:
+    """Makes `group`'s pending operations fail (NCCL: abort); the caller then drops its last reference, which
+    closes a gloo group's connections."""
+    if "nccl" in group.name().lower():
+        group.abort()

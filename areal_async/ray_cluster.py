@@ -2,14 +2,23 @@
 
 `ray.init()` starts a local instance when `cluster.address` is null (a laptop needs no cluster); an address
 joins an existing cluster. The driver holds no weights that train: it moves batches from the queue to the
-learner ranks and tells them when to publish. Learner ranks and workers share one torch.distributed world
-(see learners/learner_rank.py for its groups).
+learner ranks and tells them when to publish. The learner ranks form a torch.distributed world; learner rank
+0 and the workers meet in a weight-sync group of the current epoch (areal_async/process_groups.py), built from
+a store the driver hosts.
+
+Faults. A dead rollout worker is noticed at the driver's next look (it looks every few milliseconds while it
+waits for batches or for a publish round): the groups it held are settled (delivered if the queue got them,
+else handed out again, counted as readmitted by "worker_died"), a replacement starts, and a new weight-sync
+epoch opens without the dead process, in which the publisher offers the current version (a snapshot for the
+replacement). A worker that keeps dying (cluster.max_worker_restarts within cluster.worker_restart_window_s)
+stops the run. A dead learner rank, controller or queue shard stops the run with ActorDied naming it.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,8 +26,9 @@ import torch
 
 from areal_async.config import ClusterConfig, TrainConfig
 from areal_async.controller import RolloutController
+from areal_async.process_groups import host_sync_store
 from areal_async.replay_queue import ReplayQueueShard, ShardedReplayQueue, shard_log_path
-from areal_async.runtime import ControllerService, RayProxy
+from areal_async.runtime import ActorDied, ControllerService, RayProxy, WorkerKeepsDying, describe_death
 from areal_async.types import Trajectory
 
 # Set in every process of a run (NVLink multicast stays off on the lent machines).
@@ -50,29 +60,55 @@ def check_resources(cluster: ClusterConfig, available: dict[str, float]) -> None
             )
 
 
+POLL_S = 0.005  # how often the driver looks at the actors while it waits
+DEATH_NOTICE_S = 30.0  # how long a publish round that broke may wait for the driver to see which worker died
+
+
+def gather(refs: list, names: Sequence[str]) -> list:
+    """ray.get of `refs` (calls on the actors `names`), raising ActorDied for an actor that died. A call that
+    failed because another actor died (its collective lost a member) reports the dead one."""
+    import ray
+
+    pending = list(refs)
+    while pending:
+        (ref,), pending = ray.wait(pending, num_returns=1)
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayActorError as error:
+            raise ActorDied.of(names[refs.index(ref)], error) from error
+        except Exception:
+            others, _ = ray.wait(pending, num_returns=len(pending), timeout=5.0) if pending else ([], [])
+            for other in others:
+                try:
+                    ray.get(other)
+                except ray.exceptions.RayActorError as error:
+                    raise ActorDied.of(names[refs.index(other)], error) from error
+                except Exception:  # noqa: BLE001 - the first failure is the one raised below
+                    pass
+            raise
+    return ray.get(list(refs))
+
+
 class RayLearnerGroup:
     """The learner rank actors seen as one learner (what the trainer calls on an in-process PPOLearner)."""
 
     def __init__(self, ranks: list, normalise_advantage_std: bool) -> None:
         self.ranks = ranks
+        self.names = [f"learner rank {index}" for index in range(len(ranks))]
         self.normalise_advantage_std = normalise_advantage_std
         self.version = 0
         self.checkpoint: Path | None = None  # set by load_state before the ranks start
 
     def _all(self, method: str, *args) -> list:
-        import ray
-
-        return ray.get([getattr(rank, method).remote(*args) for rank in self.ranks])
+        return gather([getattr(rank, method).remote(*args) for rank in self.ranks], self.names)
 
     def train_step(self, trajectories: Sequence[Trajectory]) -> dict[str, float]:
         """Advantages over the whole batch, a token-balanced share per rank, one synchronous step on all."""
-        import ray
-
         from learners.fsdp_learner import split_step_across_ranks
 
         shares = split_step_across_ranks(trajectories, len(self.ranks), self.normalise_advantage_std)
-        stats = ray.get([rank.train_step.remote(share.trajectories, share.advantages)
-                         for rank, share in zip(self.ranks, shares)])[0]
+        stats = gather([rank.train_step.remote(share.trajectories, share.advantages)
+                        for rank, share in zip(self.ranks, shares)], self.names)[0]
         self.version += 1
         return stats
 
@@ -86,10 +122,6 @@ class RayLearnerGroup:
         """The ranks load `path` when `RayCluster.start` connects them."""
         self.checkpoint = path
 
-    def publish(self, version: int) -> None:
-        """Rank 0 publishes `version` to the workers; the other ranks take part in gathering it."""
-        self._all("publish", version)
-
     def close(self) -> None:
         self._all("close")
 
@@ -98,17 +130,21 @@ class RayCluster:
     """Rollout workers generating concurrently with the learner ranks, fed by an admission controller actor.
 
     Construction creates the actors; `start` (after any state was restored into the controller and queue
-    proxies) connects the world, publishes the first version and sets the workers generating."""
+    proxies) connects them, publishes the first version and sets the workers generating. `events` collects
+    what happened to the workers (each restart), for the run's metrics."""
 
     def __init__(self, config: TrainConfig, model_path: str, controller: RolloutController, log_dir: str | None,
                  max_generation_attempts: int, max_repeated_errors: int) -> None:
         import ray
 
+        from actors.rollout_actor import CONCURRENT_CALLS as WORKER_CALLS
         from actors.rollout_actor import RolloutActor
+        from learners.learner_rank import CONCURRENT_CALLS as LEARNER_CALLS
         from learners.learner_rank import LearnerRank
 
         os.environ.update(WORKER_ENV)
         self.config = config
+        self.model_path = str(model_path)
         cluster, rollout = config.cluster, config.rollout
         if not ray.is_initialized():
             ray.init(address=cluster.address, include_dashboard=False, log_to_driver=True,
@@ -121,61 +157,125 @@ class RayCluster:
             shard_actor.remote(index, rollout.queue_capacity_per_shard, rollout.max_staleness,
                                shard_log_path(log_dir, index),
                                filter_zero_variance=config.ppo.filter_zero_variance_groups,
-                               keep_receipts=config.checkpoint_every > 0)
+                               keep_receipts=True)
             for index in range(rollout.num_queue_shards)
         ]
-        self.controller = RayProxy(self.controller_handle)
-        self.queue = ShardedReplayQueue.over([RayProxy(handle) for handle in self.shard_handles])
-        rank_actor = ray.remote(num_cpus=cluster.cpus_per_learner_rank, num_gpus=cluster.gpus_per_learner_rank)(
-            LearnerRank
-        )
+        self.controller = RayProxy(self.controller_handle, "the controller actor")
+        self.queue = ShardedReplayQueue.over([RayProxy(handle, f"replay queue shard {index}")
+                                              for index, handle in enumerate(self.shard_handles)])
+        rank_actor = ray.remote(num_cpus=cluster.cpus_per_learner_rank, num_gpus=cluster.gpus_per_learner_rank,
+                                max_concurrency=LEARNER_CALLS)(LearnerRank)
         self.learner = RayLearnerGroup(
-            [rank_actor.remote(rank, config, str(model_path)) for rank in range(cluster.num_learner_ranks)],
+            [rank_actor.remote(rank, config, self.model_path) for rank in range(cluster.num_learner_ranks)],
             config.ppo.normalise_advantage_std,
         )
-        worker_actor = ray.remote(num_cpus=cluster.cpus_per_rollout_worker, num_gpus=cluster.gpus_per_rollout_worker)(
-            RolloutActor
-        )
-        self.workers = [
-            worker_actor.remote(index, config, str(model_path), self.controller, self.queue)
-            for index in range(cluster.num_rollout_workers)
-        ]
-        self.running: list = []
+        self.worker_actor = ray.remote(num_cpus=cluster.cpus_per_rollout_worker,
+                                       num_gpus=cluster.gpus_per_rollout_worker,
+                                       max_concurrency=WORKER_CALLS)(RolloutActor)
+        self.workers = [self._new_worker(index) for index in range(cluster.num_rollout_workers)]
+        self.backend = "nccl" if torch.device(config.device).type == "cuda" else "gloo"
+        self.sync_store_address = (ray.util.get_node_ip_address(), _free_port())
+        self.sync_store = host_sync_store(*self.sync_store_address)
+        self.sync_epoch = 0
+        self.running: list = []  # each worker's `run` call
+        self.sentinels: list = []  # each learner rank's `alive` call: it returns only if the rank dies
+        self.deaths: list[float] = []  # when workers died, within the restart window
+        self.restarts = 0
+        self.events: list[dict] = []
+
+    def _new_worker(self, index: int):
+        return self.worker_actor.remote(index, self.config, self.model_path, self.controller, self.queue)
+
+    @property
+    def sync_size(self) -> int:
+        return 1 + len(self.workers)
 
     def start(self) -> None:
         """Connects learner ranks and workers, publishes `learner.version` (of the policy restored by
         `learner.load_state`, if it was called) and starts generation."""
         import ray
 
-        backend = "nccl" if torch.device(self.config.device).type == "cuda" else "gloo"
         address = f"tcp://{ray.util.get_node_ip_address()}:{_free_port()}"
-        num_ranks = len(self.learner.ranks)
-        world_size = num_ranks + len(self.workers)
         version, checkpoint = self.learner.version, self.learner.checkpoint
         connected = [
-            rank.connect.remote(address, world_size, backend, version, str(checkpoint) if checkpoint else None)
+            rank.connect.remote(address, len(self.learner.ranks), self.backend, version,
+                                str(checkpoint) if checkpoint else None, self.sync_store_address, self.sync_size)
             for rank in self.learner.ranks
-        ] + [
-            worker.connect.remote(address, world_size, backend, num_ranks + index, num_ranks)
-            for index, worker in enumerate(self.workers)
-        ]
-        ray.get(connected)
-        self.running = [w.run.remote() for w in self.workers]
+        ] + [worker.connect.remote(self.sync_store_address, 0, self.sync_size, self.backend) for worker in self.workers]
+        gather(connected, self.learner.names + [f"rollout worker {index}" for index in range(len(self.workers))])
+        self.running = [worker.run.remote() for worker in self.workers]
+        self.sentinels = [rank.alive.remote() for rank in self.learner.ranks]
 
     def publish(self, version: int) -> None:
-        """Announces `version` and runs its publish round (every worker joins at its next token boundary)."""
-        self.controller.set_version(version)
-        self.learner.publish(version)
-
-    def check_workers(self) -> None:
-        """Raises the error of a worker that stopped on its own."""
+        """Announces `version` and runs its publish round (every worker joins at its next token boundary). A
+        round broken by a worker's death is completed by the replacement's epoch, which offers `version`."""
         import ray
 
+        self.controller.set_version(version)
+        refs = [rank.publish.remote(version) for rank in self.learner.ranks]
+        while len(ray.wait(refs, num_returns=len(refs), timeout=POLL_S)[0]) < len(refs):
+            self.check_actors()
+        result = gather(refs, self.learner.names)[0]
+        deadline = time.monotonic() + DEATH_NOTICE_S
+        while not result["published"] and self.sync_epoch <= result["epoch"]:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"publishing version {version} broke ({result['error']}) and no rollout worker died")
+            self.check_actors()
+            time.sleep(POLL_S)
+
+    def check_actors(self) -> None:
+        """Replaces a rollout worker that died; raises ActorDied for a learner rank that died, or the error of a
+        worker that stopped on its own."""
+        import ray
+
+        died, _ = ray.wait(self.sentinels, num_returns=len(self.sentinels), timeout=0)
+        if died:
+            gather(died, [self.learner.names[self.sentinels.index(ref)] for ref in died])
+            raise ActorDied(f"{self.learner.names[self.sentinels.index(died[0])]} stopped")
         finished, _ = ray.wait(self.running, num_returns=len(self.running), timeout=0)
         for ref in finished:
-            ray.get(ref)  # re-raises the worker's exception
-        if finished:
-            raise RuntimeError("a rollout worker stopped before the run ended")
+            index = self.running.index(ref)
+            try:
+                ray.get(ref)  # re-raises the worker's own exception
+            except ray.exceptions.RayActorError as error:
+                self.replace_worker(index, describe_death(error))
+                continue
+            raise RuntimeError(f"rollout worker {index} stopped before the run ended")
+
+    def replace_worker(self, index: int, cause: str) -> None:
+        """Settles the groups dead worker `index` held, starts its replacement and opens a weight-sync epoch
+        with it, in which the publisher offers the current version."""
+        import ray
+
+        started = time.monotonic()
+        cluster = self.config.cluster
+        self.deaths = [t for t in self.deaths if started - t <= cluster.worker_restart_window_s] + [started]
+        if len(self.deaths) > cluster.max_worker_restarts:
+            raise WorkerKeepsDying(
+                f"rollout worker {index} died ({cause}): {len(self.deaths)} rollout worker deaths within "
+                f"cluster.worker_restart_window_s={cluster.worker_restart_window_s:g} exceed "
+                f"cluster.max_worker_restarts={cluster.max_worker_restarts}"
+            )
+        settled = self.controller.release_worker(index, self.queue.receipts_for(self.controller.held_by(index)))
+        self.sync_epoch += 1
+        self.controller.set_sync_epoch(self.sync_epoch)  # live workers join the new epoch at their next look
+        for actor in [self.learner.ranks[0], *(w for i, w in enumerate(self.workers) if i != index)]:
+            actor.abort_sync.remote(self.sync_epoch)  # a round waiting in the old group fails at once
+        ray.kill(self.workers[index], no_restart=True)
+        self.workers[index] = self._new_worker(index)
+        gather([self.learner.ranks[0].open_sync_epoch.remote(self.sync_epoch),
+                self.workers[index].connect.remote(self.sync_store_address, self.sync_epoch, self.sync_size,
+                                                   self.backend)],
+               [self.learner.names[0], f"rollout worker {index} (replacement)"])
+        self.running[index] = self.workers[index].run.remote()
+        self.restarts += 1
+        event = {"event": "rollout_worker_replaced", "worker": index, "cause": cause, **settled,
+                 "sync_epoch": self.sync_epoch, "restarts": self.restarts,
+                 "recovery_seconds": time.monotonic() - started}
+        print(f"[areal-async] rollout worker {index} died ({cause}): {settled['readmitted']} groups "
+              f"handed out again, {settled['delivered']} delivered; replaced in {event['recovery_seconds']:.1f} s "
+              f"(weight-sync epoch {self.sync_epoch})", flush=True)
+        self.events.append(event)
 
     def stop(self) -> list[dict]:
         """Stops generation and returns every worker's totals (version, weight checksum, ...)."""
@@ -190,3 +290,10 @@ class RayCluster:
         if self.running:  # the world exists only once started
             self.learner.close()
         return results
+
+    def abort(self) -> None:
+        """Kills every actor of the run (after one of them died: nothing can be stopped in order)."""
+        import ray
+
+        for actor in [*self.workers, *self.learner.ranks, self.controller_handle, *self.shard_handles]:
+            ray.kill(actor, no_restart=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import logging
 import zlib
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Collection, Sequence
 from pathlib import Path
 
@@ -28,6 +28,8 @@ from areal_async.wire import FrameError, decode_group, encode_group
 logger = logging.getLogger(__name__)
 
 LAST_ERRORS_KEPT = 8  # bad-frame messages kept per shard for diagnostics
+# receipts kept per shard: a group's delivery is reported right after its put, or its worker died seconds ago
+RECEIPTS_KEPT = 65536
 
 Group = list[Trajectory]
 
@@ -76,8 +78,10 @@ class ReplayQueueShard:
 
     max_staleness: None = unbounded. filter_zero_variance: drop groups whose rewards are all equal (the
     configuration's ppo.filter_zero_variance_groups; with group size 1 it must be off, or nothing trains).
-    keep_receipts: remember the outcome of each put until a snapshot shows that the controller knows the group
-    was delivered (needed for consistent run checkpoints while workers keep generating; see `snapshot`).
+    keep_receipts: remember the outcome of each put (the newest RECEIPTS_KEPT) until a snapshot shows that the
+    controller knows the group was delivered: a worker puts a group and only then reports its delivery, so a
+    run checkpoint taken while workers generate (`snapshot`) and the settlement of a worker that died between
+    the two (`receipts_for`) ask the shard what it received.
     """
 
     def __init__(
@@ -100,7 +104,7 @@ class ReplayQueueShard:
         self.last_errors: deque[str] = deque(maxlen=LAST_ERRORS_KEPT)
         self._groups: deque[Group] = deque()
         self._log = TrajectoryLog(log_path) if log_path is not None else None
-        self._receipts: dict[str, str] | None = {} if keep_receipts else None
+        self._receipts: OrderedDict[str, str] | None = OrderedDict() if keep_receipts else None
 
     @property
     def depth(self) -> int:
@@ -116,7 +120,14 @@ class ReplayQueueShard:
         self.counts.receive(outcome)
         if self._receipts is not None and group_id is not None:
             self._receipts[group_id] = outcome
+            if len(self._receipts) > RECEIPTS_KEPT:
+                self._receipts.popitem(last=False)
         return outcome
+
+    def receipts_for(self, group_ids: Collection[str]) -> dict[str, str]:
+        """The outcome of each of `group_ids` this shard received (those it did not are left out)."""
+        receipts = self._receipts or {}
+        return {group_id: receipts[group_id] for group_id in group_ids if group_id in receipts}
 
     def _receive(self, frame: bytes) -> str:
         try:
@@ -167,7 +178,7 @@ class ReplayQueueShard:
         if self._receipts is not None:
             in_flight = set(in_flight_ids)
             receipts = {gid: outcome for gid, outcome in self._receipts.items() if gid in in_flight}
-            self._receipts = dict(receipts)
+            self._receipts = OrderedDict(receipts)
         frames = [base64.b64encode(encode_group(group)).decode("ascii") for group in self._groups]  # JSON-able
         return {"frames": frames, "counts": self.counts.state_dict(), "receipts": receipts}
 
@@ -283,6 +294,10 @@ class ShardedReplayQueue:
     def snapshot(self, in_flight_ids: Collection[str] = ()) -> list[dict]:
         """Every shard's `snapshot` (taken right after the controller's)."""
         return [shard.snapshot(in_flight_ids) for shard in self.shards]
+
+    def receipts_for(self, group_ids: Collection[str]) -> dict[str, str]:
+        """What the shards received of `group_ids` (group id -> outcome)."""
+        return {gid: outcome for shard in self.shards for gid, outcome in shard.receipts_for(group_ids).items()}
 
     def load_state_dict(self, state: list[dict], resume_step: int) -> None:
         if len(state) != len(self.shards):

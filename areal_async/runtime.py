@@ -18,7 +18,11 @@ class ControllerService:
 
     Generation errors are kept with their tracebacks (the newest KEPT_ERRORS; `errors_since` hands them to the
     run, which writes every one to its folder). The same error `max_repeated_errors` times in a row, with no
-    group delivered in between, is fatal: `fatal_error` returns it and the run stops with it."""
+    group delivered in between, is fatal: `fatal_error` returns it and the run stops with it.
+
+    Each group in flight is held by the worker it was handed to; when a worker dies, `release_worker` settles
+    its groups. `sync_epoch` numbers the weight-sync groups: the driver opens a new one when the workers
+    change, and workers learn of it from `sync_state`."""
 
     def __init__(self, controller: RolloutController, max_generation_attempts: int = 3,
                  max_repeated_errors: int = 3) -> None:
@@ -36,18 +40,24 @@ class ControllerService:
         self.generation_seconds = 0.0
         self.reward_seconds = 0.0
         self.reward_failures: Counter = Counter()
+        self.readmitted_by_reason: Counter = Counter()
+        self.holders: dict[str, int] = {}  # group id -> the worker generating it
+        self.sync_epoch = 0
 
-    def admit_groups(self, max_groups: int) -> list[PromptGroup]:
+    def admit_groups(self, max_groups: int, worker: int | None = None) -> list[PromptGroup]:
         groups = []
         while not self.stopped and not self.held and len(groups) < max_groups:
             group = self.controller.admit(self.version)
             if group is None:
                 break
             groups.append(group)
+            if worker is not None:
+                self.holders[group.group_id] = worker
         return groups
 
     def delivered(self, group_id: str, dropped: bool = False) -> None:
         self.controller.delivered(group_id, dropped)
+        self.holders.pop(group_id, None)
         self.repeated = 0
 
     def free_slots(self, groups: int) -> None:
@@ -63,11 +73,39 @@ class ControllerService:
         del self.errors[:-KEPT_ERRORS]
         self.error_count += 1
         for group in groups:
-            self.failed_attempts[group.group_id] += 1
-            if self.failed_attempts[group.group_id] >= self.max_generation_attempts:
-                self.controller.give_up(group)
-            else:
-                self.controller.readmit(group)
+            self._retry(group, "generation_error")
+
+    def _retry(self, group: PromptGroup, reason: str) -> None:
+        """Hands `group` out again (counted by `reason`), or drops it after too many attempts."""
+        self.holders.pop(group.group_id, None)
+        self.failed_attempts[group.group_id] += 1
+        if self.failed_attempts[group.group_id] >= self.max_generation_attempts:
+            self.controller.give_up(group)
+        else:
+            self.controller.readmit(group)
+            self.readmitted_by_reason[reason] += 1
+
+    def held_by(self, worker: int) -> list[str]:
+        return [group_id for group_id, holder in self.holders.items() if holder == worker]
+
+    def release_worker(self, worker: int, receipts: dict[str, str]) -> dict[str, int]:
+        """`worker` died: each group it held is delivered if the queue received it (`receipts`: group id ->
+        the queue's outcome), else handed out again (reason "worker_died"). Returns the two counts."""
+        held = [group for group in self.controller.in_flight_groups() if self.holders.get(group.group_id) == worker]
+        delivered = [group for group in held if group.group_id in receipts]
+        for group in delivered:
+            self.delivered(group.group_id, dropped=receipts[group.group_id] != "queued")
+        for group in held:
+            if group.group_id not in receipts:
+                self._retry(group, "worker_died")
+        return {"delivered": len(delivered), "readmitted": len(held) - len(delivered)}
+
+    def set_sync_epoch(self, epoch: int) -> None:
+        self.sync_epoch = epoch
+
+    def sync_state(self) -> tuple[int, int]:
+        """(the newest published version, the weight-sync epoch): what a worker polls at token boundaries."""
+        return self.version, self.sync_epoch
 
     def report_generation(self, tokens: int, generate_s: float, reward_s: float = 0.0,
                           reward_failures: dict[str, int] | None = None) -> None:
@@ -109,6 +147,7 @@ class ControllerService:
             "generation_seconds": self.generation_seconds,
             "reward_seconds": self.reward_seconds,
             "reward_failures": dict(self.reward_failures),
+            "readmitted_by_reason": dict(self.readmitted_by_reason),
         }
 
     def hold_and_snapshot(self) -> dict:
@@ -129,6 +168,7 @@ class ControllerService:
         self.generation_seconds = state["generation_seconds"]
         self.reward_seconds = state["reward_seconds"]
         self.reward_failures = Counter(state["reward_failures"])
+        self.readmitted_by_reason = Counter(state.get("readmitted_by_reason", {}))
 
     def counts(self) -> dict:
         return {
@@ -142,20 +182,47 @@ class ControllerService:
             "generation_seconds": self.generation_seconds,
             "reward_seconds": self.reward_seconds,
             "reward_failures": dict(self.reward_failures),
+            "readmitted_by_reason": dict(self.readmitted_by_reason),
             "version": self.version,
         }
 
 
-class RayProxy:
-    """Calls a Ray actor's methods synchronously, so code written against local objects runs unchanged."""
+class ActorDied(RuntimeError):
+    """A Ray actor of the run died (its process is gone); the message names it."""
 
-    def __init__(self, handle) -> None:
+    @classmethod
+    def of(cls, name: str, error: Exception) -> "ActorDied":
+        return cls(f"{name} died ({describe_death(error)})")
+
+
+def describe_death(error: Exception) -> str:
+    """The first line of a Ray actor error (its message goes on for lines of advice)."""
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+class WorkerKeepsDying(RuntimeError):
+    """Rollout workers died more often than cluster.max_worker_restarts within the restart window."""
+
+
+class RayProxy:
+    """Calls a Ray actor's methods synchronously, so code written against local objects runs unchanged. A call
+    to a dead actor raises ActorDied naming it (`name`)."""
+
+    def __init__(self, handle, name: str) -> None:
         self._handle = handle
+        self._name = name
 
     def __getattr__(self, name: str):
         if name.startswith("_"):  # pickling probes dunder methods before _handle is restored
             raise AttributeError(name)
-        import ray
-
         method = getattr(self._handle, name)
-        return lambda *args, **kwargs: ray.get(method.remote(*args, **kwargs))
+
+        def call(*args, **kwargs):
+            import ray
+
+            try:
+                return ray.get(method.remote(*args, **kwargs))
+            except ray.exceptions.RayActorError as error:
+                raise ActorDied.of(self._name, error) from error
+
+        return call

@@ -30,7 +30,7 @@ from areal_async.controller import RolloutController, settle_deliveries
 from areal_async.data import load_train_and_heldout
 from areal_async.ledger import Ledger
 from areal_async.replay_queue import ShardedReplayQueue
-from areal_async.runtime import ControllerService
+from areal_async.runtime import ActorDied, ControllerService, WorkerKeepsDying
 from areal_async.memory_plan import GIB, plan_one_gpu
 from areal_async.model import load_config, load_pretrained, load_tokenizer, save_pretrained
 from areal_async.plots import plot_training_curves
@@ -48,6 +48,11 @@ RAY_POLL_S = 0.005
 
 class GenerationFailed(RuntimeError):
     """Generation keeps failing with the same error: the run stops with it (all errors are in the run folder)."""
+
+
+class RunStopped(RuntimeError):
+    """An actor the run cannot do without died (or rollout workers kept dying): the message names it and the
+    run checkpoint that `resume=true` continues from."""
 
 
 def resolve_model_path(config: TrainConfig) -> Path:
@@ -133,8 +138,8 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        if self.wandb_run is not None:
-            self.wandb_run.log(record, step=record.get("step"))
+        if self.wandb_run is not None:  # lists (event records) stay in the file
+            self.wandb_run.log({k: v for k, v in record.items() if not isinstance(v, list)}, step=record.get("step"))
 
     def close(self) -> None:
         self.file.close()
@@ -291,7 +296,7 @@ class Trainer:
             if len(batch) >= needed:
                 break
             if self.ray_cluster is not None:
-                self.ray_cluster.check_workers()
+                self.ray_cluster.check_actors()
                 self.check_generation_errors(step)
                 time.sleep(RAY_POLL_S)
                 continue
@@ -388,6 +393,9 @@ class Trainer:
             timings = self.learner.last_step_timings
             record.update(timings)
             record["other_s"] = step_s - generate_s - reward_s - sum(timings.values()) - record["weight_sync_seconds"]
+        else:  # what happened to the workers during this step (each replacement, also printed when it happened)
+            record["worker_restarts"] = self.ray_cluster.restarts
+            record["worker_events"], self.ray_cluster.events = self.ray_cluster.events, []
         self.dropped_before = dropped
         return record
 
@@ -445,6 +453,7 @@ class Trainer:
     def run(self, show_progress: bool = True) -> dict:
         config = self.config
         started = time.perf_counter()
+        broken = False  # an actor died: the others are killed, nothing is stopped in order
         try:
             if self.accuracy_before is None:
                 self.accuracy_before = self.heldout_accuracy(seed=config.seed)
@@ -470,12 +479,21 @@ class Trainer:
             accuracy_after = self.heldout_accuracy(seed=config.seed)
             final = self.save_checkpoint("final")
             learner_checksum = state_checksum(self.learner.policy_state())  # before the learner ranks stop
+        except (ActorDied, WorkerKeepsDying) as error:
+            broken = True
+            checkpoint = latest_run_checkpoint(self.state_dir)
+            resume = (f"its last run checkpoint is {checkpoint}: continue with resume=true" if checkpoint else
+                      "it wrote no run checkpoint (checkpoint_every) to resume from")
+            raise RunStopped(f"the run stopped: {error}; {resume}") from error
         finally:
-            self.log_generation_errors()
-            worker_results = self.ray_cluster.stop() if self.ray_cluster is not None else []
-            self.controller.stop()
-            self.queue.drain("shutdown")  # generated ahead but never trained on
-            self.queue.close()
+            if broken:
+                self.ray_cluster.abort()
+            else:
+                self.log_generation_errors()
+                worker_results = self.ray_cluster.stop() if self.ray_cluster is not None else []
+                self.controller.stop()
+                self.queue.drain("shutdown")  # generated ahead but never trained on
+                self.queue.close()
             self.metrics.close()
             self.verifier.close()
         ledger = self.ledger()
@@ -495,6 +513,7 @@ class Trainer:
             "generation_errors": self.controller.counts()["generation_errors"],
             "reward_failures": self.controller.counts()["reward_failures"],
             "workers": worker_results,
+            "worker_restarts": self.ray_cluster.restarts if self.ray_cluster is not None else 0,
             "rollout_weights_identical": all(checksum == learner_checksum for checksum in rollout_checksums),
         }
         with open(self.run_dir / "summary.json", "w", encoding="utf-8") as f:

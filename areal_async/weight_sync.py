@@ -480,35 +480,48 @@ def should_broadcast(kinds: Mapping[int, MessageKind], group_size: int) -> bool:
 class TorchDistributedTransport(WeightTransport):
     """Rounds over a torch.distributed group: rank 0 publishes, ranks 1..n-1 receive (module docstring).
 
-    `device` carries control messages and must suit the backend: CUDA for NCCL, CPU for gloo (the
+    `group` is a process group object, registered in the process's world (default: the world) or standalone
+    (built from a store, as the run's weight-sync groups are: areal_async/process_groups.py); ranks are the
+    group's own. `device` carries control messages and must suit the backend: CUDA for NCCL, CPU for gloo (the
     default follows the group's backend). Bucket tensors travel as uint8 views, which every backend moves.
     """
 
     def __init__(self, group: dist.ProcessGroup | None = None, device: torch.device | None = None) -> None:
         self.group = group if group is not None else dist.group.WORLD
-        self.rank = dist.get_rank(self.group)
-        self.size = dist.get_world_size(self.group)
+        self.rank = self.group.rank()
+        self.size = self.group.size()
         if device is None:
-            uses_nccl = "nccl" in str(dist.get_backend(self.group))
+            uses_nccl = "nccl" in self.group.name().lower()
             device = torch.device("cuda", torch.cuda.current_device()) if uses_nccl else torch.device("cpu")
         self.device = device
 
+    def _send(self, tensor: torch.Tensor, dst: int) -> None:
+        self.group.send([tensor], dst, 0).wait()
+
+    def _recv(self, tensor: torch.Tensor, src: int) -> None:
+        self.group.recv([tensor], src, 0).wait()
+
+    def _broadcast(self, tensor: torch.Tensor) -> None:
+        options = dist.BroadcastOptions()
+        options.rootRank = PUBLISHER_RANK
+        self.group.broadcast([tensor], options).wait()
+
     def _send_int(self, value: int, dst: int) -> None:
-        dist.send(torch.tensor([value], dtype=torch.int64, device=self.device), group_dst=dst, group=self.group)
+        self._send(torch.tensor([value], dtype=torch.int64, device=self.device), dst)
 
     def _recv_int(self, src: int) -> int:
         value = torch.empty(1, dtype=torch.int64, device=self.device)
-        dist.recv(value, group_src=src, group=self.group)
+        self._recv(value, src)
         return int(value.item())
 
     def _send_header(self, header: Mapping[str, Any], dst: int) -> None:
         payload = encode_header(header).to(self.device)
         self._send_int(payload.numel(), dst)
-        dist.send(payload, group_dst=dst, group=self.group)
+        self._send(payload, dst)
 
     def _recv_header(self) -> dict[str, Any]:
         payload = torch.empty(self._recv_int(PUBLISHER_RANK), dtype=torch.uint8, device=self.device)
-        dist.recv(payload, group_src=PUBLISHER_RANK, group=self.group)
+        self._recv(payload, PUBLISHER_RANK)
         return decode_header(payload)
 
     def _receivers(self, receivers: Sequence[int] | None) -> list[int]:
@@ -526,7 +539,7 @@ class TorchDistributedTransport(WeightTransport):
         if broadcast:
             shared = messages[ranks[0]]
             for _, words in shared.buckets:
-                dist.broadcast(words.view(torch.uint8), group_src=PUBLISHER_RANK, group=self.group)
+                self._broadcast(words.view(torch.uint8))
             sent = _bytes_by_kind([shared])
         else:
             for rank, message in messages.items():
@@ -544,7 +557,7 @@ class TorchDistributedTransport(WeightTransport):
 
     def _send_buckets(self, message: Message, rank: int) -> None:
         for _, words in message.buckets:
-            dist.send(words.view(torch.uint8), group_dst=rank, group=self.group)
+            self._send(words.view(torch.uint8), rank)
 
     def fetch(self, held_version: int, bucket_buffer: BucketBuffer) -> tuple[dict[str, Any], Iterator[int]]:
         if self.rank == PUBLISHER_RANK:
@@ -564,9 +577,9 @@ class TorchDistributedTransport(WeightTransport):
         for index in header["buckets"]:
             wire = bucket_buffer(index).view(torch.uint8)
             if header["broadcast"]:
-                dist.broadcast(wire, group_src=PUBLISHER_RANK, group=self.group)
+                self._broadcast(wire)
             else:
-                dist.recv(wire, group_src=PUBLISHER_RANK, group=self.group)
+                self._recv(wire, PUBLISHER_RANK)
             yield index
 
 
@@ -726,12 +739,21 @@ class WeightPublisher:
                 receivers: Sequence[int] | None = None) -> dict[str, Any]:
         """Stages `params` as `version` and offers it to `receivers` (all when None); returns its stats."""
         started = time.perf_counter()
-        release = self.stage(params, version)
+        self.stage(params, version)
+        return self.offer(receivers, started)
+
+    def offer(self, receivers: Sequence[int] | None = None, started: float | None = None) -> dict[str, Any]:
+        """Offers the staged version (again: to a new group after a member died) to `receivers` (all when
+        None); returns its stats."""
+        if self._release is None:
+            raise WeightSyncError("nothing has been staged yet")
+        release = self._release
         staged = time.perf_counter()
+        started = staged if started is None else started
         sent = self.transport.offer(release, receivers)
         finished = time.perf_counter()
         record = {
-            "version": version,
+            "version": release.version,
             "weight_sync_seconds": finished - started,
             "stage_seconds": staged - started,
             "transfer_seconds": finished - staged,

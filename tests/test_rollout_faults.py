@@ -160,3 +160,21 @@ def test_a_group_admitted_at_a_newer_version_is_generated_with_it():
     assert generated_at == [1]
     groups, stale = queue.take(2, training_step=1)
     assert len(groups) == 2 and stale == 0
+
+
+def test_a_dead_workers_groups_are_delivered_if_the_queue_got_them_else_handed_out_again():
+    controller, queue, worker = _system(failures=0)
+    controller.set_version(1)  # room for (1 + 0 + 1) x 2 = 4 groups
+    mine = controller.admit_groups(3, worker=7)
+    theirs = controller.admit_groups(1, worker=8)
+    assert len(mine) == 3 and len(theirs) == 1
+    # worker 7 put its first group (queued) and its second (dropped on arrival) but died before telling anyone
+    receipts = {mine[0].group_id: "queued", mine[1].group_id: "zero_variance"}
+    assert controller.release_worker(7, receipts) == {"delivered": 2, "readmitted": 1}
+    counts = controller.counts()
+    assert counts["in_flight"] == 2 and counts["readmitted_by_reason"] == {"worker_died": 1}
+    assert controller.controller.occupied_slots == 3  # the dropped group gave its slot back
+    again = controller.admit_groups(4, worker=9)
+    assert [g.group_id for g in again] == [mine[2].group_id, "g4"]  # handed out again first, then the freed slot
+    assert controller.release_worker(7, {}) == {"delivered": 0, "readmitted": 0}
+    assert controller.holders == {theirs[0].group_id: 8, mine[2].group_id: 9, "g4": 9}
