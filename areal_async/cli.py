@@ -60,9 +60,13 @@ def main(argv: list[str] | None = None) -> int:
         print(OmegaConf.to_yaml(OmegaConf.structured(config)))
         return 0
     if args.command == "train":
-        from areal_async.trainer import run_training
+        from areal_async.trainer import GenerationFailed, RunStopped, run_training
 
-        run_training(config, show_progress=not args.no_progress)
+        try:
+            run_training(config, show_progress=not args.no_progress)
+        except (GenerationFailed, RunStopped) as error:  # the message says what happened and what to do
+            print(f"areal-async train: {error}", file=sys.stderr)
+            return 1
     else:
         from areal_async.sft import run_sft
 
