@@ -51,18 +51,12 @@ import torch
 from actors.sampling import SamplingParams, long_tailed_limit
 from areal_async.cli import compose_config
 from areal_async.model import CausalLM, DecoderConfig, save_pretrained
+from areal_async.model.shapes import R1_DISTILL_QWEN_1_5B, TINY_BENCHMARK
 from areal_async.model.tokenizer import build_byte_tokenizer, load_tokenizer
 from areal_async.trainer import Trainer
 from areal_async.types import Trajectory
 
-SHAPE = dict(
-    vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-    num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=131072, tie_word_embeddings=False,
-)
-TINY_SHAPE = dict(
-    vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False,
-)
+SHAPE, TINY_SHAPE = R1_DISTILL_QWEN_1_5B, TINY_BENCHMARK
 # prompts, samples per prompt, prompt tokens, max new tokens, simulated length mean (None: every request runs to
 # the limit), KV bucket
 WORKLOADS = {

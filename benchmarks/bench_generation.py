@@ -60,15 +60,9 @@ import torch
 from actors.engine import TorchEngine
 from actors.sampling import SamplingParams, long_tailed_limit
 from areal_async.model import CausalLM, DecoderConfig
+from areal_async.model.shapes import R1_DISTILL_QWEN_1_5B, TINY_BENCHMARK
 
-SHAPE = dict(
-    vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-    num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=131072, tie_word_embeddings=False,
-)
-TINY_SHAPE = dict(
-    vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False,
-)
+SHAPE, TINY_SHAPE = R1_DISTILL_QWEN_1_5B, TINY_BENCHMARK
 BOUNDS = {"bf16": {"tie": 0.1, "logprob": 0.1}, "fp32": {"tie": 1e-4, "logprob": 1e-3}}
 
 
@@ -175,7 +169,7 @@ def step_times(engine: TorchEngine, batch: int) -> dict:
     Runs on the stale state of the last call (results are discarded; the next call resets the slots)."""
     device = engine.device
     out = {}
-    keys = sorted(k for k in engine.graphs.keys() if k[0] == batch)
+    keys = sorted(k for k in (engine.graphs.keys() if engine.graphs else []) if k[0] == batch)
     for key in keys:
         graph = engine.graphs.get(key)
         graph.replay()
@@ -196,7 +190,7 @@ def profile_steps(engine: TorchEngine, batch: int, path: Path) -> None:
     """Kernel table of three eager decode steps at the longest captured KV bucket."""
     from torch.profiler import ProfilerActivity, profile
 
-    keys = sorted(k for k in engine.graphs.keys() if k[0] == batch)
+    keys = sorted(k for k in (engine.graphs.keys() if engine.graphs else []) if k[0] == batch)
     if not keys:
         return
     _, kv_len, temperature, top_k, top_p = keys[-1]
