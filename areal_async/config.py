@@ -98,6 +98,24 @@ class GenerationConfig:
     simulated_length_mean: float | None = None
 
 
+# The choices graders make differently (reward.conventions). The defaults follow math-verify where it and
+# Qwen2.5-Math's grader disagree on a convention, except percentages and the tolerance on numbers, which follow
+# Qwen2.5-Math (AReaL's protocol).
+@dataclass
+class Conventions:
+    # "[5,\infty)" equals "x \ge 5", and "(1,3]" equals "1 < x \le 3" (math-verify); false: an interval and an
+    # inequality are different answers (Qwen2.5-Math)
+    interval_equals_inequality: bool = True
+    # "10\%" also equals 0.1 and 1000 (Qwen2.5-Math's include_percentage); false: only 10 (math-verify)
+    percent_variants: bool = True
+    # two numbers that are not both integers are equal within this relative tolerance (Qwen2.5-Math: 1e-4;
+    # math-verify rounds to 6 digits); two integers must be equal
+    relative_tolerance: float = 1e-4
+    # "32, 349" (a comma and a space between digits) is the number 32349; false: a list of two numbers (math-verify).
+    # A comma without a space between groups of three digits ("10,455") is always a thousands separator.
+    spaced_thousands: bool = False
+
+
 @dataclass
 class RewardConfig:
     correct_reward: float = 5.0
@@ -106,6 +124,7 @@ class RewardConfig:
     memory_limit_mb: int = 1024
     num_workers: int = 2
     extract_mode: str = "auto"
+    conventions: Conventions = field(default_factory=Conventions)  # where graders differ (reward/conventions.py)
 
 
 @dataclass

@@ -336,3 +336,94 @@ def test_gsm8k_golds():
         row["answer"][-80:] for row in rows if not _equivalent_unsandboxed(extract_answer(row["answer"]), row["answer"])
     ]
     assert not failures, failures
+
+
+# The families where the verifier disagreed with graders' own test suites (issue 14), with hand-decided verdicts.
+@pytest.mark.parametrize(
+    "prediction,gold,expected",
+    [
+        # relations and inequalities
+        (r"x \geq 5", "x >= 5", True),
+        (r"5 \geq x", r"x \leq 5", True),
+        ("-x > -1", "x < 1", True),
+        (r"2x < 2", "x < 1", True),
+        (r"x \neq 3", "x != 3", True),
+        (r"3 \ne x", r"x \neq 3", True),
+        (r"1 < x \le 3", r"3 \ge x > 1", True),
+        ("x > 5", "x < 5", False),
+        ("x > 5", r"x \ge 5", False),
+        ("-x > 1", "x < 1", False),
+        # approximations
+        (r"x \approx 11", "11", True),
+        (r"\frac{\sqrt3}{3} \approx 0.577", r"\frac{\sqrt3}{3}", True),
+        (r"x \approx 12", "11", False),
+        # mixed numbers
+        (r"918\frac12", "918.5", True),
+        (r"4\frac{2}{3}", r"\frac{14}{3}", True),
+        (r"-2\frac{1}{2}", "-2.5", True),
+        (r"4\frac{2}{3}", r"\frac{8}{3}", False),
+        # labelled answers
+        ("(p,q)=(3,2)", "(3,2)", True),
+        ("V_1:V_2=11:21", "11:21", True),
+        ("f(x)=1", "1", True),
+        ("|AB|=1", "1", True),
+        ("a=1, b=2", "(1,2)", True),
+        ("(p,q)=(2,3)", "(3,2)", False),
+        ("2x=6", "3", False),
+        # equations equal after rearranging or scaling
+        (r"y=-\frac12x+\frac34", "2x+4y-3=0", True),
+        ("2y = 4x + 2", "y = 2x + 1", True),
+        ("y = 2x + 2", "y = 2x + 1", False),
+        ("x = 3", "y = 3", False),
+        # sets and lists in other delimiters
+        (r"\{-12,-11,-10\}", "-12;-11;-10", True),
+        ("x=1 or x=2", r"\{1,2\}", True),
+        (r"\{(1,2),(3,4)\}", r"\{(3,4),(1,2)\}", True),
+        (r"\{(1,2),(3,4)\}", r"\{(4,3),(1,2)\}", False),
+        # text around numbers
+        (r"5\textbf{ cm}", "5", True),
+        ("15 pct", "15", True),
+        (r"\$10", "10", True),
+        ("185\\", "185", True),
+        (r"\\dfrac{1}{2}", r"\frac12", True),
+        (r"11,\! 111", "11111", True),
+        # matrices, products, arithmetic
+        (r"\begin{array}{cc}1&2\\3&4\end{array}", r"\begin{pmatrix}1&2\\3&4\end{pmatrix}", True),
+        ("ab", "ba", True),
+        ("3+2", "5", True),
+        # integers are exact: a relative tolerance would make these equal
+        ("885441", "885442", False),
+    ],
+)
+def test_graders_families(prediction, gold, expected):
+    _check(prediction, gold, expected)
+
+
+def test_each_convention_decides_its_case():
+    from areal_async.config import Conventions
+
+    default = Conventions()
+    assert _equivalent_unsandboxed(r"[5,\infty)", r"x \ge 5", default)
+    assert _equivalent_unsandboxed(r"(1,3]", r"1 < x \le 3", default)
+    assert not _equivalent_unsandboxed(r"[5,\infty)", r"x \ge 5", Conventions(interval_equals_inequality=False))
+    assert _equivalent_unsandboxed(r"10\%", "0.1", default)
+    assert not _equivalent_unsandboxed(r"10\%", "0.1", Conventions(percent_variants=False))
+    assert _equivalent_unsandboxed(r"10\%", "10", Conventions(percent_variants=False))
+    assert not _equivalent_unsandboxed("32, 349", "32349", default)
+    assert _equivalent_unsandboxed("32, 349", "32349", Conventions(spaced_thousands=True))
+    assert _equivalent_unsandboxed("1.4142", r"\sqrt2", default)
+    assert not _equivalent_unsandboxed("1.4142", r"\sqrt2", Conventions(relative_tolerance=1e-6))
+
+
+@pytest.mark.parametrize(
+    "prediction,gold,expected",
+    [
+        ("3", "x=3", True),
+        ("1", "f(x)=1", True),
+        ("(3,2)", "(p,q)=(3,2)", True),
+        ("25", "x^2+y^2=25", False),  # the gold is the equation: its right side alone does not answer it
+        ("x^2+y^2=25", "25", True),  # a labelled answer ("find x^2+y^2")
+    ],
+)
+def test_a_gold_equation_stands_for_its_value_only_behind_a_label(prediction, gold, expected):
+    _check(prediction, gold, expected)

@@ -88,8 +88,8 @@ def test_auto_order_prefers_boxed_then_answer_is_then_latex_then_number():
 
 
 def test_mode_restricts_to_one_strategy():
-    text = "So $y$ is 4. The answer is 5. Check: \\boxed{6}"
-    assert [extract_answer(text, mode) for mode in EXTRACT_MODES] == ["6", "6", "5", "y", "6"]
+    text = "So $y$ is 4. The answer is 5. Final Answer: the value is 7. Check: \\boxed{6}"
+    assert [extract_answer(text, mode) for mode in EXTRACT_MODES] == ["6", "6", "5", "7", "y", "6"]
     assert extract_answer("only words", "last_number") is None
     assert extract_answer("only 5", "latex") is None
     with pytest.raises(ValueError):
@@ -117,3 +117,15 @@ def test_extraction_is_fast_on_hostile_text(text):
     start = time.monotonic()
     extract_answer(text)
     assert time.monotonic() - start < 2.0
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("Final Answer: The largest $n$ is 34.", "34"),
+    ("Final Answer: The final answer is $\\frac{1}{2}$. I hope it is correct.", "\\frac{1}{2}"),
+    ("Final answer: 12", "12"),
+    ("The final answer is $10,455$. I hope it is correct.", "10,455"),
+    ("so \\boxed{7}<|im_end|>\n<|im_start|>user\nand \\boxed{9}", "7"),
+    ("it is \\boxed{3}<｜end▁of▁sentence｜>\\boxed{4}", "3"),
+])
+def test_plain_text_endings_and_what_follows_the_turn(text, expected):
+    assert extract_answer(text) == expected

@@ -77,9 +77,13 @@ def test_custom_rewards_and_extract_mode():
         "\\boxed{" + "{" * 10_000 + "1" + "}" * 10_000 + "}",
         r"\boxed{__import__('os').system('echo hi')}",
         r"\boxed{lambda: 0}",
+        "\\boxed{" + "x<" * 400 + "1}",
+        r"\boxed{x^{10^{100}} > 9^{9^{9^9}}}",
+        "\\boxed{" + "x \\approx " * 200 + "1}",
+        "\\boxed{" + "(a,b)=" * 150 + "(1,2)}",
     ],
     ids=["tower", "braced-tower", "huge-power", "huge-exponent", "1MB-number", "1MB-text", "parentheses",
-         "braces", "import", "lambda"],
+         "braces", "import", "lambda", "relation-chain", "huge-inequality", "approximation-chain", "label-chain"],
 )  # fmt: skip
 def test_hostile_answers_score_incorrect_in_time(default_verifier, response):
     start = time.monotonic()
@@ -126,11 +130,11 @@ def test_batch_runs_in_parallel(verifier):
 
 def test_other_tasks_proceed_while_one_hangs(verifier):
     tasks = [
-        ("equivalent", ("1", "1")),
+        ("equivalent", ("1", "1", {})),
         ("_debug_hang", None),
-        ("equivalent", ("1", "2")),
+        ("equivalent", ("1", "2", {})),
         ("_debug_crash", None),
-        ("equivalent", ("3", "3.0")),
+        ("equivalent", ("3", "3.0", {})),
     ]
     assert verifier._pool.run(tasks) == [Verdict(True), Verdict(False, "timeout"), Verdict(False),
                                          Verdict(False, "worker_died"), Verdict(True)]
@@ -177,7 +181,11 @@ def test_failures_are_counted_apart_from_incorrect_answers():
         assert pool_verifier._run_debug_tasks(["_debug_allocate"], 8) == [Verdict(True)]  # the worker survives
         hostile = "\\boxed{" + "(" * 10_000 + "1" + ")" * 10_000 + "}"
         (verdict,) = pool_verifier.verify_batch([hostile], [["1"]])
-        assert verdict.value is False
+        assert verdict == Verdict(False, "unparsed")  # deeper than the parser goes: not known to be wrong
+        unreadable = pool_verifier.verify_batch([r"\boxed{\mystery{3}}", r"\boxed{\mystery{3}}", "no answer"],
+                                                [["3"], [r"\mystery{3}"], ["3"]])
+        assert unreadable == [Verdict(False, "unparsed"), Verdict(True), Verdict(False)]
+        assert pool_verifier.failures == {"unparsed": 2}
 
 
 def test_a_cap_too_small_to_verify_is_an_error_naming_it():

@@ -1,11 +1,15 @@
 """Pull the final answer out of a model response.
 
+The response ends at its first end-of-turn token (``<|im_end|>``, ``<|im_start|>``, ``<|endoftext|>``,
+``<|eot_id|>``, DeepSeek's ``<｜end▁of▁sentence｜>``): what a model writes after it is not its answer.
 Strategies, tried in this order by ``mode="auto"``:
 
 * ``boxed``: the content of the last ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces allowed),
   or the token after ``\\boxed `` when no brace follows;
 * ``answer_is``: the text after the last "the answer is" / "final answer is", up to the end of
   that sentence or line, with ``$`` removed;
+* ``final_answer``: the sentence after the last "Final Answer:", or what follows its last " is "
+  ("Final Answer: The largest $n$ is 34." gives ``34``);
 * ``latex``: the last inline math expression (``$...$``, ``$$...$$``, ``\\(...\\)``, ``\\[...\\]``),
   or what follows its last ``=`` (``$2 + 3 = 5$`` gives ``5``);
 * ``last_number``: the last number (integer, decimal, fraction ``3/4``, thousands commas dropped).
@@ -18,13 +22,16 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-EXTRACT_MODES = ("auto", "boxed", "answer_is", "latex", "last_number")
+EXTRACT_MODES = ("auto", "boxed", "answer_is", "final_answer", "latex", "last_number")
 
 _BOX_COMMAND = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")
 _OPENING_BRACE = re.compile(r"\s*\{")
 _BRACE_OR_ESCAPE = re.compile(r"\\.|[{}]", re.DOTALL)
 _UNBRACED_BOX_ARGUMENT = re.compile(r"[ \t]*([^\s${}]+)")
 _ANSWER_IS = re.compile(r"\banswer\s+is\b\s*:?", re.IGNORECASE)
+_FINAL_ANSWER = re.compile(r"\bfinal\s+answer\s*:", re.IGNORECASE)
+_LAST_IS = re.compile(r".*\sis\s", re.DOTALL)
+_END_OF_TURN = re.compile(r"<\|(?:im_end|im_start|endoftext|eot_id|end_of_text)\|>|<｜end▁of▁sentence｜>")
 _MATH_OPENER = re.compile(r"\$\$|\\\[|\\\(|(?<!\\)\$")
 _UNESCAPED_DOLLAR = re.compile(r"(?<!\\)\$")
 _MATH_CLOSERS = {"$$": "$$", "\\[": "\\]", "\\(": "\\)"}
@@ -45,6 +52,8 @@ def extract_answer(text: str, mode: str = "auto") -> str | None:
     """
     if mode not in EXTRACT_MODES:
         raise ValueError(f"extract mode {mode!r} is not one of {EXTRACT_MODES}")
+    if (end := _END_OF_TURN.search(text)) is not None:
+        text = text[: end.start()]
     strategies = _STRATEGIES if mode == "auto" else {mode: _STRATEGIES[mode]}
     for strategy in strategies.values():
         answer = strategy(text)
@@ -110,7 +119,20 @@ def _extract_answer_is(text: str) -> str | None:
     if last_phrase is None:
         return None
     sentence = text[last_phrase.end() : _sentence_end(text, last_phrase.end())]
-    return sentence.replace("$", "").strip().strip("*").strip()
+    return _UNESCAPED_DOLLAR.sub("", sentence).strip().strip("*").strip()
+
+
+def _extract_final_answer(text: str) -> str | None:
+    """The sentence after the last "Final Answer:", from its last " is " on if it has one."""
+    last_label = None
+    for last_label in _FINAL_ANSWER.finditer(text):
+        pass
+    if last_label is None:
+        return None
+    sentence = text[last_label.end() : _sentence_end(text, last_label.end())]
+    if (is_ := _LAST_IS.match(sentence)) is not None:
+        sentence = sentence[is_.end() :]
+    return _UNESCAPED_DOLLAR.sub("", sentence).strip().strip("*").strip()
 
 
 def _extract_latex(text: str) -> str | None:
@@ -158,6 +180,7 @@ def _extract_last_number(text: str) -> str | None:
 _STRATEGIES: dict[str, Callable[[str], str | None]] = {
     "boxed": _extract_boxed,
     "answer_is": _extract_answer_is,
+    "final_answer": _extract_final_answer,
     "latex": _extract_latex,
     "last_number": _extract_last_number,
 }

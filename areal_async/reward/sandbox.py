@@ -32,7 +32,8 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import NamedTuple
 
-from areal_async.reward.equivalence import _equivalent_unsandboxed
+from areal_async.config import Conventions
+from areal_async.reward.equivalence import _equivalent_unsandboxed, judge
 from areal_async.reward.extraction import extract_answer
 
 WORKER_START_TIMEOUT_S = 60.0
@@ -48,8 +49,9 @@ Task = tuple[str, object]  # (kind, payload)
 
 
 class Verdict(NamedTuple):
-    """A task's result: `value` (False whenever the task failed) and why it failed, if it did: "timeout",
-    "out_of_memory", "worker_died", "recursion" or "error:<exception type>"; None for a computed verdict."""
+    """A task's result: `value` (False whenever the task failed) and why no verdict could be computed, if so:
+    "timeout", "out_of_memory", "worker_died", "recursion", "error:<exception type>", or "unparsed" (an answer
+    or gold the parser could not read, so the answer is not known to be wrong); None for a computed verdict."""
 
     value: bool
     failure: str | None = None
@@ -64,16 +66,26 @@ class SandboxError(RuntimeError):
 # ---------------------------------------------------------------------------
 
 
-def _score_response(payload: tuple[str, list[str], str]) -> bool:
-    """Whether the answer extracted from the response equals any gold answer."""
-    response, gold_answers, extract_mode = payload
+def _score_response(payload: tuple[str, list[str], str, dict]) -> "Verdict":
+    """Whether the answer extracted from the response equals any gold answer (under the conventions given as
+    a dict of Conventions' fields); an unequal answer that met text the parser could not read is "unparsed"."""
+    response, gold_answers, extract_mode, conventions = payload
     answer = extract_answer(response, extract_mode)
-    return answer is not None and any(_equivalent_unsandboxed(answer, gold) for gold in gold_answers)
+    if answer is None:
+        return Verdict(False)
+    conventions = Conventions(**conventions)
+    unparsed = False
+    for gold in gold_answers:
+        equal, met_unparsed = judge(answer, gold, conventions)
+        if equal:
+            return Verdict(True)
+        unparsed = unparsed or met_unparsed
+    return Verdict(False, "unparsed" if unparsed else None)
 
 
-def _equivalent_pair(payload: tuple[str, str]) -> bool:
-    prediction, gold = payload
-    return _equivalent_unsandboxed(prediction, gold)
+def _equivalent_pair(payload: tuple[str, str, dict]) -> bool:
+    prediction, gold, conventions = payload
+    return _equivalent_unsandboxed(prediction, gold, Conventions(**conventions))
 
 
 def _debug_hang(payload: object) -> bool:
@@ -140,7 +152,8 @@ def worker_main(connection: Connection, memory_limit_mb: int) -> None:
             return
         task_id, kind, payload = message
         try:
-            verdict = (bool(_TASKS[kind](payload)), None)
+            result = _TASKS[kind](payload)
+            verdict = tuple(result) if isinstance(result, Verdict) else (bool(result), None)
         except Exception as error:  # MemoryError, RecursionError, anything: no verdict, and the reason
             verdict = (False, _failure_kind(error))
         connection.send((task_id, *verdict))

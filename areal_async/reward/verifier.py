@@ -9,7 +9,9 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import asdict
 
+from areal_async.config import Conventions
 from areal_async.reward.extraction import EXTRACT_MODES
 from areal_async.reward.sandbox import SandboxPool, Verdict
 
@@ -29,6 +31,7 @@ class RewardVerifier:
             a cap under which a worker cannot verify a trivial equivalence fails construction with the cause.
         correct_reward, incorrect_reward: What :meth:`score` returns.
         extract_mode: How the answer is taken from a response (see ``extract_answer``).
+        conventions: The choices graders make differently (see ``Conventions``).
     """
 
     def __init__(
@@ -39,12 +42,14 @@ class RewardVerifier:
         correct_reward: float = DEFAULT_CORRECT_REWARD,
         incorrect_reward: float = DEFAULT_INCORRECT_REWARD,
         extract_mode: str = "auto",
+        conventions: Conventions | None = None,
     ) -> None:
         if extract_mode not in EXTRACT_MODES:
             raise ValueError(f"extract mode {extract_mode!r} is not one of {EXTRACT_MODES}")
         self.correct_reward = correct_reward
         self.incorrect_reward = incorrect_reward
         self.extract_mode = extract_mode
+        self.conventions = asdict(conventions or Conventions())  # as it travels to the workers
         self._pool = SandboxPool(num_workers, timeout_s, memory_limit_mb)
         self.failures: Counter = Counter()  # verdicts that could not be computed, by reason, since construction
 
@@ -58,6 +63,7 @@ class RewardVerifier:
             correct_reward=reward.correct_reward,
             incorrect_reward=reward.incorrect_reward,
             extract_mode=reward.extract_mode,
+            conventions=reward.conventions,
         )
 
     @property
@@ -70,7 +76,7 @@ class RewardVerifier:
         if len(responses) != len(gold_answers):
             raise ValueError(f"{len(responses)} responses but {len(gold_answers)} gold answer lists")
         tasks = [
-            ("score", (str(response), _gold_strings(golds), self.extract_mode))
+            ("score", (str(response), _gold_strings(golds), self.extract_mode, self.conventions))
             for response, golds in zip(responses, gold_answers)
         ]
         verdicts = self._pool.run(tasks)
@@ -96,7 +102,7 @@ class RewardVerifier:
         """Whether two final answers are equivalent, decided inside the sandbox."""
         if prediction is None or gold is None:
             return False
-        return self._pool.run([("equivalent", (str(prediction), str(gold)))])[0].value
+        return self._pool.run([("equivalent", (str(prediction), str(gold), self.conventions))])[0].value
 
     def close(self) -> None:
         """Stop the worker processes (idempotent)."""
