@@ -427,3 +427,18 @@ def test_each_convention_decides_its_case():
 )
 def test_a_gold_equation_stands_for_its_value_only_behind_a_label(prediction, gold, expected):
     _check(prediction, gold, expected)
+
+
+@pytest.mark.parametrize(
+    "prediction,gold,expected",
+    [
+        (r"2 \le x \le 5", "[2,5]", True),
+        (r"2 < x \le 5", "[2,5]", False),
+        (r"x \in (-\infty, 2)", "x<2", True),
+        ("1:2", r"\frac{1}{2}", True),
+        ("2:1", r"\frac{1}{2}", False),
+        ("11:21", "11:21", True),
+    ],
+)
+def test_intervals_memberships_and_ratios(prediction, gold, expected):
+    _check(prediction, gold, expected)

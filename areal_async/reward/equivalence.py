@@ -50,6 +50,7 @@ _VARIABLE = r"(?:[a-zA-Z]|\\(?:%s))(?:_\{?[a-zA-Z0-9]+\}?)?" % "|".join(sorted(G
 _LONE_VARIABLE = re.compile(_VARIABLE)
 # what names a value: x, f(x), |AB|, (p,q), V_1:V_2, \\angle ABC (an equation "label = value")
 _LABEL = re.compile(rf"{_VARIABLE}(?:\([^()]*\))?|\|[^|]+\||\([^()]*\)|{_VARIABLE}(?::{_VARIABLE})+|\\angle[a-zA-Z]+")
+_RATIO = re.compile(r"(\d+(?:\.\d+)?):(\d+(?:\.\d+)?)")
 _MEMBERSHIP = re.compile(rf"{_VARIABLE}\\in(?![a-zA-Z])(?P<value>.+)")
 _RELATION = re.compile(r"\\(?:le|ge|ne)(?![a-zA-Z])|[<>=]")
 # each relation as (kind, orientation): the link a OP b says kind(d) of d = a - b (orientation 1) or b - a (-1)
@@ -124,6 +125,9 @@ def _normalized_equal(prediction: str, gold: str, how: _How, depth: int) -> bool
     prediction, gold = _unmixed(_membership_value(prediction)), _unmixed(_membership_value(gold))
     if prediction.lower() == gold.lower():
         return True
+    prediction_ratio, gold_ratio = _RATIO.fullmatch(prediction), _RATIO.fullmatch(gold)
+    if bool(prediction_ratio) != bool(gold_ratio):  # "1:2" against a value: the quotient
+        prediction, gold = _quotient(prediction_ratio) or prediction, _quotient(gold_ratio) or gold
     if "\\approx" in prediction or "\\approx" in gold:
         return any(_normalized_equal(p, g, how, depth + 1)
                    for p in _approximation_sides(prediction) for g in _approximation_sides(gold))
@@ -154,6 +158,10 @@ def _normalized_equal(prediction: str, gold: str, how: _How, depth: int) -> bool
     if _WORD.fullmatch(prediction) or _WORD.fullmatch(gold):
         return False
     return _expressions_equal(prediction, gold, how)
+
+
+def _quotient(ratio: re.Match | None) -> str | None:
+    return None if ratio is None else f"\\frac{{{ratio.group(1)}}}{{{ratio.group(2)}}}"
 
 
 def _membership_value(answer: str) -> str:
@@ -343,8 +351,8 @@ def _relation(answer: str) -> tuple[list[str], list[str]] | None:
         position += 1
     if not relations:
         return None
-    sides.append(answer[start:])
-    return (sides, relations) if all(side.strip() for side in sides) else None
+    sides = [side.strip() for side in [*sides, answer[start:]]]
+    return (sides, relations) if all(sides) else None
 
 
 def _links(relation: tuple[list[str], list[str]]) -> list[tuple[str, sympy.Expr]]:
