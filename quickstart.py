@@ -79,7 +79,7 @@ def main(argv: list[str]) -> int:
         return 0
     if command == "test":
         return subprocess.call([str(venv_python()), "-m", "pytest", *rest], cwd=ROOT)
-    return subprocess.call([str(venv_python()), "-m", "areal_async.cli", "train", *rest], cwd=ROOT)
+    return subprocess.call([str(venv_python()), "-m", "areal_async.run.cli", "train", *rest], cwd=ROOT)
 
 
 if __name__ == "__main__":

@@ -49,11 +49,11 @@ import numpy as np
 import torch
 
 from actors.sampling import SamplingParams, long_tailed_limit
-from areal_async.cli import compose_config
+from areal_async.run.cli import compose_config
 from areal_async.model import CausalLM, DecoderConfig, save_pretrained
 from areal_async.model.shapes import R1_DISTILL_QWEN_1_5B, TINY_BENCHMARK
 from areal_async.model.tokenizer import build_byte_tokenizer, load_tokenizer
-from areal_async.trainer import Trainer
+from areal_async.run.trainer import Trainer
 from areal_async.types import Trajectory
 
 SHAPE, TINY_SHAPE = R1_DISTILL_QWEN_1_5B, TINY_BENCHMARK

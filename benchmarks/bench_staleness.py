@@ -16,8 +16,8 @@ import platform
 import time
 from pathlib import Path
 
-from areal_async.cli import compose_config
-from areal_async.trainer import run_training
+from areal_async.run.cli import compose_config
+from areal_async.run.trainer import run_training
 
 
 def run_one(max_staleness: int | None, args) -> dict:

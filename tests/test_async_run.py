@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from areal_async.cli import compose_config
+from areal_async.run.cli import compose_config
 from areal_async.trajectory_log import read_trajectory_log
-from areal_async.trainer import run_training
+from areal_async.run.trainer import run_training
 
 ray = pytest.importorskip("ray")
 

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from areal_async.cli import compose_config
-from areal_async.trainer import RunStopped, Trainer
+from areal_async.run.cli import compose_config
+from areal_async.run.trainer import RunStopped, Trainer
 
 ray = pytest.importorskip("ray")
 

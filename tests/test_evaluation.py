@@ -15,7 +15,7 @@ import pytest
 from actors.engine import Generation
 from areal_async.data.synthetic import evaluate_expression, prompt_text
 from areal_async.reward.extraction import extract_answer
-from areal_async.sft import BUNDLED_WARMSTART
+from areal_async.run.sft import BUNDLED_WARMSTART
 from evaluation import (
     KNOWN_BENCHMARKS,
     BenchmarkFormatError,
@@ -324,7 +324,7 @@ def test_vllm_engine_is_a_clear_error_when_unavailable():
 
 
 def test_cli_evaluates_the_tiny_checkpoint_and_writes_samples_summaries_and_table(tmp_path, capsys):
-    from areal_async.cli import main as cli_main
+    from areal_async.run.cli import main as cli_main
 
     bench_file = tmp_path / "synthetic20.jsonl"
     assert cli_main(["eval", "--write-synthetic", "20", str(bench_file)]) == 0

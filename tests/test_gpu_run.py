@@ -9,9 +9,9 @@ import torch
 
 from actors.engine import TorchEngine
 from actors.sampling import SamplingParams
-from areal_async.cli import compose_config
+from areal_async.run.cli import compose_config
 from areal_async.model import CausalLM, DecoderConfig
-from areal_async.trainer import run_training
+from areal_async.run.trainer import run_training
 from conftest import TINY
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

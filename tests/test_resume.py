@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from areal_async.cli import compose_config
+from areal_async.run.cli import compose_config
 from areal_async.trajectory_log import read_trajectory_log
-from areal_async.trainer import run_training
+from areal_async.run.trainer import run_training
 
 RUN = ["total_steps=8", "checkpoint_every=2", "rollout.groups_per_step=4", "generation.group_size=4",
        "data.num_heldout=8", "eval.num_samples=2", "reward.num_workers=1", "ppo.lr=1e-3"]
@@ -34,7 +34,7 @@ def _kill_then_resume(overrides, tmp_path, startup_s: float) -> tuple[Path, subp
     """Runs `areal-async train` with `overrides` (8 steps) as run "killed", SIGKILLs its whole process group
     (the trainer and its verifier processes) after its 5th metrics line, then resumes it with resume=true.
     Returns the run folder and the resumed process."""
-    command = [sys.executable, "-m", "areal_async.cli", "train", *overrides, f"output_dir={tmp_path}",
+    command = [sys.executable, "-m", "areal_async.run.cli", "train", *overrides, f"output_dir={tmp_path}",
                "run_name=killed", "--no-progress"]
     run_dir = tmp_path / "killed"
     process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

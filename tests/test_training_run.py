@@ -1,16 +1,17 @@
 """End to end: the CLI composes configs, a short synchronous run writes its run folder, runs are deterministic."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from areal_async.cli import compose_config, main
+from areal_async.run.cli import compose_config, main
 from areal_async.config import SFTConfig, TrainConfig
 from areal_async.data.synthetic import ArithmeticSpec, arithmetic_problems, evaluate_expression
 from areal_async.model import load_pretrained
-from areal_async.sft import BUNDLED_WARMSTART, run_sft
-from areal_async.trainer import run_training
+from areal_async.run.sft import BUNDLED_WARMSTART, run_sft
+from areal_async.run.trainer import run_training
 
 SHORT_RUN = [
     "total_steps=3", "rollout.groups_per_step=4", "generation.group_size=4", "data.num_heldout=8",
@@ -109,7 +110,7 @@ def test_synthetic_problems_are_correct_and_splits_disjoint():
 
 
 def test_a_generation_error_that_repeats_stops_the_run_at_once_with_its_traceback(tmp_path):
-    from areal_async.trainer import GenerationFailed, Trainer
+    from areal_async.run.trainer import GenerationFailed, Trainer
 
     config = compose_config("train", [*SHORT_RUN, f"output_dir={tmp_path}", "run_name=broken", "data.num_heldout=0"])
     trainer = Trainer(config)
@@ -133,3 +134,11 @@ def test_reward_failures_and_phase_timings_are_in_the_metrics(tmp_path):
     assert all(line[name] >= 0 for name in phases)
     assert sum(line[name] for name in phases) == pytest.approx(line["step_s"])
     assert (run_dir / "training_curves.png").stat().st_size > 0
+
+
+def test_the_bundled_warm_start_is_the_packaged_one():
+    """Runs without model.path start from areal_async/assets (package data), never from a copy rebuilt elsewhere."""
+    import areal_async
+
+    assert BUNDLED_WARMSTART == Path(areal_async.__file__).resolve().parent / "assets" / "arith-warmstart"
+    assert (BUNDLED_WARMSTART / "model.safetensors").is_file()

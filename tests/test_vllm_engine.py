@@ -274,8 +274,8 @@ def test_asynchronous_run_with_vllm_rollout_workers(tmp_path):
     ray = pytest.importorskip("ray")
     import json
 
-    from areal_async.cli import compose_config
-    from areal_async.trainer import run_training
+    from areal_async.run.cli import compose_config
+    from areal_async.run.trainer import run_training
 
     config = compose_config("train", [
         "cluster.placement=ray", "rollout.engine=vllm", "cluster.num_rollout_workers=1",

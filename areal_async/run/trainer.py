@@ -17,6 +17,8 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from actors.engine_factory import build_engine
+from actors.rollout import RolloutWorker
 from areal_async.config import EngineKind, Placement, SFTConfig, TrainConfig
 from areal_async.checkpointing import (
     commit_checkpoint,
@@ -30,14 +32,17 @@ from areal_async.controller import RolloutController, settle_deliveries
 from areal_async.data import load_train_and_heldout
 from areal_async.ledger import Ledger
 from areal_async.replay_queue import ShardedReplayQueue
-from areal_async.runtime import ActorDied, ControllerService, WorkerKeepsDying
 from areal_async.memory_plan import GIB, plan_one_gpu
 from areal_async.model import load_config, load_pretrained, load_tokenizer, save_pretrained
 from areal_async.plots import plot_training_curves
 from areal_async.reward import RewardVerifier
-from areal_async.sft import BUNDLED_WARMSTART, run_sft
+from areal_async.run.ray_cluster import RayCluster
+from areal_async.run.sft import BUNDLED_WARMSTART, run_sft
+from areal_async.runtime import ActorDied, ControllerService, WorkerKeepsDying
 from areal_async.types import PromptGroup, Trajectory
 from areal_async.weight_sync import InProcessTransport, WeightPublisher, WeightReceiver, state_checksum
+from evaluation import EvalSettings, evaluate, load_benchmarks
+from learners.fsdp_learner import FSDPLearner, compiles_layers
 
 EVAL_GROUPS_PER_CALL = 64
 MAX_IDLE_ROUNDS = 1000  # rounds in which nothing was admitted, generated or taken
@@ -155,10 +160,6 @@ class Trainer:
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
-        from actors.engine_factory import build_engine  # actors and learners meet only here, through areal_async types
-        from actors.rollout import RolloutWorker
-        from learners.fsdp_learner import FSDPLearner, compiles_layers
-
         validate(config)
         torch.manual_seed(config.seed)
         run_name = config.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -192,8 +193,6 @@ class Trainer:
         self.worker = RolloutWorker(engine, decode, self.verifier, [self.tokenizer.eos_token_id])
         self.ray_cluster = None
         if config.cluster.placement is Placement.ray:
-            from areal_async.ray_cluster import RayCluster
-
             self.ray_cluster = RayCluster(config, self.model_path, controller, log_dir, MAX_GENERATION_ATTEMPTS,
                                           MAX_REPEATED_ERRORS)
             self.controller, self.queue = self.ray_cluster.controller, self.ray_cluster.queue
@@ -219,8 +218,6 @@ class Trainer:
             self.receiver = WeightReceiver(dict(engine.model.named_parameters()), transport)
         self.benchmarks = []  # read now: a bad benchmark file fails before training starts
         if config.eval.benchmarks:
-            from evaluation import load_benchmarks
-
             self.benchmarks = load_benchmarks(config.eval.benchmarks, config.eval.data_dir)
         self.start_step = 0
         self.accuracy_before: float | None = None
@@ -266,8 +263,6 @@ class Trainer:
 
     def benchmark_accuracy(self, step: int) -> dict[str, float]:
         """The configured benchmarks' averaged pass@1 (and its standard error) with the current policy."""
-        from evaluation import EvalSettings, evaluate
-
         config = self.config
         self.sync_driver_engine()
         settings = EvalSettings(

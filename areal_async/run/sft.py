@@ -17,7 +17,7 @@ from areal_async.model import CausalLM, DecoderConfig, save_pretrained, sequence
 from areal_async.model.tokenizer import build_byte_tokenizer
 from areal_async.packing import pad_prompt_output_batch
 
-BUNDLED_WARMSTART = Path(__file__).parent / "assets" / "arith-warmstart"
+BUNDLED_WARMSTART = Path(__file__).resolve().parents[1] / "assets" / "arith-warmstart"  # package data of areal_async
 
 
 def arithmetic_spec(config) -> ArithmeticSpec:

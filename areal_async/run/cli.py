@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from areal_async.config import register_configs
+from evaluation.eval_and_aggregate import main as eval_main
 
 EPILOG = """
 options are hydra overrides, for example:
@@ -36,8 +37,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command_at = next((i for i, arg in enumerate(argv) if not arg.startswith("-")), None)
     if command_at is not None and argv[command_at] == "eval":  # eval's own flags, not hydra overrides
-        from evaluation.eval_and_aggregate import main as eval_main
-
         return eval_main(argv[:command_at] + argv[command_at + 1 :], prog="areal-async eval")
     parser = argparse.ArgumentParser(
         prog="areal-async", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -60,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         print(OmegaConf.to_yaml(OmegaConf.structured(config)))
         return 0
     if args.command == "train":
-        from areal_async.trainer import GenerationFailed, RunStopped, run_training
+        from areal_async.run.trainer import GenerationFailed, RunStopped, run_training
 
         try:
             run_training(config, show_progress=not args.no_progress)
@@ -68,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"areal-async train: {error}", file=sys.stderr)
             return 1
     else:
-        from areal_async.sft import run_sft
+        from areal_async.run.sft import run_sft
 
         print(f"warm start written to {run_sft(config, show_progress=not args.no_progress)}")
     return 0

@@ -24,12 +24,17 @@ from pathlib import Path
 
 import torch
 
+from actors.rollout_actor import CONCURRENT_CALLS as WORKER_CALLS
+from actors.rollout_actor import RolloutActor
 from areal_async.config import ClusterConfig, TrainConfig
 from areal_async.controller import RolloutController
 from areal_async.process_groups import host_sync_store
 from areal_async.replay_queue import ReplayQueueShard, ShardedReplayQueue, shard_log_path
 from areal_async.runtime import ActorDied, ControllerService, RayProxy, WorkerKeepsDying, describe_death
 from areal_async.types import Trajectory
+from learners.fsdp_learner import split_step_across_ranks
+from learners.learner_rank import CONCURRENT_CALLS as LEARNER_CALLS
+from learners.learner_rank import LearnerRank
 
 # Set in every process of a run (NVLink multicast stays off on the lent machines).
 WORKER_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
@@ -104,8 +109,6 @@ class RayLearnerGroup:
 
     def train_step(self, trajectories: Sequence[Trajectory]) -> dict[str, float]:
         """Advantages over the whole batch, a token-balanced share per rank, one synchronous step on all."""
-        from learners.fsdp_learner import split_step_across_ranks
-
         shares = split_step_across_ranks(trajectories, len(self.ranks), self.normalise_advantage_std)
         stats = gather([rank.train_step.remote(share.trajectories, share.advantages)
                         for rank, share in zip(self.ranks, shares)], self.names)[0]
@@ -136,11 +139,6 @@ class RayCluster:
     def __init__(self, config: TrainConfig, model_path: str, controller: RolloutController, log_dir: str | None,
                  max_generation_attempts: int, max_repeated_errors: int) -> None:
         import ray
-
-        from actors.rollout_actor import CONCURRENT_CALLS as WORKER_CALLS
-        from actors.rollout_actor import RolloutActor
-        from learners.learner_rank import CONCURRENT_CALLS as LEARNER_CALLS
-        from learners.learner_rank import LearnerRank
 
         os.environ.update(WORKER_ENV)
         self.config = config

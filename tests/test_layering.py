@@ -1,0 +1,46 @@
+"""The folders' import rules (DESIGN.md, "Folders and what they may import"), read from every module's source: the core
+(areal_async, but for its composition root areal_async/run) imports neither actors, learners nor evaluation;
+actors and learners never import each other, nor evaluation."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FORBIDDEN = {
+    "areal_async": {"actors", "learners", "evaluation"},
+    "actors": {"learners", "evaluation"},
+    "learners": {"actors", "evaluation"},
+}
+COMPOSITION_ROOT = ROOT / "areal_async" / "run"
+
+
+def imported_packages(path: Path) -> set[tuple[str, int]]:
+    """The top-level packages a module imports anywhere in it (inside functions too), with the line."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found |= {(alias.name.split(".")[0], node.lineno) for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add((node.module.split(".")[0], node.lineno))
+    return found
+
+
+def modules(package: str) -> list[Path]:
+    return sorted(p for p in (ROOT / package).rglob("*.py") if COMPOSITION_ROOT not in p.parents)
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_import_rules(package):
+    violations = [f"{path.relative_to(ROOT)}:{line} imports {name}"
+                  for path in modules(package) for name, line in imported_packages(path)
+                  if name in FORBIDDEN[package]]
+    assert not violations, "\n".join(violations)
+
+
+def test_the_rules_are_checked_on_real_modules():
+    """The walk finds the modules and their imports (a rule over nothing would pass)."""
+    assert len(modules("areal_async")) > 20 and len(modules("actors")) >= 5 and len(modules("learners")) >= 3
+    trainer = imported_packages(COMPOSITION_ROOT / "trainer.py")
+    assert {"actors", "learners", "evaluation"} <= {name for name, _ in trainer}
