@@ -1,4 +1,4 @@
-"""Versioned, bucketed, checksummed weight publishing (DESIGN.md, "Weight publishing"; invariant 3).
+"""Versioned, bucketed, checksummed weight publishing (DESIGN.md, "Weight publication"; invariant 3).
 
 After every training step learner rank 0 publishes version v of the policy weights; every rollout actor
 that asks gets either a delta over its version (when it holds v - 1) or a full snapshot (fresh actor,
