@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from areal_async.config import EngineConfig
+from areal_async.config import EngineConfig, EngineKind
 
-ENGINE_KINDS = ("torch", "vllm")
+ENGINE_KINDS = tuple(kind.value for kind in EngineKind)
 
 
 def _dtype_name(dtype: str | torch.dtype) -> str:

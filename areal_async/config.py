@@ -29,6 +29,18 @@ class EngineKind(enum.Enum):
     vllm = "vllm"  # actors/vllm_engine.py; needs vLLM installed (the `vllm` extra)
 
 
+class ExtractMode(enum.Enum):
+    """How the final answer is taken from a response (areal_async/reward/extraction.py): "auto" tries the others
+    in this order."""
+
+    auto = "auto"
+    boxed = "boxed"
+    answer_is = "answer_is"
+    final_answer = "final_answer"
+    latex = "latex"
+    last_number = "last_number"
+
+
 class DecodeAttention(enum.Enum):
     sdpa = "sdpa"  # SDPA per layer over the slot cache (eager inside the compiled decode step)
     matmul = "matmul"  # batched matmuls over the cache inside the compiled graph (3% slower on an H100)
@@ -123,7 +135,7 @@ class RewardConfig:
     timeout_s: float = 5.0
     memory_limit_mb: int = 1024
     num_workers: int = 2
-    extract_mode: str = "auto"
+    extract_mode: ExtractMode = ExtractMode.auto
     conventions: Conventions = field(default_factory=Conventions)  # where graders differ (reward/conventions.py)
 
 

@@ -81,12 +81,6 @@ class RolloutController:
         self._in_flight[group.group_id] = group
         return group
 
-    def admit_all(self, current_version: int) -> list[PromptGroup]:
-        groups = []
-        while (group := self.admit(current_version)) is not None:
-            groups.append(group)
-        return groups
-
     @property
     def produced(self) -> int:
         return self.cursor

@@ -171,7 +171,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     )
     benchmarks = load_benchmarks(args.benchmarks, args.data_dir, args.limit)
 
-    from areal_async.config import RewardConfig
+    from areal_async.config import ExtractMode, RewardConfig
     from areal_async.model import load_config, load_tokenizer
     from areal_async.reward import RewardVerifier
 
@@ -179,7 +179,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     labels = checkpoint_labels(args.checkpoints)
     run_dir = Path(args.output_dir) / (args.run_name or default_run_name(labels, settings, args.limit))
     reward = RewardConfig(num_workers=args.verifier_workers, timeout_s=args.verifier_timeout,
-                          extract_mode=args.extract_mode)
+                          extract_mode=ExtractMode(args.extract_mode))
     results: dict[str, dict] = {}
     started = time.perf_counter()
     with RewardVerifier.from_config(reward) as verifier:

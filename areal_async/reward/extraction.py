@@ -22,7 +22,9 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-EXTRACT_MODES = ("auto", "boxed", "answer_is", "final_answer", "latex", "last_number")
+from areal_async.config import ExtractMode
+
+EXTRACT_MODES = tuple(mode.value for mode in ExtractMode)
 
 _BOX_COMMAND = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")
 _OPENING_BRACE = re.compile(r"\s*\{")

@@ -62,7 +62,7 @@ class RewardVerifier:
             memory_limit_mb=reward.memory_limit_mb,
             correct_reward=reward.correct_reward,
             incorrect_reward=reward.incorrect_reward,
-            extract_mode=reward.extract_mode,
+            extract_mode=reward.extract_mode.value,
             conventions=reward.conventions,
         )
 
