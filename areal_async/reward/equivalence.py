@@ -218,23 +218,29 @@ def _is_integer(value) -> bool:
 # ---------------------------------------------------------------------------
 
 
-def _top_level_split(text: str, separator: str = ",") -> list[str]:
-    """Split at ``separator`` outside brackets; bracket types are not matched, so ``[0,1)`` nests."""
-    parts, depth, start, index = [], 0, 0, 0
+def _split_outside_brackets(text: str, separator: re.Pattern) -> tuple[list[str], list[str]]:
+    """``text`` cut at every match of ``separator`` outside brackets: (the parts, the separators matched).
+    Bracket types are not matched, so ``[0,1)`` nests."""
+    parts, separators, depth, start, index = [], [], 0, 0, 0
     while index < len(text):
         char = text[index]
         if char in _OPENERS:
             depth += 1
         elif char in _CLOSERS:
             depth -= 1
-        elif depth == 0 and text.startswith(separator, index):
+        elif depth == 0 and (match := separator.match(text, index)) is not None:
             parts.append(text[start:index])
-            start = index + len(separator)
-            index = start
+            separators.append(match.group())
+            start = index = match.end()
             continue
         index += 1
     parts.append(text[start:])
-    return parts
+    return parts, separators
+
+
+def _top_level_split(text: str, separator: str = ",") -> list[str]:
+    """Split at ``separator`` outside brackets."""
+    return _split_outside_brackets(text, re.compile(re.escape(separator)))[0]
 
 
 def _encloses(text: str) -> bool:
@@ -335,24 +341,9 @@ def _matrices_equal(prediction: list[list[str]] | None, gold: list[list[str]] | 
 def _relation(answer: str) -> tuple[list[str], list[str]] | None:
     """``a < b \\le c`` as its sides ``[a, b, c]`` and relations ``["<", "\\le"]`` (split outside brackets);
     None when the answer holds no relation."""
-    sides, relations, depth, start = [], [], 0, 0
-    position = 0
-    while position < len(answer):
-        char = answer[position]
-        if char in _OPENERS:
-            depth += 1
-        elif char in _CLOSERS:
-            depth -= 1
-        elif depth == 0 and (match := _RELATION.match(answer, position)) is not None:
-            sides.append(answer[start:position])
-            relations.append(match.group())
-            start = position = match.end()
-            continue
-        position += 1
-    if not relations:
-        return None
-    sides = [side.strip() for side in [*sides, answer[start:]]]
-    return (sides, relations) if all(sides) else None
+    sides, relations = _split_outside_brackets(answer, _RELATION)
+    sides = [side.strip() for side in sides]
+    return (sides, relations) if relations and all(sides) else None
 
 
 def _links(relation: tuple[list[str], list[str]]) -> list[tuple[str, sympy.Expr]]:

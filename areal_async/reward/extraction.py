@@ -113,28 +113,33 @@ def _sentence_end(text: str, start: int) -> int:
     return len(text)
 
 
+def _sentence_after_last(phrase: re.Pattern, text: str) -> str | None:
+    """The rest of the sentence after the last match of ``phrase``; None without a match."""
+    last = None
+    for last in phrase.finditer(text):
+        pass
+    return None if last is None else text[last.end() : _sentence_end(text, last.end())]
+
+
+def _bare(text: str) -> str:
+    """Without math dollars (an escaped ``\\$`` stays) or bold marks."""
+    return _UNESCAPED_DOLLAR.sub("", text).strip().strip("*").strip()
+
+
 def _extract_answer_is(text: str) -> str | None:
     """Text after the last "answer is" up to the end of its sentence, without ``$`` or bold marks."""
-    last_phrase = None
-    for last_phrase in _ANSWER_IS.finditer(text):
-        pass
-    if last_phrase is None:
-        return None
-    sentence = text[last_phrase.end() : _sentence_end(text, last_phrase.end())]
-    return _UNESCAPED_DOLLAR.sub("", sentence).strip().strip("*").strip()
+    sentence = _sentence_after_last(_ANSWER_IS, text)
+    return None if sentence is None else _bare(sentence)
 
 
 def _extract_final_answer(text: str) -> str | None:
     """The sentence after the last "Final Answer:", from its last " is " on if it has one."""
-    last_label = None
-    for last_label in _FINAL_ANSWER.finditer(text):
-        pass
-    if last_label is None:
+    sentence = _sentence_after_last(_FINAL_ANSWER, text)
+    if sentence is None:
         return None
-    sentence = text[last_label.end() : _sentence_end(text, last_label.end())]
     if (is_ := _LAST_IS.match(sentence)) is not None:
         sentence = sentence[is_.end() :]
-    return _UNESCAPED_DOLLAR.sub("", sentence).strip().strip("*").strip()
+    return _bare(sentence)
 
 
 def _extract_latex(text: str) -> str | None:
