@@ -5,7 +5,12 @@ Shapes: [batch, seq] token tensors; every loss is a token mean over `loss_mask`.
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Sequence
+
 import torch
+
+from areal_async.types import Trajectory
 
 
 def group_advantages(rewards: torch.Tensor, normalise_std: bool = False, eps: float = 1e-6) -> torch.Tensor:
@@ -17,6 +22,19 @@ def group_advantages(rewards: torch.Tensor, normalise_std: bool = False, eps: fl
     if normalise_std:
         centred = centred / (rewards.std(dim=-1, keepdim=True, unbiased=False) + eps)
     return centred
+
+
+def trajectory_advantages(trajectories: Sequence[Trajectory], normalise_std: bool) -> list[float]:
+    """One advantage per trajectory from group-normalised rewards (groups keyed by group_id, any order)."""
+    by_group: dict[str, list[int]] = defaultdict(list)
+    for index, trajectory in enumerate(trajectories):
+        by_group[trajectory.group_id].append(index)
+    advantages = [0.0] * len(trajectories)
+    for indices in by_group.values():
+        rewards = torch.tensor([[trajectories[i].reward for i in indices]], dtype=torch.float64)
+        for i, value in zip(indices, group_advantages(rewards, normalise_std)[0].tolist()):
+            advantages[i] = value
+    return advantages
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

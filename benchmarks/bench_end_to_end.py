@@ -51,6 +51,7 @@ import torch
 from actors.sampling import SamplingParams, long_tailed_limit
 from areal_async.run.cli import compose_config
 from areal_async.model import CausalLM, DecoderConfig, save_pretrained
+from areal_async.objective import trajectory_advantages
 from areal_async.model.shapes import R1_DISTILL_QWEN_1_5B, TINY_BENCHMARK
 from areal_async.model.tokenizer import build_byte_tokenizer, load_tokenizer
 from areal_async.run.trainer import Trainer
@@ -151,7 +152,7 @@ def learner_alone(trainer: Trainer, trajectories: list[Trajectory]) -> dict:
     learner = trainer.learner
     synchronize(learner.ppo.device)
     started = time.perf_counter()
-    stats = learner.train_step(trajectories)
+    stats = learner.train_step(trajectories, trajectory_advantages(trajectories, normalise_std=False))
     seconds = time.perf_counter() - started
     return {"seconds": seconds, "trained_tokens": stats["trained_tokens"],
             "trained_tokens_per_s": stats["trained_tokens"] / seconds, **learner.last_step_timings}

@@ -330,7 +330,7 @@ def ours_system(compile_layers: bool, activation_checkpointing: bool, decoupled:
                                        compile_layers=compile_layers)
 
     def make_steps(sequences: list[torch.Tensor]):
-        from learners.ppo_learner import trajectory_advantages
+        from areal_async.objective import trajectory_advantages
 
         trajectories = synthetic_trajectories([len(s) for s in sequences])
         advantages = trajectory_advantages(trajectories, normalise_std=False)
@@ -756,7 +756,7 @@ def check_one_rank_learner(checks: dict) -> None:
     from areal_async.config import PPOConfig
     from areal_async.model import CausalLM, DecoderConfig
     from learners import fsdp_learner
-    from learners.ppo_learner import trajectory_advantages
+    from areal_async.objective import trajectory_advantages
 
     init_process_group()
     torch.manual_seed(0)

@@ -2,8 +2,8 @@
 (gloo on CPU, NCCL on GPU).
 
 Every rank trains on its own share of the step's trajectories:
-- advantages are computed once over the whole step batch before it is split (`split_step_across_ranks`), so a
-  group whose samples land on different ranks still gets its true group mean;
+- advantages come with the trajectories, computed once over the whole step batch before it is split
+  (`split_step_across_ranks`), so a group whose samples land on different ranks still gets its true group mean;
 - each rank normalises its loss by the global output-token count and FSDP sums (does not average) the
   gradients over the ranks, so the M-rank gradient equals the one-rank gradient of the same batch;
 - every rank runs the same number of forward/backward passes (FSDP's all-gathers and reduce-scatters are
@@ -37,7 +37,7 @@ from areal_async.config import PPOConfig
 from areal_async.model import CausalLM
 from areal_async.packing import PackedBatch, balance_across_ranks, split_into_minibatches, split_into_packs
 from areal_async.types import Trajectory
-from learners.ppo_learner import PPOLearner, build_lr_scheduler, build_optimizer, read_stats, trajectory_advantages
+from learners.ppo_learner import PPOLearner, build_lr_scheduler, build_optimizer, read_stats
 
 MAX_STAT = "behaviour_weight_max"  # the one PPOLearner.backward stat that combines over ranks by max, not sum
 
@@ -64,12 +64,10 @@ class RankShare:
     advantages: list[float]
 
 
-def split_step_across_ranks(trajectories: Sequence[Trajectory], num_ranks: int, normalise_std: bool) -> list[RankShare]:
-    """Group-normalised advantages over the whole step batch, then a token-balanced split into `num_ranks` shares.
-
-    Groups may be split over ranks: each sample keeps the advantage computed against its whole group.
-    """
-    advantages = trajectory_advantages(trajectories, normalise_std)
+def split_step_across_ranks(trajectories: Sequence[Trajectory], advantages: Sequence[float],
+                            num_ranks: int) -> list[RankShare]:
+    """A token-balanced split of the step batch into `num_ranks` shares. Groups may be split over ranks: each
+    sample keeps its advantage, computed against its whole group over the whole batch."""
     return [
         RankShare([trajectories[i] for i in indices], [advantages[i] for i in indices])
         for indices in balance_across_ranks([t.num_tokens for t in trajectories], num_ranks)
@@ -389,8 +387,7 @@ class FSDPLearner:
         grad_norm = stats.pop("grad_norm")
         return stats | {"lr": lr, "grad_norm": grad_norm}
 
-    def train_step(self, trajectories: Sequence[Trajectory], advantages: Sequence[float] | None = None
-                   ) -> dict[str, float]:
+    def train_step(self, trajectories: Sequence[Trajectory], advantages: Sequence[float]) -> dict[str, float]:
         """One training step over this rank's share; every rank calls it together. Produces version + 1; the
         returned stats are over all ranks and identical on each. The share is shuffled and cut into
         minibatches (as many on every rank: minibatches_per_step, at most one per trajectory of the whole
@@ -399,10 +396,7 @@ class FSDPLearner:
         `last_step_timings` then holds the seconds of the proximal recomputation (`prepare_s`) and of the
         updates (`update_s`).
 
-        advantages: one per trajectory, computed over the whole step batch; default: group-normalised within
-        `trajectories` (a learner on its own holds the whole batch)."""
-        if advantages is None:
-            advantages = trajectory_advantages(trajectories, self.config.normalise_advantage_std)
+        advantages: one per trajectory, computed over the whole step batch."""
         started = time.perf_counter()
         (batch_size,) = all_reduce_floats([len(trajectories)], dist.ReduceOp.SUM, self.ppo.device, self.group)
         # as many minibatches on every rank (a rank whose share is short trains placeholders in some)

@@ -16,22 +16,9 @@ from torch.optim.lr_scheduler import LambdaLR
 from areal_async.checkpointing import load_learner_state, save_learner_state
 from areal_async.config import Objective, PPOConfig
 from areal_async.model import CausalLM, packed_sequence_logprobs
-from areal_async.objective import decoupled_ppo_loss, group_advantages, kl_penalty
+from areal_async.objective import decoupled_ppo_loss, kl_penalty
 from areal_async.packing import PackedBatch, pack_prompt_output_batch, split_into_minibatches, split_into_packs
 from areal_async.types import Trajectory
-
-
-def trajectory_advantages(trajectories: Sequence[Trajectory], normalise_std: bool) -> list[float]:
-    """One advantage per trajectory from group-normalised rewards (groups keyed by group_id, any order)."""
-    by_group: dict[str, list[int]] = defaultdict(list)
-    for index, trajectory in enumerate(trajectories):
-        by_group[trajectory.group_id].append(index)
-    advantages = [0.0] * len(trajectories)
-    for indices in by_group.values():
-        rewards = torch.tensor([[trajectories[i].reward for i in indices]], dtype=torch.float64)
-        for i, value in zip(indices, group_advantages(rewards, normalise_std)[0].tolist()):
-            advantages[i] = value
-    return advantages
 
 
 def read_stats(stats: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -123,18 +110,11 @@ class PPOLearner:
         with self.autocast():
             return packed_sequence_logprobs(model, batch.to(self.device), self.temperature)
 
-    def prepare(
-        self, trajectories: Sequence[Trajectory], advantages: Sequence[float] | None = None
-    ) -> list[PackedBatch]:
+    def prepare(self, trajectories: Sequence[Trajectory], advantages: Sequence[float]) -> list[PackedBatch]:
         """Packed micro-batches of at most `micro_batch_tokens` real tokens each (a longer sequence gets its
-        own), with advantages, and proximal (and reference) logprobs recomputed with the current weights
-        before any update.
-
-        advantages: one per trajectory; default: group-normalised within `trajectories`. A caller that holds
-        only part of a group (one rank of several) passes advantages computed over the whole batch.
+        own), with advantages (one per trajectory, computed over the whole step batch), and proximal (and
+        reference) logprobs recomputed with the current weights before any update.
         """
-        if advantages is None:
-            advantages = trajectory_advantages(trajectories, self.config.normalise_advantage_std)
         lengths = [t.num_tokens for t in trajectories]
         micro_batches = [
             self._pack([trajectories[i] for i in indices], [advantages[i] for i in indices])
@@ -206,11 +186,11 @@ class PPOLearner:
                 add(name, value, share)
         return read_stats(stats) if read else stats
 
-    def train_step(self, trajectories: Sequence[Trajectory]) -> dict[str, float]:
-        """One training step over whole groups: produces version + 1. Advantages come from the whole batch, the
-        shuffled trajectories are cut into minibatches_per_step minibatches (one optimizer update each, at most
-        one per trajectory), and every minibatch's proximal logprobs are taken before the first update."""
-        advantages = trajectory_advantages(trajectories, self.config.normalise_advantage_std)
+    def train_step(self, trajectories: Sequence[Trajectory], advantages: Sequence[float]) -> dict[str, float]:
+        """One training step: produces version + 1. `advantages`: one per trajectory, computed over the whole
+        step batch (areal_async.objective.trajectory_advantages). The shuffled trajectories are cut into
+        minibatches_per_step minibatches (one optimizer update each, at most one per trajectory), and every
+        minibatch's proximal logprobs are taken before the first update."""
         num_parts = max(1, min(self.config.minibatches_per_step, len(trajectories)))
         minibatches = [
             self.prepare([trajectories[i] for i in part], [advantages[i] for i in part])

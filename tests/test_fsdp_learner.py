@@ -26,7 +26,8 @@ from conftest import TINY
 from learners import fsdp_learner
 from learners.fsdp_learner import FSDPLearner, RankShare, split_step_across_ranks
 from learners.ppo_learner import warmup_factor
-from learners.ppo_learner import PPOLearner, trajectory_advantages
+from areal_async.objective import trajectory_advantages
+from learners.ppo_learner import PPOLearner
 
 WORLD = 2
 TOLERANCE = 1e-5  # relative, fp32
@@ -76,7 +77,7 @@ def relative_diff(values: dict[str, np.ndarray], reference: dict[str, np.ndarray
 
 def one_rank_step(learner: PPOLearner, trajectories: list[Trajectory]) -> dict:
     """Stats, the (clipped) gradient and the weights after one unsharded train_step."""
-    stats = learner.train_step(trajectories)
+    stats = learner.train_step(trajectories, trajectory_advantages(trajectories, learner.config.normalise_advantage_std))
     gradients = {n: p.grad.numpy().copy() for n, p in learner.model.named_parameters()}
     weights = {n: p.detach().numpy().copy() for n, p in learner.model.named_parameters()}
     return {"stats": stats, "gradients": gradients, "weights": weights}
@@ -161,7 +162,7 @@ def two_rank_runs(batch) -> dict[tuple[int, str], dict]:
     model, trajectories = batch
     cases = []
     for name, config in configs().items():
-        shares = split_step_across_ranks(trajectories, WORLD, config.normalise_advantage_std)
+        shares = split_step_across_ranks(trajectories, trajectory_advantages(trajectories, config.normalise_advantage_std), WORLD)
         if name == "idle_rank_with_kl":
             shares = [RankShare(list(trajectories), trajectory_advantages(trajectories, False)), RankShare([], [])]
         cases.append(Case(name, config, shares))
@@ -180,7 +181,7 @@ def one_rank_runs(batch) -> dict[str, dict]:
 
 def test_split_keeps_whole_group_advantages_and_splits_groups(batch):
     _, trajectories = batch
-    shares = split_step_across_ranks(trajectories, WORLD, normalise_std=False)
+    shares = split_step_across_ranks(trajectories, trajectory_advantages(trajectories, normalise_std=False), WORLD)
     expected = dict(zip((id(t) for t in trajectories), trajectory_advantages(trajectories, normalise_std=False)))
     assert sorted(id(t) for s in shares for t in s.trajectories) == sorted(expected)
     assert all(a == expected[id(t)] for s in shares for t, a in zip(s.trajectories, s.advantages))

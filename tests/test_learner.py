@@ -14,7 +14,8 @@ from areal_async.model import sequence_logprobs
 from areal_async.objective import decoupled_ppo_loss
 from areal_async.packing import balance_across_ranks, pad_prompt_output_batch
 from areal_async.types import Trajectory
-from learners.ppo_learner import PPOLearner, trajectory_advantages
+from areal_async.objective import trajectory_advantages
+from learners.ppo_learner import PPOLearner
 
 
 def _trajectories(model, prompts, group_size=4, seed=0):
@@ -30,9 +31,13 @@ def _trajectories(model, prompts, group_size=4, seed=0):
     ]
 
 
+def _advantages(trajectories):
+    return trajectory_advantages(trajectories, normalise_std=False)
+
+
 def _gradients(learner, trajectories):
     learner.optimizer.zero_grad(set_to_none=True)
-    learner.backward(learner.prepare(trajectories))
+    learner.backward(learner.prepare(trajectories, _advantages(trajectories)))
     return {n: p.grad.clone() for n, p in learner.model.named_parameters()}
 
 
@@ -45,14 +50,14 @@ def test_gradient_is_independent_of_micro_batch_budget(tiny_model):
     trajectories = _trajectories(tiny_model, [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10], [11, 12]])
     whole = PPOLearner(copy.deepcopy(tiny_model), PPOConfig(micro_batch_tokens=10**6), pad_token_id=0, temperature=1.0)
     split = PPOLearner(copy.deepcopy(tiny_model), PPOConfig(micro_batch_tokens=20), pad_token_id=0, temperature=1.0)
-    assert len(split.prepare(trajectories)) > 2
+    assert len(split.prepare(trajectories, _advantages(trajectories))) > 2
     assert _max_relative_difference(_gradients(whole, trajectories), _gradients(split, trajectories)) < 1e-5
 
 
 def test_packed_gradient_equals_the_padded_full_batch_gradient(tiny_model):
     trajectories = _trajectories(tiny_model, [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10], [11, 12]], seed=1)
     learner = PPOLearner(copy.deepcopy(tiny_model), PPOConfig(micro_batch_tokens=20), pad_token_id=0, temperature=1.0)
-    assert len(learner.prepare(trajectories)) > 2
+    assert len(learner.prepare(trajectories, _advantages(trajectories))) > 2
     packed = _gradients(learner, trajectories)
 
     # The same loss, written directly over one padded batch: proximal = current weights, before the update.
@@ -112,7 +117,7 @@ def test_step_raises_logprob_of_rewarded_samples(tiny_model, objective):
         return lp[batch.output_mask].mean().item()
 
     good_before, bad_before = mean_logprob(5.0), mean_logprob(-5.0)
-    stats = learner.train_step(trajectories)
+    stats = learner.train_step(trajectories, _advantages(trajectories))
     assert learner.version == 1
     assert mean_logprob(5.0) > good_before and mean_logprob(-5.0) < bad_before
     assert stats["behaviour_weight_mean"] == pytest.approx(1.0, abs=1e-4)
@@ -139,8 +144,8 @@ def test_the_inline_learner_keeps_fp32_master_weights_and_publishes_bf16(tiny_mo
     assert all(t.dtype == torch.bfloat16 for t in start.values())
     assert all(torch.equal(start[n], t) for n, t in bf16.state_dict().items() if n in start)
     for _ in range(10):
-        master.train_step(trajectories)
-        in_place.train_step(trajectories)
+        master.train_step(trajectories, _advantages(trajectories))
+        in_place.train_step(trajectories, _advantages(trajectories))
     published = master.policy_state()
     assert all(torch.equal(published[n], p.detach().to(torch.bfloat16)) for n, p in master.model.named_parameters())
     master_changed = _changed_fraction(start, published)
@@ -167,7 +172,7 @@ def test_minibatches_are_shuffled_trajectories_one_update_each_whatever_the_budg
     updates = []
     step = learner.optimizer.step
     learner.optimizer.step = lambda *args, **kwargs: updates.append(1) or step(*args, **kwargs)
-    stats = learner.train_step(trajectories)
+    stats = learner.train_step(trajectories, _advantages(trajectories))
     assert len(updates) == 4 and len(trained) == 4
     assert sorted(n for part in trained for n in part) == sorted(t.num_tokens for t in trajectories)
     assert [len(part) for part in trained] == [4, 4, 4, 4]

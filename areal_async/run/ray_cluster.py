@@ -97,19 +97,18 @@ def gather(refs: list, names: Sequence[str]) -> list:
 class RayLearnerGroup:
     """The learner rank actors seen as one learner (what the trainer calls on an in-process PPOLearner)."""
 
-    def __init__(self, ranks: list, normalise_advantage_std: bool) -> None:
+    def __init__(self, ranks: list) -> None:
         self.ranks = ranks
         self.names = [f"learner rank {index}" for index in range(len(ranks))]
-        self.normalise_advantage_std = normalise_advantage_std
         self.version = 0
         self.checkpoint: Path | None = None  # set by load_state before the ranks start
 
     def _all(self, method: str, *args) -> list:
         return gather([getattr(rank, method).remote(*args) for rank in self.ranks], self.names)
 
-    def train_step(self, trajectories: Sequence[Trajectory]) -> dict[str, float]:
-        """Advantages over the whole batch, a token-balanced share per rank, one synchronous step on all."""
-        shares = split_step_across_ranks(trajectories, len(self.ranks), self.normalise_advantage_std)
+    def train_step(self, trajectories: Sequence[Trajectory], advantages: Sequence[float]) -> dict[str, float]:
+        """A token-balanced share of the batch per rank, one synchronous step on all."""
+        shares = split_step_across_ranks(trajectories, advantages, len(self.ranks))
         stats = gather([rank.train_step.remote(share.trajectories, share.advantages)
                         for rank, share in zip(self.ranks, shares)], self.names)[0]
         self.version += 1
@@ -164,8 +163,7 @@ class RayCluster:
         rank_actor = ray.remote(num_cpus=cluster.cpus_per_learner_rank, num_gpus=cluster.gpus_per_learner_rank,
                                 max_concurrency=LEARNER_CALLS)(LearnerRank)
         self.learner = RayLearnerGroup(
-            [rank_actor.remote(rank, config, self.model_path) for rank in range(cluster.num_learner_ranks)],
-            config.ppo.normalise_advantage_std,
+            [rank_actor.remote(rank, config, self.model_path) for rank in range(cluster.num_learner_ranks)]
         )
         self.worker_actor = ray.remote(num_cpus=cluster.cpus_per_rollout_worker,
                                        num_gpus=cluster.gpus_per_rollout_worker,

@@ -34,6 +34,7 @@ from areal_async.ledger import Ledger
 from areal_async.replay_queue import ShardedReplayQueue
 from areal_async.memory_plan import GIB, plan_one_gpu
 from areal_async.model import load_config, load_pretrained, load_tokenizer, save_pretrained
+from areal_async.objective import trajectory_advantages
 from areal_async.plots import plot_training_curves
 from areal_async.reward import RewardVerifier
 from areal_async.run.ray_cluster import RayCluster
@@ -340,7 +341,9 @@ class Trainer:
         batch = self.gather_batch(step)
         gathered = time.perf_counter()
         trajectories = [t for group in batch for t in group]
-        stats = self.learner.train_step(trajectories)
+        # one advantage stage for both placements: over the whole batch, before any split across ranks
+        stats = self.learner.train_step(trajectories,
+                                        trajectory_advantages(trajectories, config.ppo.normalise_advantage_std))
         trained = time.perf_counter()
         if self.ray_cluster is not None:
             self.ray_cluster.publish(self.learner.version)
