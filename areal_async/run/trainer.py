@@ -28,6 +28,7 @@ from areal_async.checkpointing import (
     rng_state,
     stage_checkpoint,
 )
+from areal_async.contracts import Controller, Learner, ReplayQueue
 from areal_async.controller import RolloutController, settle_deliveries
 from areal_async.data import load_train_and_heldout
 from areal_async.ledger import Ledger
@@ -193,6 +194,10 @@ class Trainer:
         decode = lambda tokens: self.tokenizer.decode(tokens, skip_special_tokens=True)  # noqa: E731
         self.worker = RolloutWorker(engine, decode, self.verifier, [self.tokenizer.eos_token_id])
         self.ray_cluster = None
+        # the parts, in process or behind Ray, as the run sees them (areal_async/contracts.py)
+        self.learner: Learner
+        self.controller: Controller
+        self.queue: ReplayQueue
         if config.cluster.placement is Placement.ray:
             self.ray_cluster = RayCluster(config, self.model_path, controller, log_dir, MAX_GENERATION_ATTEMPTS,
                                           MAX_REPEATED_ERRORS)

@@ -1,0 +1,33 @@
+"""Every implementation provides the contract the run is typed against (areal_async/contracts.py)."""
+
+import copy
+
+import pytest
+
+from areal_async.config import PPOConfig
+from areal_async.contracts import Controller, Learner, ReplayQueue
+from areal_async.controller import RolloutController
+from areal_async.data.records import PromptRecord
+from areal_async.replay_queue import ShardedReplayQueue
+from areal_async.run.ray_cluster import RayLearnerGroup
+from areal_async.runtime import ControllerService
+from learners.fsdp_learner import FSDPLearner
+from learners.ppo_learner import PPOLearner
+
+
+def test_learners(tiny_model):
+    for learner_class in (PPOLearner, FSDPLearner):
+        assert isinstance(learner_class(copy.deepcopy(tiny_model), PPOConfig(), pad_token_id=0, temperature=1.0),
+                          Learner), learner_class
+    assert isinstance(RayLearnerGroup([]), Learner)
+
+
+def test_controller_and_queue():
+    records = [PromptRecord("q", "p", ("1",))]
+    assert isinstance(ControllerService(RolloutController(records, lambda text: [1], 2, 2, 0, seed=0)), Controller)
+    assert isinstance(ShardedReplayQueue(1, 4, 0), ReplayQueue)
+
+
+@pytest.mark.parametrize("protocol", [Learner, Controller, ReplayQueue])
+def test_a_part_without_the_contract_is_refused(protocol):
+    assert not isinstance(object(), protocol)
