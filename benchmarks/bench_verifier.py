@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import time
@@ -124,7 +125,7 @@ def main() -> int:
     parser.add_argument("--show", type=int, default=40, help="disagreements to print")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    report = {"args": vars(args)}
+    report = {"args": {**vars(args), "data_dir": os.path.relpath(args.data_dir, ROOT)}}  # no machine paths
     with RewardVerifier(num_workers=args.workers) as verifier:
         report["agreement"] = agreement(load_golds(Path(args.data_dir), args.limit), verifier)
         report["throughput"] = throughput(verifier, args.throughput_responses, args.characters)
