@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from areal_async.model import CausalLM, DecoderConfig, KVCache, load_pretrained, save_pretrained
+from areal_async.model import CausalLM, DecoderConfig, KVCache, load_pretrained, save_pretrained, save_weights_pretrained
 
 SHAPE = dict(
     vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=3, num_attention_heads=4,
@@ -50,6 +50,19 @@ def test_save_then_transformers_loads_same_logits(tmp_path):
     reloaded = load_pretrained(tmp_path / "ckpt")
     for (name, a), (_, b) in zip(ours.state_dict().items(), reloaded.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_named_parameters_save_as_the_model_does(tmp_path, tied):
+    """What a run exports from an engine's weights (its parameters, no module) equals the model's own export."""
+    torch.manual_seed(4)
+    ours = CausalLM(DecoderConfig(**SHAPE, tie_word_embeddings=tied)).eval()
+    save_pretrained(ours, tmp_path / "model")
+    save_weights_pretrained(dict(ours.named_parameters()), ours.config, tmp_path / "weights")
+    a, b = load_pretrained(tmp_path / "model"), load_pretrained(tmp_path / "weights")
+    assert (tmp_path / "model" / "config.json").read_text() == (tmp_path / "weights" / "config.json").read_text()
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
 
 
 def test_kv_cache_decoding_matches_full_forward():

@@ -1,6 +1,6 @@
 """The one model definition (Qwen2/Llama family) used for training and generation."""
 
-from areal_async.model.checkpoint import load_config, load_pretrained, save_pretrained
+from areal_async.model.checkpoint import load_config, load_pretrained, save_pretrained, save_weights_pretrained
 from areal_async.model.decoder import CausalLM, DecoderConfig, KVCache
 from areal_async.model.logprobs import packed_sequence_logprobs, sequence_logprobs, token_logprobs
 from areal_async.model.slot_cache import SlotKVCache
@@ -15,6 +15,7 @@ __all__ = [
     "load_tokenizer",
     "packed_sequence_logprobs",
     "save_pretrained",
+    "save_weights_pretrained",
     "SlotKVCache",
     "sequence_logprobs",
     "token_logprobs",

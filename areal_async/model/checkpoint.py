@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -61,15 +62,21 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
 
 def save_pretrained(model: CausalLM, path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None) -> Path:
     """Writes config.json + model.safetensors (+ tokenizer files copied from `tokenizer_dir`) atomically."""
+    return save_weights_pretrained(model.state_dict(), model.config, path, tokenizer_dir)
+
+
+def save_weights_pretrained(weights: Mapping[str, torch.Tensor], config: DecoderConfig, path: str | os.PathLike,
+                            tokenizer_dir: str | os.PathLike | None = None) -> Path:
+    """`save_pretrained` of named weights (a model's state dict or its parameters) of a model of `config`."""
     folder = Path(path)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight")
+    state = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
     save_file(state, str(staging / SINGLE_FILE), metadata={"format": "pt"})
     with open(staging / "config.json", "w", encoding="utf-8") as f:
-        hf = model.config.to_hf_dict()
+        hf = config.to_hf_dict()
         hf["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
         json.dump(hf, f, indent=2)
     if tokenizer_dir is not None:

@@ -17,7 +17,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from actors.engine_factory import build_engine
+from actors.engine_factory import EngineWeights, build_engine
 from actors.rollout import RolloutWorker
 from areal_async.config import EngineKind, Placement, SFTConfig, TrainConfig
 from areal_async.checkpointing import (
@@ -34,7 +34,7 @@ from areal_async.data import load_train_and_heldout
 from areal_async.ledger import Ledger
 from areal_async.replay_queue import ShardedReplayQueue
 from areal_async.memory_plan import GIB, plan_one_gpu
-from areal_async.model import load_config, load_pretrained, load_tokenizer, save_pretrained
+from areal_async.model import load_config, load_pretrained, load_tokenizer, save_weights_pretrained
 from areal_async.objective import trajectory_advantages
 from areal_async.plots import plot_training_curves
 from areal_async.reward import RewardVerifier
@@ -193,6 +193,7 @@ class Trainer:
                               settings=engine_settings)
         decode = lambda tokens: self.tokenizer.decode(tokens, skip_special_tokens=True)  # noqa: E731
         self.worker = RolloutWorker(engine, decode, self.verifier, [self.tokenizer.eos_token_id])
+        self.engine_weights = EngineWeights(engine, self.model_path, dtype)  # what publication writes, in place
         self.ray_cluster = None
         # the parts, in process or behind Ray, as the run sees them (areal_async/contracts.py)
         self.learner: Learner
@@ -221,7 +222,7 @@ class Trainer:
                                             filter_zero_variance=config.ppo.filter_zero_variance_groups)
             transport = InProcessTransport()
             self.publisher = WeightPublisher(self.learner.policy_state(), transport)
-            self.receiver = WeightReceiver(dict(engine.model.named_parameters()), transport)
+            self.receiver = WeightReceiver(self.engine_weights.tensors, transport)
         self.benchmarks = []  # read now: a bad benchmark file fails before training starts
         if config.eval.benchmarks:
             self.benchmarks = load_benchmarks(config.eval.benchmarks, config.eval.data_dir)
@@ -238,7 +239,7 @@ class Trainer:
 
     def publish_inline(self, version: int) -> None:
         self.publisher.publish(self.learner.policy_state(), version)
-        self.worker.engine.version = self.receiver.sync()
+        self.engine_weights.applied(self.receiver.sync())
 
     def sync_driver_engine(self) -> None:
         """Ray placement: the driver's engine (evaluation, export) takes the learner's current weights."""
@@ -450,8 +451,8 @@ class Trainer:
     def save_checkpoint(self, name: str) -> Path:
         """A Hugging Face checkpoint folder of the current policy (written from the driver's engine copy)."""
         self.sync_driver_engine()
-        return save_pretrained(self.worker.engine.model, self.run_dir / "checkpoints" / name,
-                               tokenizer_dir=self.model_path)
+        return save_weights_pretrained(self.engine_weights.tensors, load_config(self.model_path),
+                                       self.run_dir / "checkpoints" / name, tokenizer_dir=self.model_path)
 
     def run(self, show_progress: bool = True) -> dict:
         config = self.config
@@ -501,7 +502,7 @@ class Trainer:
             self.verifier.close()
         ledger = self.ledger()
         rollout_checksums = [r["weights_checksum"] for r in worker_results] or [
-            state_checksum(dict(self.worker.engine.model.named_parameters()))  # inline: the driver's engine
+            state_checksum(self.engine_weights.tensors)  # inline: the driver's engine
         ]
         summary = {
             "accuracy_before": accuracy_before,
