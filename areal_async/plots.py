@@ -1,11 +1,15 @@
-"""Training curves of a run folder as a PNG: reward, response length and held-out accuracy against step."""
+"""Training curves of run folders as a PNG: reward and response length against step (moving averages), held-out
+accuracy and benchmark pass@1 of the periodic evaluations; several runs overlaid, one colour each."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 CURVES_FILE = "training_curves.png"
+BENCHMARK_PREFIX = "eval/"
+BENCHMARK_SUFFIX = "/pass@1"
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -15,37 +19,85 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_training_curves(run_dir: Path) -> Path | None:
-    """Writes <run_dir>/training_curves.png from metrics.jsonl and summary.json; returns its path (None when
-    there is nothing to plot). Held-out accuracy is drawn at step 0 (before RL), at every periodic evaluation
-    and after the last step."""
+def moving_average(values: Sequence[float], window: int) -> list[float]:
+    """Trailing mean over the last `window` values (fewer at the start): [1, 2, 3, 4], 2 -> [1, 1.5, 2.5, 3.5]."""
+    if window < 1:
+        raise ValueError(f"the moving-average window must be >= 1, got {window}")
+    averaged, total = [], 0.0
+    for index, value in enumerate(values):
+        total += value
+        if index >= window:
+            total -= values[index - window]
+        averaged.append(total / min(index + 1, window))
+    return averaged
+
+
+def heldout_points(records: list[dict], summary: dict) -> list[tuple[int, float]]:
+    """(step, held-out accuracy): before RL (step 0), every periodic evaluation, and after the last step."""
+    points = [(r["step"] + 1, r["heldout_accuracy"]) for r in records if r.get("heldout_accuracy") is not None]
+    if summary.get("accuracy_before") is not None:
+        points.insert(0, (0, summary["accuracy_before"]))
+    if summary.get("accuracy_after") is not None and records:
+        points.append((records[-1]["step"] + 1, summary["accuracy_after"]))
+    return points
+
+
+def benchmark_points(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """Benchmark name -> (step, pass@1) of its periodic evaluations."""
+    points: dict[str, list[tuple[int, float]]] = {}
+    for record in records:
+        for key, value in record.items():
+            if key.startswith(BENCHMARK_PREFIX) and key.endswith(BENCHMARK_SUFFIX):
+                name = key[len(BENCHMARK_PREFIX) : -len(BENCHMARK_SUFFIX)]
+                points.setdefault(name, []).append((record["step"] + 1, value))
+    return points
+
+
+def plot_runs(run_dirs: Sequence[Path], out: Path, window: int = 1) -> Path | None:
+    """Writes `out` (a PNG) with the curves of `run_dirs`; returns it, or None when no run has metrics."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display: write files only
     import matplotlib.pyplot as plt
 
-    run_dir = Path(run_dir)
-    records = read_metrics(run_dir)
-    if not records:
+    runs = [(Path(d), read_metrics(Path(d))) for d in run_dirs]
+    runs = [(d, records) for d, records in runs if records]
+    if not runs:
         return None
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    steps = [r["step"] + 1 for r in records]
-    heldout = [(r["step"] + 1, r["heldout_accuracy"]) for r in records if r.get("heldout_accuracy") is not None]
-    if summary.get("accuracy_before") is not None:
-        heldout.insert(0, (0, summary["accuracy_before"]))
-    if summary.get("accuracy_after") is not None:
-        heldout.append((steps[-1], summary["accuracy_after"]))
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
-    axes[0].plot(steps, [r["reward_mean"] for r in records])
-    axes[0].set(title="reward (training batch)", xlabel="step", ylabel="mean reward")
-    axes[1].plot(steps, [r["response_length_mean"] for r in records])
-    axes[1].set(title="response length", xlabel="step", ylabel="mean tokens")
-    if heldout:
-        axes[2].plot(*zip(*heldout), marker="o")
+    benchmarks = sorted({name for _, records in runs for name in benchmark_points(records)})
+    panels = 3 + bool(benchmarks)
+    figure, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), constrained_layout=True)
+    smoothed = f" (moving average of {window})" if window > 1 else ""
+    for colour, (run_dir, records) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 8, runs):
+        summary_path = run_dir / "summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+        steps = [r["step"] + 1 for r in records]
+        label = run_dir.name
+        axes[0].plot(steps, moving_average([r["reward_mean"] for r in records], window), color=colour, label=label)
+        axes[1].plot(steps, moving_average([r["response_length_mean"] for r in records], window), color=colour)
+        if heldout := heldout_points(records, summary):
+            axes[2].plot(*zip(*heldout), marker="o", color=colour)
+        for style, name in zip(("-", "--", ":", "-."), benchmarks):
+            if points := benchmark_points(records).get(name):
+                axes[3].plot(*zip(*points), linestyle=style, marker=".", color=colour,
+                             label=f"{label}: {name}" if len(runs) > 1 else name)
+    axes[0].set(title=f"reward (training batch){smoothed}", xlabel="step", ylabel="mean reward")
+    axes[1].set(title=f"response length{smoothed}", xlabel="step", ylabel="mean tokens")
     axes[2].set(title="held-out accuracy (averaged pass@1)", xlabel="step", ylabel="accuracy")
-    figure.suptitle(run_dir.name)
-    path = run_dir / CURVES_FILE
-    figure.savefig(path, dpi=100)
+    if benchmarks:
+        axes[3].set(title="benchmarks (averaged pass@1)", xlabel="step", ylabel="pass@1")
+        axes[3].legend(fontsize="small")
+    if len(runs) > 1:
+        axes[0].legend(fontsize="small")
+    else:
+        figure.suptitle(runs[0][0].name)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=100)
     plt.close(figure)
-    return path
+    return out
+
+
+def plot_training_curves(run_dir: Path) -> Path | None:
+    """<run_dir>/training_curves.png from its metrics.jsonl and summary.json (None when there is nothing yet)."""
+    return plot_runs([run_dir], Path(run_dir) / CURVES_FILE)

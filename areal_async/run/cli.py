@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from hydra import compose, initialize_config_module
 from hydra.errors import HydraException
@@ -12,6 +13,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from areal_async.config import register_configs
+from areal_async.plots import CURVES_FILE, plot_runs
 from evaluation.eval_and_aggregate import main as eval_main
 
 EPILOG = """
@@ -22,6 +24,7 @@ options are hydra overrides, for example:
   areal-async train --cfg          # print the resolved config and exit
   areal-async sft steps=3000       # rebuild the bundled warm start
   areal-async eval CHECKPOINT --benchmarks math_500 aime24 amc23 gsm8k   # see areal-async eval --help
+  areal-async plot outputs/run_a outputs/run_b --window 10 --out curves.png   # see areal-async plot --help
 """
 
 
@@ -33,16 +36,39 @@ def compose_config(config_name: str, overrides: list[str]):
     return OmegaConf.to_object(composed)
 
 
+def plot_main(argv: list[str]) -> int:
+    """`areal-async plot RUN_DIR [RUN_DIR ...]`: the runs' training curves, overlaid, in one PNG."""
+    parser = argparse.ArgumentParser(
+        prog="areal-async plot",
+        description="Reward and response length against step (moving averages), held-out accuracy and benchmark "
+                    "pass@1 of the periodic evaluations, for one run or several overlaid.")
+    parser.add_argument("run_dirs", nargs="+", type=Path, help="run folders (each with its metrics.jsonl)")
+    parser.add_argument("--window", type=int, default=1, help="moving-average window in steps (default 1: none)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="the PNG (default: training_curves.png in the run folder, or curves.png for several)")
+    args = parser.parse_args(argv)
+    missing = [str(d) for d in args.run_dirs if not (d / "metrics.jsonl").is_file()]
+    if missing:
+        parser.error(f"no metrics.jsonl in {', '.join(missing)}")
+    if args.window < 1:
+        parser.error(f"--window must be at least 1, got {args.window}")
+    out = args.out or (args.run_dirs[0] / CURVES_FILE if len(args.run_dirs) == 1 else Path("curves.png"))
+    print(f"wrote {plot_runs(args.run_dirs, out, args.window)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command_at = next((i for i, arg in enumerate(argv) if not arg.startswith("-")), None)
     if command_at is not None and argv[command_at] == "eval":  # eval's own flags, not hydra overrides
         return eval_main(argv[:command_at] + argv[command_at + 1 :], prog="areal-async eval")
+    if command_at is not None and argv[command_at] == "plot":
+        return plot_main(argv[:command_at] + argv[command_at + 1 :])
     parser = argparse.ArgumentParser(
         prog="areal-async", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("command", choices=["train", "sft", "eval"],
-                        help="what to run (eval: see areal-async eval --help)")
+    parser.add_argument("command", choices=["train", "sft", "eval", "plot"],
+                        help="what to run (eval, plot: see areal-async eval --help, areal-async plot --help)")
     parser.add_argument("overrides", nargs="*", help="hydra overrides key=value (see configs/<command>.yaml)")
     parser.add_argument("--config", help="config file in configs/ to start from (default: the command's name), "
                         "e.g. staleness_4")
