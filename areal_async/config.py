@@ -46,6 +46,22 @@ class DecodeAttention(enum.Enum):
     matmul = "matmul"  # batched matmuls over the cache inside the compiled graph (3% slower on an H100)
 
 
+class PackedAttentionKernel(enum.Enum):
+    """The learner's attention over packed sequences on CUDA, for bf16/fp16 inputs (other dtypes use flex)."""
+
+    auto = "auto"  # cudnn for a pack of few, long document lengths (see PackedAttentionConfig), else flash
+    flash = "flash"  # every pack through the varlen flash kernel (FlashAttention-2)
+    cudnn = "cudnn"  # each distinct document length as one dense causal batch through cuDNN (head_dim <= 128)
+    flex = "flex"  # flex_attention with a document BlockMask
+
+
+class OneRankMode(enum.Enum):
+    """How a one-rank learner group trains."""
+
+    plain = "plain"  # the module itself: fp32 parameters and gradients, bf16 compute under autocast on CUDA
+    fsdp = "fsdp"  # FSDP2 on a one-rank mesh, as on several ranks (bf16 gathered copies of fp32 shards)
+
+
 class WandbMode(enum.Enum):
     disabled = "disabled"
     offline = "offline"
@@ -95,6 +111,38 @@ class EngineConfig:
     cuda_graphs: bool | None = None  # null: on CUDA
     compile_decode: bool | None = None  # torch.compile of the decode forward and draw; null: on CUDA
     decode_attention: DecodeAttention = DecodeAttention.sdpa
+
+
+@dataclass
+class PackedAttentionConfig:
+    kernel: PackedAttentionKernel = PackedAttentionKernel.auto
+    # "auto" takes cudnn for a pack whose documents come in at most this many distinct lengths, none shorter
+    # than cudnn_min_length (equal-length sequences, say). One length needs no permutation of the pack and adds
+    # one compiled variant of the layers; each further count of length groups would add another.
+    cudnn_max_lengths: int = 1
+    cudnn_min_length: int = 512
+    # repeat the key/value heads to the query heads before cuDNN (for a cuDNN build that rejects grouped-query
+    # shapes)
+    cudnn_repeat_kv: bool = False
+
+
+@dataclass
+class LearnerConfig:
+    """How the learner computes (its kernels and modes); what it optimises is PPOConfig."""
+
+    packed_attention: PackedAttentionConfig = field(default_factory=PackedAttentionConfig)
+    one_rank_mode: OneRankMode = OneRankMode.plain
+    # With the fused (CUDA) AdamW of the plain one-rank path, the clipping factor goes into the optimizer kernel
+    # (as its grad_scale divisor) instead of a pass of its own over the gradients.
+    fused_clip: bool = True
+    # A one-rank group reduces nothing, and an update reads its stats and gradient norm once, after the
+    # optimizer step is queued; false: collectives on one rank too and the stats read before the optimizer
+    # step (the training benchmark's ablation).
+    defer_reads: bool = True
+    # Low-precision logits of up to this many GiB per LM-head call are kept from forward for backward instead
+    # of formed again (16,384 rows x 151,936 x 2 bytes = 4.6 GiB); 0 always forms them again. fp32 logits
+    # are never kept.
+    keep_logits_gib: float = 6.0
 
 
 @dataclass
@@ -229,6 +277,7 @@ class TrainConfig:
     resume: bool = False  # continue run_name from its latest run checkpoint
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -271,3 +320,36 @@ def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
     store.store(name="sft_schema", node=SFTConfig)
+
+
+def apply_overrides(config, overrides: list[str]) -> None:
+    """Sets `key.sub=value` overrides on a config dataclass in place, for scripts without hydra (the
+    benchmarks on GPU images): values are parsed by the field's current type (an enum by its value, a bool
+    from true/false, int, float, str; null for None). An unknown key or a bad value is an error naming it."""
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if not sep:
+            raise ValueError(f"override {override!r}: expected key=value")
+        *parents, name = key.split(".")
+        target = config
+        for part in parents:
+            target = getattr(target, part, None) if part in getattr(target, "__dataclass_fields__", {}) else None
+            if target is None:
+                raise ValueError(f"override {override!r}: unknown key {key!r}")
+        if name not in getattr(target, "__dataclass_fields__", {}):
+            raise ValueError(f"override {override!r}: unknown key {key!r}")
+        current = getattr(target, name)
+        try:
+            if text == "null":
+                value = None
+            elif isinstance(current, enum.Enum):
+                value = type(current)(text)
+            elif isinstance(current, bool):
+                value = {"true": True, "false": False}[text.lower()]
+            elif isinstance(current, (int, float)):
+                value = type(current)(text)
+            else:
+                value = text
+        except (KeyError, ValueError) as error:
+            raise ValueError(f"override {override!r}: bad value for {key!r} ({error})") from None
+        setattr(target, name, value)

@@ -24,7 +24,7 @@ Ablations of `ours` (each undoes one choice, update step only, on --ablation-wor
                          pass, host syncs): the `ours` of the 2026-11-25 runs;
   ours_syncs          -- the step's host reads of before: the attention layout read back from the device's
                          document ids, `if mask.any()` in the loss between forward and backward, one-rank
-                         collectives of the stats, the stats read before the optimizer step (DEFER_READS off).
+                         collectives of the stats, the stats read before the optimizer step (learner.defer_reads off).
 Variants of `ours` (candidate fixes, update step only, on --ablation-workloads):
   ours_devpacks       -- the packs on the device before the step (as the references' batches are), so the step
                          copies nothing from the host;
@@ -45,6 +45,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import enum
 import functools
 import gzip
 import os
@@ -218,30 +219,57 @@ def plain_autograd_token_logprobs(hidden, lm_head_weight, targets, temperature=1
     return torch.cat(out).reshape(lead_shape)
 
 
-def settings() -> dict:
-    """The switches `ours` runs with (module settings; the ablations change them)."""
-    from areal_async.model import decoder, logprobs
-    from learners import fsdp_learner
+# The learner settings `ours` runs with: one LearnerConfig, which the selfcheck's fallbacks change (recorded in
+# the JSON); the ablations derive theirs from it.
+@functools.cache
+def base_learner_config():
+    from areal_async.config import LearnerConfig
 
-    return {"packed_attention": decoder.PACKED_ATTENTION, "cudnn_max_lengths": decoder.CUDNN_MAX_LENGTHS,
-            "cudnn_min_length": decoder.CUDNN_MIN_LENGTH, "cudnn_repeat_kv": decoder.CUDNN_REPEAT_KV,
-            "one_rank_mode": fsdp_learner.ONE_RANK_MODE, "keep_logits_gib": logprobs.KEEP_LOGITS_GIB,
-            "fused_clip": fsdp_learner.FUSED_CLIP, "defer_reads": fsdp_learner.DEFER_READS}
+    return LearnerConfig()
+
+
+def settings(learner_config) -> dict:
+    """A learner config for the JSON, flat (enums as their values)."""
+    def plain(value):
+        return value.value if isinstance(value, enum.Enum) else value
+
+    config = dataclasses.asdict(learner_config)
+    attention = {f"packed_attention.{k}": plain(v) for k, v in config.pop("packed_attention").items()}
+    return attention | {k: plain(v) for k, v in config.items()}
+
+
+def variant_learner_config(system: str):
+    """The learner config of an ablation system: `ours`'s with the settings that system undoes."""
+    from areal_async.config import OneRankMode, PackedAttentionKernel
+
+    config = copy.deepcopy(base_learner_config())
+    if system in ("ours_syncs", "ours_prev"):
+        config.defer_reads = False
+    if system in ("ours_recompute_head", "ours_prev"):
+        config.keep_logits_gib = 0.0
+    if system in ("ours_fa2", "ours_prev"):
+        config.packed_attention.kernel = PackedAttentionKernel.flash
+    if system == "ours_flex":
+        config.packed_attention.kernel = PackedAttentionKernel.flex
+    if system in ("ours_fsdp1", "ours_fsdp_reshard", "ours_prev"):
+        config.one_rank_mode = OneRankMode.fsdp
+    if system in ("ours_clip_pass", "ours_prev"):
+        config.fused_clip = False
+    return config
 
 
 @contextlib.contextmanager
 def ours_variant(system: str):
-    """Undo one choice of `ours` for an ablation system, for the duration of the block."""
-    from areal_async.model import decoder, logprobs
+    """For the duration of the block, the code an ablation system swaps in where its choice is not a setting
+    (the syncs of before, the plain-autograd LM head, the older one-rank FSDP sharding, expandable segments)."""
+    from areal_async.model import logprobs
     from learners import fsdp_learner, ppo_learner
 
-    saved = (logprobs.token_logprobs, logprobs.KEEP_LOGITS_GIB, decoder.PACKED_ATTENTION, fsdp_learner.fully_shard,
-             fsdp_learner.shard_policy, fsdp_learner.ONE_RANK_MODE, fsdp_learner.FUSED_CLIP,
-             fsdp_learner.DEFER_READS, ppo_learner.decoupled_ppo_loss, ppo_learner.packed_sequence_logprobs)
+    saved = (logprobs.token_logprobs, fsdp_learner.fully_shard, fsdp_learner.shard_policy,
+             ppo_learner.decoupled_ppo_loss, ppo_learner.packed_sequence_logprobs)
     expandable = False
     try:
         if system in ("ours_syncs", "ours_prev"):
-            fsdp_learner.DEFER_READS = False
             original_loss, original_logprobs = ppo_learner.decoupled_ppo_loss, ppo_learner.packed_sequence_logprobs
 
             def synced_loss(*args, **kwargs):  # the `if mask.any()` of before, between forward and backward
@@ -260,16 +288,6 @@ def ours_variant(system: str):
             expandable = True
         if system == "ours_plain_head":
             logprobs.token_logprobs = plain_autograd_token_logprobs
-        if system in ("ours_recompute_head", "ours_prev"):
-            logprobs.KEEP_LOGITS_GIB = 0.0
-        if system in ("ours_fa2", "ours_prev"):
-            decoder.PACKED_ATTENTION = "flash"
-        if system == "ours_flex":
-            decoder.PACKED_ATTENTION = "flex"
-        if system in ("ours_fsdp1", "ours_fsdp_reshard", "ours_prev"):
-            fsdp_learner.ONE_RANK_MODE = "fsdp"
-        if system in ("ours_clip_pass", "ours_prev"):
-            fsdp_learner.FUSED_CLIP = False
         if system == "ours_fsdp_reshard":
             original_fully_shard, original_policy = fsdp_learner.fully_shard, fsdp_learner.shard_policy
 
@@ -290,9 +308,8 @@ def ours_variant(system: str):
             fsdp_learner.shard_policy = old_policy
         yield
     finally:
-        (logprobs.token_logprobs, logprobs.KEEP_LOGITS_GIB, decoder.PACKED_ATTENTION, fsdp_learner.fully_shard,
-         fsdp_learner.shard_policy, fsdp_learner.ONE_RANK_MODE, fsdp_learner.FUSED_CLIP,
-         fsdp_learner.DEFER_READS, ppo_learner.decoupled_ppo_loss, ppo_learner.packed_sequence_logprobs) = saved
+        (logprobs.token_logprobs, fsdp_learner.fully_shard, fsdp_learner.shard_policy,
+         ppo_learner.decoupled_ppo_loss, ppo_learner.packed_sequence_logprobs) = saved
         if expandable:
             gc.collect()
             torch.cuda.empty_cache()
@@ -327,7 +344,7 @@ def ours_system(compile_layers: bool, activation_checkpointing: bool, decoupled:
     config = PPOConfig(lr=1e-6, micro_batch_tokens=SIZES["budget"], activation_checkpointing=activation_checkpointing,
                        objective=Objective.decoupled if decoupled else Objective.naive)
     learner = fsdp_learner.FSDPLearner(model, config, pad_token_id=0, temperature=1.0, device=DEVICE,
-                                       compile_layers=compile_layers)
+                                       compile_layers=compile_layers, learner_config=variant_learner_config(system))
 
     def make_steps(sequences: list[torch.Tensor]):
         from areal_async.objective import trajectory_advantages
@@ -376,13 +393,14 @@ def hf_padded_microbatches(sequences: list[torch.Tensor], budget: int) -> list[l
     return batches + ([current] if current else [])
 
 
-def pack_kernels(lengths: list[int]) -> list[str]:
-    """The attention kernel each of our packs of these sequences gets on CUDA (bf16) under the current settings."""
+def pack_kernels(lengths: list[int], system: str) -> list[str]:
+    """The attention kernel each of our packs of these sequences gets on CUDA (bf16) under `system`'s settings."""
     from areal_async.model import decoder
     from areal_async.packing import split_into_packs
 
     head_dim = SHAPE["hidden_size"] // SHAPE["num_attention_heads"]
-    return [decoder.cuda_packed_kernel([lengths[i] for i in pack], torch.bfloat16, head_dim)
+    attention = variant_learner_config(system).packed_attention
+    return [decoder.cuda_packed_kernel([lengths[i] for i in pack], torch.bfloat16, head_dim, attention)
             for pack in split_into_packs(lengths, SIZES["budget"])]
 
 
@@ -630,31 +648,26 @@ def check_lm_head(checks: dict) -> None:
     weight = (torch.randn(vocab, hidden_size, device="cuda", generator=generator) * 0.02).to(torch.bfloat16)
     targets = torch.randint(0, vocab, (rows,), device="cuda", generator=generator)
     grad = torch.randn(rows, device="cuda", generator=generator)
-    saved_keep = logprobs.KEEP_LOGITS_GIB
     results = {}
-    try:
-        for name, head, keep in (("kept", logprobs.token_logprobs, saved_keep or 6.0),
-                                 ("recompute", logprobs.token_logprobs, 0.0),
-                                 ("plain", plain_autograd_token_logprobs, 0.0)):
-            logprobs.KEEP_LOGITS_GIB = keep
-            h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-            times = []
-            for _ in range(3):
-                h.grad = w.grad = None
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-                start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                out = head(h, w, targets)
-                (out * grad).sum().backward()
-                stop.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(stop))
-            results[name] = (out.detach(), h.grad.float(), w.grad.float(), sorted(times)[1],
-                             (torch.cuda.max_memory_allocated() - base) / 2**30)
-            del h, w, out
-    finally:
-        logprobs.KEEP_LOGITS_GIB = saved_keep
+    kept = functools.partial(logprobs.token_logprobs, keep_logits_gib=base_learner_config().keep_logits_gib or 6.0)
+    for name, head in (("kept", kept), ("recompute", logprobs.token_logprobs),
+                       ("plain", plain_autograd_token_logprobs)):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        times = []
+        for _ in range(3):
+            h.grad = w.grad = None
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = head(h, w, targets)
+            (out * grad).sum().backward()
+            stop.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(stop))
+        results[name] = (out.detach(), h.grad.float(), w.grad.float(), sorted(times)[1],
+                         (torch.cuda.max_memory_allocated() - base) / 2**30)
+        del h, w, out
     po, ph, pw = results["plain"][:3]
     checks["lm_head"] = {"rows": rows} | {
         name: {"logprob_max_abs_diff_vs_plain": (o - po).abs().max().item(),
@@ -668,9 +681,12 @@ def check_lm_head(checks: dict) -> None:
 def check_attention(checks: dict) -> None:
     """Packed attention kernels against SDPA in fp32 with the dense document mask (mixed lengths), cuDNN against
     varlen flash on the (a) pack in bf16, and each one's time per layer there (forward + backward). Falls back
-    to repeated key/value heads if cuDNN rejects grouped-query shapes, and to flash (PACKED_ATTENTION) if cuDNN
-    fails or disagrees; to flex if flash does."""
+    to repeated key/value heads if cuDNN rejects grouped-query shapes, and to flash (the learner config's
+    packed_attention.kernel) if cuDNN fails or disagrees; to flex if flash does."""
+    from areal_async.config import PackedAttentionKernel
     from areal_async.model import decoder
+
+    settings = base_learner_config().packed_attention
 
     generator = torch.Generator(device="cuda").manual_seed(1)
     heads, kv_heads = SHAPE["num_attention_heads"], SHAPE["num_key_value_heads"]
@@ -707,14 +723,15 @@ def check_attention(checks: dict) -> None:
             raise RuntimeError("varlen flash attention disagrees with the fp32 reference")
     except Exception:  # noqa: BLE001
         attention["flash_error"] = traceback.format_exc()[-1500:]
-        decoder.PACKED_ATTENTION = "flex"
-        checks["fallback"] = "PACKED_ATTENTION=flex"
+        settings.kernel = PackedAttentionKernel.flex
+        checks["fallback"] = "packed_attention.kernel=flex"
         return
     cudnn_error = None
-    for repeat_kv in (decoder.CUDNN_REPEAT_KV, True):
-        decoder.CUDNN_REPEAT_KV = repeat_kv
+    for repeat_kv in (settings.cudnn_repeat_kv, True):
+        settings.cudnn_repeat_kv = repeat_kv
         try:
-            got = run(by_length, decoder.document_length_groups(document_ids, kernel="cudnn"), leaves, grad)
+            got = run(by_length, decoder.document_length_groups(document_ids, kernel="cudnn", repeat_kv=repeat_kv),
+                      leaves, grad)
             attention["cudnn_rel_diff_vs_fp32"] = relative_diffs(got, reference)
             attention["cudnn_repeat_kv"] = repeat_kv
             if max(attention["cudnn_rel_diff_vs_fp32"].values()) > 0.05:
@@ -734,7 +751,7 @@ def check_attention(checks: dict) -> None:
     attention["pack_a_flash_fwd_ms"] = cuda_ms(lambda: flash(*leaves, spans))
     if cudnn_error is None:
         try:
-            groups = decoder.document_length_groups(document_ids, kernel="cudnn")
+            groups = decoder.document_length_groups(document_ids, kernel="cudnn", repeat_kv=settings.cudnn_repeat_kv)
             attention["pack_a_cudnn_rel_diff_vs_flash_bf16"] = relative_diffs(
                 run(by_length, groups, leaves, grad), flash_out)
             attention["pack_a_cudnn_fwd_bwd_ms"] = cuda_ms(lambda: run(by_length, groups, leaves, grad))
@@ -744,16 +761,16 @@ def check_attention(checks: dict) -> None:
         except Exception:  # noqa: BLE001
             cudnn_error = traceback.format_exc()[-1500:]
             attention.setdefault("cudnn_errors", []).append(cudnn_error)
-    if cudnn_error is not None and decoder.PACKED_ATTENTION in ("auto", "cudnn"):
-        decoder.PACKED_ATTENTION = "flash"
-        checks["fallback"] = "PACKED_ATTENTION=flash (cuDNN failed)"
+    if cudnn_error is not None and settings.kernel in (PackedAttentionKernel.auto, PackedAttentionKernel.cudnn):
+        settings.kernel = PackedAttentionKernel.flash
+        checks["fallback"] = "packed_attention.kernel=flash (cuDNN failed)"
 
 
 def check_one_rank_learner(checks: dict) -> None:
     """The unwrapped one-rank learner (fp32 parameters, bf16 autocast) against the FSDP-wrapped one (bf16
     gathered copies of fp32 shards) on a 2-layer model of the benchmark's widths: one update from the same
     weights on the same 2 x 1024-token batch (loss, gradient before clipping, the update)."""
-    from areal_async.config import PPOConfig
+    from areal_async.config import OneRankMode, PPOConfig
     from areal_async.model import CausalLM, DecoderConfig
     from learners import fsdp_learner
     from areal_async.objective import trajectory_advantages
@@ -767,25 +784,21 @@ def check_one_rank_learner(checks: dict) -> None:
     advantages = trajectory_advantages(trajectories, normalise_std=False)
     config = PPOConfig(lr=1e-5, micro_batch_tokens=SIZES["budget"], grad_clip=1.0)
     outcomes = {}
-    saved_mode = fsdp_learner.ONE_RANK_MODE
-    try:
-        for mode in fsdp_learner.ONE_RANK_MODES:
-            fsdp_learner.ONE_RANK_MODE = mode
-            learner = fsdp_learner.FSDPLearner(copy.deepcopy(model), config, pad_token_id=0, temperature=1.0,
-                                               device=DEVICE)
-            packs = learner.prepare(trajectories, advantages)
-            learner.optimizer.zero_grad(set_to_none=True)
-            stats = learner.backward(packs)
-            grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).float().clone()
-                     for n, p in learner.model.named_parameters()}
-            norm = learner.optimizer_step()
-            updates = {n: w.float() - initial[n] for n, w in learner.full_state_dict().items()}
-            outcomes[mode] = (stats["loss"], norm, grads, updates)
-            free_parameters(learner.model, learner.optimizer)
-            del learner, packs
-    finally:
-        fsdp_learner.ONE_RANK_MODE = saved_mode
-    (pl, pn, pg, pu), (fl, fn, fg, fu) = outcomes["plain"], outcomes["fsdp"]
+    for mode in OneRankMode:
+        learner_config = dataclasses.replace(base_learner_config(), one_rank_mode=mode)
+        learner = fsdp_learner.FSDPLearner(copy.deepcopy(model), config, pad_token_id=0, temperature=1.0,
+                                           device=DEVICE, learner_config=learner_config)
+        packs = learner.prepare(trajectories, advantages)
+        learner.optimizer.zero_grad(set_to_none=True)
+        stats = learner.backward(packs)
+        grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).float().clone()
+                 for n, p in learner.model.named_parameters()}
+        norm = learner.optimizer_step()
+        updates = {n: w.float() - initial[n] for n, w in learner.full_state_dict().items()}
+        outcomes[mode] = (stats["loss"], norm, grads, updates)
+        free_parameters(learner.model, learner.optimizer)
+        del learner, packs
+    (pl, pn, pg, pu), (fl, fn, fg, fu) = outcomes[OneRankMode.plain], outcomes[OneRankMode.fsdp]
 
     def global_rel(a, b):
         return math.sqrt(sum((a[n] - b[n]).square().sum().item() for n in b) / sum(b[n].square().sum().item()
@@ -855,7 +868,7 @@ def measure(system: str, workload: str, args) -> list[dict]:
                                               activation_checkpointing=system == "ours_ckpt",
                                               decoupled="ppo_step" in kinds, system=system)
             timed = {kind: step for kind, step in make_steps(sequences).items() if kind in kinds}
-            extra = {"settings": settings(), "pack_kernels": pack_kernels(lengths)}
+            extra = {"settings": settings(variant_learner_config(system)), "pack_kernels": pack_kernels(lengths, system)}
         try:
             return [row | extra for row in timed_results(system, workload, lengths, timed, args)]
         finally:
@@ -943,7 +956,16 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a tiny shape and workloads: a smoke test of the script")
     parser.add_argument("--device", default=DEVICE, choices=["cuda", "cpu"])
     parser.add_argument("--no-compile", action="store_true", help="our decoder layers eager (default with --tiny)")
+    parser.add_argument("--learner", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides of `ours`'s learner config (areal_async.config.LearnerConfig), e.g. "
+                             "packed_attention.kernel=flash keep_logits_gib=0")
     args = parser.parse_args()
+    from areal_async.config import apply_overrides
+
+    try:
+        apply_overrides(base_learner_config(), args.learner)
+    except ValueError as error:
+        parser.error(str(error))
     DEVICE = args.device
     args.profile = args.profile or args.gaps
     if args.alloc_conf is not None:
@@ -971,7 +993,7 @@ def main() -> None:
         selfcheck(report)
         report["selfcheck_s"] = time.perf_counter() - started
         out.write_text(json.dumps(report, indent=2))
-    report["settings"] = settings()  # after the selfcheck's fallbacks, if any
+    report["settings"] = settings(base_learner_config())  # after the selfcheck's fallbacks, if any
     for system, workload in jobs(args):
         if args.budget_s and time.perf_counter() - started > args.budget_s:
             report["results"].append({"system": system, "workload": workload, "error": "skipped: time budget"})
@@ -987,12 +1009,14 @@ def main() -> None:
             error = traceback.format_exc()[-2000:]
             report["results"].append({"system": system, "workload": workload, "error": error})
             print(f"{system} {workload}: failed\n{error}", flush=True)
-            if system == "ours" and settings()["packed_attention"] in ("auto", "cudnn"):
+            attention = base_learner_config().packed_attention
+            if system == "ours" and attention.kernel.value in ("auto", "cudnn"):
                 # The main figure must not be lost to the new attention path: once more with varlen flash.
-                from areal_async.model import decoder
+                from areal_async.config import PackedAttentionKernel
 
-                decoder.PACKED_ATTENTION = "flash"
-                report["fallback"] = f"ours {workload} failed with cuDNN attention allowed; PACKED_ATTENTION=flash"
+                attention.kernel = PackedAttentionKernel.flash
+                report["fallback"] = (f"ours {workload} failed with cuDNN attention allowed; "
+                                      "packed_attention.kernel=flash")
                 print(report["fallback"], flush=True)
                 try:
                     report["results"] += measure(system, workload, args)

@@ -9,7 +9,7 @@ Every rank trains on its own share of the step's trajectories:
 - every rank runs the same number of forward/backward passes (FSDP's all-gathers and reduce-scatters are
   collective): a rank with fewer packs runs empty placeholder packs that carry no trained token.
 
-A one-rank group has nothing to shard: by default (ONE_RANK_MODE "plain") it trains the module itself, whose
+A one-rank group has nothing to shard: by default (learner.one_rank_mode plain) it trains the module itself, whose
 fp32 parameters are the master weights, with fp32 gradients and, on CUDA, bf16 compute under autocast. Without
 a process group at all (torch.distributed not initialised, `group=None`) the learner is that one rank on its
 own: the inline placement's learner, which shares its process (and GPU) with the engine.
@@ -18,7 +18,6 @@ own: the inline placement's learner, which shares its process (and GPU) with the
 from __future__ import annotations
 
 import functools
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,27 +32,13 @@ from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from areal_async.checkpointing import load_learner_state, save_learner_state
-from areal_async.config import PPOConfig
+from areal_async.config import LearnerConfig, OneRankMode, PPOConfig
 from areal_async.model import CausalLM
 from areal_async.packing import PackedBatch, balance_across_ranks, split_into_minibatches, split_into_packs
 from areal_async.types import Trajectory
-from learners.ppo_learner import PPOLearner, build_lr_scheduler, build_optimizer, read_stats
+from learners.ppo_learner import PPOLearner, read_stats
 
 MAX_STAT = "behaviour_weight_max"  # the one PPOLearner.backward stat that combines over ranks by max, not sum
-
-# How a one-rank learner group trains: "plain" trains the module itself (no FSDP; fp32 parameters and
-# gradients, bf16 compute under autocast on CUDA); "fsdp" wraps it with FSDP2 on a one-rank mesh, as on several
-# ranks (fp32 sharded parameters, bf16 gathered copies for compute, fp32 gradient reduction).
-ONE_RANK_MODES = ("plain", "fsdp")
-ONE_RANK_MODE = os.environ.get("AREAL_ONE_RANK_MODE", "plain")
-# With the fused (CUDA) AdamW of the plain one-rank path, the clipping factor goes into the optimizer kernel
-# (as its grad_scale divisor) instead of a pass of its own over the gradients. "0" scales in a pass.
-FUSED_CLIP = os.environ.get("AREAL_FUSED_CLIP", "1") == "1"
-# Host reads of a step kept off the device's critical path: a one-rank group reduces nothing (no collective,
-# no device round trip), and `update` reads the step's stats and gradient norm once, after the optimizer step
-# is queued, instead of draining the device between backward and the optimizer. False: as before (the
-# benchmark's ablation).
-DEFER_READS = os.environ.get("AREAL_DEFER_READS", "1") == "1"
 
 
 @dataclass
@@ -198,11 +183,13 @@ def clip_gradients_(
 
 
 def all_reduce_floats(
-    values: Sequence[float], op: dist.ReduceOp, device: torch.device, group: dist.ProcessGroup | None = None
+    values: Sequence[float], op: dist.ReduceOp, device: torch.device, group: dist.ProcessGroup | None = None,
+    one_rank_collective: bool = False,
 ) -> list[float]:
     """All-reduce a list of Python floats (same length on every rank of `group`) in fp64 on `device`. A
-    one-rank group returns them as they are (the same floats: each is exact in fp64), without a collective."""
-    if group_size(group) == 1 and (DEFER_READS or not dist.is_initialized()):
+    one-rank group returns them as they are (the same floats: each is exact in fp64), without a collective
+    unless `one_rank_collective` (and a process group exists)."""
+    if group_size(group) == 1 and (not one_rank_collective or not dist.is_initialized()):
         return [float(value) for value in values]
     tensor = torch.tensor(list(values), dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=op, group=group)
@@ -219,14 +206,15 @@ def placeholder_trajectory(pad_token_id: int) -> Trajectory:
 class FSDPLearner:
     """One learner rank. Composes a `PPOLearner` (objective, packing, logprob recomputation) whose policy (and
     frozen reference, if any) is sharded with FSDP2 over the ranks of `group` (on a one-rank group, see
-    ONE_RANK_MODE: by default not wrapped at all).
+    learner.one_rank_mode: by default not wrapped at all).
 
     Construct on every rank with the same initial `model` (on GPU: after torch.cuda.set_device(local rank),
     with `device` that GPU). `group`: the learner ranks' process group (default: the whole world, or, with no
     torch.distributed world, this learner on its own); the world may hold other processes too, such as rollout
     workers that only share the weight-sync group. compute_dtype: the plain one-rank path's autocast dtype
     (default: bf16 on CUDA, fp32 elsewhere; float32 turns autocast off). publish_dtype: the dtype of
-    `policy_state` (what the engines hold; default: the parameters' fp32).
+    `policy_state` (what the engines hold; default: the parameters' fp32). learner_config: how it computes
+    (default LearnerConfig()).
     """
 
     def __init__(
@@ -241,35 +229,40 @@ class FSDPLearner:
         group: dist.ProcessGroup | None = None,
         compute_dtype: torch.dtype | None = None,
         publish_dtype: torch.dtype | None = None,
+        learner_config: LearnerConfig | None = None,
     ) -> None:
-        self.ppo = PPOLearner(model, config, pad_token_id, temperature, device, version)
+        self.learner_config = learner_config or LearnerConfig()
         self.publish_dtype = publish_dtype
         self.last_step_timings: dict[str, float] = {}
         if group is None and dist.is_initialized():
             group = dist.group.WORLD
         self.group = group
-        if ONE_RANK_MODE not in ONE_RANK_MODES:
-            raise ValueError(f"ONE_RANK_MODE must be one of {ONE_RANK_MODES}, got {ONE_RANK_MODE!r}")
-        self.sharded = group_size(self.group) > 1 or (ONE_RANK_MODE == "fsdp" and self.group is not None)
-        if self.sharded:
-            self.mesh = DeviceMesh.from_group(self.group, self.ppo.device.type)
-            shard_policy(self.ppo.model, self.mesh, config.activation_checkpointing, compile_layers)
-            if self.ppo.reference is not None:
-                shard_policy(self.ppo.reference, self.mesh)
-        else:
+        one_rank_fsdp = self.learner_config.one_rank_mode is OneRankMode.fsdp and self.group is not None
+        self.sharded = group_size(self.group) > 1 or one_rank_fsdp
+
+        def place(ppo: PPOLearner) -> None:  # before PPOLearner builds its optimizer over the parameters
+            if self.sharded:
+                self.mesh = DeviceMesh.from_group(self.group, ppo.device.type)
+                shard_policy(ppo.model, self.mesh, config.activation_checkpointing, compile_layers)
+                if ppo.reference is not None:
+                    shard_policy(ppo.reference, self.mesh)
+                return
             # The fp32 parameters stay the module's own (checkpoints and published weights see them as
             # they are); the forward passes run under autocast, which casts each weight for its matmul.
-            plain_policy(self.ppo.model, config.activation_checkpointing, compile_layers)
-            autocast = plain_autocast_dtype(self.ppo.device.type) if compute_dtype is None else compute_dtype
-            self.ppo.autocast_dtype = None if autocast == torch.float32 else autocast
-            if self.ppo.reference is not None:  # frozen: kept in the compute dtype, as FSDP would compute it
-                self.ppo.reference.to(self.ppo.autocast_dtype or torch.float32)
-        # PPOLearner's optimizer holds the unsharded parameters that fully_shard replaced: rebuild it over
-        # the sharded ones.
-        self.optimizer = build_optimizer(self.ppo.model.parameters(), config)
-        self.ppo.optimizer = self.optimizer
-        self.scheduler = build_lr_scheduler(self.optimizer, config.lr_warmup_steps)
-        self.ppo.scheduler = self.scheduler
+            plain_policy(ppo.model, config.activation_checkpointing, compile_layers)
+            autocast = plain_autocast_dtype(ppo.device.type) if compute_dtype is None else compute_dtype
+            ppo.autocast_dtype = None if autocast == torch.float32 else autocast
+            if ppo.reference is not None:  # frozen: kept in the compute dtype, as FSDP would compute it
+                ppo.reference.to(ppo.autocast_dtype or torch.float32)
+
+        self.ppo = PPOLearner(model, config, pad_token_id, temperature, device, version, self.learner_config, place)
+        self.optimizer = self.ppo.optimizer
+        self.scheduler = self.ppo.scheduler
+
+    def _all_reduce_floats(self, values: Sequence[float], op: dist.ReduceOp) -> list[float]:
+        """`all_reduce_floats` over the learner group (on one rank a collective only without defer_reads)."""
+        return all_reduce_floats(values, op, self.ppo.device, self.group,
+                                 one_rank_collective=not self.learner_config.defer_reads)
 
     @property
     def model(self) -> CausalLM:
@@ -305,7 +298,7 @@ class FSDPLearner:
         """
         budget = self.config.micro_batch_tokens
         packs = split_into_packs([t.num_tokens for t in trajectories], budget)
-        (num_packs,) = all_reduce_floats([len(packs)], dist.ReduceOp.MAX, self.ppo.device, self.group)
+        (num_packs,) = self._all_reduce_floats([len(packs)], dist.ReduceOp.MAX)
         placeholder = ([placeholder_trajectory(self.ppo.pad_token_id)], [0.0])
         micro_batches = []
         for index in range(int(num_packs)):
@@ -325,14 +318,13 @@ class FSDPLearner:
         `read_stats`)."""
         device = self.ppo.device
         local_tokens = sum(b.num_output_tokens for b in micro_batches)
-        (global_tokens,) = all_reduce_floats([local_tokens], dist.ReduceOp.SUM, device, self.group)
-        if read and not DEFER_READS and self.group is not None:  # as before: read, then reduce the floats
+        (global_tokens,) = self._all_reduce_floats([local_tokens], dist.ReduceOp.SUM)
+        if read and not self.learner_config.defer_reads and self.group is not None:  # read, then reduce floats
             stats = self.ppo.backward(micro_batches, total_output_tokens=int(global_tokens))
             summed = sorted(name for name in stats if name != MAX_STAT)
-            reduced = dict(zip(summed, all_reduce_floats([stats[name] for name in summed], dist.ReduceOp.SUM,
-                                                         device, self.group)))
+            reduced = dict(zip(summed, self._all_reduce_floats([stats[name] for name in summed], dist.ReduceOp.SUM)))
             if MAX_STAT in stats:
-                (reduced[MAX_STAT],) = all_reduce_floats([stats[MAX_STAT]], dist.ReduceOp.MAX, device, self.group)
+                (reduced[MAX_STAT],) = self._all_reduce_floats([stats[MAX_STAT]], dist.ReduceOp.MAX)
             return reduced
         # The same fp64 values reduced on the device by the same collectives (none on one rank), unread.
         stats = self.ppo.backward(micro_batches, total_output_tokens=int(global_tokens), read=False)
@@ -354,7 +346,7 @@ class FSDPLearner:
         """Clips the gradient by its global norm (over all shards), steps AdamW and the learning-rate schedule.
         Returns the norm before clipping (read=False: as a 0-d device tensor, not yet read)."""
         clip = self.config.grad_clip
-        fold = FUSED_CLIP and not self.sharded and bool(self.optimizer.defaults.get("fused"))
+        fold = self.learner_config.fused_clip and not self.sharded and bool(self.optimizer.defaults.get("fused"))
         norm = clip_gradients_(list(self.model.parameters()), clip, self.ppo.device, self.group, scale=not fold)
         if fold:
             # The fused kernel divides every gradient by grad_scale (the input GradScaler unscales through):
@@ -373,9 +365,9 @@ class FSDPLearner:
         """One optimizer update on `micro_batches` (every rank calls it together): zeroes the gradients,
         accumulates them (`backward`), clips and steps (`optimizer_step`). Returns the stats over all ranks
         with the learning rate this update used and the gradient norm before clipping, read from the device
-        once, after the optimizer step is queued (with DEFER_READS)."""
+        once, after the optimizer step is queued (with learner.defer_reads)."""
         self.optimizer.zero_grad(set_to_none=True)
-        if not DEFER_READS:
+        if not self.learner_config.defer_reads:
             stats = self.backward(micro_batches)
             stats["lr"] = self.scheduler.get_last_lr()[0]
             stats["grad_norm"] = self.optimizer_step()
@@ -398,7 +390,7 @@ class FSDPLearner:
 
         advantages: one per trajectory, computed over the whole step batch."""
         started = time.perf_counter()
-        (batch_size,) = all_reduce_floats([len(trajectories)], dist.ReduceOp.SUM, self.ppo.device, self.group)
+        (batch_size,) = self._all_reduce_floats([len(trajectories)], dist.ReduceOp.SUM)
         # as many minibatches on every rank (a rank whose share is short trains placeholders in some)
         num_parts = max(1, min(self.config.minibatches_per_step, int(batch_size)))
         parts = split_into_minibatches(len(trajectories), num_parts, seed=self.version)
@@ -411,8 +403,8 @@ class FSDPLearner:
                 previous = stats.get(name, 0.0)
                 stats[name] = max(previous, value) if name == MAX_STAT else previous + value / len(minibatches)
         self.ppo.version += 1
-        (stats["trained_tokens"],) = all_reduce_floats(  # prompt + output, placeholders excluded
-            [sum(t.num_tokens for t in trajectories)], dist.ReduceOp.SUM, self.ppo.device, self.group
+        (stats["trained_tokens"],) = self._all_reduce_floats(  # prompt + output, placeholders excluded
+            [sum(t.num_tokens for t in trajectories)], dist.ReduceOp.SUM
         )
         # the last update's stats were read from the device, so its work has finished
         self.last_step_timings = {"prepare_s": prepared - started, "update_s": time.perf_counter() - prepared}

@@ -61,6 +61,7 @@ class LearnerRank:
             group=self.group,
             compute_dtype=getattr(torch, self.config.model.dtype),
             publish_dtype=getattr(torch, self.config.model.dtype),  # what the rollout engines hold
+            learner_config=self.config.learner,
         )
         if checkpoint is not None:
             self.learner.load_state(Path(checkpoint))

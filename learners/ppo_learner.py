@@ -6,7 +6,7 @@ import contextlib
 import copy
 import functools
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +14,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from areal_async.checkpointing import load_learner_state, save_learner_state
-from areal_async.config import Objective, PPOConfig
+from areal_async.config import LearnerConfig, Objective, PPOConfig
 from areal_async.model import CausalLM, packed_sequence_logprobs
 from areal_async.objective import decoupled_ppo_loss, kl_penalty
 from areal_async.packing import PackedBatch, pack_prompt_output_batch, split_into_minibatches, split_into_packs
@@ -52,7 +52,11 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int) -> L
 
 
 class PPOLearner:
-    """Owns the trained policy and its optimizer; `version` counts the updates published so far."""
+    """Owns the trained policy and its optimizer; `version` counts the updates published so far.
+
+    learner_config: how it computes (packed attention kernel, kept logits; default LearnerConfig()). place:
+    called with the learner once its model and frozen reference exist and before the optimizer is built over
+    the model's parameters (FSDPLearner shards them there)."""
 
     def __init__(
         self,
@@ -62,21 +66,26 @@ class PPOLearner:
         temperature: float,
         device: str | torch.device = "cpu",
         version: int = 0,
+        learner_config: LearnerConfig | None = None,
+        place: Callable[[PPOLearner], None] | None = None,
     ) -> None:
         self.model = model.to(device).train()
         self.config = config
+        self.learner_config = learner_config or LearnerConfig()
         self.pad_token_id = pad_token_id
         self.temperature = temperature if temperature > 0 else 1.0
         self.device = torch.device(device)
         self.version = version
-        self.optimizer = build_optimizer(self.model.parameters(), config)
-        self.scheduler = build_lr_scheduler(self.optimizer, config.lr_warmup_steps)
         self.reference = None
         if config.kl_coef > 0:
             self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
         # The dtype the forward passes autocast to (None: no autocast, the parameters' dtype). A plain
         # one-rank FSDPLearner on CUDA sets bf16 for its fp32 parameters.
         self.autocast_dtype: torch.dtype | None = None
+        if place is not None:
+            place(self)
+        self.optimizer = build_optimizer(self.model.parameters(), config)
+        self.scheduler = build_lr_scheduler(self.optimizer, config.lr_warmup_steps)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The context the policy's (and reference's) forward passes run in; backward runs outside it."""
@@ -108,7 +117,7 @@ class PPOLearner:
     @torch.no_grad()
     def _logprobs(self, model: CausalLM, batch: PackedBatch) -> torch.Tensor:
         with self.autocast():
-            return packed_sequence_logprobs(model, batch.to(self.device), self.temperature)
+            return packed_sequence_logprobs(model, batch.to(self.device), self.temperature, self.learner_config)
 
     def prepare(self, trajectories: Sequence[Trajectory], advantages: Sequence[float]) -> list[PackedBatch]:
         """Packed micro-batches of at most `micro_batch_tokens` real tokens each (a longer sequence gets its
@@ -165,7 +174,7 @@ class PPOLearner:
             batch = pack.to(self.device)
             mask = batch.output_mask
             with self.autocast():
-                logprobs = packed_sequence_logprobs(self.model, batch, self.temperature)
+                logprobs = packed_sequence_logprobs(self.model, batch, self.temperature, self.learner_config)
             loss, loss_stats = decoupled_ppo_loss(
                 logprobs,
                 batch.values["proximal_logprobs"],

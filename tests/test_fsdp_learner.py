@@ -18,16 +18,16 @@ import torch.multiprocessing as torch_mp
 
 from actors.engine import TorchEngine
 from actors.sampling import SamplingParams
-from areal_async.config import PPOConfig
+from areal_async.config import LearnerConfig, OneRankMode, PPOConfig
 from areal_async.model import CausalLM, DecoderConfig
 from areal_async.packing import split_into_packs
 from areal_async.types import Trajectory
 from conftest import TINY
 from learners import fsdp_learner
 from learners.fsdp_learner import FSDPLearner, RankShare, split_step_across_ranks
-from learners.ppo_learner import warmup_factor
+from learners import ppo_learner
+from learners.ppo_learner import PPOLearner, warmup_factor
 from areal_async.objective import trajectory_advantages
-from learners.ppo_learner import PPOLearner
 
 WORLD = 2
 TOLERANCE = 1e-5  # relative, fp32
@@ -247,11 +247,13 @@ def one_rank_group():
         dist.destroy_process_group()
 
 
-def gradient_and_mlp_calls(model: CausalLM, trajectories, activation_checkpointing: bool) -> tuple[dict, int]:
+def gradient_and_mlp_calls(model: CausalLM, trajectories, activation_checkpointing: bool,
+                           mode: OneRankMode) -> tuple[dict, int]:
     """The full gradient of one backward over the batch, and how often layer 0's MLP ran (forward passes and
     recomputations)."""
     config = PPOConfig(micro_batch_tokens=40, activation_checkpointing=activation_checkpointing)
-    learner = FSDPLearner(copy.deepcopy(model), config, pad_token_id=0, temperature=1.0)
+    learner = FSDPLearner(copy.deepcopy(model), config, pad_token_id=0, temperature=1.0,
+                          learner_config=LearnerConfig(one_rank_mode=mode))
     micro_batches = learner.prepare(trajectories, trajectory_advantages(trajectories, normalise_std=False))
     mlp, calls = learner.model.model.layers[0].mlp, []
     mlp_forward = mlp.forward
@@ -260,31 +262,30 @@ def gradient_and_mlp_calls(model: CausalLM, trajectories, activation_checkpointi
     return {n: full_gradient(p).numpy() for n, p in learner.model.named_parameters()}, len(calls)
 
 
-@pytest.mark.parametrize("mode", fsdp_learner.ONE_RANK_MODES)
-def test_activation_checkpointing_keeps_the_gradient(one_rank_group, batch, monkeypatch, mode):
-    monkeypatch.setattr(fsdp_learner, "ONE_RANK_MODE", mode)
+@pytest.mark.parametrize("mode", list(OneRankMode))
+def test_activation_checkpointing_keeps_the_gradient(one_rank_group, batch, mode):
     model, trajectories = batch
-    stored, stored_calls = gradient_and_mlp_calls(model, trajectories, activation_checkpointing=False)
-    recomputed, recomputed_calls = gradient_and_mlp_calls(model, trajectories, activation_checkpointing=True)
+    stored, stored_calls = gradient_and_mlp_calls(model, trajectories, False, mode)
+    recomputed, recomputed_calls = gradient_and_mlp_calls(model, trajectories, True, mode)
     assert recomputed_calls == 2 * stored_calls  # each checkpointed layer ran again in backward
     gradient_diff = relative_diff(recomputed, stored)
     assert gradient_diff < TOLERANCE
 
 
-@pytest.mark.parametrize("mode", fsdp_learner.ONE_RANK_MODES)
-def test_one_rank_step_matches_unsharded_learner(one_rank_group, batch, one_rank_runs, monkeypatch, mode):
+@pytest.mark.parametrize("mode", list(OneRankMode))
+def test_one_rank_step_matches_unsharded_learner(one_rank_group, batch, one_rank_runs, mode):
     """On one rank, plain (no FSDP) or FSDP-wrapped (the layers keep their gathered parameters from forward to
     backward and the gradients take FSDP's plain one-rank reduction): the step equals PPOLearner's. FSDP's
     parameters are the sharded ones again after a step (also after a forward without backward); the plain
     learner's stay the module's own fp32 tensors."""
     from torch.distributed.tensor import DTensor
 
-    monkeypatch.setattr(fsdp_learner, "ONE_RANK_MODE", mode)
     model, trajectories = batch
     config = configs()["balanced"]
-    learner = FSDPLearner(copy.deepcopy(model), config, pad_token_id=0, temperature=1.0)
+    learner = FSDPLearner(copy.deepcopy(model), config, pad_token_id=0, temperature=1.0,
+                          learner_config=LearnerConfig(one_rank_mode=mode))
     learner.prepare(trajectories, trajectory_advantages(trajectories, config.normalise_advantage_std))
-    sharded = mode == "fsdp"
+    sharded = mode is OneRankMode.fsdp
     assert learner.sharded == sharded
     assert all(isinstance(p, DTensor) == sharded for p in learner.model.parameters())
     outcome = sharded_step(learner, RankShare(list(trajectories),
@@ -298,24 +299,22 @@ def test_one_rank_step_matches_unsharded_learner(one_rank_group, batch, one_rank
     assert all(p.dtype == torch.float32 for p in learner.model.parameters())
 
 
-def one_rank_learner_step(model: CausalLM, trajectories, config: PPOConfig, mode: str) -> dict:
-    learner = FSDPLearner(copy.deepcopy(model), config, pad_token_id=0, temperature=1.0)
-    assert learner.sharded == (mode == "fsdp")
+def one_rank_learner_step(model: CausalLM, trajectories, config: PPOConfig, learner_config: LearnerConfig) -> dict:
+    learner = FSDPLearner(copy.deepcopy(model), config, pad_token_id=0, temperature=1.0, learner_config=learner_config)
+    assert learner.sharded == (learner_config.one_rank_mode is OneRankMode.fsdp)
     return sharded_step(learner, RankShare(list(trajectories),
                                            trajectory_advantages(trajectories, config.normalise_advantage_std)))
 
 
 @pytest.mark.parametrize("name", ["balanced", "tiny_budget", "idle_rank_with_kl"])
-def test_plain_one_rank_learner_equals_fsdp_one_rank_learner(one_rank_group, batch, monkeypatch, name):
+def test_plain_one_rank_learner_equals_fsdp_one_rank_learner(one_rank_group, batch, name):
     """fp32 on CPU: the unwrapped one-rank learner's step (stats, clipped gradient, updated weights) equals the
     FSDP-wrapped one's to 1e-6, with several packs (gradients accumulated over packs) and a KL reference."""
     model, trajectories = batch
     config = configs()[name]
-    outcomes = {}
-    for mode in fsdp_learner.ONE_RANK_MODES:
-        monkeypatch.setattr(fsdp_learner, "ONE_RANK_MODE", mode)
-        outcomes[mode] = one_rank_learner_step(model, trajectories, config, mode)
-    plain, fsdp = outcomes["plain"], outcomes["fsdp"]
+    outcomes = {mode: one_rank_learner_step(model, trajectories, config, LearnerConfig(one_rank_mode=mode))
+                for mode in OneRankMode}
+    plain, fsdp = outcomes[OneRankMode.plain], outcomes[OneRankMode.fsdp]
     for stat, value in fsdp["stats"].items():
         assert plain["stats"][stat] == pytest.approx(value, rel=1e-6, abs=1e-9), stat
     assert relative_diff(plain["gradients"], fsdp["gradients"]) < 1e-6
@@ -330,29 +329,25 @@ def test_clipping_folded_into_fused_adamw_equals_a_clipping_pass(one_rank_group,
         return torch.optim.AdamW(list(params), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
                                  weight_decay=config.weight_decay, fused=True)
 
-    monkeypatch.setattr(fsdp_learner, "build_optimizer", fused_optimizer)
+    monkeypatch.setattr(ppo_learner, "build_optimizer", fused_optimizer)
     model, trajectories = batch
     config = configs()["tiny_budget"]  # its gradient norm is above grad_clip: clipping changes the update
-    outcomes = {}
-    for folded in (True, False):
-        monkeypatch.setattr(fsdp_learner, "FUSED_CLIP", folded)
-        outcomes[folded] = one_rank_learner_step(model, trajectories, config, "plain")
+    outcomes = {folded: one_rank_learner_step(model, trajectories, config, LearnerConfig(fused_clip=folded))
+                for folded in (True, False)}
     assert outcomes[True]["stats"]["grad_norm"] > config.grad_clip
     assert outcomes[True]["stats"] == outcomes[False]["stats"]
     assert relative_diff(outcomes[True]["weights"], outcomes[False]["weights"]) < 1e-6
 
 
-@pytest.mark.parametrize("mode", fsdp_learner.ONE_RANK_MODES)
-def test_deferred_reads_give_the_same_step(one_rank_group, batch, monkeypatch, mode):
+@pytest.mark.parametrize("mode", list(OneRankMode))
+def test_deferred_reads_give_the_same_step(one_rank_group, batch, mode):
     """Reading the stats and gradient norm once after the optimizer step (and no one-rank collectives) gives
     exactly the stats and weights of reading them before it, over several packs and a KL reference."""
-    monkeypatch.setattr(fsdp_learner, "ONE_RANK_MODE", mode)
     model, trajectories = batch
     config = configs()["idle_rank_with_kl"]
-    outcomes = {}
-    for deferred in (True, False):
-        monkeypatch.setattr(fsdp_learner, "DEFER_READS", deferred)
-        outcomes[deferred] = one_rank_learner_step(model, trajectories, config, mode)
+    outcomes = {deferred: one_rank_learner_step(model, trajectories, config,
+                                                LearnerConfig(one_rank_mode=mode, defer_reads=deferred))
+                for deferred in (True, False)}
     assert outcomes[True]["stats"] == outcomes[False]["stats"]
     assert list(outcomes[True]["stats"]) == list(outcomes[False]["stats"])
     for name, weight in outcomes[False]["weights"].items():
@@ -365,7 +360,7 @@ def test_plain_one_rank_learner_autocasts_with_fp32_master_weights(one_rank_grou
     rounding."""
     model, trajectories = batch
     config = configs()["idle_rank_with_kl"]
-    fp32 = one_rank_learner_step(model, trajectories, config, "plain")
+    fp32 = one_rank_learner_step(model, trajectories, config, LearnerConfig())
     monkeypatch.setattr(fsdp_learner, "plain_autocast_dtype", lambda device_type: torch.bfloat16)
     learner = FSDPLearner(copy.deepcopy(model), config, pad_token_id=0, temperature=1.0)
     assert learner.ppo.autocast_dtype == torch.bfloat16

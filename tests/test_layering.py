@@ -44,3 +44,19 @@ def test_the_rules_are_checked_on_real_modules():
     assert len(modules("areal_async")) > 20 and len(modules("actors")) >= 5 and len(modules("learners")) >= 3
     trainer = imported_packages(COMPOSITION_ROOT / "trainer.py")
     assert {"actors", "learners", "evaluation"} <= {name for name, _ in trainer}
+
+
+def test_only_the_documented_environment_variables_are_read():
+    """No AREAL_* environment variable changes behaviour except the user-facing ones the README lists."""
+    import re
+
+    pattern = re.compile(r"AREAL_[A-Z0-9_]+")
+    documented = set(pattern.findall((ROOT / "README.md").read_text(encoding="utf-8")))
+    sources = [ROOT / "quickstart.py", *(ROOT / "examples").glob("*.sh")]
+    for package in ("areal_async", "actors", "learners", "evaluation", "benchmarks"):
+        sources += sorted((ROOT / package).rglob("*.py"))
+    used = {(name, path.relative_to(ROOT)) for path in sources
+            for name in pattern.findall(path.read_text(encoding="utf-8"))}
+    assert {name for name, _ in used} >= {"AREAL_EVAL_DATA"}  # the scan sees the code
+    undocumented = sorted(f"{path}: {name}" for name, path in used if name not in documented)
+    assert not undocumented, "\n".join(undocumented)

@@ -72,7 +72,7 @@ def test_bf16_gradients_keep_the_parameter_dtype():
 
 
 def test_kept_low_precision_logits_give_the_recomputed_gradients(monkeypatch):
-    """bf16 logits kept from forward (KEEP_LOGITS_GIB > 0) give the same logprobs and gradients as logits formed
+    """bf16 logits kept from forward (keep_logits_gib > 0) give the same logprobs and gradients as logits formed
     again in backward; fp32 logits are never kept."""
     from areal_async.model import logprobs
 
@@ -86,17 +86,16 @@ def test_kept_low_precision_logits_give_the_recomputed_gradients(monkeypatch):
     monkeypatch.setattr(logprobs._ChunkedTokenLogprobs, "apply", lambda *a: saved.append(a[-1]) or original(*a))
     results = {}
     for gib in (0.0, 1.0):
-        monkeypatch.setattr(logprobs, "KEEP_LOGITS_GIB", gib)
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        out = token_logprobs(h, w, targets, 0.8, chunk_size=16)
+        out = token_logprobs(h, w, targets, 0.8, chunk_size=16, keep_logits_gib=gib)
         (out * upstream).sum().backward()
         results[gib] = (out.detach(), h.grad, w.grad)
     assert saved == [False, True]
     for kept, recomputed in zip(results[1.0], results[0.0]):
         assert torch.equal(kept, recomputed)
     with torch.no_grad():  # no gradient wanted: nothing kept
-        token_logprobs(hidden, weight, targets)
-    token_logprobs(hidden.float().requires_grad_(), weight.float(), targets)  # fp32: never kept
+        token_logprobs(hidden, weight, targets, keep_logits_gib=1.0)
+    token_logprobs(hidden.float().requires_grad_(), weight.float(), targets, keep_logits_gib=1.0)  # fp32: never kept
     assert saved[2:] == [False, False]
 
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from areal_async.config import LearnerConfig, PackedAttentionConfig, PackedAttentionKernel
 from areal_async.model import CausalLM, DecoderConfig, packed_sequence_logprobs, sequence_logprobs
 from areal_async.packing import pack_prompt_output_batch, pad_prompt_output_batch
 
@@ -80,13 +81,11 @@ BF16_LOGPROB_BOUND = 0.05
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("backend", ["flash", "flex", "cudnn"])
-def test_cuda_packed_logprobs_match_padded_sdpa_in_bf16(monkeypatch, backend):
+def test_cuda_packed_logprobs_match_padded_sdpa_in_bf16(backend):
     """The CUDA packed paths (varlen flash kernel; flex_attention + BlockMask; cuDNN length groups, here five
     lengths including a one-token document) against the padded SDPA path,
     on sequences that straddle flex's 128-token blocks, forward and backward."""
-    from areal_async.model import decoder
-
-    monkeypatch.setattr(decoder, "PACKED_ATTENTION", backend)
+    settings = LearnerConfig(packed_attention=PackedAttentionConfig(kernel=PackedAttentionKernel(backend)))
     model = _model(3, hidden_size=128, num_attention_heads=4, num_key_value_heads=2).cuda().to(torch.bfloat16)
     generator = torch.Generator().manual_seed(4)
     lengths = [(17, 150), (3, 40), (60, 200), (1, 1), (90, 33)]
@@ -95,7 +94,7 @@ def test_cuda_packed_logprobs_match_padded_sdpa_in_bf16(monkeypatch, backend):
     packed = pack_prompt_output_batch(prompts, outputs).to("cuda")
     padded = pad_prompt_output_batch(prompts, outputs, pad_token_id=0)
 
-    from_packed = packed_sequence_logprobs(model, packed)[packed.output_mask]
+    from_packed = packed_sequence_logprobs(model, packed, learner=settings)[packed.output_mask]
     from_packed.sum().backward()
     packed_grad = model.model.layers[0].self_attn.q_proj.weight.grad.float().clone()
     model.zero_grad(set_to_none=True)
@@ -173,7 +172,7 @@ def test_flash_layout_matches_dense_mask_path(monkeypatch, compiled):
     dense_logprobs, dense_grads = _logprobs_and_grads(model, batch)
     monkeypatch.setattr(decoder, "_flash_varlen_forward_impl", _reference_flash_forward)
     monkeypatch.setattr(decoder, "_flash_varlen_backward_impl", _reference_flash_backward)
-    monkeypatch.setattr(decoder, "packed_attention_mask", lambda ids, dtype, head_dim, lengths=None:
+    monkeypatch.setattr(decoder, "packed_attention_mask", lambda ids, dtype, head_dim, lengths=None, settings=None:
                         decoder.document_spans(ids, decoder.offsets_from_lengths(ids, lengths)))
     if compiled:
         torch._dynamo.reset()
@@ -227,8 +226,8 @@ def test_cudnn_length_group_path_matches_sdpa_path(monkeypatch, case, compiled):
     monkeypatch.setattr(decoder, "_cudnn_causal_backward_impl", _reference_cudnn_backward)
     layouts = []
 
-    def cudnn_layout(ids, dtype, head_dim, lengths=None):
-        layouts.append(decoder.document_length_groups(ids, kernel="cudnn",
+    def cudnn_layout(ids, dtype, head_dim, lengths=None, settings=None):
+        layouts.append(decoder.document_length_groups(ids, kernel="cudnn", repeat_kv=case == "four_lengths",
                                                       offsets=decoder.offsets_from_lengths(ids, lengths)))
         return layouts[-1]
 
@@ -286,29 +285,27 @@ def test_layout_from_host_lengths_matches_read_ids():
         decoder.offsets_from_lengths(torch.zeros(1, 5, dtype=torch.long), (2, 2))
 
 
-def test_cuda_kernel_choice(monkeypatch):
+def test_cuda_kernel_choice():
     """Which kernel a CUDA pack gets: cuDNN length groups under "auto" only for few, long lengths."""
     from areal_async.model import decoder
 
     bf16 = torch.bfloat16
-    monkeypatch.setattr(decoder, "CUDNN_MAX_LENGTHS", 2)
-    monkeypatch.setattr(decoder, "CUDNN_MIN_LENGTH", 512)
-    monkeypatch.setattr(decoder, "PACKED_ATTENTION", "auto")
-    assert decoder.cuda_packed_kernel([4096] * 4, bf16, 128) == "cudnn"
-    assert decoder.cuda_packed_kernel([4096, 2048, 4096], bf16, 128) == "cudnn"
-    assert decoder.cuda_packed_kernel([4096, 2048, 1024], bf16, 128) == "flash"  # three lengths
-    assert decoder.cuda_packed_kernel([4096, 100], bf16, 128) == "flash"  # a short document
-    assert decoder.cuda_packed_kernel([4096], bf16, 256) == "flash"  # head too large for cuDNN here
-    assert decoder.cuda_packed_kernel([4096], torch.float32, 128) == "flex"
-    monkeypatch.setattr(decoder, "PACKED_ATTENTION", "flash")
-    assert decoder.cuda_packed_kernel([4096] * 4, bf16, 128) == "flash"
-    monkeypatch.setattr(decoder, "PACKED_ATTENTION", "cudnn")
-    assert decoder.cuda_packed_kernel([4096, 2048, 1024, 100], bf16, 128) == "cudnn"
-    monkeypatch.setattr(decoder, "PACKED_ATTENTION", "flex")
-    assert decoder.cuda_packed_kernel([4096], bf16, 128) == "flex"
-    monkeypatch.setattr(decoder, "PACKED_ATTENTION", "nonsense")
-    with pytest.raises(ValueError, match="PACKED_ATTENTION"):
-        decoder.cuda_packed_kernel([4096], bf16, 128)
+
+    def kernel(lengths, dtype, head_dim, choice="auto"):
+        settings = PackedAttentionConfig(PackedAttentionKernel(choice), cudnn_max_lengths=2, cudnn_min_length=512)
+        return decoder.cuda_packed_kernel(lengths, dtype, head_dim, settings)
+
+    assert kernel([4096] * 4, bf16, 128) == "cudnn"
+    assert kernel([4096, 2048, 4096], bf16, 128) == "cudnn"
+    assert kernel([4096, 2048, 1024], bf16, 128) == "flash"  # three lengths
+    assert kernel([4096, 100], bf16, 128) == "flash"  # a short document
+    assert kernel([4096], bf16, 256) == "flash"  # head too large for cuDNN here
+    assert kernel([4096], torch.float32, 128) == "flex"
+    assert kernel([4096] * 4, bf16, 128, "flash") == "flash"
+    assert kernel([4096, 2048, 1024, 100], bf16, 128, "cudnn") == "cudnn"
+    assert kernel([4096], bf16, 128, "flex") == "flex"
+    with pytest.raises(ValueError, match="nonsense"):
+        kernel([4096], bf16, 128, "nonsense")
 
 
 @pytest.mark.gpu

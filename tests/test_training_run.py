@@ -80,6 +80,36 @@ def test_config_yaml_matches_schema():
     assert isinstance(config, TrainConfig) and config.rollout.max_staleness is None
 
 
+def test_learner_settings_are_typed_config():
+    """The learner's kernels and modes are config (enums where the values are a fixed set), reachable from the
+    command line, and a bad value names its key."""
+    from areal_async.config import OneRankMode, PackedAttentionKernel
+
+    config = compose_config("train", ["learner.packed_attention.kernel=flash", "learner.one_rank_mode=fsdp",
+                                      "learner.keep_logits_gib=0", "learner.defer_reads=false"])
+    assert config.learner.packed_attention.kernel is PackedAttentionKernel.flash
+    assert config.learner.one_rank_mode is OneRankMode.fsdp
+    assert config.learner.keep_logits_gib == 0 and config.learner.defer_reads is False
+    assert main(["train", "learner.packed_attention.kernel=fast"]) == 2
+
+
+def test_apply_overrides_parses_by_field_type_and_names_bad_keys():
+    from areal_async.config import LearnerConfig, OneRankMode, PackedAttentionKernel, apply_overrides
+
+    config = LearnerConfig()
+    apply_overrides(config, ["packed_attention.kernel=cudnn", "packed_attention.cudnn_max_lengths=3",
+                             "one_rank_mode=fsdp", "fused_clip=false", "keep_logits_gib=2.5"])
+    assert config.packed_attention.kernel is PackedAttentionKernel.cudnn
+    assert config.packed_attention.cudnn_max_lengths == 3 and config.one_rank_mode is OneRankMode.fsdp
+    assert config.fused_clip is False and config.keep_logits_gib == 2.5
+    for bad, message in (("packed_attention.kernal=flash", "unknown key 'packed_attention.kernal'"),
+                         ("nope.kernel=flash", "unknown key 'nope.kernel'"),
+                         ("one_rank_mode=many", "bad value for 'one_rank_mode'"),
+                         ("fused_clip=maybe", "bad value for 'fused_clip'"), ("fused_clip", "expected key=value")):
+        with pytest.raises(ValueError, match=message):
+            apply_overrides(config, [bad])
+
+
 def test_missing_model_path_names_the_folder(tmp_path):
     config = compose_config("train", [f"model.path={tmp_path / 'nowhere'}", f"output_dir={tmp_path}"])
     with pytest.raises(FileNotFoundError, match="nowhere"):

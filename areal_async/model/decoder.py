@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
 from dataclasses import asdict, dataclass, fields
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from areal_async.config import PackedAttentionConfig, PackedAttentionKernel
 
 
 @dataclass
@@ -286,39 +287,22 @@ def document_spans(document_ids: torch.Tensor, offsets: torch.Tensor | None = No
     return DocumentSpans(cu_seqlens.to(torch.int32).to(document_ids.device, non_blocking=True), max_len)
 
 
-# Packed-mode attention on CUDA, for bf16/fp16 inputs (other dtypes use flex):
-#   "auto":  "cudnn" for a pack whose documents come in at most CUDNN_MAX_LENGTHS distinct lengths, none
-#            shorter than CUDNN_MIN_LENGTH (equal-length sequences, say), "flash" for any other pack;
-#   "flash": every pack through the varlen flash kernel (FlashAttention-2);
-#   "cudnn": the documents of each distinct length as one dense causal batch through cuDNN's fused attention
-#            (head_dim up to 128; larger heads use "flash");
-#   "flex":  flex_attention with a document BlockMask.
-# The default of one length keeps "auto" to packs of equal-length documents, which need no permutation and
-# add one compiled variant of the layers (each further count of length groups would add another).
-PACKED_ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "flex")
-PACKED_ATTENTION = os.environ.get("AREAL_PACKED_ATTENTION", "auto")
-CUDNN_MAX_LENGTHS = int(os.environ.get("AREAL_CUDNN_MAX_LENGTHS", "1"))
-CUDNN_MIN_LENGTH = int(os.environ.get("AREAL_CUDNN_MIN_LENGTH", "512"))
-# cuDNN takes fewer key/value heads than query heads as they are; True repeats them to the query heads first
-# (for a cuDNN build that rejects grouped-query shapes).
-CUDNN_REPEAT_KV = os.environ.get("AREAL_CUDNN_REPEAT_KV", "0") == "1"
-
-
-def cuda_packed_kernel(lengths, dtype: torch.dtype | None, head_dim: int | None) -> str:
-    """Which kernel PACKED_ATTENTION picks on CUDA for a pack with these document lengths (any iterable of
-    ints) and attention inputs of this dtype and head size: "cudnn", "flash" or "flex"."""
-    if PACKED_ATTENTION not in PACKED_ATTENTION_BACKENDS:
-        raise ValueError(f"PACKED_ATTENTION must be one of {PACKED_ATTENTION_BACKENDS}, got {PACKED_ATTENTION!r}")
+def cuda_packed_kernel(lengths, dtype: torch.dtype | None, head_dim: int | None,
+                       settings: PackedAttentionConfig) -> str:
+    """Which kernel `settings` pick on CUDA for a pack with these document lengths (any iterable of ints) and
+    attention inputs of this dtype and head size: "cudnn", "flash" or "flex"."""
+    kernel = settings.kernel
     fused_ok = dtype in (torch.bfloat16, torch.float16) and head_dim is not None and head_dim % 8 == 0 \
         and head_dim <= 256
-    if PACKED_ATTENTION == "flex" or not fused_ok:
+    if kernel is PackedAttentionKernel.flex or not fused_ok:
         return "flex"
-    if PACKED_ATTENTION == "flash" or head_dim > 128:
+    if kernel is PackedAttentionKernel.flash or head_dim > 128:
         return "flash"
-    if PACKED_ATTENTION == "cudnn":
+    if kernel is PackedAttentionKernel.cudnn:
         return "cudnn"
     distinct = set(lengths)
-    few_long_lengths = bool(distinct) and len(distinct) <= CUDNN_MAX_LENGTHS and min(distinct) >= CUDNN_MIN_LENGTH
+    few_long_lengths = (bool(distinct) and len(distinct) <= settings.cudnn_max_lengths
+                        and min(distinct) >= settings.cudnn_min_length)
     return "cudnn" if few_long_lengths else "flash"
 
 
@@ -334,28 +318,28 @@ def offsets_from_lengths(document_ids: torch.Tensor, document_lengths) -> torch.
 
 def packed_attention_mask(
     document_ids: torch.Tensor, dtype: torch.dtype | None = None, head_dim: int | None = None,
-    document_lengths=None,
+    document_lengths=None, settings: PackedAttentionConfig | None = None,
 ):
     """The packed-mode mask for `attend`, built once per forward and shared by all layers.
     document_ids: [B, T] int; dtype, head_dim: the attention inputs' dtype and head size; document_lengths:
     the documents' lengths in token order if the host knows them (else document_ids are read back: a device
-    sync).
+    sync); settings: the kernel choice (default: PackedAttentionConfig()).
 
     On CUDA, as `cuda_packed_kernel` picks: LengthGroups with the cuDNN kernel, DocumentSpans for the varlen
     flash kernel, or a flex BlockMask. Elsewhere LengthGroups with the SDPA kernel (one dense causal SDPA per
     distinct document length)."""
+    settings = settings or PackedAttentionConfig()
     offsets = offsets_from_lengths(document_ids, document_lengths)
     if not document_ids.is_cuda:
-        if PACKED_ATTENTION not in PACKED_ATTENTION_BACKENDS:
-            raise ValueError(f"PACKED_ATTENTION must be one of {PACKED_ATTENTION_BACKENDS}, got {PACKED_ATTENTION!r}")
         return document_length_groups(document_ids, offsets=offsets)
-    if cuda_packed_kernel((), dtype, head_dim) == "flex":
+    if cuda_packed_kernel((), dtype, head_dim, settings) == "flex":
         return document_block_mask(document_ids)
     if offsets is None:
         offsets = _document_offsets(document_ids)
-    kernel = cuda_packed_kernel((offsets[1:] - offsets[:-1]).tolist(), dtype, head_dim)
+    kernel = cuda_packed_kernel((offsets[1:] - offsets[:-1]).tolist(), dtype, head_dim, settings)
     if kernel == "cudnn":
-        return document_length_groups(document_ids, kernel="cudnn", offsets=offsets)
+        return document_length_groups(document_ids, kernel="cudnn", offsets=offsets,
+                                      repeat_kv=settings.cudnn_repeat_kv)
     return document_spans(document_ids, offsets)
 
 
@@ -364,16 +348,17 @@ class LengthGroups(NamedTuple):
     batch. order: [tokens] the flattened token positions grouped by document length, or None where the pack
     is in that order already; inverse: its inverse permutation (None with order); groups: (documents, length)
     per group, in that order; kernel: "sdpa" (F.scaled_dot_product_attention, any device) or "cudnn"
-    (`cudnn_causal_attention`, CUDA)."""
+    (`cudnn_causal_attention`, CUDA); repeat_kv: cuDNN gets the key/value heads repeated to the query heads."""
 
     order: torch.Tensor | None
     inverse: torch.Tensor | None
     groups: tuple[tuple[int, int], ...]
     kernel: str = "sdpa"
+    repeat_kv: bool = False
 
 
 def document_length_groups(
-    document_ids: torch.Tensor, kernel: str = "sdpa", offsets: torch.Tensor | None = None
+    document_ids: torch.Tensor, kernel: str = "sdpa", offsets: torch.Tensor | None = None, repeat_kv: bool = False,
 ) -> LengthGroups:
     """LengthGroups of packed rows (documents are runs of equal ids within a row). document_ids: [B, T];
     offsets: their `_document_offsets` if already read."""
@@ -386,11 +371,11 @@ def document_length_groups(
     # The documents (contiguous, in order) are already grouped when their lengths never decrease (equal
     # lengths, say): no permutation (decided per document, not per token: host time at the start of a step).
     if all(a <= b for a, b in zip(lengths, lengths[1:])):
-        return LengthGroups(None, None, groups, kernel)
+        return LengthGroups(None, None, groups, kernel, repeat_kv)
     order = [start + offset for length, group_starts in sorted(by_length.items()) for start in group_starts
              for offset in range(length)]
     order_t = torch.tensor(order, dtype=torch.long, device=document_ids.device)
-    return LengthGroups(order_t, torch.argsort(order_t), groups, kernel)
+    return LengthGroups(order_t, torch.argsort(order_t), groups, kernel, repeat_kv)
 
 
 def attention_by_length(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: LengthGroups) -> torch.Tensor:
@@ -402,7 +387,7 @@ def attention_by_length(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
     for documents, length in layout.groups:
         rows = slice(offset, offset + documents * length)
         if layout.kernel == "cudnn":
-            outputs.append(cudnn_causal_attention(q[rows], k[rows], v[rows], documents, length))
+            outputs.append(cudnn_causal_attention(q[rows], k[rows], v[rows], documents, length, layout.repeat_kv))
         else:
             q_g, k_g, v_g = (_as_documents(t[rows], documents, length) for t in (q, k, v))
             out = F.scaled_dot_product_attention(q_g, k_g, v_g, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
@@ -484,12 +469,13 @@ _cudnn_causal_forward.register_autograd(_cudnn_causal_backward_rule, setup_conte
 
 
 def cudnn_causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: int, length: int
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: int, length: int, repeat_kv: bool = False
 ) -> torch.Tensor:
     """Causal attention within each of `documents` documents of `length` tokens, packed back to back:
     q [documents * length, H, D], k, v [documents * length, Hkv, D] -> [documents * length, H, D], through
-    cuDNN's fused attention (CUDA, bf16/fp16)."""
-    if CUDNN_REPEAT_KV and k.shape[1] != q.shape[1]:
+    cuDNN's fused attention (CUDA, bf16/fp16). repeat_kv: repeat the key/value heads to the query heads first
+    (for a cuDNN build that rejects grouped-query shapes)."""
+    if repeat_kv and k.shape[1] != q.shape[1]:
         k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
     out, _ = _cudnn_causal_forward(q.contiguous(), k.contiguous(), v.contiguous(), documents, length)
     return out
@@ -610,6 +596,7 @@ class CausalLM(nn.Module):
         kv_cache: KVCache | None = None,
         document_ids: torch.Tensor | None = None,
         document_lengths=None,
+        packed_attention: PackedAttentionConfig | None = None,
     ) -> torch.Tensor:
         """Final-norm hidden states [B, T, hidden].
 
@@ -623,6 +610,7 @@ class CausalLM(nn.Module):
         `positions` must then be given (restarting at 0 for each document); valid and kv_cache must not be.
         document_lengths: the documents' lengths in token order, where the host knows them (a PackedBatch
         does): the attention layout is then built without reading document_ids back from the device.
+        packed_attention: the packed mode's kernel choice on CUDA (default: PackedAttentionConfig()).
         """
         if document_ids is None and kv_cache is not None:
             positions, mask = kv_cache.positions_and_mask(input_ids, valid, positions)
@@ -637,7 +625,8 @@ class CausalLM(nn.Module):
         if mask is None:  # the attention inputs' dtype: autocast's where it is on (q/k/v come from Linears)
             device_type = x.device.type
             dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-            mask = packed_attention_mask(document_ids, dtype, self.config.head_dim, document_lengths)
+            mask = packed_attention_mask(document_ids, dtype, self.config.head_dim, document_lengths,
+                                         packed_attention)
         for index, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, mask, index, kv_cache)
         if kv_cache is not None:

@@ -13,22 +13,18 @@ eagerly in the same order of operations as a plain `log_softmax(...)[target]` ov
 from __future__ import annotations
 
 import functools
-import os
 from typing import TYPE_CHECKING
 
 import torch
 
 if TYPE_CHECKING:
+    from areal_async.config import LearnerConfig
     from areal_async.packing import PackedBatch
 
 # Rows of logits formed at a time. On CUDA a chunk is kept in the matmul's dtype (bf16 under FSDP):
 # 4096 x 151,936 x 2 bytes = 1.2 GiB, two of them at the peak of backward (logits and their gradient).
 DEFAULT_CHUNK_ROWS = 1024
 CUDA_CHUNK_ROWS = 4096
-# Low-precision (bf16/fp16) logits of up to this many GiB per call are kept from forward for backward
-# instead of being formed again there (one LM-head matmul fewer per call): 16,384 rows x 151,936 x 2 bytes
-# = 4.6 GiB. 0 always recomputes. fp32 logits are never kept (that would materialise them whole in fp32).
-KEEP_LOGITS_GIB = float(os.environ.get("AREAL_KEEP_LOGITS_GIB", "6"))
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -147,14 +143,16 @@ def token_logprobs(
     targets: torch.Tensor,
     temperature: float = 1.0,
     chunk_size: int | None = None,
+    keep_logits_gib: float = 0.0,
 ) -> torch.Tensor:
     """log softmax(hidden @ W^T / temperature)[target] per position.
 
     hidden: [N, hidden] (any leading shape, flattened), lm_head_weight: [vocab, hidden], targets: [N] int.
     Returns [N] fp32 (fp64 for fp64 inputs). Logits are formed `chunk_size` rows at a time (default: 4096 on
     CUDA, 1024 elsewhere), in forward and again in backward, so peak memory is about two chunks of logits and
-    nothing of size N x vocab is kept for backward; except that low-precision logits of at most KEEP_LOGITS_GIB
-    are kept from forward for backward when a gradient is wanted (no second formation).
+    nothing of size N x vocab is kept for backward; except that low-precision (bf16/fp16) logits of at most
+    `keep_logits_gib` GiB are kept from forward for backward when a gradient is wanted (one LM-head matmul
+    fewer; fp32 logits are never kept: that would materialise them whole).
 
     The head computes in hidden's dtype; under autocast in the autocast dtype, as a Linear would (the Function's
     own matmuls are not autocast in backward, so hidden is cast here and the weight inside the Function, whose
@@ -174,7 +172,7 @@ def token_logprobs(
     logits_dtype = hidden.dtype
     kept_gib = hidden.shape[0] * lm_head_weight.shape[0] * logits_dtype.itemsize / 2**30
     keep_logits = (
-        logits_dtype.itemsize <= 2 and kept_gib <= KEEP_LOGITS_GIB and torch.is_grad_enabled()
+        logits_dtype.itemsize <= 2 and kept_gib <= keep_logits_gib and torch.is_grad_enabled()
         and (hidden.requires_grad or lm_head_weight.requires_grad)
     )
     with torch.autocast(device_type, enabled=False):
@@ -190,10 +188,14 @@ def sequence_logprobs(model, input_ids: torch.Tensor, valid: torch.Tensor, tempe
     return token_logprobs(hidden[:, :-1], model.lm_head.weight, input_ids[:, 1:], temperature)
 
 
-def packed_sequence_logprobs(model, batch: PackedBatch, temperature: float = 1.0) -> torch.Tensor:
+def packed_sequence_logprobs(model, batch: PackedBatch, temperature: float = 1.0,
+                             learner: LearnerConfig | None = None) -> torch.Tensor:
     """Logprob of each packed token's next token in its own sequence: [N], entry t scores batch.targets[t]
     (meaningful where batch.output_mask, or anywhere but a sequence's last token). Attention never crosses
-    a sequence boundary."""
+    a sequence boundary. learner: the packed attention kernel and the kept-logits budget (default: none kept,
+    the default kernel choice)."""
     hidden = model.hidden_states(batch.input_ids, positions=batch.positions, document_ids=batch.document_ids,
-                                 document_lengths=batch.document_lengths)
-    return token_logprobs(hidden[0], model.lm_head.weight, batch.targets, temperature)
+                                 document_lengths=batch.document_lengths,
+                                 packed_attention=learner.packed_attention if learner else None)
+    return token_logprobs(hidden[0], model.lm_head.weight, batch.targets, temperature,
+                         keep_logits_gib=learner.keep_logits_gib if learner else 0.0)

@@ -215,6 +215,7 @@ class Trainer:
                 compile_layers=compiles_layers(config.ppo, config.device),
                 compute_dtype=dtype,
                 publish_dtype=dtype,
+                learner_config=config.learner,
             )
             self.controller = ControllerService(controller, MAX_GENERATION_ATTEMPTS, MAX_REPEATED_ERRORS)
             self.queue = ShardedReplayQueue(rollout.num_queue_shards, rollout.queue_capacity_per_shard,
