@@ -18,17 +18,10 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from areal_async.files import write_text_atomically
+
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    staging = path.with_name(f".{path.name}.tmp")
-    with open(staging, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(staging, path)
 
 
 def rng_state() -> dict:
@@ -67,10 +60,10 @@ def commit_checkpoint(directory: Path, step: int, staging: Path, trainer_state: 
     """Adds the trainer's JSON state to the staged checkpoint, renames it into place as `step-<step>`, points
     `latest` at it and keeps the newest `keep`."""
     final = directory / f"step-{step:08d}"
-    _write_atomically(staging / TRAINER_STATE, json.dumps(trainer_state))
+    write_text_atomically(staging / TRAINER_STATE, json.dumps(trainer_state))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
-    _write_atomically(directory / LATEST, final.name)
+    write_text_atomically(directory / LATEST, final.name)
     for old in sorted(directory.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

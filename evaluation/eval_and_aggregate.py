@@ -30,7 +30,8 @@ from evaluation.benchmarks import (
 )
 from evaluation.metrics import markdown_table
 from evaluation.prompts import PROMPT_TYPES
-from evaluation.runner import EvalSettings, RunFolderMismatch, evaluate, write_json_atomic
+from areal_async.files import write_json_atomically
+from evaluation.runner import EvalSettings, RunFolderMismatch, evaluate
 
 EXAMPLES = f"""
 benchmarks: {", ".join(sorted(KNOWN_BENCHMARKS))} (files in --data-dir), or NAME=FILE.jsonl with optional
@@ -203,7 +204,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                            {b.name: b.spec.title for b in benchmarks}, caption=settings_caption(settings))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "table.md").write_text(table, encoding="utf-8")
-    write_json_atomic(run_dir / "summary.json", {
+    write_json_atomically(run_dir / "summary.json", {
         "run_dir": str(run_dir),
         "settings": asdict(settings),
         "benchmarks": names,

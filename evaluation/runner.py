@@ -25,6 +25,7 @@ from typing import Any
 from tqdm import tqdm
 
 from actors.sampling import SamplingParams
+from areal_async.files import write_json_atomically
 from areal_async.reward.extraction import extract_answer
 from evaluation.benchmarks import Benchmark
 from evaluation.metrics import summarize_samples
@@ -199,7 +200,7 @@ def _evaluate_benchmark(engine, tokenizer, verifier, benchmark, settings, folder
         "identity": identity,
     }
     if folder is not None:
-        write_json_atomic(folder / "summary" / f"{benchmark.name}.json", summary)
+        write_json_atomically(folder / "summary" / f"{benchmark.name}.json", summary)
     return summary
 
 
@@ -243,7 +244,7 @@ def _prepare_folder(folder: Path, settings: EvalSettings, identity: dict, benchm
         current["benchmarks"] = {**recorded.get("benchmarks", {}), **current["benchmarks"]}
     elif (folder / "samples").is_dir() and any((folder / "samples").iterdir()):
         raise RunFolderMismatch(f"{folder} holds samples but no {SETTINGS_FILE}; it cannot be resumed safely")
-    write_json_atomic(settings_path, current)
+    write_json_atomically(settings_path, current)
 
 
 def _differences(prefix: str, old: Any, new: Any) -> list[str]:
@@ -300,9 +301,3 @@ def _append_samples(path: Path, records: list[dict[str, Any]]) -> None:
         os.fsync(f.fileno())
 
 
-def write_json_atomic(path: Path, value: Any) -> None:
-    """Writes JSON atomically (a temporary file renamed into place)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(staging, path)

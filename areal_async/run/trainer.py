@@ -29,6 +29,7 @@ from areal_async.checkpointing import (
     stage_checkpoint,
 )
 from areal_async.contracts import Controller, Learner, ReplayQueue
+from areal_async.files import write_json_atomically, write_text_atomically
 from areal_async.controller import RolloutController, settle_deliveries
 from areal_async.data import load_train_and_heldout
 from areal_async.ledger import Ledger
@@ -521,8 +522,7 @@ class Trainer:
             "worker_restarts": self.ray_cluster.restarts if self.ray_cluster is not None else 0,
             "rollout_weights_identical": all(checksum == learner_checksum for checksum in rollout_checksums),
         }
-        with open(self.run_dir / "summary.json", "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
+        write_json_atomically(self.run_dir / "summary.json", summary)
         plot_training_curves(self.run_dir)
         accuracy = ("no held-out evaluation" if accuracy_after is None else
                     f"held-out accuracy: before {accuracy_before:.3f} -> after {accuracy_after:.3f}")
@@ -535,9 +535,7 @@ def keep_metrics_before(path: Path, step: int) -> None:
     if not path.is_file():
         return
     kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] < step]
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text("".join(line + "\n" for line in kept))
-    staging.replace(path)
+    write_text_atomically(path, "".join(line + "\n" for line in kept))
 
 
 def run_training(config: TrainConfig, show_progress: bool = True) -> dict:
