@@ -36,9 +36,8 @@ from areal_async.config import LearnerConfig, OneRankMode, PPOConfig
 from areal_async.model import CausalLM
 from areal_async.packing import PackedBatch, balance_across_ranks, split_into_minibatches, split_into_packs
 from areal_async.types import Trajectory
-from learners.ppo_learner import PPOLearner, read_stats
+from learners.ppo_learner import MAX_STAT, PPOLearner, combine_update_stats, read_stats
 
-MAX_STAT = "behaviour_weight_max"  # the one PPOLearner.backward stat that combines over ranks by max, not sum
 
 
 @dataclass
@@ -396,12 +395,7 @@ class FSDPLearner:
         parts = split_into_minibatches(len(trajectories), num_parts, seed=self.version)
         minibatches = [self.prepare([trajectories[i] for i in part], [advantages[i] for i in part]) for part in parts]
         prepared = time.perf_counter()
-        stats: dict[str, float] = {}
-        for micro_batches in minibatches:
-            part_stats = self.update(micro_batches)
-            for name, value in part_stats.items():
-                previous = stats.get(name, 0.0)
-                stats[name] = max(previous, value) if name == MAX_STAT else previous + value / len(minibatches)
+        stats = combine_update_stats([self.update(micro_batches) for micro_batches in minibatches])
         self.ppo.version += 1
         (stats["trained_tokens"],) = self._all_reduce_floats(  # prompt + output, placeholders excluded
             [sum(t.num_tokens for t in trajectories)], dist.ReduceOp.SUM

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -19,6 +18,19 @@ from areal_async.model import CausalLM, packed_sequence_logprobs
 from areal_async.objective import decoupled_ppo_loss, kl_penalty
 from areal_async.packing import PackedBatch, pack_prompt_output_batch, split_into_minibatches, split_into_packs
 from areal_async.types import Trajectory
+
+
+MAX_STAT = "behaviour_weight_max"  # the one stat that combines by max (over packs, updates and ranks), not by mean
+
+
+def combine_update_stats(updates: Sequence[dict[str, float]]) -> dict[str, float]:
+    """The stats of a step's optimizer updates as one: each stat's mean over the updates, MAX_STAT's max."""
+    combined: dict[str, float] = {}
+    for stats in updates:
+        for name, value in stats.items():
+            previous = combined.get(name, 0.0)
+            combined[name] = max(previous, value) if name == MAX_STAT else previous + value / len(updates)
+    return combined
 
 
 def read_stats(stats: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -164,7 +176,7 @@ class PPOLearner:
 
         def add(name: str, value: torch.Tensor, share: float) -> None:
             value = value.detach().to(self.device, torch.float64)
-            if name == "behaviour_weight_max":
+            if name == MAX_STAT:
                 stats[name] = torch.maximum(stats[name], value) if name in stats else value.clamp(min=0.0)
             else:
                 stats[name] = stats[name] + value * share if name in stats else value * share
@@ -205,17 +217,14 @@ class PPOLearner:
             self.prepare([trajectories[i] for i in part], [advantages[i] for i in part])
             for part in split_into_minibatches(len(trajectories), num_parts, seed=self.version)
         ]
-        stats: dict[str, float] = defaultdict(float)
+        updates = []
         for micro_batches in minibatches:
             self.optimizer.zero_grad(set_to_none=True)
-            for name, value in self.backward(micro_batches).items():
-                stats[name] = (max(stats[name], value) if name == "behaviour_weight_max"
-                               else stats[name] + value / len(minibatches))
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-            stats["grad_norm"] += float(grad_norm) / len(minibatches)
-            stats["lr"] += self.scheduler.get_last_lr()[0] / len(minibatches)  # the rate this update uses
+            stats = self.backward(micro_batches)
+            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip))
+            stats["lr"] = self.scheduler.get_last_lr()[0]  # the rate this update uses
             self.optimizer.step()
             self.scheduler.step()
+            updates.append(stats)
         self.version += 1
-        stats["trained_tokens"] = float(sum(t.num_tokens for t in trajectories))  # prompt + output
-        return dict(stats)
+        return combine_update_stats(updates) | {"trained_tokens": float(sum(t.num_tokens for t in trajectories))}

@@ -179,3 +179,12 @@ def test_minibatches_are_shuffled_trajectories_one_update_each_whatever_the_budg
     assert stats["trained_tokens"] == sum(t.num_tokens for t in trajectories)
     # shuffled, not longest first: some minibatch holds both a sequence of the longest and of the shortest prompt
     assert any(part[0] < part[-1] for part in trained)
+
+
+def test_update_stats_combine_by_mean_and_the_weight_max_by_max():
+    from learners.ppo_learner import combine_update_stats
+
+    combined = combine_update_stats([{"loss": 1.0, "behaviour_weight_max": 3.0, "lr": 2.0},
+                                     {"loss": 4.0, "behaviour_weight_max": 1.5, "lr": 2.0}])
+    assert combined == {"loss": 2.5, "behaviour_weight_max": 3.0, "lr": 2.0}
+    assert combine_update_stats([]) == {}
