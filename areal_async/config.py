@@ -77,10 +77,21 @@ class ModelConfig:
 
 @dataclass
 class ArithmeticConfig:
+    """The synthetic task's difficulty: `min_operands`..`max_operands` integers in [0, max_operand] joined by
+    `operators` (a subset of '+-*')."""
+
     min_operands: int = 2
     max_operands: int = 2
     max_operand: int = 99
     operators: str = "+-"
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.min_operands <= self.max_operands:
+            raise ValueError(f"need 2 <= min_operands <= max_operands, got {self.min_operands}, {self.max_operands}")
+        if self.max_operand < 1:
+            raise ValueError(f"max_operand must be >= 1, got {self.max_operand}")
+        if not self.operators or set(self.operators) - set("+-*"):
+            raise ValueError(f"operators must be a non-empty subset of '+-*', got {self.operators!r}")
 
 
 @dataclass

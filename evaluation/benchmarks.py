@@ -314,13 +314,14 @@ def write_synthetic_benchmark(path: str | os.PathLike, count: int, seed: int = 1
     """Writes `count` held-out arithmetic problems as a benchmark JSONL (``id``, ``problem``, ``answer``).
 
     The problems come from the synthetic task's held-out split, which training never draws from. With the
-    defaults (seed 1, the default ArithmeticSpec) they are the first `count` problems of the trainer's
+    defaults (seed 1, the default ArithmeticConfig) they are the first `count` problems of the trainer's
     held-out set (data.seed 0 + 1). ``problem`` is the bare expression (``37+45``); the ``boxed`` prompt type
     turns it back into the training prompt ``Q: 37+45\\nA: ``. ``answer`` is the integer value as a string.
     """
-    from areal_async.data.synthetic import ArithmeticSpec, arithmetic_problems, evaluate_expression, prompt_text
+    from areal_async.config import ArithmeticConfig
+    from areal_async.data.synthetic import arithmetic_problems, evaluate_expression, prompt_text
 
-    records = arithmetic_problems(count, spec or ArithmeticSpec(), seed=seed, held_out=True)
+    records = arithmetic_problems(count, spec or ArithmeticConfig(), seed=seed, held_out=True)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = []

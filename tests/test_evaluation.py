@@ -202,11 +202,12 @@ def test_fields_ids_limit_and_gsm8k_answer_format(tmp_path):
 
 
 def test_synthetic_benchmark_is_held_out_and_boxed_prompt_is_the_training_prompt(tmp_path):
-    from areal_async.data.synthetic import ArithmeticSpec, arithmetic_problems
+    from areal_async.config import ArithmeticConfig
+    from areal_async.data.synthetic import arithmetic_problems
 
     bench = synthetic_benchmark(tmp_path, count=50)
-    heldout = arithmetic_problems(50, ArithmeticSpec(), seed=1, held_out=True)
-    train = {r.prompt for r in arithmetic_problems(10000, ArithmeticSpec(), seed=0, held_out=False)}
+    heldout = arithmetic_problems(50, ArithmeticConfig(), seed=1, held_out=True)
+    train = {r.prompt for r in arithmetic_problems(10000, ArithmeticConfig(), seed=0, held_out=False)}
     boxed = PROMPT_TYPES["boxed"]
     for problem, record in zip(bench.problems, heldout):
         assert boxed.render(problem.text) == prompt_text(problem.text) == record.prompt

@@ -8,7 +8,8 @@ import torch
 
 from areal_async.run.cli import compose_config, main
 from areal_async.config import SFTConfig, TrainConfig
-from areal_async.data.synthetic import ArithmeticSpec, arithmetic_problems, evaluate_expression
+from areal_async.config import ArithmeticConfig
+from areal_async.data.synthetic import arithmetic_problems, evaluate_expression
 from areal_async.model import load_pretrained
 from areal_async.run.sft import BUNDLED_WARMSTART, run_sft
 from areal_async.run.trainer import run_training
@@ -126,7 +127,7 @@ def test_sft_is_reproducible(tmp_path):
 
 
 def test_synthetic_problems_are_correct_and_splits_disjoint():
-    spec = ArithmeticSpec(min_operands=2, max_operands=3, max_operand=20, operators="+-*")
+    spec = ArithmeticConfig(min_operands=2, max_operands=3, max_operand=20, operators="+-*")
     train = arithmetic_problems(300, spec, seed=0, held_out=False)
     heldout = arithmetic_problems(100, spec, seed=0, held_out=True)
     assert not {r.prompt for r in train} & {r.prompt for r in heldout}
@@ -136,7 +137,7 @@ def test_synthetic_problems_are_correct_and_splits_disjoint():
         expression = record.prompt.removeprefix("Q: ").removesuffix("\nA: ")
         assert record.solutions == (f"\\boxed{{{evaluate_expression(expression)}}}",)
     with pytest.raises(ValueError, match="too small"):
-        arithmetic_problems(100, ArithmeticSpec(max_operand=2, operators="+"), seed=0, held_out=False)
+        arithmetic_problems(100, ArithmeticConfig(max_operand=2, operators="+"), seed=0, held_out=False)
 
 
 def test_a_generation_error_that_repeats_stops_the_run_at_once_with_its_traceback(tmp_path):

@@ -13,12 +13,11 @@ from areal_async.data.loaders import (
     load_prompts,
 )
 from areal_async.data.records import DatasetError, PromptRecord
-from areal_async.data.synthetic import ArithmeticSpec, arithmetic_problems
+from areal_async.data.synthetic import arithmetic_problems
 
 __all__ = [
     "PROMPT_LOADERS",
     "VALID_TASKS",
-    "ArithmeticSpec",
     "DatasetError",
     "PromptRecord",
     "arithmetic_problems",
@@ -49,10 +48,8 @@ def _with_gold(records: list[PromptRecord]) -> list[PromptRecord]:
 def load_train_and_heldout(config) -> tuple[list[PromptRecord], list[PromptRecord]]:
     """The training prompts and the held-out prompts described by a DataConfig."""
     if config.kind.value == "synthetic":
-        a = config.arithmetic
-        spec = ArithmeticSpec(a.min_operands, a.max_operands, a.max_operand, a.operators)
-        train = arithmetic_problems(config.num_train, spec, seed=config.seed, held_out=False)
-        heldout = arithmetic_problems(config.num_heldout, spec, seed=config.seed + 1, held_out=True)
+        train = arithmetic_problems(config.num_train, config.arithmetic, seed=config.seed, held_out=False)
+        heldout = arithmetic_problems(config.num_heldout, config.arithmetic, seed=config.seed + 1, held_out=True)
         return train, heldout
     if not config.path:
         raise ValueError(f"data.kind={config.kind.value} needs data.path")

@@ -4,29 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass
 
+from areal_async.config import ArithmeticConfig
 from areal_async.data.records import PromptRecord
 
 HELD_OUT_BUCKETS = 10  # one problem in ten (by hash) is reserved for the held-out set
-
-
-@dataclass(frozen=True)
-class ArithmeticSpec:
-    """Difficulty: `min_operands`..`max_operands` integers in [0, max_operand] joined by `operators`."""
-
-    min_operands: int = 2
-    max_operands: int = 2
-    max_operand: int = 99
-    operators: str = "+-"
-
-    def __post_init__(self) -> None:
-        if not 2 <= self.min_operands <= self.max_operands:
-            raise ValueError(f"need 2 <= min_operands <= max_operands, got {self.min_operands}, {self.max_operands}")
-        if self.max_operand < 1:
-            raise ValueError(f"max_operand must be >= 1, got {self.max_operand}")
-        if not self.operators or set(self.operators) - set("+-*"):
-            raise ValueError(f"operators must be a non-empty subset of '+-*', got {self.operators!r}")
 
 
 def evaluate_expression(expression: str) -> int:
@@ -60,7 +42,7 @@ def _is_held_out(expression: str) -> bool:
     return digest[0] % HELD_OUT_BUCKETS == 0
 
 
-def _random_expression(rng: random.Random, spec: ArithmeticSpec) -> str:
+def _random_expression(rng: random.Random, spec: ArithmeticConfig) -> str:
     count = rng.randint(spec.min_operands, spec.max_operands)
     parts = [str(rng.randint(0, spec.max_operand))]
     for _ in range(count - 1):
@@ -68,7 +50,7 @@ def _random_expression(rng: random.Random, spec: ArithmeticSpec) -> str:
     return "".join(parts)
 
 
-def arithmetic_problems(count: int, spec: ArithmeticSpec, seed: int, held_out: bool) -> list[PromptRecord]:
+def arithmetic_problems(count: int, spec: ArithmeticConfig, seed: int, held_out: bool) -> list[PromptRecord]:
     """`count` distinct problems from the training split (held_out=False) or the held-out split.
 
     The two splits are disjoint by construction (a hash of the expression picks the split), so any seeds

@@ -12,16 +12,12 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from areal_async.config import SFTConfig
-from areal_async.data.synthetic import ArithmeticSpec, arithmetic_problems, noisy_demonstration
+from areal_async.data.synthetic import arithmetic_problems, noisy_demonstration
 from areal_async.model import CausalLM, DecoderConfig, save_pretrained, sequence_logprobs
 from areal_async.model.tokenizer import build_byte_tokenizer
 from areal_async.packing import pad_prompt_output_batch
 
 BUNDLED_WARMSTART = Path(__file__).resolve().parents[1] / "assets" / "arith-warmstart"  # package data of areal_async
-
-
-def arithmetic_spec(config) -> ArithmeticSpec:
-    return ArithmeticSpec(config.min_operands, config.max_operands, config.max_operand, config.operators)
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:
@@ -57,7 +53,7 @@ def run_sft(config: SFTConfig, show_progress: bool = True) -> Path:
             )
         )
         model.to(config.device)
-        problems = arithmetic_problems(10000, arithmetic_spec(config.arithmetic), seed=config.seed, held_out=False)
+        problems = arithmetic_problems(10000, config.arithmetic, seed=config.seed, held_out=False)
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01, betas=(0.9, 0.98))
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: warmup_cosine(s, config.warmup_steps, config.steps)
