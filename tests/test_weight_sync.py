@@ -1,4 +1,4 @@
-"""Weight publishing: layout, exact XOR deltas, checksums, versions/snapshots, and the three transports."""
+"""Weight publishing: layout, exact XOR deltas, checksums, versions/snapshots, and the transports."""
 
 from __future__ import annotations
 
@@ -12,10 +12,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as torch_mp
 
-from areal_async import weight_sync
 from areal_async.model import CausalLM, DecoderConfig
 from areal_async.weight_sync import (
-    CudaIpcTransport,
+    MAX_SNAPSHOT_REFETCHES,
     InProcessTransport,
     MessageKind,
     ParamSpec,
@@ -28,7 +27,6 @@ from areal_async.weight_sync import (
     decode_header,
     encode_header,
     gather_bucket,
-    make_ipc_channels,
     param_specs,
     plan_buckets,
     scatter_bucket,
@@ -36,6 +34,7 @@ from areal_async.weight_sync import (
     splitmix64,
     state_checksum,
 )
+from areal_async.weight_sync import bits as bit_patterns
 from conftest import TINY
 
 SMALL_BUCKET_BYTES = 1024
@@ -116,7 +115,7 @@ def test_splitmix64_matches_reference() -> None:
 @pytest.mark.parametrize("bits_dtype", [torch.int8, torch.int16, torch.int32, torch.int64])
 def test_checksum_detects_every_single_bit_flip_tried(bits_dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(1)
-    n = 3 * weight_sync._CHECKSUM_ROW + 777  # several rows and a ragged tail
+    n = 3 * bit_patterns._CHECKSUM_ROW + 777  # several rows and a ragged tail
     info = torch.iinfo(bits_dtype)
     words = torch.randint(info.min, info.max, (n,), generator=g, dtype=torch.int64).to(bits_dtype)
     reference = bits_checksum(words).item()
@@ -134,10 +133,10 @@ def test_checksum_detects_every_single_bit_flip_tried(bits_dtype: torch.dtype) -
 
 
 def test_checksum_does_not_depend_on_span(monkeypatch: pytest.MonkeyPatch) -> None:
-    words = torch.randint(-2**31, 2**31 - 1, (5 * weight_sync._CHECKSUM_ROW + 123,), dtype=torch.int64)
+    words = torch.randint(-2**31, 2**31 - 1, (5 * bit_patterns._CHECKSUM_ROW + 123,), dtype=torch.int64)
     words = words.to(torch.int32)
     default = bits_checksum(words).item()
-    monkeypatch.setattr(weight_sync, "_CHECKSUM_SPAN", 2 * weight_sync._CHECKSUM_ROW)
+    monkeypatch.setattr(bit_patterns, "_CHECKSUM_SPAN", 2 * bit_patterns._CHECKSUM_ROW)
     assert bits_checksum(words).item() == default
 
 
@@ -337,7 +336,7 @@ def test_damage_that_persists_gives_up_and_the_next_round_recovers() -> None:
     publisher = WeightPublisher(state, transport, bucket_bytes=SMALL_BUCKET_BYTES)
     receiver = WeightReceiver(zeros_like_state(state), transport)
     publisher.publish(state, 0)
-    transport.damaged = 1 + weight_sync.MAX_SNAPSHOT_REFETCHES
+    transport.damaged = 1 + MAX_SNAPSHOT_REFETCHES
     with pytest.raises(WeightSyncError, match=r"version 0 \(snapshot\): buckets \[\d+\] do not match.*2 snapshots"):
         receiver.sync()
     assert receiver.version == -1 and transport.damaged == 0
@@ -441,54 +440,3 @@ def test_gloo_publisher_and_two_receivers_across_processes() -> None:
     assert sent[1][1] == 0 and 0 < sent[1][0] < snapshot_bytes
     assert sent[GLOO_DAMAGED] == (sent[GLOO_DAMAGED][0], snapshot_bytes)  # the broadcast delta, then a snapshot
 
-
-# --------------------------------------------------------------------------------- CUDA IPC (GPU)
-
-IPC_VERSIONS = 8
-IPC_MISSED = range(3, 5)
-
-
-def ipc_receiver(channel, results) -> None:
-    """Receiver process on the same GPU: syncs every version outside IPC_MISSED and reports checksums."""
-    try:
-        state = OrderedDict((k, v.cuda()) for k, v in zeros_like_state(model_like_state(0)).items())
-        receiver = WeightReceiver(state, CudaIpcTransport({1: channel}, timeout_s=60))
-        checksums, kinds = {}, {}
-        for version in range(IPC_VERSIONS):
-            if version not in IPC_MISSED:
-                assert receiver.sync() == version
-                checksums[version], kinds[version] = state_checksum(state), receiver.stats()["kind"]
-        results.put((checksums, kinds))
-    except BaseException:
-        results.put(("error", traceback.format_exc()))
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_ipc_transport_on_one_gpu() -> None:
-    context = torch_mp.get_context("spawn")
-    channels = make_ipc_channels([1], context)
-    results = context.Queue()
-    process = context.Process(target=ipc_receiver, args=(channels[1], results))
-    process.start()
-    try:
-        g = torch.Generator().manual_seed(6)
-        host_state = model_like_state(0)
-        publisher = None
-        expected = {}
-        for version in range(IPC_VERSIONS):
-            if version:
-                adamw_like_step(host_state, g, version)
-            state = OrderedDict((k, v.cuda()) for k, v in host_state.items())
-            publisher = publisher or WeightPublisher(state, CudaIpcTransport(channels, timeout_s=60),
-                                                     bucket_bytes=SMALL_BUCKET_BYTES)
-            publisher.publish(state, version, receivers=[] if version in IPC_MISSED else [1])
-            expected[version] = state_checksum(state)
-        checksums, kinds = results.get(timeout=60)
-        assert checksums != "error", kinds
-    finally:
-        process.join(timeout=20)
-        if process.is_alive():
-            process.kill()
-    assert checksums == {v: c for v, c in expected.items() if v not in IPC_MISSED}
-    assert kinds[IPC_MISSED.stop] == "snapshot" and kinds[1] == "delta"
