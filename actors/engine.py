@@ -387,7 +387,7 @@ class TorchEngine:
         count = min(len(call.free), len(call.pending))
         admitted = [call.pending.pop() for _ in range(count)]
         targets, call.free = call.free[:count], call.free[count:]
-        state, device, prompts = self._state, self.device, call.prompts
+        prompts = call.prompts
         start = 0
         while start < count:  # chunks of at most `prefill_tokens` padded tokens
             longest, end = 0, start

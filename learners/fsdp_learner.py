@@ -315,7 +315,6 @@ class FSDPLearner:
         over the ranks. Returns the step's stats over all ranks (token means; behaviour_weight_max: max);
         read=False: as 0-d fp64 device tensors, reduced over the ranks on the device, not yet read (see
         `read_stats`)."""
-        device = self.ppo.device
         local_tokens = sum(b.num_output_tokens for b in micro_batches)
         (global_tokens,) = self._all_reduce_floats([local_tokens], dist.ReduceOp.SUM)
         if read and not self.learner_config.defer_reads and self.group is not None:  # read, then reduce floats

@@ -1,6 +1,5 @@
 """Padding layout, token-budget micro-batches, the staleness rule and the conservation ledger."""
 
-import numpy as np
 import pytest
 
 from areal_async.ledger import Ledger, ShardCounts
