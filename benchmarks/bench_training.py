@@ -395,12 +395,12 @@ def hf_padded_microbatches(sequences: list[torch.Tensor], budget: int) -> list[l
 
 def pack_kernels(lengths: list[int], system: str) -> list[str]:
     """The attention kernel each of our packs of these sequences gets on CUDA (bf16) under `system`'s settings."""
-    from areal_async.model import decoder
+    from areal_async.model import attention as model_attention
     from areal_async.packing import split_into_packs
 
     head_dim = SHAPE["hidden_size"] // SHAPE["num_attention_heads"]
     attention = variant_learner_config(system).packed_attention
-    return [decoder.cuda_packed_kernel([lengths[i] for i in pack], torch.bfloat16, head_dim, attention)
+    return [model_attention.cuda_packed_kernel([lengths[i] for i in pack], torch.bfloat16, head_dim, attention)
             for pack in split_into_packs(lengths, SIZES["budget"])]
 
 
@@ -678,13 +678,24 @@ def check_lm_head(checks: dict) -> None:
     }
 
 
+def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """Causal mask over packed rows: a query sees earlier keys of its own document only.
+
+    document_ids: [B, T] int -> [B, 1, T, T] bool (O(T^2) memory). Every query sees itself, so no row is empty.
+    """
+    seq = document_ids.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=document_ids.device).tril()
+    same_document = document_ids[:, :, None] == document_ids[:, None, :]
+    return (causal & same_document)[:, None]
+
+
 def check_attention(checks: dict) -> None:
     """Packed attention kernels against SDPA in fp32 with the dense document mask (mixed lengths), cuDNN against
     varlen flash on the (a) pack in bf16, and each one's time per layer there (forward + backward). Falls back
     to repeated key/value heads if cuDNN rejects grouped-query shapes, and to flash (the learner config's
     packed_attention.kernel) if cuDNN fails or disagrees; to flex if flash does."""
     from areal_async.config import PackedAttentionKernel
-    from areal_async.model import decoder
+    from areal_async.model import attention as model_attention
 
     settings = base_learner_config().packed_attention
 
@@ -703,13 +714,13 @@ def check_attention(checks: dict) -> None:
         out.backward(grad)
         return [out.detach()] + [t.grad for t in inputs]
 
-    flash = decoder.packed_flash_attention
-    by_length = decoder.attention_by_length
+    flash = model_attention.packed_flash_attention
+    by_length = model_attention.attention_by_length
     lengths = [1000, 1537, 463, 96, 1000]
     document_ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None].cuda()
     leaves, grad = random_inputs(sum(lengths))
     ref_leaves = [t.float().requires_grad_() for t in leaves]
-    mask = decoder.document_causal_mask(document_ids)
+    mask = document_causal_mask(document_ids)
     ref = torch.nn.functional.scaled_dot_product_attention(
         *(t.transpose(0, 1)[None] for t in ref_leaves), attn_mask=mask, enable_gqa=True)[0].transpose(0, 1)
     ref.backward(grad.float())
@@ -718,7 +729,7 @@ def check_attention(checks: dict) -> None:
     checks["attention"] = attention = {"mixed_lengths": lengths}
     try:
         attention["flash_rel_diff_vs_fp32"] = relative_diffs(
-            run(flash, decoder.document_spans(document_ids), leaves, grad), reference)
+            run(flash, model_attention.document_spans(document_ids), leaves, grad), reference)
         if max(attention["flash_rel_diff_vs_fp32"].values()) > 0.05:
             raise RuntimeError("varlen flash attention disagrees with the fp32 reference")
     except Exception:  # noqa: BLE001
@@ -730,7 +741,7 @@ def check_attention(checks: dict) -> None:
     for repeat_kv in (settings.cudnn_repeat_kv, True):
         settings.cudnn_repeat_kv = repeat_kv
         try:
-            got = run(by_length, decoder.document_length_groups(document_ids, kernel="cudnn", repeat_kv=repeat_kv),
+            got = run(by_length, model_attention.document_length_groups(document_ids, kernel="cudnn", repeat_kv=repeat_kv),
                       leaves, grad)
             attention["cudnn_rel_diff_vs_fp32"] = relative_diffs(got, reference)
             attention["cudnn_repeat_kv"] = repeat_kv
@@ -745,13 +756,13 @@ def check_attention(checks: dict) -> None:
     # The (a) pack: 4 documents of SIZES["seq"] tokens.
     document_ids = torch.arange(4).repeat_interleave(SIZES["seq"])[None].cuda()
     leaves, grad = random_inputs(4 * SIZES["seq"])
-    spans = decoder.document_spans(document_ids)
+    spans = model_attention.document_spans(document_ids)
     flash_out = run(flash, spans, leaves, grad)
     attention["pack_a_flash_fwd_bwd_ms"] = cuda_ms(lambda: run(flash, spans, leaves, grad))
     attention["pack_a_flash_fwd_ms"] = cuda_ms(lambda: flash(*leaves, spans))
     if cudnn_error is None:
         try:
-            groups = decoder.document_length_groups(document_ids, kernel="cudnn", repeat_kv=settings.cudnn_repeat_kv)
+            groups = model_attention.document_length_groups(document_ids, kernel="cudnn", repeat_kv=settings.cudnn_repeat_kv)
             attention["pack_a_cudnn_rel_diff_vs_flash_bf16"] = relative_diffs(
                 run(by_length, groups, leaves, grad), flash_out)
             attention["pack_a_cudnn_fwd_bwd_ms"] = cuda_ms(lambda: run(by_length, groups, leaves, grad))

@@ -1,10 +1,11 @@
-"""Our decoder against transformers' reference implementation, checkpoints, KV cache and padding."""
+"""Our decoder against transformers' reference implementation, checkpoints and padding (decoding with a cache:
+test_engine.py)."""
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from areal_async.model import CausalLM, DecoderConfig, KVCache, load_pretrained, save_pretrained, save_weights_pretrained
+from areal_async.model import CausalLM, DecoderConfig, load_pretrained, save_pretrained, save_weights_pretrained
 
 SHAPE = dict(
     vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=3, num_attention_heads=4,
@@ -63,20 +64,6 @@ def test_named_parameters_save_as_the_model_does(tmp_path, tied):
     assert (tmp_path / "model" / "config.json").read_text() == (tmp_path / "weights" / "config.json").read_text()
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name
-
-
-def test_kv_cache_decoding_matches_full_forward():
-    torch.manual_seed(4)
-    model = CausalLM(DecoderConfig(**SHAPE)).eval()
-    ids = torch.randint(0, SHAPE["vocab_size"], (2, 12))
-    with torch.no_grad():
-        full = model(ids)
-        cache = KVCache.allocate(model.config, batch=2, max_len=16, dtype=torch.float32, device="cpu")
-        steps = [model(ids[:, :5], kv_cache=cache)]
-        for t in range(5, 12):
-            steps.append(model(ids[:, t : t + 1], kv_cache=cache))
-    assert cache.length == 12
-    assert (torch.cat(steps, dim=1) - full).abs().max().item() < 1e-5
 
 
 def test_left_padding_does_not_change_real_tokens():

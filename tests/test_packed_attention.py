@@ -107,7 +107,7 @@ def test_cuda_packed_logprobs_match_padded_sdpa_in_bf16(backend):
 
 
 def test_document_spans_mark_each_run_of_ids_within_a_row():
-    from areal_async.model.decoder import document_spans
+    from areal_async.model.attention import document_spans
 
     ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2], [2, 2, 5, 5, 5, 5, 5, 7]])  # row 1 starts a new document
     spans = document_spans(ids)
@@ -163,17 +163,17 @@ def test_flash_layout_matches_dense_mask_path(monkeypatch, compiled):
     """The varlen-flash code path (DocumentSpans, [tokens, heads, dim] layout, the custom op's autograd and
     fake implementations) with a math stand-in for the CUDA kernel: logprobs and gradients equal the dense
     SDPA path's."""
-    from areal_async.model import decoder
+    from areal_async.model import attention as model_attention, decoder
 
     torch.manual_seed(5)
     model = _model(5).to(torch.float64).train()
     batch = pack_prompt_output_batch(PROMPTS, OUTPUTS)
 
     dense_logprobs, dense_grads = _logprobs_and_grads(model, batch)
-    monkeypatch.setattr(decoder, "_flash_varlen_forward_impl", _reference_flash_forward)
-    monkeypatch.setattr(decoder, "_flash_varlen_backward_impl", _reference_flash_backward)
+    monkeypatch.setattr(model_attention, "_flash_varlen_forward_impl", _reference_flash_forward)
+    monkeypatch.setattr(model_attention, "_flash_varlen_backward_impl", _reference_flash_backward)
     monkeypatch.setattr(decoder, "packed_attention_mask", lambda ids, dtype, head_dim, lengths=None, settings=None:
-                        decoder.document_spans(ids, decoder.offsets_from_lengths(ids, lengths)))
+                        model_attention.document_spans(ids, model_attention.offsets_from_lengths(ids, lengths)))
     if compiled:
         torch._dynamo.reset()
         for layer in model.model.layers:
@@ -215,20 +215,20 @@ def test_cudnn_length_group_path_matches_sdpa_path(monkeypatch, case, compiled):
     """The cuDNN code path (LengthGroups with the "cudnn" kernel: the permutation into length groups, the
     [documents, heads, length, dim] views, the custom op's autograd and fake implementations) with a math
     stand-in for the CUDA kernel: logprobs and gradients equal the SDPA length-group path's."""
-    from areal_async.model import decoder
+    from areal_async.model import attention as model_attention, decoder
 
     prompts, outputs = LENGTH_CASES[case]
     model = _model(6).to(torch.float64).train()
     batch = pack_prompt_output_batch(prompts, outputs)
 
     sdpa_logprobs, sdpa_grads = _logprobs_and_grads(model, batch)
-    monkeypatch.setattr(decoder, "_cudnn_causal_forward_impl", _reference_cudnn_forward)
-    monkeypatch.setattr(decoder, "_cudnn_causal_backward_impl", _reference_cudnn_backward)
+    monkeypatch.setattr(model_attention, "_cudnn_causal_forward_impl", _reference_cudnn_forward)
+    monkeypatch.setattr(model_attention, "_cudnn_causal_backward_impl", _reference_cudnn_backward)
     layouts = []
 
     def cudnn_layout(ids, dtype, head_dim, lengths=None, settings=None):
-        layouts.append(decoder.document_length_groups(ids, kernel="cudnn", repeat_kv=case == "four_lengths",
-                                                      offsets=decoder.offsets_from_lengths(ids, lengths)))
+        layouts.append(model_attention.document_length_groups(ids, kernel="cudnn", repeat_kv=case == "four_lengths",
+                                                      offsets=model_attention.offsets_from_lengths(ids, lengths)))
         return layouts[-1]
 
     monkeypatch.setattr(decoder, "packed_attention_mask", cudnn_layout)
@@ -247,7 +247,7 @@ def test_cudnn_length_group_path_matches_sdpa_path(monkeypatch, case, compiled):
 
 
 def test_length_groups_order_documents_by_length():
-    from areal_async.model.decoder import document_length_groups
+    from areal_async.model.attention import document_length_groups
 
     ids = torch.tensor([[0, 0, 1, 1, 1, 2, 2, 3, 3, 3]])  # lengths 2, 3, 2, 3
     layout = document_length_groups(ids, kernel="cudnn")
@@ -261,7 +261,7 @@ def test_length_groups_order_documents_by_length():
 def test_layout_from_host_lengths_matches_read_ids():
     """A PackedBatch's host-side document lengths give the layout read from its document ids (no device read),
     and the grouping needs a permutation exactly when the lengths decrease somewhere."""
-    from areal_async.model import decoder
+    from areal_async.model import attention as model_attention
     from areal_async.packing import pack_prompt_output_batch
 
     generator = torch.Generator().manual_seed(0)
@@ -271,9 +271,9 @@ def test_layout_from_host_lengths_matches_read_ids():
         batch = pack_prompt_output_batch([[1] * (n - 1) for n in lengths], [[2]] * count)
         ids = batch.document_ids
         assert batch.document_lengths == tuple(lengths) and batch.to("cpu").document_lengths == tuple(lengths)
-        offsets = decoder.offsets_from_lengths(ids, batch.document_lengths)
-        assert torch.equal(offsets, decoder._document_offsets(ids))
-        read, given = decoder.document_length_groups(ids), decoder.packed_attention_mask(ids, None, 8, lengths)
+        offsets = model_attention.offsets_from_lengths(ids, batch.document_lengths)
+        assert torch.equal(offsets, model_attention._document_offsets(ids))
+        read, given = model_attention.document_length_groups(ids), model_attention.packed_attention_mask(ids, None, 8, lengths)
         assert read.groups == given.groups and (read.order is None) == (given.order is None)
         assert (read.order is None) == (lengths == sorted(lengths))
         if read.order is not None:
@@ -282,18 +282,18 @@ def test_layout_from_host_lengths_matches_read_ids():
             expected = [t for d in by_length for t in range(sum(lengths[:d]), sum(lengths[: d + 1]))]
             assert read.order.tolist() == expected
     with pytest.raises(ValueError):
-        decoder.offsets_from_lengths(torch.zeros(1, 5, dtype=torch.long), (2, 2))
+        model_attention.offsets_from_lengths(torch.zeros(1, 5, dtype=torch.long), (2, 2))
 
 
 def test_cuda_kernel_choice():
     """Which kernel a CUDA pack gets: cuDNN length groups under "auto" only for few, long lengths."""
-    from areal_async.model import decoder
+    from areal_async.model import attention as model_attention
 
     bf16 = torch.bfloat16
 
     def kernel(lengths, dtype, head_dim, choice="auto"):
         settings = PackedAttentionConfig(PackedAttentionKernel(choice), cudnn_max_lengths=2, cudnn_min_length=512)
-        return decoder.cuda_packed_kernel(lengths, dtype, head_dim, settings)
+        return model_attention.cuda_packed_kernel(lengths, dtype, head_dim, settings)
 
     assert kernel([4096] * 4, bf16, 128) == "cudnn"
     assert kernel([4096, 2048, 4096], bf16, 128) == "cudnn"
@@ -313,7 +313,7 @@ def test_cuda_kernel_choice():
 def test_cuda_cudnn_length_groups_match_varlen_flash_in_bf16():
     """cuDNN's kernel on length groups (equal lengths; two lengths, permuted) against the varlen flash kernel,
     forward and backward, bf16, grouped-query heads."""
-    from areal_async.model import decoder
+    from areal_async.model import attention as model_attention
 
     generator = torch.Generator(device="cuda").manual_seed(0)
     for lengths in ([256] * 4, [640, 128, 640, 128]):
@@ -322,10 +322,10 @@ def test_cuda_cudnn_length_groups_match_varlen_flash_in_bf16():
         leaves = [torch.randn(tokens, h, 128, device="cuda", dtype=torch.bfloat16, generator=generator) for h in (8, 2, 2)]
         grad = torch.randn(tokens, 8, 128, device="cuda", dtype=torch.bfloat16, generator=generator)
         results = []
-        for layout in (decoder.document_length_groups(ids, kernel="cudnn"), decoder.document_spans(ids)):
+        for layout in (model_attention.document_length_groups(ids, kernel="cudnn"), model_attention.document_spans(ids)):
             inputs = [t.clone().requires_grad_() for t in leaves]
-            attention = decoder.attention_by_length if isinstance(layout, decoder.LengthGroups) \
-                else decoder.packed_flash_attention
+            attention = model_attention.attention_by_length if isinstance(layout, model_attention.LengthGroups) \
+                else model_attention.packed_flash_attention
             out = attention(*inputs, layout)
             out.backward(grad)
             results.append([out.float()] + [t.grad.float() for t in inputs])

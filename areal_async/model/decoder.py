@@ -6,16 +6,18 @@ checkpoint folder loads with a plain `load_state_dict`.
 
 from __future__ import annotations
 
-import functools
-import itertools
 from dataclasses import asdict, dataclass, fields
-from typing import NamedTuple
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from areal_async.config import PackedAttentionConfig, PackedAttentionKernel
+from areal_async.config import PackedAttentionConfig
+from areal_async.model.attention import (
+    DocumentSpans, LengthGroups, attend, attention_by_length, attention_mask, packed_attention_mask,
+    packed_flash_attention,
+)
 
 
 @dataclass
@@ -76,43 +78,18 @@ class DecoderConfig:
         return hf
 
 
-@dataclass
-class KVCache:
-    """Static key/value slots for incremental decoding.
+class DecodeCache(Protocol):
+    """A key/value cache `CausalLM.hidden_states` decodes with (the engine's `slot_cache.SlotKVCache`): it picks
+    the new tokens' RoPE positions and attention mask, stores their keys and values and runs the attention."""
 
-    keys, values: [layers, batch, kv_heads, max_len, head_dim]; valid: [batch, max_len] marks slots that hold
-    a real (non-padding) token; length: slots filled so far (the same for every row).
-    """
+    def positions_and_mask(self, input_ids: torch.Tensor, valid, positions) -> tuple[torch.Tensor, Any]:
+        """RoPE positions [B, T] of the next T tokens and the mask their attention takes."""
 
-    keys: torch.Tensor
-    values: torch.Tensor
-    valid: torch.Tensor
-    length: int = 0
-
-    @classmethod
-    def allocate(cls, config: DecoderConfig, batch: int, max_len: int, dtype, device) -> "KVCache":
-        shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
-        return cls(
-            keys=torch.zeros(shape, dtype=dtype, device=device),
-            values=torch.zeros(shape, dtype=dtype, device=device),
-            valid=torch.zeros(batch, max_len, dtype=torch.bool, device=device),
-        )
-
-    # The cache protocol of `CausalLM.hidden_states` (also implemented by `slot_cache.SlotKVCache`):
-    def positions_and_mask(self, input_ids, valid, positions):
-        """RoPE positions [B, T] and the attention mask of the next T tokens; marks their validity."""
-        return CausalLM._padded_positions_and_mask(input_ids, valid, positions, self)
-
-    def attention(self, layer_index: int, q, k, v, mask) -> torch.Tensor:
-        """Appends k, v [B, Hkv, T, D] at slots length .. length+T-1; q [B, H, T, D] attends to all filled slots."""
-        start, end = self.length, self.length + q.shape[2]
-        self.keys[layer_index, :, :, start:end] = k
-        self.values[layer_index, :, :, start:end] = v
-        k, v = self.keys[layer_index, :, :, :end], self.values[layer_index, :, :, :end]
-        return attend(q, k, v, mask, enable_gqa=q.shape[1] != k.shape[1])
+    def attention(self, layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+        """Stores k, v [B, Hkv, T, D] of layer `layer_index`; q [B, H, T, D] attends to the cached keys."""
 
     def advance(self, tokens: int) -> None:
-        self.length += tokens
+        """Called once per forward, after the last layer, with the T tokens it appended."""
 
 
 class RMSNorm(nn.Module):
@@ -156,7 +133,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, layer_index: int, kv_cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, layer_index: int, kv_cache: DecodeCache | None) -> torch.Tensor:
         batch, seq, _ = x.shape
         if isinstance(mask, (DocumentSpans, LengthGroups)):  # packed rows in a [tokens, heads, dim] layout
             q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim)
@@ -177,7 +154,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv_cache is not None:  # the cache stores k, v and runs the attention (KVCache or SlotKVCache)
+        if kv_cache is not None:  # the cache stores k, v and runs the attention
             out = kv_cache.attention(layer_index, q, k, v, mask)
         else:
             out = attend(q, k, v, mask, enable_gqa=self.num_heads != self.num_kv_heads)
@@ -216,365 +193,15 @@ class DecoderBody(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-def attention_mask(query_valid: torch.Tensor, key_valid: torch.Tensor, query_offset: int) -> torch.Tensor:
-    """Causal mask over padded rows.
-
-    query_valid: [B, Tq] bool, key_valid: [B, Tk] bool, queries sit at key slots query_offset .. query_offset+Tq-1.
-    Returns [B, 1, Tq, Tk] bool. A padding query attends to its own slot only, so no row is empty (SDPA would
-    return NaN) and padding never leaks into a real token.
-    """
-    tq, tk = query_valid.shape[1], key_valid.shape[1]
-    device = key_valid.device
-    query_slots = torch.arange(tq, device=device)[:, None] + query_offset
-    key_slots = torch.arange(tk, device=device)[None, :]
-    causal = key_slots <= query_slots  # [Tq, Tk]
-    mask = causal[None] & key_valid[:, None, :] & query_valid[:, :, None]
-    mask = mask | ((key_slots == query_slots)[None] & ~query_valid[:, :, None])
-    return mask[:, None]
-
-
-def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
-    """Causal mask over packed rows: a query sees earlier keys of its own document only.
-
-    document_ids: [B, T] int -> [B, 1, T, T] bool (O(T^2) memory). Every query sees itself, so no row is empty.
-    """
-    seq = document_ids.shape[1]
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=document_ids.device).tril()
-    same_document = document_ids[:, :, None] == document_ids[:, None, :]
-    return (causal & same_document)[:, None]
-
-
-def document_block_mask(document_ids: torch.Tensor):
-    """The same mask as `document_causal_mask`, as a flex-attention BlockMask: the kernel skips fully masked
-    128x128 blocks. document_ids: [B, T] int. Building it (uncompiled) holds a transient [B, 1, T, T] bool,
-    once per forward: 256 MiB at T = 16K."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    def same_document_causal(b, h, q, kv):
-        return (document_ids[b, q] == document_ids[b, kv]) & (q >= kv)
-
-    batch, seq = document_ids.shape
-    return create_block_mask(same_document_causal, batch, None, seq, seq, device=document_ids.device)
-
-
-class DocumentSpans(NamedTuple):
-    """Packed-mode layout for the varlen flash kernel: the rows' tokens flattened to [B * T], cu_seqlens
-    [documents + 1] int32 the offsets where each document starts (and the total at the end), max_len the
-    longest document."""
-
-    cu_seqlens: torch.Tensor
-    max_len: int
-
-
-def _document_offsets(document_ids: torch.Tensor) -> torch.Tensor:
-    """Where each document of packed rows starts in the flattened [B * T] tokens, with the total at the end:
-    [documents + 1] int64 on the host (a document is a run of equal ids within a row). Reads the ids on the
-    host (one device sync)."""
-    batch, seq = document_ids.shape
-    ids = document_ids.detach().to("cpu", torch.long)
-    starts = torch.ones(batch, seq, dtype=torch.bool)
-    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
-    offsets = starts.reshape(-1).nonzero().squeeze(-1)
-    return torch.cat([offsets, torch.tensor([batch * seq])])
-
-
-def document_spans(document_ids: torch.Tensor, offsets: torch.Tensor | None = None) -> DocumentSpans:
-    """DocumentSpans of packed rows: a document is a run of equal ids within a row. document_ids: [B, T] int;
-    offsets: their `_document_offsets` if already read (else they are read here: one device sync)."""
-    batch, seq = document_ids.shape
-    cu_seqlens = _document_offsets(document_ids) if offsets is None else offsets
-    max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if batch * seq else 0
-    return DocumentSpans(cu_seqlens.to(torch.int32).to(document_ids.device, non_blocking=True), max_len)
-
-
-def cuda_packed_kernel(lengths, dtype: torch.dtype | None, head_dim: int | None,
-                       settings: PackedAttentionConfig) -> str:
-    """Which kernel `settings` pick on CUDA for a pack with these document lengths (any iterable of ints) and
-    attention inputs of this dtype and head size: "cudnn", "flash" or "flex"."""
-    kernel = settings.kernel
-    fused_ok = dtype in (torch.bfloat16, torch.float16) and head_dim is not None and head_dim % 8 == 0 \
-        and head_dim <= 256
-    if kernel is PackedAttentionKernel.flex or not fused_ok:
-        return "flex"
-    if kernel is PackedAttentionKernel.flash or head_dim > 128:
-        return "flash"
-    if kernel is PackedAttentionKernel.cudnn:
-        return "cudnn"
-    distinct = set(lengths)
-    few_long_lengths = (bool(distinct) and len(distinct) <= settings.cudnn_max_lengths
-                        and min(distinct) >= settings.cudnn_min_length)
-    return "cudnn" if few_long_lengths else "flash"
-
-
-def offsets_from_lengths(document_ids: torch.Tensor, document_lengths) -> torch.Tensor | None:
-    """`_document_offsets` of packed rows whose documents' lengths (in token order) the host already knows:
-    their running sum, without reading document_ids back from the device. None without lengths."""
-    if document_lengths is None:
-        return None
-    if sum(document_lengths) != document_ids.numel() or min(document_lengths, default=1) < 1:
-        raise ValueError(f"document_lengths sum to {sum(document_lengths)}, not the {document_ids.numel()} tokens")
-    return torch.tensor([0, *itertools.accumulate(document_lengths)], dtype=torch.long)
-
-
-def packed_attention_mask(
-    document_ids: torch.Tensor, dtype: torch.dtype | None = None, head_dim: int | None = None,
-    document_lengths=None, settings: PackedAttentionConfig | None = None,
-):
-    """The packed-mode mask for `attend`, built once per forward and shared by all layers.
-    document_ids: [B, T] int; dtype, head_dim: the attention inputs' dtype and head size; document_lengths:
-    the documents' lengths in token order if the host knows them (else document_ids are read back: a device
-    sync); settings: the kernel choice (default: PackedAttentionConfig()).
-
-    On CUDA, as `cuda_packed_kernel` picks: LengthGroups with the cuDNN kernel, DocumentSpans for the varlen
-    flash kernel, or a flex BlockMask. Elsewhere LengthGroups with the SDPA kernel (one dense causal SDPA per
-    distinct document length)."""
-    settings = settings or PackedAttentionConfig()
-    offsets = offsets_from_lengths(document_ids, document_lengths)
-    if not document_ids.is_cuda:
-        return document_length_groups(document_ids, offsets=offsets)
-    if cuda_packed_kernel((), dtype, head_dim, settings) == "flex":
-        return document_block_mask(document_ids)
-    if offsets is None:
-        offsets = _document_offsets(document_ids)
-    kernel = cuda_packed_kernel((offsets[1:] - offsets[:-1]).tolist(), dtype, head_dim, settings)
-    if kernel == "cudnn":
-        return document_length_groups(document_ids, kernel="cudnn", offsets=offsets,
-                                      repeat_kv=settings.cudnn_repeat_kv)
-    return document_spans(document_ids, offsets)
-
-
-class LengthGroups(NamedTuple):
-    """Packed-mode layout as dense batches: the documents of each distinct length attend as one dense causal
-    batch. order: [tokens] the flattened token positions grouped by document length, or None where the pack
-    is in that order already; inverse: its inverse permutation (None with order); groups: (documents, length)
-    per group, in that order; kernel: "sdpa" (F.scaled_dot_product_attention, any device) or "cudnn"
-    (`cudnn_causal_attention`, CUDA); repeat_kv: cuDNN gets the key/value heads repeated to the query heads."""
-
-    order: torch.Tensor | None
-    inverse: torch.Tensor | None
-    groups: tuple[tuple[int, int], ...]
-    kernel: str = "sdpa"
-    repeat_kv: bool = False
-
-
-def document_length_groups(
-    document_ids: torch.Tensor, kernel: str = "sdpa", offsets: torch.Tensor | None = None, repeat_kv: bool = False,
-) -> LengthGroups:
-    """LengthGroups of packed rows (documents are runs of equal ids within a row). document_ids: [B, T];
-    offsets: their `_document_offsets` if already read."""
-    cu_seqlens = _document_offsets(document_ids) if offsets is None else offsets
-    starts, lengths = cu_seqlens[:-1].tolist(), (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    by_length: dict[int, list[int]] = {}
-    for start, length in zip(starts, lengths):
-        by_length.setdefault(length, []).append(start)
-    groups = tuple((len(group_starts), length) for length, group_starts in sorted(by_length.items()))
-    # The documents (contiguous, in order) are already grouped when their lengths never decrease (equal
-    # lengths, say): no permutation (decided per document, not per token: host time at the start of a step).
-    if all(a <= b for a, b in zip(lengths, lengths[1:])):
-        return LengthGroups(None, None, groups, kernel, repeat_kv)
-    order = [start + offset for length, group_starts in sorted(by_length.items()) for start in group_starts
-             for offset in range(length)]
-    order_t = torch.tensor(order, dtype=torch.long, device=document_ids.device)
-    return LengthGroups(order_t, torch.argsort(order_t), groups, kernel, repeat_kv)
-
-
-def attention_by_length(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: LengthGroups) -> torch.Tensor:
-    """Causal attention within each document, q [N, H, D], k, v [N, Hkv, D] -> [N, H, D]: one dense call per
-    distinct document length (SDPA or cuDNN, as layout.kernel says) instead of an N x N mask."""
-    if layout.order is not None:
-        q, k, v = (t.index_select(0, layout.order) for t in (q, k, v))
-    outputs, offset = [], 0
-    for documents, length in layout.groups:
-        rows = slice(offset, offset + documents * length)
-        if layout.kernel == "cudnn":
-            outputs.append(cudnn_causal_attention(q[rows], k[rows], v[rows], documents, length, layout.repeat_kv))
-        else:
-            q_g, k_g, v_g = (_as_documents(t[rows], documents, length) for t in (q, k, v))
-            out = F.scaled_dot_product_attention(q_g, k_g, v_g, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
-            outputs.append(out.transpose(1, 2).reshape(documents * length, q.shape[1], q.shape[2]))
-        offset += documents * length
-    out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
-    return out if layout.inverse is None else out.index_select(0, layout.inverse)
-
-
-def _as_documents(t: torch.Tensor, documents: int, length: int) -> torch.Tensor:
-    """[documents * length, heads, dim] -> [documents, heads, length, dim], a view (no copy)."""
-    return t.view(documents, length, t.shape[1], t.shape[2]).transpose(1, 2)
-
-
-def _cudnn_causal_forward_impl(q, k, v, documents, length):
-    """cuDNN's fused causal attention over `documents` documents of `length` tokens each, packed back to back:
-    q [documents * length, H, D], k, v [documents * length, Hkv, D] (grouped-query heads as they are) ->
-    (out [documents * length, H, D], logsumexp [documents, H, length, 1] fp32). cuDNN takes the strided
-    [documents, heads, length, dim] views and writes its output in q's memory layout, so no copies."""
-    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
-        _as_documents(q, documents, length), _as_documents(k, documents, length),
-        _as_documents(v, documents, length), None, True, 0.0, True, False,
-    )[:2]
-    return out.transpose(1, 2).reshape(q.shape), lse
-
-
-def _cudnn_causal_backward_impl(grad_out, q, k, v, out, lse, documents, length):
-    """Gradients (dq, dk, dv) of `_cudnn_causal_forward_impl`, in the packed layout. Without dropout the
-    kernel reads no seed or offset: it gets placeholders; no bias, no nested offsets."""
-    unused = torch.zeros((), dtype=torch.int64, device=q.device)
-    grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-        *(_as_documents(t, documents, length) for t in (grad_out, q, k, v, out)), lse, unused, unused,
-        None, None, None, length, length, 0.0, True,
-    )
-    return tuple(g.transpose(1, 2).reshape(t.shape) for g, t in zip(grads, (q, k, v)))
-
-
-@torch.library.custom_op("areal_async::cudnn_causal_forward", mutates_args=())
-def _cudnn_causal_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: int, length: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = _cudnn_causal_forward_impl(q, k, v, documents, length)
-    return out.contiguous(), lse.contiguous()  # the layouts the fake promises (no-ops for cuDNN's)
-
-
-@_cudnn_causal_forward.register_fake
-def _cudnn_causal_forward_fake(q, k, v, documents, length):
-    return torch.empty_like(q), q.new_empty((documents, q.shape[1], length, 1), dtype=torch.float32)
-
-
-@torch.library.custom_op("areal_async::cudnn_causal_backward", mutates_args=())
-def _cudnn_causal_backward(
-    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-    lse: torch.Tensor, documents: int, length: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv = _cudnn_causal_backward_impl(grad_out, q, k, v, out, lse, documents, length)
-    return dq.contiguous(), dk.contiguous(), dv.contiguous()
-
-
-@_cudnn_causal_backward.register_fake
-def _cudnn_causal_backward_fake(grad_out, q, k, v, out, lse, documents, length):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _cudnn_causal_setup_context(ctx, inputs, output) -> None:
-    q, k, v, documents, length = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.documents, ctx.length = documents, length
-
-
-def _cudnn_causal_backward_rule(ctx, grad_out, grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _cudnn_causal_backward(grad_out.contiguous(), q, k, v, out, lse, ctx.documents, ctx.length)
-    return dq, dk, dv, None, None
-
-
-_cudnn_causal_forward.register_autograd(_cudnn_causal_backward_rule, setup_context=_cudnn_causal_setup_context)
-
-
-def cudnn_causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: int, length: int, repeat_kv: bool = False
-) -> torch.Tensor:
-    """Causal attention within each of `documents` documents of `length` tokens, packed back to back:
-    q [documents * length, H, D], k, v [documents * length, Hkv, D] -> [documents * length, H, D], through
-    cuDNN's fused attention (CUDA, bf16/fp16). repeat_kv: repeat the key/value heads to the query heads first
-    (for a cuDNN build that rejects grouped-query shapes)."""
-    if repeat_kv and k.shape[1] != q.shape[1]:
-        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
-    out, _ = _cudnn_causal_forward(q.contiguous(), k.contiguous(), v.contiguous(), documents, length)
-    return out
-
-
-def _flash_varlen_forward_impl(q, k, v, cu_seqlens, max_len):
-    """Causal varlen flash attention (aten's flash kernel, GQA native): q [N, H, D], k, v [N, Hkv, D] ->
-    (out [N, H, D], logsumexp)."""
-    out, lse = torch.ops.aten._flash_attention_forward(
-        q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, 0.0, True, False
-    )[:2]
-    return out, lse
-
-
-def _flash_varlen_backward_impl(grad_out, q, k, v, out, lse, cu_seqlens, max_len):
-    """Gradients (dq, dk, dv) of `_flash_varlen_forward_impl`. Without dropout the kernel reads no RNG state:
-    it gets placeholders."""
-    rng_state = torch.zeros(2, dtype=torch.uint64, device=q.device)
-    unused = torch.empty(0, device=q.device)
-    dq, dk, dv = torch.ops.aten._flash_attention_backward(
-        grad_out, q, k, v, out, lse, cu_seqlens, cu_seqlens, max_len, max_len, 0.0, True, rng_state, unused
-    )
-    return dq, dk, dv
-
-
-@torch.library.custom_op("areal_async::flash_varlen_forward", mutates_args=())
-def _flash_varlen_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = _flash_varlen_forward_impl(q, k, v, cu_seqlens, max_len)
-    return out.contiguous(), lse.contiguous()  # the layouts the fake promises (no-ops for the flash kernel's)
-
-
-@_flash_varlen_forward.register_fake
-def _flash_varlen_forward_fake(q, k, v, cu_seqlens, max_len):
-    # aten's own shape function (its logsumexp layout differs between torch versions and platforms)
-    out, lse = torch.ops.aten._flash_attention_forward(
-        q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, 0.0, True, False
-    )[:2]
-    return torch.empty_like(q), torch.empty_like(lse)
-
-
-@torch.library.custom_op("areal_async::flash_varlen_backward", mutates_args=())
-def _flash_varlen_backward(
-    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-    lse: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv = _flash_varlen_backward_impl(grad_out, q, k, v, out, lse, cu_seqlens, max_len)
-    return dq.contiguous(), dk.contiguous(), dv.contiguous()
-
-
-@_flash_varlen_backward.register_fake
-def _flash_varlen_backward_fake(grad_out, q, k, v, out, lse, cu_seqlens, max_len):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _flash_varlen_setup_context(ctx, inputs, output) -> None:
-    q, k, v, cu_seqlens, max_len = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-    ctx.max_len = max_len
-
-
-def _flash_varlen_backward_rule(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv = _flash_varlen_backward(grad_out.contiguous(), q, k, v, out, lse, cu_seqlens, ctx.max_len)
-    return dq, dk, dv, None, None
-
-
-_flash_varlen_forward.register_autograd(_flash_varlen_backward_rule, setup_context=_flash_varlen_setup_context)
-
-
-def packed_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: DocumentSpans) -> torch.Tensor:
-    """Causal attention within each document of packed tokens: q [N, H, D], k, v [N, Hkv, D] -> [N, H, D]."""
-    out, _ = _flash_varlen_forward(q.contiguous(), k.contiguous(), v.contiguous(), spans.cu_seqlens, spans.max_len)
-    return out
-
-
-@functools.cache
-def compiled_flex_attention():
-    """flex_attention compiled once per process, on first use, so CPU runs never import or compile it.
-
-    Default (automatic) dynamic shapes: the first pack length compiles a static kernel, a second length
-    recompiles once with a symbolic length, so varying pack lengths do not recompile per length.
-    """
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention)
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, enable_gqa: bool) -> torch.Tensor:
-    """Attention of q: [B, H, Tq, D] over k, v: [B, Hkv, Tk, D] -> [B, H, Tq, D].
-
-    mask: a bool tensor [B, 1, Tq, Tk] (SDPA, any device) or a flex BlockMask (from `packed_attention_mask`;
-    its DocumentSpans go through `packed_flash_attention` instead, in a [tokens, heads, dim] layout).
-    """
-    if torch.is_tensor(mask):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
-    return compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=enable_gqa)
+def padded_positions_and_mask(input_ids: torch.Tensor, valid: torch.Tensor | None,
+                              positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded rows without a cache: RoPE positions [B, T] (default: count of valid tokens before each one) and
+    the attention mask [B, 1, T, T]."""
+    if valid is None:
+        valid = torch.ones_like(input_ids, dtype=torch.bool)
+    if positions is None:
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    return positions, attention_mask(valid, valid, 0)
 
 
 class CausalLM(nn.Module):
@@ -593,7 +220,7 @@ class CausalLM(nn.Module):
         input_ids: torch.Tensor,
         valid: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
+        kv_cache: DecodeCache | None = None,
         document_ids: torch.Tensor | None = None,
         document_lengths=None,
         packed_attention: PackedAttentionConfig | None = None,
@@ -601,9 +228,8 @@ class CausalLM(nn.Module):
         """Final-norm hidden states [B, T, hidden].
 
         input_ids: [B, T]; valid: [B, T] bool (False = padding; default all True); positions: [B, T] RoPE
-        positions (default: count of valid tokens before each one, including the cache's). With kv_cache, the
-        T tokens are appended at slots cache.length .. cache.length+T-1 and the cache's length advances (a
-        KVCache; a `SlotKVCache` places each row's tokens and picks positions and mask itself).
+        positions (default: count of valid tokens before each one). With kv_cache (a DecodeCache), the cache
+        places the T tokens and picks their positions and mask itself.
 
         Packed mode: document_ids [B, T] int marks which sequence each token belongs to (several sequences
         concatenated in a row); attention is causal within a document and never crosses into another.
@@ -615,7 +241,7 @@ class CausalLM(nn.Module):
         if document_ids is None and kv_cache is not None:
             positions, mask = kv_cache.positions_and_mask(input_ids, valid, positions)
         elif document_ids is None:
-            positions, mask = self._padded_positions_and_mask(input_ids, valid, positions, None)
+            positions, mask = padded_positions_and_mask(input_ids, valid, positions)
         else:
             if positions is None or valid is not None or kv_cache is not None:
                 raise ValueError("packed mode (document_ids) needs positions, and takes no valid mask or kv_cache")
@@ -632,26 +258,6 @@ class CausalLM(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(input_ids.shape[1])
         return self.model.norm(x)
-
-    @staticmethod
-    def _padded_positions_and_mask(
-        input_ids: torch.Tensor, valid: torch.Tensor | None, positions: torch.Tensor | None, kv_cache: KVCache | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padded mode: RoPE positions [B, T] and attention mask [B, 1, T, cache.length+T]; marks the new
-        slots' validity in the cache."""
-        seq = input_ids.shape[1]
-        if valid is None:
-            valid = torch.ones_like(input_ids, dtype=torch.bool)
-        offset = 0
-        if kv_cache is not None:
-            offset = kv_cache.length
-            kv_cache.valid[:, offset : offset + seq] = valid
-            key_valid = kv_cache.valid[:, : offset + seq]
-        else:
-            key_valid = valid
-        if positions is None:
-            positions = (key_valid.long().cumsum(-1) - 1).clamp(min=0)[:, offset:]
-        return positions, attention_mask(valid, key_valid, offset)
 
     def forward(self, input_ids, valid=None, positions=None, kv_cache=None, document_ids=None) -> torch.Tensor:
         return self.lm_head(self.hidden_states(input_ids, valid, positions, kv_cache, document_ids))
