@@ -6,6 +6,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from areal_async.prompts import PROMPT_TYPES
+
 
 class DataKind(enum.Enum):
     synthetic = "synthetic"
@@ -39,6 +41,9 @@ class ExtractMode(enum.Enum):
     final_answer = "final_answer"
     latex = "latex"
     last_number = "last_number"
+    # Not in "auto": the last <answer>...</answer> (Open-Reasoner-Zero's prompt, data.prompt_type=orz), a \boxed{}
+    # in it if there is one, else all of it; a response without the tag as "auto".
+    answer_tag = "answer_tag"
 
 
 class DecodeAttention(enum.Enum):
@@ -100,11 +105,21 @@ class DataConfig:
     path: str | None = None  # prompts file (areal_prompts, areal_jsonl, jsonl)
     id2info_path: str | None = None  # areal_prompts only
     heldout_path: str | None = None  # optional held-out file of the same kind (else a split of `path`)
-    prompt_template: str | None = None  # e.g. "{problem}\nPlease put your final answer within \\boxed{}."
+    # Put around every training and held-out prompt of a file (not synthetic), unless the prompt already has it:
+    # a prompt type's template (areal_async/prompts.py: r1-distilled, orz, boxed, none; as eval.prompt_type), or
+    # a template of your own, e.g. "{problem}\nPlease put your final answer within \\boxed{}." (not both).
+    prompt_type: str | None = None
+    prompt_template: str | None = None
     num_heldout: int = 200
     num_train: int = 20000  # synthetic only
     seed: int = 0
     arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
+
+    def __post_init__(self) -> None:  # composing the config fails here, before a run starts
+        if self.prompt_type is not None and self.prompt_type not in PROMPT_TYPES:
+            raise ValueError(f"data.prompt_type={self.prompt_type!r} is not one of {sorted(PROMPT_TYPES)}")
+        if self.prompt_type is not None and self.prompt_template is not None:
+            raise ValueError("set data.prompt_type or data.prompt_template, not both")
 
 
 @dataclass

@@ -89,12 +89,27 @@ def test_auto_order_prefers_boxed_then_answer_is_then_latex_then_number():
 
 def test_mode_restricts_to_one_strategy():
     text = "So $y$ is 4. The answer is 5. Final Answer: the value is 7. Check: \\boxed{6}"
-    assert [extract_answer(text, mode) for mode in EXTRACT_MODES] == ["6", "6", "5", "7", "y", "6"]
+    # answer_tag reads a response without <answer> tags as auto does
+    assert [extract_answer(text, mode) for mode in EXTRACT_MODES] == ["6", "6", "5", "7", "y", "6", "6"]
     assert extract_answer("only words", "last_number") is None
     assert extract_answer("only 5", "latex") is None
     with pytest.raises(ValueError):
         extract_answer("5", "unknown")
 
+
+@pytest.mark.parametrize("text, expected", [
+    (r"<think> so x = 3 </think> <answer> \frac{1}{2} </answer>", r"\frac{1}{2}"),  # all of it, not the last number
+    (r"<think> 7 </think> <answer> so \boxed{12} and 5 </answer> then 9", "12"),  # a box inside the tag wins
+    (r"<answer> 1 </answer> changed my mind <answer> 42 </answer>", "42"),  # the last tag
+    (r"<answer> 8 <|im_end|> </answer> 9", "8"),  # the tag closes after the turn ended: auto on what is left
+    (r"<answer>   </answer>", None),
+])
+def test_answer_tag_mode(text, expected):
+    assert extract_answer(text, "answer_tag") == expected
+
+
+def test_answer_tag_is_not_part_of_auto():
+    assert extract_answer(r"<think> so x = 3 </think> <answer> \frac{1}{2} </answer>") == "2"  # the last number
 
 def test_nothing_found_is_none():
     assert extract_answer("") is None

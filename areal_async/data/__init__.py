@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 from areal_async.data.loaders import (
@@ -14,6 +15,7 @@ from areal_async.data.loaders import (
 )
 from areal_async.data.records import DatasetError, PromptRecord
 from areal_async.data.synthetic import arithmetic_problems
+from areal_async.prompts import PLACEHOLDER, get_prompt_type, wrap
 
 __all__ = [
     "PROMPT_LOADERS",
@@ -26,7 +28,20 @@ __all__ = [
     "load_jsonl",
     "load_prompts",
     "load_train_and_heldout",
+    "prompt_template",
 ]
+
+
+def prompt_template(config) -> str | None:
+    """The template a DataConfig puts around every prompt: data.prompt_type's or data.prompt_template; ValueError
+    when both are set, the type is unknown or the template has no {problem}."""
+    if config.prompt_type is not None and config.prompt_template is not None:
+        raise ValueError("set data.prompt_type or data.prompt_template, not both")
+    if config.prompt_type is not None:
+        return get_prompt_type(config.prompt_type).template
+    if config.prompt_template is not None and PLACEHOLDER not in config.prompt_template:
+        raise ValueError(f"data.prompt_template must contain {PLACEHOLDER!r}, got {config.prompt_template!r}")
+    return config.prompt_template
 
 
 def _load_file(config, path: str) -> list[PromptRecord]:
@@ -34,10 +49,15 @@ def _load_file(config, path: str) -> list[PromptRecord]:
     if kind == "areal_prompts":
         if not config.id2info_path:
             raise ValueError("data.kind=areal_prompts needs data.id2info_path (the id2info.json file)")
-        return load_areal_prompts(path, config.id2info_path)
-    if kind == "areal_jsonl":
-        return load_areal_jsonl(path)
-    return load_jsonl(path, template=config.prompt_template)
+        records = load_areal_prompts(path, config.id2info_path)
+    elif kind == "areal_jsonl":
+        records = load_areal_jsonl(path)
+    else:
+        records = load_jsonl(path)
+    template = prompt_template(config)
+    if template is None:
+        return records
+    return [dataclasses.replace(record, prompt=wrap(template, record.prompt)) for record in records]
 
 
 def _with_gold(records: list[PromptRecord]) -> list[PromptRecord]:
@@ -48,6 +68,8 @@ def _with_gold(records: list[PromptRecord]) -> list[PromptRecord]:
 def load_train_and_heldout(config) -> tuple[list[PromptRecord], list[PromptRecord]]:
     """The training prompts and the held-out prompts described by a DataConfig."""
     if config.kind.value == "synthetic":
+        if config.prompt_type is not None or config.prompt_template is not None:
+            raise ValueError("data.kind=synthetic writes its own prompts: unset data.prompt_type and data.prompt_template")
         train = arithmetic_problems(config.num_train, config.arithmetic, seed=config.seed, held_out=False)
         heldout = arithmetic_problems(config.num_heldout, config.arithmetic, seed=config.seed + 1, held_out=True)
         return train, heldout

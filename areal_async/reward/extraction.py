@@ -14,6 +14,10 @@ Strategies, tried in this order by ``mode="auto"``:
   or what follows its last ``=`` (``$2 + 3 = 5$`` gives ``5``);
 * ``last_number``: the last number (integer, decimal, fraction ``3/4``, thousands commas dropped).
 
+``mode="answer_tag"`` (Open-Reasoner-Zero's prompt, which asks for ``<answer> ... </answer>``) is not part of
+"auto": it takes the content of the last closed ``<answer>...</answer>``, the last ``\\boxed{}`` in it if there is
+one, else all of it; a response without a closed tag is read as "auto" reads it (evaluation's ``judged_text``).
+
 Every scan is linear in the length of the text, so hostile responses cannot make it slow.
 """
 
@@ -40,6 +44,7 @@ _MATH_CLOSERS = {"$$": "$$", "\\[": "\\]", "\\(": "\\)"}
 # Text caught between two dollar amounts ("pays $5 and then $10", "$400 + $60"), not math:
 # two plain words in a row, or a dangling operator at the end.
 _NOT_MATH = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z]{2,}\s+[a-zA-Z]{2,}|[-+*/=<>^_,\u2013\u2212]$")
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _NUMBER = re.compile(
     r"(?<![\d.])-?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:/\d+)?"  # 12, 1,234.5, 3/4
     r"|(?<![\d.])-?\.\d+"  # .5
@@ -49,13 +54,20 @@ _NUMBER = re.compile(
 def extract_answer(text: str, mode: str = "auto") -> str | None:
     """Return the final answer written in ``text``, or None if the strategy finds nothing.
 
-    ``mode`` is ``"auto"`` (try every strategy in the order of the module docstring) or the name
-    of one strategy to use alone: ``"boxed"``, ``"answer_is"``, ``"latex"``, ``"last_number"``.
+    ``mode`` is ``"auto"`` (try every strategy in the order of the module docstring), the name
+    of one strategy to use alone: ``"boxed"``, ``"answer_is"``, ``"final_answer"``, ``"latex"``,
+    ``"last_number"``, or ``"answer_tag"`` (the module docstring).
     """
     if mode not in EXTRACT_MODES:
         raise ValueError(f"extract mode {mode!r} is not one of {EXTRACT_MODES}")
     if (end := _END_OF_TURN.search(text)) is not None:
         text = text[: end.start()]
+    if mode == "answer_tag":
+        tagged = _ANSWER_TAG.findall(text)
+        if tagged:
+            content = tagged[-1].strip()
+            return _extract_boxed(content) or content or None
+        mode = "auto"
     strategies = _STRATEGIES if mode == "auto" else {mode: _STRATEGIES[mode]}
     for strategy in strategies.values():
         answer = strategy(text)

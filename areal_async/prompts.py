@@ -1,0 +1,94 @@
+"""Prompt templates, for evaluation (`eval.prompt_type`, `areal-async eval --prompt-type`) and for training
+prompts (`data.prompt_type`), and the part of a response that is judged.
+
+``{problem}`` in a template is replaced by the problem text (plain substitution: other braces, such as the
+``\\boxed{}`` in the instructions, stay as they are).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+PLACEHOLDER = "{problem}"
+
+
+@dataclass(frozen=True)
+class PromptType:
+    """A prompt template.
+
+    Attributes:
+        template: Text with one ``{problem}``.
+        add_special_tokens: Passed to the tokenizer's encode; False where the template already holds the BOS
+            token (the R1-distilled chat format), so it is not added twice.
+        answer_tag: The response's answer is in ``<answer>...</answer>`` (Open-Reasoner-Zero); see
+            :func:`judged_text`.
+    """
+
+    template: str
+    add_special_tokens: bool = True
+    answer_tag: bool = False
+
+    def render(self, problem: str) -> str:
+        return self.template.replace(PLACEHOLDER, problem)
+
+
+PROMPT_TYPES: dict[str, PromptType] = {
+    # DeepSeek-R1-Distill chat format (BOS written out, hence no BOS added by the tokenizer)
+    "r1-distilled": PromptType(
+        "<｜begin▁of▁sentence｜><｜User｜>{problem}\nPlease reason step by step, and put your final answer within "
+        "\\boxed{}.<｜Assistant｜><think>\n",
+        add_special_tokens=False,
+    ),
+    # Open-Reasoner-Zero style: reasoning in <think></think>, answer in <answer></answer>
+    "orz": PromptType(
+        "A conversation between User and Assistant. The User asks a question, and the Assistant solves it. The "
+        "Assistant first thinks about the reasoning process in the mind and then provides the User with the answer. "
+        "The reasoning process is enclosed within <think> </think> and answer is enclosed within <answer> </answer> "
+        "tags, respectively, i.e., <think> reasoning process here </think> <answer> answer here </answer>. "
+        "User: {problem}\nAssistant: <think>",
+        answer_tag=True,
+    ),
+    # The synthetic task's training format (areal_async.data.synthetic.prompt_text): "Q: 37+45\nA: "
+    "boxed": PromptType("Q: {problem}\nA: "),
+    # The problem text as it is
+    "none": PromptType("{problem}"),
+}
+
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def wrap(template: str, text: str) -> str:
+    """`text` put in place of ``{problem}`` in `template`, unless `text` already has the template's words before and
+    after it (a prompt file that was templated when it was written is not templated twice)."""
+    head, _, tail = template.partition(PLACEHOLDER)
+    if len(text) >= len(head) + len(tail) and text.startswith(head) and text.endswith(tail):
+        return text
+    return template.replace(PLACEHOLDER, text)
+
+
+def get_prompt_type(name: str) -> PromptType:
+    try:
+        return PROMPT_TYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown prompt type {name!r}: choose one of {sorted(PROMPT_TYPES)}") from None
+
+
+def judged_text(response: str, prompt_type: PromptType) -> str:
+    """The text handed to the verifier's answer extraction for `response`.
+
+    For most prompt types this is the response itself (the verifier takes the last ``\\boxed{}``, and so on).
+    For ``answer_tag`` types the content of the last closed ``<answer>...</answer>`` is used: as it is when it
+    contains a ``\\boxed``, else wrapped as ``\\boxed{content}`` so the verifier's boxed extraction takes the
+    whole content (``<answer>\\frac{1}{2}</answer>`` -> ``\\frac{1}{2}``, not the last number). A response
+    without a closed answer tag is judged whole.
+    """
+    if not prompt_type.answer_tag:
+        return response
+    matches = _ANSWER_TAG.findall(response)
+    if not matches:
+        return response
+    content = matches[-1].strip()
+    if "\\boxed" in content or "\\fbox" in content:
+        return content
+    return f"\\boxed{{{content}}}"
