@@ -73,11 +73,21 @@ class WandbMode(enum.Enum):
     online = "online"
 
 
+class ModelShape(enum.Enum):
+    """Built-in model shapes (areal_async/model/shapes.py): the config.json values of public checkpoints, for
+    `areal-async plan` before the weights are on disk."""
+
+    r1_distill_qwen_1_5b = "r1_distill_qwen_1_5b"  # deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B
+    qwen2_5_7b = "qwen2_5_7b"  # Qwen/Qwen2.5-7B
+
+
 @dataclass
 class ModelConfig:
     # A Hugging Face checkpoint folder; null = the project's own warm start for the synthetic task.
     path: str | None = None
     dtype: str = "float32"
+    # The shape `areal-async plan` uses when `path` holds no config.json (training always reads `path`).
+    shape: ModelShape | None = None
 
 
 @dataclass
@@ -267,6 +277,12 @@ class ClusterConfig:
     worker_restart_window_s: float = 600.0
     # Weight-sync operations fail after this long (a member that never answers); gloo fails at once on a dead one.
     sync_timeout_s: float = 300.0
+    # The machines, for `areal-async plan` (areal_async/placement.py): `nodes` nodes of `gpus_per_node` GPUs with
+    # `gpu_memory_gib` each (an 80 GB H100 reports 79.2 GiB). Every node gets the same share of the learner
+    # ranks and rollout workers. Ray itself places the actors by their resources.
+    nodes: int = 1
+    gpus_per_node: int = 8
+    gpu_memory_gib: float = 80.0
 
 
 @dataclass

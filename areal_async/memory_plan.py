@@ -13,10 +13,17 @@ elements of the compute dtype per layer (what the compiled layers keep for backw
 peak of the learner benchmark on the 1.5B shape (62.0 GiB for 16,384 tokens on an H100: 26.5 GiB of state,
 3.3 GiB of bf16 weight copies, 4.6 GiB of kept logits, leaving about 63 KB per token and layer). With
 activation checkpointing one layer's worth plus the layer inputs are kept.
+
+The parts of a Ray run's GPUs (`learner_rank_parts`, `engine_parts`; areal_async/placement.py places them) follow
+the same accounting, per process: an FSDP rank holds 1/ranks of the 16 bytes per parameter, the weights it
+gathers for the layers it computes, its activations, and on rank 0 the publisher's buffers; an engine holds its
+weights and its KV cache.
 """
 
 from __future__ import annotations
 
+import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,16 +37,60 @@ RESERVE_FRACTION = 0.04
 RESERVE_MIN_BYTES = 3 * GIB
 
 
-def parameter_count(config: DecoderConfig) -> int:
-    """Parameters of the decoder `config` describes (embeddings and LM head included)."""
+def layer_parameter_count(config: DecoderConfig) -> int:
+    """Parameters of one decoder layer (attention with its biases, MLP, two norms)."""
     hidden, head_dim = config.hidden_size, config.head_dim
     attention = hidden * head_dim * (config.num_attention_heads * 2 + config.num_key_value_heads * 2)
     if config.attention_bias:  # q/k/v biases (Qwen2)
         attention += head_dim * (config.num_attention_heads + 2 * config.num_key_value_heads)
     mlp = 3 * hidden * config.intermediate_size
-    layer = attention + mlp + 2 * hidden
-    embeddings = config.vocab_size * hidden * (1 if config.tie_word_embeddings else 2)
-    return config.num_hidden_layers * layer + embeddings + hidden
+    return attention + mlp + 2 * hidden
+
+
+def root_parameter_count(config: DecoderConfig) -> int:
+    """Parameters outside the layers: embeddings, LM head (unless tied) and the final norm."""
+    return config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2) + config.hidden_size
+
+
+def parameter_count(config: DecoderConfig) -> int:
+    """Parameters of the decoder `config` describes (embeddings and LM head included)."""
+    return config.num_hidden_layers * layer_parameter_count(config) + root_parameter_count(config)
+
+
+def element_size(dtype: torch.dtype) -> int:
+    """Bytes per element of `dtype`."""
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def reserve_bytes(total_bytes: int) -> int:
+    """What one process on a GPU of `total_bytes` keeps beyond its tensors: CUDA context, cuBLAS/cuDNN
+    workspaces, compiled kernels, allocator fragmentation."""
+    return max(RESERVE_MIN_BYTES, int(RESERVE_FRACTION * total_bytes))
+
+
+def kv_positions(longest_sequence: int, kv_bucket: int) -> int:
+    """Positions per slot of the engine's KV cache for sequences of up to `longest_sequence` tokens (prompt + new
+    tokens), rounded up to a multiple of `kv_bucket` as the engine allocates them."""
+    return -(-longest_sequence // kv_bucket) * kv_bucket
+
+
+def kv_bytes_per_sequence(config: DecoderConfig, longest_sequence: int, dtype: torch.dtype, kv_bucket: int) -> int:
+    """Bytes one more slot adds to the engine's KV cache for sequences of up to `longest_sequence` tokens."""
+    length = kv_positions(longest_sequence, kv_bucket)
+    return slot_cache_bytes(config, 1, length, dtype) - slot_cache_bytes(config, 0, length, dtype)
+
+
+def engine_slots(config: DecoderConfig, max_slots: int, kv_memory_bytes: int | None, longest_sequence: int,
+                 dtype: torch.dtype, kv_bucket: int) -> int:
+    """Sequences of up to `longest_sequence` tokens the built-in engine decodes at once: `max_slots`, or fewer
+    when its KV budget `kv_memory_bytes` (None: no budget) holds fewer; what actors/engine.py's
+    `slots_within_budget` computes."""
+    if kv_memory_bytes is None:
+        return max_slots
+    length = kv_positions(longest_sequence, kv_bucket)
+    fitting = (kv_memory_bytes - slot_cache_bytes(config, 0, length, dtype)) // kv_bytes_per_sequence(
+        config, longest_sequence, dtype, kv_bucket)
+    return int(min(max_slots, max(0, fitting)))
 
 
 def activation_bytes(config: DecoderConfig, tokens: int, element_size: int, checkpointing: bool,
@@ -96,16 +147,15 @@ def plan_one_gpu(config: DecoderConfig, total_bytes: int, engine_dtype: torch.dt
     """The plan of an inline run on one GPU of `total_bytes`; raises ValueError with the numbers when the
     parts do not fit or the KV budget holds no sequence of `longest_sequence` tokens (prompt + new tokens)."""
     params = parameter_count(config)
-    engine_element_size = torch.empty((), dtype=engine_dtype).element_size()
+    engine_element_size = element_size(engine_dtype)
     learner_state = params * (16 + (compute_element_size if compute_element_size < 4 else 0))
     if reference_model:
         learner_state += params * compute_element_size
     activations = activation_bytes(config, micro_batch_tokens, compute_element_size, activation_checkpointing,
                                    kept_logits_bytes)
-    reserve = max(RESERVE_MIN_BYTES, int(RESERVE_FRACTION * total_bytes))
+    reserve = reserve_bytes(total_bytes)
     engine_weights = params * engine_element_size
-    length = -(-longest_sequence // kv_bucket) * kv_bucket
-    per_sequence = slot_cache_bytes(config, 1, length, engine_dtype) - slot_cache_bytes(config, 0, length, engine_dtype)
+    per_sequence = kv_bytes_per_sequence(config, longest_sequence, engine_dtype, kv_bucket)
     publication = 3 * engine_weights
     fixed = engine_weights + learner_state + activations + publication + reserve
     kv_cache = total_bytes - fixed if kv_memory_gib is None else int(kv_memory_gib * GIB)
@@ -120,3 +170,89 @@ def plan_one_gpu(config: DecoderConfig, total_bytes: int, engine_dtype: torch.dt
             "ppo.activation_checkpointing=true, or place the learner on other GPUs (cluster.placement=ray)"
         )
     return plan
+
+
+class Phase(enum.Enum):
+    """When a part of a process's memory is held: always, or only during one of the two phases that never
+    overlap on a learner rank (so its peak counts the larger of them)."""
+
+    always = "always"
+    training = "training"  # a micro-batch's forward and backward
+    publishing = "publishing"  # rank 0 gathering the full weights of a new version
+
+
+@dataclass(frozen=True)
+class Part:
+    """`size` bytes of one process's GPU memory, named for the plan's report."""
+
+    name: str
+    size: int
+    phase: Phase = Phase.always
+    kv_cache: bool = False  # an engine's KV cache, the part a plan that does not fit can shrink
+
+
+def peak_bytes(parts: Sequence[Part]) -> int:
+    """A process's peak: what it always holds plus the larger of its training and publishing parts."""
+    always = sum(p.size for p in parts if p.phase is Phase.always)
+    return always + max(sum(p.size for p in parts if p.phase is phase) for phase in (Phase.training, Phase.publishing))
+
+
+def learner_rank_parts(config: DecoderConfig, ranks: int, rank: int, total_bytes: int, compute_element_size: int,
+                       publish_dtype: torch.dtype, micro_batch_tokens: int, longest_sequence: int,
+                       activation_checkpointing: bool, reference_model: bool,
+                       kept_logits_bytes: int = 6 * GIB) -> list[Part]:
+    """The GPU memory of learner rank `rank` of `ranks` (learners/fsdp_learner.py) on a GPU of `total_bytes`.
+
+    ranks > 1 (FSDP2): 16 bytes per parameter / ranks (fp32 weights, gradients, two AdamW moments), a frozen fp32
+    reference / ranks with the KL term, and while computing the gathered compute-dtype weights of the root (kept
+    after forward) and of two layers (the one computed and the one prefetched). One rank: the plain path, fp32
+    state plus the compute-dtype copies autocast makes (as `plan_one_gpu`). A micro-batch holds at least one
+    whole sequence, so its activations are those of max(micro_batch_tokens, longest_sequence) tokens. Rank 0
+    also publishes: the publisher keeps two copies of the weights' bits in `publish_dtype`, and a publication
+    gathers the full fp32 weights (FSDP) and casts them to `publish_dtype`."""
+    params = parameter_count(config)
+    publish_size = element_size(publish_dtype)
+    sharded = ranks > 1
+    share = -(-params // ranks)  # FSDP pads every parameter's first dimension to a multiple of ranks
+    parts = []
+    if sharded:
+        parts.append(Part(f"policy state: fp32 weights, grads, AdamW moments (16 B/param over {ranks} ranks)",
+                          16 * share))
+        if reference_model:
+            parts.append(Part(f"frozen reference for the KL term (fp32 over {ranks} ranks)", 4 * share))
+        gathered = root_parameter_count(config) + 2 * layer_parameter_count(config)
+        parts.append(Part(f"gathered compute weights: root and 2 layers{' (x2: reference)' if reference_model else ''}",
+                          gathered * compute_element_size * (2 if reference_model else 1), Phase.training))
+    else:
+        autocast_copy = compute_element_size if compute_element_size < 4 else 0
+        parts.append(Part("policy state: fp32 weights, grads, AdamW moments, autocast copies",
+                          params * (16 + autocast_copy)))
+        if reference_model:
+            parts.append(Part("frozen reference for the KL term (compute dtype)", params * compute_element_size))
+    tokens = max(micro_batch_tokens, longest_sequence)
+    parts.append(Part(f"activations, one micro-batch of {tokens:,} tokens (estimate)",
+                      activation_bytes(config, tokens, compute_element_size, activation_checkpointing,
+                                       kept_logits_bytes), Phase.training))
+    if rank == 0:
+        parts.append(Part("weight publisher's bits (this and the previous version)", 2 * params * publish_size))
+        gather = (4 * params if sharded else 0) + params * publish_size
+        parts.append(Part("a publication: the full weights" + (" gathered in fp32," if sharded else "") + " cast",
+                          gather, Phase.publishing))
+    parts.append(Part("reserve (CUDA context, workspaces, fragmentation)", reserve_bytes(total_bytes)))
+    return parts
+
+
+def engine_parts(config: DecoderConfig, dtype: torch.dtype, total_bytes: int, slots: int, longest_sequence: int,
+                 kv_bucket: int, receiver_bucket_bytes: int = 0) -> list[Part]:
+    """The GPU memory of a built-in engine decoding `slots` sequences of up to `longest_sequence` tokens at once
+    on a GPU of `total_bytes`: its weights in `dtype`, its KV cache (slot_cache_bytes: `slots` slots of the
+    positions the engine allocates), a rollout worker's weight-receiver scratch bucket, its process's reserve."""
+    parts = [Part(f"engine weights ({str(dtype).removeprefix('torch.')})", parameter_count(config) * element_size(dtype))]
+    if receiver_bucket_bytes:
+        parts.append(Part("weight receiver's scratch bucket", receiver_bucket_bytes))
+    if slots:
+        length = kv_positions(longest_sequence, kv_bucket)
+        parts.append(Part(f"engine KV cache: {slots} slots x {length:,} positions",
+                          slot_cache_bytes(config, slots, length, dtype), kv_cache=True))
+    parts.append(Part("reserve (CUDA context, workspaces, fragmentation)", reserve_bytes(total_bytes)))
+    return parts

@@ -1,5 +1,6 @@
-"""`areal-async`: train, build the synthetic task's warm start, or evaluate checkpoints on benchmarks.
-Options of train and sft are hydra overrides (key=value); `areal-async eval --help` lists eval's flags."""
+"""`areal-async`: train, build the synthetic task's warm start, evaluate checkpoints on benchmarks, or plan a
+run's placement and GPU memory. Options of train, sft and plan are hydra overrides (key=value);
+`areal-async eval --help`, `areal-async plan --help` list their flags."""
 
 from __future__ import annotations
 
@@ -25,6 +26,19 @@ options are hydra overrides, for example:
   areal-async sft steps=3000       # rebuild the bundled warm start
   areal-async eval CHECKPOINT --benchmarks math_500 aime24 amc23 gsm8k   # see areal-async eval --help
   areal-async plot outputs/run_a outputs/run_b --window 10 --out curves.png   # see areal-async plot --help
+  areal-async plan --config recipe_1.5B cluster=n4 generation.max_new_tokens=24000   # see areal-async plan --help
+"""
+
+PLAN_EPILOG = """
+The plan needs no GPU and no weights: the model's shape comes from model.path's config.json, else from the
+built-in model.shape. It exits with 0 when every GPU fits cluster.gpu_memory_gib, 1 when one does not (the
+report names the GPU, its parts and what would make it fit), 2 for a configuration it cannot lay out.
+
+examples:
+  areal-async plan --config recipe_1.5B cluster=n16 generation.max_new_tokens=8192
+  areal-async plan --config recipe_1.5B cluster=n1 generation.max_new_tokens=24000 engine.kv_memory_gib=null
+  areal-async plan --config recipe_7B_zero cluster=n16 model.path=/ckpt/Qwen2.5-7B cluster.gpu_memory_gib=79.2
+  areal-async plan --config gpu_demo        # one GPU, engine and learner in one process
 """
 
 
@@ -57,6 +71,35 @@ def plot_main(argv: list[str]) -> int:
     return 0
 
 
+def plan_main(argv: list[str]) -> int:
+    """`areal-async plan [overrides]`: the placement and per-GPU memory of a run, from its config alone."""
+    from areal_async.placement import model_shape, plan_run
+    from areal_async.run.sft import BUNDLED_WARMSTART
+
+    parser = argparse.ArgumentParser(
+        prog="areal-async plan", epilog=PLAN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Which node and GPU every learner rank and rollout worker gets, where the replay-queue shards "
+                    "live, and each GPU's memory (learner state, activations, engine weights and KV cache) for "
+                    "the stage's sequence length, checked against cluster.gpu_memory_gib.")
+    parser.add_argument("overrides", nargs="*", help="hydra overrides key=value, as for train")
+    parser.add_argument("--config", default="train",
+                        help="config file in configs/ to start from (default: train), e.g. recipe_1.5B")
+    parser.add_argument("--prompt-tokens", type=int, default=1024,
+                        help="the longest prompt in tokens: a sequence is this plus generation.max_new_tokens "
+                             "(default 1024)")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        config = compose_config(args.config, args.overrides)
+        shape, source = model_shape(config.model, BUNDLED_WARMSTART)
+        plan = plan_run(config, shape, source, args.prompt_tokens)
+    except (HydraException, OmegaConfBaseException, ValueError) as error:
+        cause = f"\n{error.__cause__}" if error.__cause__ else ""
+        print(f"areal-async plan: bad configuration: {error}{cause}", file=sys.stderr)
+        return 2
+    print(plan.describe())
+    return 0 if plan.fits else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command_at = next((i for i, arg in enumerate(argv) if not arg.startswith("-")), None)
@@ -64,11 +107,14 @@ def main(argv: list[str] | None = None) -> int:
         return eval_main(argv[:command_at] + argv[command_at + 1 :], prog="areal-async eval")
     if command_at is not None and argv[command_at] == "plot":
         return plot_main(argv[:command_at] + argv[command_at + 1 :])
+    if command_at is not None and argv[command_at] == "plan":
+        return plan_main(argv[:command_at] + argv[command_at + 1 :])
     parser = argparse.ArgumentParser(
         prog="areal-async", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("command", choices=["train", "sft", "eval", "plot"],
-                        help="what to run (eval, plot: see areal-async eval --help, areal-async plot --help)")
+    parser.add_argument("command", choices=["train", "sft", "eval", "plot", "plan"],
+                        help="what to run (eval, plot, plan: see areal-async eval --help, areal-async plot --help, "
+                             "areal-async plan --help)")
     parser.add_argument("overrides", nargs="*", help="hydra overrides key=value (see configs/<command>.yaml)")
     parser.add_argument("--config", help="config file in configs/ to start from (default: the command's name), "
                         "e.g. staleness_4")

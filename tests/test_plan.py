@@ -1,0 +1,187 @@
+"""`areal-async plan`: the recipes' placement on 1, 4 and 16 nodes (every GPU used once, the same share per node),
+their per-GPU memory against bytes computed by hand, the 24K stage that does not fit without a KV budget, and
+the shape lookup without weights."""
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+
+from areal_async.config import EngineConfig, ModelConfig, ModelShape
+from areal_async.memory_plan import GIB, engine_slots, parameter_count
+from areal_async.model import DecoderConfig
+from areal_async.model.shapes import known_shape
+from areal_async.placement import Role, layout, model_shape, plan_run, ranges
+from areal_async.run.cli import compose_config, main
+from areal_async.run.sft import BUNDLED_WARMSTART
+
+R1_1_5B = known_shape(ModelShape.r1_distill_qwen_1_5b)
+PARAMS_1_5B = 1_777_088_000  # DeepSeek-R1-Distill-Qwen-1.5B's published size, 1.78B
+
+
+def recipe_plan(nodes: int, max_new_tokens: int, *overrides: str, recipe: str = "recipe_1.5B"):
+    config = compose_config(recipe, [f"cluster=n{nodes}", f"generation.max_new_tokens={max_new_tokens}", *overrides])
+    shape, source = model_shape(config.model, BUNDLED_WARMSTART)
+    return plan_run(config, shape, source, prompt_tokens=1024)
+
+
+def kv_bytes(slots: int, positions: int, layers: int = 28, kv_heads: int = 2, head_dim: int = 128) -> int:
+    """Keys and values, bf16, of `slots` slots of `positions` positions, plus the cache's spare slot and position."""
+    return 2 * layers * (slots + 1) * kv_heads * (positions + 1) * head_dim * 2
+
+
+def test_the_built_in_shape_is_the_checkpoints():
+    assert parameter_count(R1_1_5B) == PARAMS_1_5B
+    assert parameter_count(known_shape(ModelShape.qwen2_5_7b)) == 7_615_616_512  # Qwen2.5-7B: 7.61B
+
+
+@pytest.mark.parametrize("nodes", [1, 4, 16])
+def test_every_gpu_runs_one_actor_and_every_node_the_same_share(nodes):
+    plan = recipe_plan(nodes, 8192)
+    actors = [seat for seat in plan.seats if seat.role in (Role.learner_rank, Role.rollout_worker)]
+    assert Counter((seat.node, seat.gpu) for seat in actors) == {(n, g): 1 for n in range(nodes) for g in range(8)}
+    for role, per_node in ((Role.learner_rank, 2), (Role.rollout_worker, 6)):
+        mine = [seat for seat in actors if seat.role is role]
+        assert sorted(seat.index for seat in mine) == list(range(per_node * nodes))
+        assert Counter(seat.node for seat in mine) == {node: per_node for node in range(nodes)}
+    # a node's learner ranks are consecutive and on its first GPUs
+    assert {(seat.index, seat.node, seat.gpu) for seat in actors if seat.role is Role.learner_rank} == {
+        (2 * node + gpu, node, gpu) for node in range(nodes) for gpu in range(2)}
+    (driver,) = [seat for seat in plan.seats if seat.role is Role.driver]
+    assert (driver.node, driver.gpu) == (0, 1)  # device=cuda:1, beside learner rank 1
+    assert [(shard.index, shard.node) for shard in plan.shards] == [(k, k) for k in range(nodes)]
+    # 2048 groups x 8 samples x (1024 prompt tokens x 4 bytes + 8192 new tokens x 12 bytes)
+    assert plan.shards[0].host_bytes == 2048 * 8 * (4 * 1024 + 12 * 8192)
+
+
+@pytest.mark.parametrize("nodes", [1, 4, 16])
+def test_the_1_5B_recipe_at_8K_fits_with_bytes_computed_by_hand(nodes):
+    plan = recipe_plan(nodes, 8192)
+    assert plan.fits, plan.describe()
+    ranks = 2 * nodes
+    by_seat = {(p.seat.role, p.seat.index): p for gpu in plan.gpus for p in gpu.processes}
+    worker = {part.name: part.size for part in by_seat[(Role.rollout_worker, 0)].parts}
+    assert worker["engine weights (bfloat16)"] == 2 * PARAMS_1_5B
+    # kv_memory_gib=64 holds all 256 slots of 1024 + 8192 = 9216 positions at 8K
+    assert worker["engine KV cache: 256 slots x 9,216 positions"] == kv_bytes(256, 9216) == 67_917_344_768
+    rank = {part.name: part.size for part in by_seat[(Role.learner_rank, 1)].parts}
+    state = f"policy state: fp32 weights, grads, AdamW moments (16 B/param over {ranks} ranks)"
+    assert rank[state] == 16 * -(-PARAMS_1_5B // ranks)
+    rank0 = {part.name: part.size for part in by_seat[(Role.learner_rank, 0)].parts}
+    assert rank0["weight publisher's bits (this and the previous version)"] == 2 * 2 * PARAMS_1_5B
+    fullest = max(plan.gpus, key=lambda gpu: gpu.used)
+    assert fullest.processes[0].seat.role is Role.rollout_worker and fullest.used <= 80 * GIB
+    assert "each rollout worker decodes 256 sequences of up to 9,216 tokens" in plan.summary
+
+
+def test_the_24K_stage_fits_with_the_recipes_kv_budget():
+    plan = recipe_plan(1, 24000)
+    assert plan.fits, plan.describe()
+    # (64 GiB - the spare slot) // one slot of 25,024 positions
+    assert engine_slots(R1_1_5B, 256, 64 * GIB, 25024, torch.bfloat16, 64) == 94
+    assert "decodes 94 sequences of up to 25,024 tokens" in plan.summary
+
+
+def test_the_24K_stage_without_a_kv_budget_does_not_fit_and_says_by_how_much():
+    plan = recipe_plan(1, 24000, "engine.kv_memory_gib=null")
+    assert not plan.fits
+    kv_need = kv_bytes(256, 25024)  # 256 slots of 25,024 positions: 171.74 GiB
+    left = 80 * GIB - 2 * PARAMS_1_5B - 256 * 2**20 - int(0.04 * 80 * GIB)  # weights, receiver bucket, reserve
+    assert f"{kv_need / GIB:.2f}" == "171.74" and f"{left / GIB:.2f}" == "73.24"
+    text = "\n".join(plan.failures)
+    assert "does not fit: rollout workers 0-5 (6 GPUs, each) needs 178.50 GiB of cluster.gpu_memory_gib=80" in text
+    assert "the engine KV cache needs 171.74 GiB but 73.24 GiB is left for it: 108 slots of 25,024 tokens fit" in text
+    assert "engine.kv_memory_gib=73.2" in text
+    assert engine_slots(R1_1_5B, 256, left, 25024, torch.bfloat16, 64) == 108
+    assert {gpu.gpu for gpu in plan.gpus if not gpu.fits} == set(range(2, 8))  # the learners' GPUs fit
+
+
+def test_the_cli_exits_1_with_the_numbers_when_the_plan_does_not_fit(capsys):
+    assert main(["plan", "--config", "recipe_1.5B", "cluster=n16", "generation.max_new_tokens=24000",
+                 "engine.kv_memory_gib=null"]) == 1
+    out = capsys.readouterr().out
+    assert "rollout workers 0-95 (96 GPUs, each): 178.50  DOES NOT FIT" in out
+    assert "the engine KV cache needs 171.74 GiB but 73.24 GiB is left for it" in out
+    assert main(["plan", "--config", "recipe_1.5B", "cluster=n16"]) == 0
+    out = capsys.readouterr().out
+    assert "node 15: GPUs 0-1: learner ranks 30-31; GPUs 2-7: rollout workers 90-95" in out
+
+
+def test_the_7B_recipe_fits_80_GiB_with_little_room_on_the_publishing_rank():
+    plan = recipe_plan(16, 24000, recipe="recipe_7B_zero")
+    assert plan.fits, plan.describe()
+    fullest = max(plan.gpus, key=lambda gpu: gpu.used)
+    assert [p.seat for p in fullest.processes][0].role is Role.learner_rank and fullest.processes[0].seat.index == 0
+    assert f"{fullest.used / GIB:.2f}" == "78.56"  # two bit copies and a full fp32 gather of 7.6B parameters
+    # an 80 GB H100 reports 79.2 GiB: 0.67 GiB to spare (the reserve is 4% of the GPU, 3.17 GiB)
+    h100 = recipe_plan(16, 24000, "cluster.gpu_memory_gib=79.2", recipe="recipe_7B_zero")
+    assert h100.fits and f"{max(gpu.used for gpu in h100.gpus) / GIB:.2f}" == "78.53"
+    tight = "\n".join(recipe_plan(16, 24000, "cluster.gpu_memory_gib=78", recipe="recipe_7B_zero").failures)
+    assert "does not fit: learner rank 0 (node 0 GPU 0) needs 78.48 GiB of cluster.gpu_memory_gib=78" in tight
+    assert "largest parts: a publication: the full weights gathered in fp32, cast 42.56 GiB" in tight
+    assert "do not shrink with more ranks" in tight
+
+
+def test_the_driver_beside_a_publishing_rank_is_moved_by_the_advice():
+    plan = recipe_plan(16, 24000, "device=cuda:0", recipe="recipe_7B_zero")
+    text = "\n".join(plan.failures)
+    assert "learner rank 0 + driver engine (node 0 GPU 0) needs 95.94 GiB" in text
+    assert "device=cuda:1 puts it beside learner rank on GPU 1 of node 0" in text
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["cluster.num_learner_ranks=3"], "a node needs 3 + 6 GPUs"),
+    (["cluster=n4", "cluster.num_rollout_workers=10"], "cluster.num_rollout_workers=10 does not split evenly over "
+                                                       "cluster.nodes=4"),
+    (["cluster.gpus_per_rollout_worker=0.5"], "cluster.gpus_per_rollout_worker=0.5"),
+    (["device=cuda:8"], "device=cuda:8: node 0 has only cluster.gpus_per_node=8 GPUs"),
+    (["rollout.engine=vllm"], "rollout.engine=vllm"),
+])
+def test_a_config_the_plan_cannot_lay_out_names_the_key(overrides, message, capsys):
+    assert main(["plan", "--config", "recipe_1.5B", *overrides]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_layout_by_hand():
+    seats = layout(nodes=2, gpus_per_node=4, learner_ranks=2, rollout_workers=4)
+    assert [(s.role.value, s.index, s.node, s.gpu) for s in seats] == [
+        ("learner rank", 0, 0, 0), ("rollout worker", 0, 0, 1), ("rollout worker", 1, 0, 2),
+        ("learner rank", 1, 1, 0), ("rollout worker", 2, 1, 1), ("rollout worker", 3, 1, 2)]
+    assert ranges([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8"
+
+
+def test_the_shape_comes_from_config_json_else_the_built_in_table(tmp_path):
+    hf = DecoderConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=2).to_hf_dict()
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    shape, source = model_shape(ModelConfig(path=str(tmp_path), shape=ModelShape.qwen2_5_7b), BUNDLED_WARMSTART)
+    assert shape.num_hidden_layers == 3 and source == str(tmp_path / "config.json")  # the folder wins
+    shape, source = model_shape(ModelConfig(path=str(tmp_path / "absent"), shape=ModelShape.qwen2_5_7b),
+                                BUNDLED_WARMSTART)
+    assert shape.hidden_size == 3584 and "built-in shape qwen2_5_7b" in source
+    assert model_shape(ModelConfig(), BUNDLED_WARMSTART)[0].vocab_size == 259  # the warm start a null path trains
+    with pytest.raises(ValueError, match="holds no config.json and model.shape is unset"):
+        model_shape(ModelConfig(path=str(tmp_path / "absent")), BUNDLED_WARMSTART)
+
+
+def test_engine_slots_is_the_engines_own_count():
+    from actors.engine_factory import build_engine
+
+    engine = build_engine("torch", BUNDLED_WARMSTART, "float32", "cpu",
+                          settings=EngineConfig(max_slots=64, kv_memory_gib=0.001, kv_bucket=16))
+    shape = DecoderConfig.from_hf_dict(json.loads((BUNDLED_WARMSTART / "config.json").read_text()))
+    for longest in (20, 100, 250):
+        assert engine.slots_within_budget(longest) == engine_slots(shape, 64, int(0.001 * GIB), longest,
+                                                                   torch.float32, 16)
+    assert engine_slots(shape, 64, int(0.001 * GIB), 250, torch.float32, 16) < 64  # the budget binds
+
+
+def test_cpu_and_inline_configs_plan_without_gpus():
+    config = compose_config("train", [])
+    shape, source = model_shape(config.model, BUNDLED_WARMSTART)
+    plan = plan_run(config, shape, source, prompt_tokens=16)
+    assert plan.fits and plan.gpus == [] and plan.summary == "runs on the CPU: no GPU memory to plan"
+    gpu = plan_run(compose_config("gpu_demo", []), shape, source, prompt_tokens=16)
+    (budget,) = gpu.gpus
+    assert budget.used == 80 * GIB and "fits: the KV cache holds" in gpu.summary  # the KV cache takes the rest
