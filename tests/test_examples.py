@@ -1,5 +1,6 @@
-"""The launch scripts per node count: their overrides compose into a valid configuration (DRY_RUN=1 prints it
-instead of training), with 2 learner ranks and 6 rollout workers per 8-GPU node."""
+"""The recipe scripts (examples/train_*.sh): with DRY_RUN=1 each resolves its recipe and cluster configs plus the
+seed's four arguments and extra overrides into a valid configuration (printed, nothing trains); PLAN=1 prints the
+plan and fails as the plan does. They run through `python -m areal_async.run.cli` (AREAL_ASYNC)."""
 
 import os
 import subprocess
@@ -9,26 +10,55 @@ from pathlib import Path
 import pytest
 import yaml
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+ROOT = Path(__file__).resolve().parents[1]
+CLI = f"{sys.executable} -m areal_async.run.cli"
+SCRIPTS = [("train_1.5B_n1.sh", 1, "r1_distill_qwen_1_5b"), ("train_1.5B_n4_on_ray.sh", 4, "r1_distill_qwen_1_5b"),
+           ("train_1.5B_n16_on_ray.sh", 16, "r1_distill_qwen_1_5b"), ("train_7B_zero_n16_on_ray.sh", 16, "qwen2_5_7b")]
+ARGUMENTS = ["/ckpt/model", "/data/prompts.jsonl", "/data/id2info.json", "16384"]
 
 
-@pytest.mark.parametrize("nodes", [1, 4, 16])
-def test_launch_script_composes_the_recipe(nodes):
-    cli = Path(sys.executable).parent / "areal-async"
-    env = {**os.environ, "DRY_RUN": "1", "AREAL_ASYNC": str(cli)}
-    result = subprocess.run(["bash", str(EXAMPLES / f"run_n{nodes}.sh"), "/ckpt/model", "/data/prompts.jsonl",
-                             "/data/id2info.json", "16384", "ppo.lr=1e-6"],
-                            capture_output=True, text=True, env=env, timeout=120)
+def run_script(name: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(ROOT / "examples" / name), *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "AREAL_ASYNC": CLI, **env}, timeout=120)
+
+
+@pytest.mark.parametrize("script, nodes, shape", SCRIPTS)
+def test_recipe_script_dry_run_resolves(script, nodes, shape):
+    result = run_script(script, *ARGUMENTS, "ppo.lr=1e-6", DRY_RUN="1")
     assert result.returncode == 0, result.stderr
     config = yaml.safe_load(result.stdout)
-    assert config["cluster"]["num_learner_ranks"] == 2 * nodes
-    assert config["cluster"]["num_rollout_workers"] == 6 * nodes
+    cluster = config["cluster"]
+    assert (cluster["placement"], cluster["nodes"], cluster["gpus_per_node"]) == ("ray", nodes, 8)
+    assert (cluster["num_learner_ranks"], cluster["num_rollout_workers"]) == (2 * nodes, 6 * nodes)
+    assert config["rollout"]["num_queue_shards"] == nodes and config["device"] == "cuda:1"
+    # the seed's recipe
     assert config["rollout"]["groups_per_step"] == 1024 and config["generation"]["group_size"] == 8
+    assert (config["reward"]["correct_reward"], config["reward"]["incorrect_reward"]) == (5.0, -5.0)
+    assert 0 < config["ppo"]["kl_coef"] <= 0.001
+    # the four arguments, the run name and an extra override
+    assert config["model"]["path"] == "/ckpt/model" and config["model"]["shape"] == shape
+    assert (config["data"]["kind"], config["data"]["path"], config["data"]["id2info_path"]) == (
+        "areal_prompts", "/data/prompts.jsonl", "/data/id2info.json")
     assert config["generation"]["max_new_tokens"] == 16384
-    assert config["ppo"]["lr"] == 1e-6  # extra arguments are overrides
-    assert config["data"]["kind"] == "areal_prompts" and config["model"]["path"] == "/ckpt/model"
+    assert config["run_name"].endswith(f"-n{nodes}-16384")
+    assert config["ppo"]["lr"] == 1e-6
+    zero = shape == "qwen2_5_7b"  # zero-RL: Open-Reasoner-Zero's template for training, rewards and evaluation
+    assert config["data"]["prompt_type"] == ("orz" if zero else None)
+    assert config["reward"]["extract_mode"] == ("answer_tag" if zero else "auto")
+    assert config["eval"]["prompt_type"] == ("orz" if zero else "r1-distilled")
 
 
-def test_launch_script_without_arguments_prints_its_usage():
-    result = subprocess.run(["bash", str(EXAMPLES / "run_n1.sh")], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2 and "MODEL_PATH" in result.stdout
+def test_recipe_script_plan_only():
+    fits = run_script("train_1.5B_n4_on_ray.sh", *ARGUMENTS[:3], "24000", PLAN="1")
+    assert fits.returncode == 0, fits.stderr
+    assert "node 3: GPUs 0-1: learner ranks 6-7; GPUs 2-7: rollout workers 18-23" in fits.stdout
+    assert "each rollout worker decodes 94 sequences of up to 25,024 tokens" in fits.stdout
+    unbounded = run_script("train_1.5B_n4_on_ray.sh", *ARGUMENTS[:3], "24000", "engine.kv_memory_gib=null", PLAN="1")
+    assert unbounded.returncode == 1  # the script stops before training
+    assert "the engine KV cache needs 171.74 GiB but 73.24 GiB is left for it" in unbounded.stdout
+
+
+def test_recipe_script_without_arguments_prints_its_usage():
+    result = run_script("train_1.5B_n1.sh")
+    assert result.returncode == 2
+    assert "usage: bash" in result.stdout and "train_1.5B_n1.sh MODEL_PATH DATA_JSONL ID2INFO_JSON" in result.stdout
