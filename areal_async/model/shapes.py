@@ -18,6 +18,17 @@ QWEN2_5_7B = dict(
     num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=131072, tie_word_embeddings=False,
     rope_theta=1000000.0,
 )
+# Qwen2.5-0.5B: 494M parameters, the embedding tied to the LM head.
+QWEN2_5_0_5B = dict(
+    vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+    num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=True,
+)
+# SmolLM-135M: a Llama (no q/k/v biases) of 135M parameters, the embedding tied to the LM head.
+SMOLLM_135M = dict(
+    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True,
+    attention_bias=False, model_type="llama",
+)
 # The benchmarks' --tiny mode: the same code paths in seconds on a CPU.
 TINY_BENCHMARK = dict(
     vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
