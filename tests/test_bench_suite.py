@@ -1,5 +1,5 @@
-"""The benchmark suite: the weight-sync benchmark in its --quick configuration. Nothing here asserts a speed, only
-what was measured."""
+"""The benchmark suite: the weight-sync and replay-queue benchmarks in their --quick configuration. Nothing here
+asserts a speed, only what was measured."""
 
 from __future__ import annotations
 
@@ -56,3 +56,17 @@ def test_weight_sync_benchmark_publishes_the_whole_model_to_every_receiver(tmp_p
     # both receivers take part in every round, so one broadcast carries each version
     assert rows["gloo"]["publisher_bytes_sent_per_version"] == model_bytes
     assert rows["gloo"]["aggregate_gb_per_s"] == pytest.approx(2 * rows["gloo"]["gb_per_s"])
+
+
+def test_replay_queue_benchmark_loses_no_frame_on_any_stage(tmp_path: Path) -> None:
+    report = run_benchmark("bench_replay_queue", tmp_path / "replay_queue.json", "--quick")
+    rows = report["results"]
+    assert [row["response_tokens"] for row in rows] == [256, 1024]
+    for row in rows:
+        groups = report["args"]["groups"]
+        assert row["frames_encoded"] == row["frames_decoded"] == row["frames_put"] == row["groups_taken"] == groups
+        assert row["trajectories_appended"] == row["trajectories_read"] == groups * row["group_size"]
+        assert row["tokens"] == groups * row["group_size"] * (row["prompt_tokens"] + row["response_tokens"])
+        assert row["frame_bytes_mean"] > 12 * row["group_size"] * row["response_tokens"]  # raw arrays, no lists
+        for stage in ("encode", "decode", "put", "take", "append", "read"):
+            assert row[stage]["frames_per_s"] > 0 and row[stage]["mb_per_s"] > 0 and row[stage]["tokens_per_s"] > 0
