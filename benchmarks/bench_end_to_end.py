@@ -25,10 +25,10 @@ Per workload, in one process:
 The overhead is the ratio: mean run step time / (engine alone + learner alone). The run's summary gives the
 ledger, the worker-vs-learner checksum check and the generation and reward error counts.
 
-Prints a table and writes JSON (`--out`). `--tiny` runs a tiny shape on the CPU (a smoke test of the script,
-not a measurement).
+Prints a table and writes JSON (default `results/bench_end_to_end.json`, run from the repository root). `--tiny`
+runs a tiny shape on the CPU (a smoke test of the script, not a measurement).
 
-    PYTHONPATH=$PWD python3 benchmarks/bench_end_to_end.py --workloads i ii --out benchmarks/results/e2e.json
+    PYTHONPATH=$PWD python3 benchmarks/bench_end_to_end.py --workloads i ii
     PYTHONPATH=$PWD python3 benchmarks/bench_end_to_end.py --tiny
 """
 
@@ -235,7 +235,7 @@ def main() -> int:
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on the CPU")
     parser.add_argument("--tiny", action="store_true", help="a tiny shape and workload on the CPU (smoke test)")
     parser.add_argument("--work-dir", default=None, help="checkpoint and run folders (default: a temporary folder)")
-    parser.add_argument("--out", default=None, help="JSON file of the results")
+    parser.add_argument("--out", default="results/bench_end_to_end.json", help="JSON file; default: %(default)s")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
@@ -258,11 +258,12 @@ def main() -> int:
                 traceback.print_exc()
                 sys.stdout.flush()
                 report["errors"][name] = f"{type(error).__name__}: {error}"
-            if args.out:  # after every workload: a run cut short keeps what it measured
-                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.out).write_text(json.dumps(report, indent=2))
+            # after every workload: a run cut short keeps what it measured
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(report, indent=2))
     if report["results"]:
         print_table(report["results"])
+    log(f"written to {args.out}")
     return 1 if report["errors"] else 0
 
 

@@ -41,7 +41,7 @@ token limits, so refills, compaction and several graph buckets are exercised):
                every token is checked against the forward pass of the weights of the version it is stamped
                with (the captured graphs must see the new weights).
 
-    PYTHONPATH=$PWD python benchmarks/bench_generation.py --check --out benchmarks/results/bench_generation.json
+    PYTHONPATH=$PWD python benchmarks/bench_generation.py --check    # JSON: results/bench_generation.json
     PYTHONPATH=$PWD python benchmarks/bench_generation.py --tiny   # CPU smoke test of every code path
 """
 
@@ -400,7 +400,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a tiny shape and workload on CPU (smoke test)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--budget-s", type=float, default=240.0, help="skip sections once this much has passed")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", default="results/bench_generation.json")
     args = parser.parse_args()
     started = time.perf_counter()
     shape = SHAPE

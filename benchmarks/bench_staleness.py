@@ -2,9 +2,9 @@
 
 Runs `areal-async train` once per max_staleness value (Ray placement, the same rollout workers and steps)
 and reports trajectories consumed per second, wall time, observed staleness and held-out accuracy.
-Prints a table and writes JSON.
+Prints a table and writes JSON (default `results/bench_staleness.json`, run from the repository root).
 
-    python benchmarks/bench_staleness.py --staleness 0 4 --steps 40 --out benchmarks/results/bench_staleness.json
+    PYTHONPATH=$PWD python benchmarks/bench_staleness.py --staleness 0 4 --steps 40
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--output-dir", default="outputs")
-    parser.add_argument("--out", default="benchmarks/results/bench_staleness.json")
+    parser.add_argument("--out", default="results/bench_staleness.json", help="JSON file; default: %(default)s")
     parser.add_argument("overrides", nargs="*", help="extra config overrides for every run")
     args = parser.parse_args()
     results = [run_one(None if s == "null" else int(s), args) for s in args.staleness]

@@ -36,7 +36,7 @@ MFU counts 6 x parameters (embeddings included) per token plus causal attention,
 (H100 SXM bf16 dense). Prints a table and writes JSON. `--tiny` runs a tiny shape (on the CPU when there is
 no GPU): a smoke test of the script, not a measurement.
 
-    python benchmarks/bench_training.py --out benchmarks/results/bench_training.json
+    PYTHONPATH=$PWD python benchmarks/bench_training.py    # JSON: results/bench_training.json
 """
 
 from __future__ import annotations
@@ -950,7 +950,7 @@ def main() -> None:
                         help="what `ours` measures (the ablations measure the update only)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--out", default="benchmarks/results/bench_training.json")
+    parser.add_argument("--out", default="results/bench_training.json")
     parser.add_argument("--profile", action="store_true",
                         help="profile one (a) step of each system: kernel time, GPU idle time, the largest idle gaps")
     parser.add_argument("--gaps", action="store_true", help="the gap report (implies --profile)")

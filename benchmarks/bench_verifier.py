@@ -8,10 +8,11 @@ agreement is counted where math-verify returns a verdict (it parsed both sides).
 their rewrite's name. Throughput: responses of about 6,000 characters (reasoning text ending in a boxed
 answer) scored on 2 workers.
 
-    PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_verifier.py --out benchmarks/results/verifier.json
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_verifier.py
     PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_verifier.py --limit 100   # the first 100 golds per file
 
-math-verify is a test-only dependency (the `dev` extra). Prints a table and writes JSON.
+math-verify is a test-only dependency (the `dev` extra). Prints a table and writes JSON (default
+`results/bench_verifier.json`, run from the repository root).
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def main() -> int:
     parser.add_argument("--throughput-responses", type=int, default=4000)
     parser.add_argument("--characters", type=int, default=6000)
     parser.add_argument("--show", type=int, default=40, help="disagreements to print")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", default="results/bench_verifier.json", help="JSON file; default: %(default)s")
     args = parser.parse_args()
     report = {"args": {**vars(args), "data_dir": os.path.relpath(args.data_dir, ROOT)}}  # no machine paths
     with RewardVerifier(num_workers=args.workers) as verifier:
@@ -139,9 +140,9 @@ def main() -> int:
           f"{100 * result['agreement']:.2f}% | {100 * result['ours_matches_expected']:.2f}% | "
           f"{speed['responses_per_s']:,.0f} |")
     print("disagreements by rewrite:", result["disagreements_by_rewrite"])
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(f"written to {args.out}")
     return 0
 
 

@@ -1,8 +1,9 @@
-"""The benchmark suite: the weight-sync and replay-queue benchmarks in their --quick configuration. Nothing here
-asserts a speed, only what was measured."""
+"""The benchmark suite: the weight-sync and replay-queue benchmarks in their --quick configuration, and every
+benchmark's default output in the ignored results/ folder. Nothing here asserts a speed, only what was measured."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -70,3 +71,20 @@ def test_replay_queue_benchmark_loses_no_frame_on_any_stage(tmp_path: Path) -> N
         assert row["frame_bytes_mean"] > 12 * row["group_size"] * row["response_tokens"]  # raw arrays, no lists
         for stage in ("encode", "decode", "put", "take", "append", "read"):
             assert row[stage]["frames_per_s"] > 0 and row[stage]["mb_per_s"] > 0 and row[stage]["tokens_per_s"] > 0
+
+
+def default_out(script: Path) -> str:
+    """The default of the script's --out option, read from its source."""
+    for node in ast.walk(ast.parse(script.read_text())):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument" \
+                and node.args and getattr(node.args[0], "value", None) == "--out":
+            return next(ast.literal_eval(k.value) for k in node.keywords if k.arg == "default")
+    raise AssertionError(f"{script.name} has no --out option")
+
+
+def test_every_benchmark_writes_its_json_into_the_ignored_results_folder() -> None:
+    scripts = sorted(BENCHMARKS.glob("bench_*.py"))
+    assert len(scripts) >= 7
+    assert "/results/" in (ROOT / ".gitignore").read_text().split(), "results/ is not in .gitignore"
+    for script in scripts:
+        assert default_out(script) == f"results/{script.stem}.json", script.name
