@@ -6,8 +6,6 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from areal_async.prompts import PROMPT_TYPES
-
 
 class DataKind(enum.Enum):
     synthetic = "synthetic"
@@ -44,6 +42,15 @@ class ExtractMode(enum.Enum):
     # Not in "auto": the last <answer>...</answer> (Open-Reasoner-Zero's prompt, data.prompt_type=orz), a \boxed{}
     # in it if there is one, else all of it; a response without the tag as "auto".
     answer_tag = "answer_tag"
+
+
+class PromptType(enum.Enum):
+    """The prompt templates of areal_async/prompts.py."""
+
+    r1_distilled = "r1_distilled"  # DeepSeek-R1-Distill chat format, ending in <think>
+    orz = "orz"  # Open-Reasoner-Zero: reasoning in <think></think>, the answer in <answer></answer>
+    boxed = "boxed"  # the synthetic task's "Q: ...\nA: "
+    none = "none"  # the problem text as it is
 
 
 class DecodeAttention(enum.Enum):
@@ -116,9 +123,9 @@ class DataConfig:
     id2info_path: str | None = None  # areal_prompts only
     heldout_path: str | None = None  # optional held-out file of the same kind (else a split of `path`)
     # Put around every training and held-out prompt of a file (not synthetic), unless the prompt already has it:
-    # a prompt type's template (areal_async/prompts.py: r1-distilled, orz, boxed, none; as eval.prompt_type), or
-    # a template of your own, e.g. "{problem}\nPlease put your final answer within \\boxed{}." (not both).
-    prompt_type: str | None = None
+    # a prompt type's template (as eval.prompt_type), or a template of your own, e.g.
+    # "{problem}\nPlease put your final answer within \\boxed{}." (not both).
+    prompt_type: PromptType | None = None
     prompt_template: str | None = None
     num_heldout: int = 200
     num_train: int = 20000  # synthetic only
@@ -126,8 +133,6 @@ class DataConfig:
     arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
 
     def __post_init__(self) -> None:  # composing the config fails here, before a run starts
-        if self.prompt_type is not None and self.prompt_type not in PROMPT_TYPES:
-            raise ValueError(f"data.prompt_type={self.prompt_type!r} is not one of {sorted(PROMPT_TYPES)}")
         if self.prompt_type is not None and self.prompt_template is not None:
             raise ValueError("set data.prompt_type or data.prompt_template, not both")
 
@@ -296,7 +301,7 @@ class EvalConfig:
     benchmarks: list[str] = field(default_factory=list)
     benchmark_every_steps: int = 0
     data_dir: str | None = None  # benchmark files (default: $AREAL_EVAL_DATA or ../shared/data/eval)
-    prompt_type: str = "boxed"  # r1-distilled | orz | boxed | none
+    prompt_type: PromptType = PromptType.boxed
     max_gen_tokens: int | None = None  # default: generation.max_new_tokens
 
 

@@ -1,5 +1,6 @@
-"""Prompt templates, for evaluation (`eval.prompt_type`, `areal-async eval --prompt-type`) and for training
-prompts (`data.prompt_type`), and the part of a response that is judged.
+"""Prompt templates (one `PromptFormat` per `config.PromptType`), for evaluation (`eval.prompt_type`,
+`areal-async eval --prompt-type`) and for training prompts (`data.prompt_type`), and the part of a response that
+is judged.
 
 ``{problem}`` in a template is replaced by the problem text (plain substitution: other braces, such as the
 ``\\boxed{}`` in the instructions, stay as they are).
@@ -10,11 +11,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from areal_async.config import PromptType
+
 PLACEHOLDER = "{problem}"
 
 
 @dataclass(frozen=True)
-class PromptType:
+class PromptFormat:
     """A prompt template.
 
     Attributes:
@@ -33,15 +36,15 @@ class PromptType:
         return self.template.replace(PLACEHOLDER, problem)
 
 
-PROMPT_TYPES: dict[str, PromptType] = {
+PROMPT_FORMATS: dict[PromptType, PromptFormat] = {
     # DeepSeek-R1-Distill chat format (BOS written out, hence no BOS added by the tokenizer)
-    "r1-distilled": PromptType(
+    PromptType.r1_distilled: PromptFormat(
         "<｜begin▁of▁sentence｜><｜User｜>{problem}\nPlease reason step by step, and put your final answer within "
         "\\boxed{}.<｜Assistant｜><think>\n",
         add_special_tokens=False,
     ),
     # Open-Reasoner-Zero style: reasoning in <think></think>, answer in <answer></answer>
-    "orz": PromptType(
+    PromptType.orz: PromptFormat(
         "A conversation between User and Assistant. The User asks a question, and the Assistant solves it. The "
         "Assistant first thinks about the reasoning process in the mind and then provides the User with the answer. "
         "The reasoning process is enclosed within <think> </think> and answer is enclosed within <answer> </answer> "
@@ -50,9 +53,9 @@ PROMPT_TYPES: dict[str, PromptType] = {
         answer_tag=True,
     ),
     # The synthetic task's training format (areal_async.data.synthetic.prompt_text): "Q: 37+45\nA: "
-    "boxed": PromptType("Q: {problem}\nA: "),
+    PromptType.boxed: PromptFormat("Q: {problem}\nA: "),
     # The problem text as it is
-    "none": PromptType("{problem}"),
+    PromptType.none: PromptFormat("{problem}"),
 }
 
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -67,14 +70,18 @@ def wrap(template: str, text: str) -> str:
     return template.replace(PLACEHOLDER, text)
 
 
-def get_prompt_type(name: str) -> PromptType:
+PROMPT_TYPE_NAMES = tuple(prompt_type.value for prompt_type in PromptType)
+
+
+def prompt_format(prompt_type: PromptType | str) -> PromptFormat:
+    """The format of a prompt type, given as the enum or by its name."""
     try:
-        return PROMPT_TYPES[name]
-    except KeyError:
-        raise ValueError(f"unknown prompt type {name!r}: choose one of {sorted(PROMPT_TYPES)}") from None
+        return PROMPT_FORMATS[PromptType(prompt_type)]
+    except ValueError:
+        raise ValueError(f"unknown prompt type {prompt_type!r}: choose one of {list(PROMPT_TYPE_NAMES)}") from None
 
 
-def judged_text(response: str, prompt_type: PromptType) -> str:
+def judged_text(response: str, prompt_format: PromptFormat) -> str:
     """The text handed to the verifier's answer extraction for `response`.
 
     For most prompt types this is the response itself (the verifier takes the last ``\\boxed{}``, and so on).
@@ -83,7 +90,7 @@ def judged_text(response: str, prompt_type: PromptType) -> str:
     whole content (``<answer>\\frac{1}{2}</answer>`` -> ``\\frac{1}{2}``, not the last number). A response
     without a closed answer tag is judged whole.
     """
-    if not prompt_type.answer_tag:
+    if not prompt_format.answer_tag:
         return response
     matches = _ANSWER_TAG.findall(response)
     if not matches:

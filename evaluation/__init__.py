@@ -15,12 +15,12 @@ from evaluation.benchmarks import (
     write_synthetic_benchmark,
 )
 from evaluation.metrics import averaged_pass_at_1, markdown_table, pass_at_k, summarize_samples
-from evaluation.prompts import PROMPT_TYPES, judged_text
+from areal_async.prompts import PROMPT_FORMATS, judged_text
 from evaluation.runner import EvalSettings, RunFolderMismatch, evaluate
 
 __all__ = [
     "KNOWN_BENCHMARKS",
-    "PROMPT_TYPES",
+    "PROMPT_FORMATS",
     "Benchmark",
     "BenchmarkFormatError",
     "BenchmarkSpec",

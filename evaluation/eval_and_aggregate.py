@@ -29,7 +29,7 @@ from evaluation.benchmarks import (
     write_synthetic_benchmark,
 )
 from evaluation.metrics import markdown_table
-from evaluation.prompts import PROMPT_TYPES
+from areal_async.prompts import PROMPT_TYPE_NAMES
 from areal_async.files import write_json_atomically
 from evaluation.runner import EvalSettings, RunFolderMismatch, evaluate
 
@@ -45,7 +45,7 @@ examples:
   areal-async eval areal_async/assets/arith-warmstart --benchmarks synthetic=/tmp/synthetic200.jsonl \\
       --prompt-type boxed --num-samples 4 --temperature 1.0 --top-p 1.0 --max-gen-tokens 16 --output-dir /tmp/eval
   areal-async eval /ckpt/R1-Distill-Qwen-1.5B --benchmarks math_500 aime24 amc23 --num-samples 32 \\
-      --temperature 0.6 --top-p 0.95 --max-gen-tokens 32768 --prompt-type r1-distilled --engine vllm
+      --temperature 0.6 --top-p 0.95 --max-gen-tokens 32768 --prompt-type r1_distilled --engine vllm
 """
 
 
@@ -70,8 +70,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float, default=defaults.top_p)
     parser.add_argument("--top-k", type=int, default=defaults.top_k, help="0: no top-k truncation")
     parser.add_argument("--max-gen-tokens", type=int, default=defaults.max_gen_tokens, help="new tokens per sample")
-    parser.add_argument("--prompt-type", choices=sorted(PROMPT_TYPES), default=defaults.prompt_type,
-                        help="r1-distilled: DeepSeek-R1-Distill chat format; orz: Open-Reasoner-Zero template "
+    parser.add_argument("--prompt-type", choices=PROMPT_TYPE_NAMES, default=defaults.prompt_type,
+                        help="r1_distilled: DeepSeek-R1-Distill chat format; orz: Open-Reasoner-Zero template "
                         "(answer in <answer></answer>); boxed: the synthetic task's 'Q: ...\\nA: '; none: raw text")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="generation seeds derive from it")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="requests per generate call")

@@ -29,7 +29,7 @@ from areal_async.files import write_json_atomically
 from areal_async.reward.extraction import extract_answer
 from evaluation.benchmarks import Benchmark
 from evaluation.metrics import summarize_samples
-from evaluation.prompts import get_prompt_type, judged_text
+from areal_async.prompts import judged_text, prompt_format
 
 SETTINGS_FILE = "settings.json"
 
@@ -52,7 +52,7 @@ class EvalSettings:
     top_p: float = 0.95
     top_k: int = 0
     max_gen_tokens: int = 32768
-    prompt_type: str = "r1-distilled"
+    prompt_type: str = "r1_distilled"  # a config.PromptType name
     seed: int = 0
     batch_size: int = 64
 
@@ -63,7 +63,7 @@ class EvalSettings:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_gen_tokens < 1:
             raise ValueError(f"max_gen_tokens must be >= 1, got {self.max_gen_tokens}")
-        get_prompt_type(self.prompt_type)
+        prompt_format(self.prompt_type)
 
 
 def derive_seed(seed: int, benchmark: str, problem_index: int, sample_index: int) -> int:
@@ -126,7 +126,7 @@ def evaluate(
 def _evaluate_benchmark(engine, tokenizer, verifier, benchmark, settings, folder, show_progress, identity,
                         max_context) -> dict[str, Any]:
     started = time.perf_counter()
-    prompt_type = get_prompt_type(settings.prompt_type)
+    prompt_type = prompt_format(settings.prompt_type)
     extract_mode = getattr(verifier, "extract_mode", "auto")
     eos = getattr(tokenizer, "eos_token_id", None)
     params = dict(max_new_tokens=settings.max_gen_tokens, temperature=settings.temperature, top_p=settings.top_p,

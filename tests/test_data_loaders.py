@@ -17,7 +17,8 @@ from areal_async.data.loaders import (
     load_prompts,
 )
 from areal_async.data.records import DatasetError, PromptRecord
-from areal_async.prompts import PROMPT_TYPES
+from areal_async.config import PromptType
+from areal_async.prompts import PROMPT_FORMATS
 
 DEEPSCALER_TEMPLATE = "{problem} Let's think step by step and output the final answer within \\boxed{}."
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -415,12 +416,12 @@ def test_deepscaler_converted_to_both_areal_formats_reads_back_identically(tmp_p
 
 
 def test_prompt_type_templates_every_kind_of_file_once(tmp_path):
-    orz = PROMPT_TYPES["orz"]
+    orz = PROMPT_FORMATS[PromptType.orz]
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"query_id": "a", "prompt": "What is 1+1?"},
                                                   {"query_id": "b", "prompt": orz.render("What is 2+2?")}])
     id2info = write_json(tmp_path / "id2info.json", {"a": {"solutions": ["\\boxed{2}"]}, "b": {"solutions": ["4"]}})
     config = DataConfig(kind=DataKind.areal_prompts, path=str(prompts), id2info_path=str(id2info),
-                        prompt_type="orz", num_heldout=0)
+                        prompt_type=PromptType.orz, num_heldout=0)
     train, heldout = load_train_and_heldout(config)
     # the plain prompt gets the template; the one written with it already is left as it is
     assert sorted(r.prompt for r in train) == sorted([orz.render("What is 1+1?"), orz.render("What is 2+2?")])
@@ -430,15 +431,15 @@ def test_prompt_type_templates_every_kind_of_file_once(tmp_path):
     assert [r.prompt for r in load_train_and_heldout(own)[0]] == ["P Box it."]
 
 
-@pytest.mark.parametrize("settings, message", [
-    (dict(prompt_type="chatml"), "data.prompt_type='chatml' is not one of"),
-    (dict(prompt_type="orz", prompt_template="{problem}!"), "not both"),
-])
-def test_bad_prompt_settings_fail_when_the_config_is_made(settings, message):
-    with pytest.raises(ValueError, match=message):
-        DataConfig(**settings)
+def test_bad_prompt_settings_fail_when_the_config_is_made():
+    with pytest.raises(ValueError, match="not both"):
+        DataConfig(prompt_type=PromptType.orz, prompt_template="{problem}!")
+    from areal_async.run.cli import compose_config
+
+    with pytest.raises(Exception, match="chatml"):
+        compose_config("train", ["data.prompt_type=chatml"])
 
 
 def test_synthetic_prompts_take_no_template():
     with pytest.raises(ValueError, match="data.kind=synthetic writes its own prompts"):
-        load_train_and_heldout(DataConfig(prompt_type="boxed"))
+        load_train_and_heldout(DataConfig(prompt_type=PromptType.boxed))

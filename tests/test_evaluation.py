@@ -32,7 +32,8 @@ from evaluation import (
     write_synthetic_benchmark,
 )
 from evaluation.eval_and_aggregate import EngineNotAvailable, open_engine
-from evaluation.prompts import PROMPT_TYPES
+from areal_async.config import PromptType
+from areal_async.prompts import PROMPT_FORMATS
 from evaluation.runner import derive_seed, plan_batches
 
 EVAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval"
@@ -208,7 +209,7 @@ def test_synthetic_benchmark_is_held_out_and_boxed_prompt_is_the_training_prompt
     bench = synthetic_benchmark(tmp_path, count=50)
     heldout = arithmetic_problems(50, ArithmeticConfig(), seed=1, held_out=True)
     train = {r.prompt for r in arithmetic_problems(10000, ArithmeticConfig(), seed=0, held_out=False)}
-    boxed = PROMPT_TYPES["boxed"]
+    boxed = PROMPT_FORMATS[PromptType.boxed]
     for problem, record in zip(bench.problems, heldout):
         assert boxed.render(problem.text) == prompt_text(problem.text) == record.prompt
         assert record.solutions == (f"\\boxed{{{problem.golds[0]}}}",)
@@ -216,16 +217,16 @@ def test_synthetic_benchmark_is_held_out_and_boxed_prompt_is_the_training_prompt
 
 
 def test_prompt_types_and_judged_text():
-    r1 = PROMPT_TYPES["r1-distilled"]
+    r1 = PROMPT_FORMATS[PromptType.r1_distilled]
     assert r1.render("What is 1+1?") == ("<｜begin▁of▁sentence｜><｜User｜>What is 1+1?\nPlease reason step by step, "
                                          "and put your final answer within \\boxed{}.<｜Assistant｜><think>\n")
     assert r1.add_special_tokens is False  # the BOS is in the template
-    orz = PROMPT_TYPES["orz"]
+    orz = PROMPT_FORMATS[PromptType.orz]
     assert orz.render("P").endswith("User: P\nAssistant: <think>")
     assert extract_answer(judged_text("<think>2 or 3</think> <answer>\\frac{1}{2}</answer>", orz)) == "\\frac{1}{2}"
     assert extract_answer(judged_text("<think>x</think><answer>so \\boxed{4} </answer>", orz)) == "4"
     assert judged_text("no tags, \\boxed{5}", orz) == "no tags, \\boxed{5}"
-    assert judged_text("<answer>7</answer>", PROMPT_TYPES["boxed"]) == "<answer>7</answer>"
+    assert judged_text("<answer>7</answer>", PROMPT_FORMATS[PromptType.boxed]) == "<answer>7</answer>"
 
 
 # ---------------------------------------------------------------------------

@@ -45,7 +45,7 @@ def test_recipe_script_dry_run_resolves(script, nodes, shape):
     zero = shape == "qwen2_5_7b"  # zero-RL: Open-Reasoner-Zero's template for training, rewards and evaluation
     assert config["data"]["prompt_type"] == ("orz" if zero else None)
     assert config["reward"]["extract_mode"] == ("answer_tag" if zero else "auto")
-    assert config["eval"]["prompt_type"] == ("orz" if zero else "r1-distilled")
+    assert config["eval"]["prompt_type"] == ("orz" if zero else "r1_distilled")
 
 
 def test_recipe_script_plan_only():

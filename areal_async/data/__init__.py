@@ -15,7 +15,7 @@ from areal_async.data.loaders import (
 )
 from areal_async.data.records import DatasetError, PromptRecord
 from areal_async.data.synthetic import arithmetic_problems
-from areal_async.prompts import PLACEHOLDER, get_prompt_type, wrap
+from areal_async.prompts import PLACEHOLDER, prompt_format, wrap
 
 __all__ = [
     "PROMPT_LOADERS",
@@ -38,7 +38,7 @@ def prompt_template(config) -> str | None:
     if config.prompt_type is not None and config.prompt_template is not None:
         raise ValueError("set data.prompt_type or data.prompt_template, not both")
     if config.prompt_type is not None:
-        return get_prompt_type(config.prompt_type).template
+        return prompt_format(config.prompt_type).template
     if config.prompt_template is not None and PLACEHOLDER not in config.prompt_template:
         raise ValueError(f"data.prompt_template must contain {PLACEHOLDER!r}, got {config.prompt_template!r}")
     return config.prompt_template

@@ -277,7 +277,7 @@ class Trainer:
         settings = EvalSettings(
             num_samples=config.eval.num_samples, temperature=config.eval.temperature, top_p=config.generation.top_p,
             top_k=config.generation.top_k, max_gen_tokens=config.eval.max_gen_tokens or config.generation.max_new_tokens,
-            prompt_type=config.eval.prompt_type, seed=config.seed + step,
+            prompt_type=config.eval.prompt_type.value, seed=config.seed + step,
         )
         summaries = evaluate(self.worker.engine, self.tokenizer, self.verifier, self.benchmarks, settings,
                              out_dir=self.run_dir / "eval" / f"step{step + 1}",
