@@ -26,22 +26,13 @@ from dataclasses import dataclass
 
 import torch
 
-from actors.sampling import SamplingParams, sample
+from actors.sampling import sample
+from areal_async.types import Generation, SamplingParams
 from areal_async.model import CausalLM
 from areal_async.model.slot_cache import SlotKVCache, slot_cache_bytes
 
 MAX_STOP_IDS = 8  # stop ids held in the static buffer (grows if a call brings more)
 _SEED_MIX = 0x9E3779B97F4A7C15
-
-
-@dataclass
-class Generation:
-    """What the engine returns per request: output tokens with their behaviour logprobs and versions."""
-
-    tokens: list[int]
-    logprobs: list[float]
-    versions: list[int]
-    finish_reason: str  # "stop" (a stop token, included in tokens) or "length"
 
 
 @dataclass

@@ -10,10 +10,10 @@ from typing import Protocol
 
 import numpy as np
 
-from actors.engine import TorchEngine
-from actors.sampling import SamplingParams, long_tailed_limit
+from actors.sampling import long_tailed_limit
+from areal_async.contracts import GenerationEngine
+from areal_async.types import PromptGroup, SamplingParams, Trajectory
 from areal_async.config import GenerationConfig
-from areal_async.types import PromptGroup, Trajectory
 from areal_async.wire import encode_group
 
 QUEUE_FULL_BACKOFF_S = 0.05
@@ -36,7 +36,7 @@ class RolloutWorker:
     knows which groups a dead worker held.
     """
 
-    def __init__(self, engine: TorchEngine, decode, verifier, stop_token_ids: Sequence[int],
+    def __init__(self, engine: GenerationEngine, decode, verifier, stop_token_ids: Sequence[int],
                  worker_id: int | None = None) -> None:
         self.engine = engine
         self.worker_id = worker_id

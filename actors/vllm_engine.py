@@ -51,8 +51,7 @@ from typing import Any
 
 import torch
 
-from actors.engine import Generation
-from actors.sampling import SamplingParams
+from areal_async.types import Generation, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -235,14 +234,19 @@ class VLLMEngine:
         prompts: Sequence[Sequence[int]],
         params: SamplingParams,
         weight_update: Callable[[], bool] | None = None,
+        max_new_tokens: Sequence[int] | None = None,
     ) -> list[Generation]:
-        """Samples a continuation of every prompt (token ids). See the module docstring for `weight_update`."""
+        """Samples a continuation of every prompt (token ids). See the module docstring for `weight_update`.
+        `max_new_tokens` optionally gives each request its own token limit (default params.max_new_tokens)."""
         if not prompts:
             return []
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         self._warn_if_truncated(params)
         prompts = [list(map(int, p)) for p in prompts]
+        limits = [params.max_new_tokens] * len(prompts) if max_new_tokens is None else list(max_new_tokens)
+        if len(limits) != len(prompts) or min(limits) < 1:
+            raise ValueError(f"max_new_tokens needs one limit >= 1 per prompt, got {len(limits)} for {len(prompts)}")
         tokens: list[list[int]] = [[] for _ in prompts]
         logprobs: list[list[float]] = [[] for _ in prompts]
         versions: list[list[int]] = [[] for _ in prompts]
@@ -260,7 +264,7 @@ class VLLMEngine:
                 start = len(tokens[row])
                 seed = None if params.seed is None else _request_seed(params.seed, row, start)
                 requests.append({"prompt_token_ids": prompts[row] + tokens[row]})
-                sampling.append(self._vllm_params(params, min(chunk, params.max_new_tokens - start), seed))
+                sampling.append(self._vllm_params(params, min(chunk, limits[row] - start), seed))
             outputs = self.llm.generate(requests, sampling, use_tqdm=False)
             for row, request_output, request_params in zip(active, outputs, sampling):
                 completion = request_output.outputs[0]
@@ -272,6 +276,6 @@ class VLLMEngine:
                 versions[row].extend([self.version] * len(new_tokens))
                 if new_tokens and new_tokens[-1] in params.stop_token_ids:
                     finish[row] = "stop"
-                elif len(tokens[row]) >= params.max_new_tokens or len(new_tokens) < request_params.max_tokens:
+                elif len(tokens[row]) >= limits[row] or len(new_tokens) < request_params.max_tokens:
                     finish[row] = "length"  # the budget is spent, or vLLM's max_model_len cut the request short
         return [Generation(tokens[row], logprobs[row], versions[row], finish[row]) for row in range(len(prompts))]

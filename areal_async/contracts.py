@@ -1,18 +1,40 @@
-"""What the run asks of the parts, as typing.Protocols: a learner (in-process or the Ray learner ranks), the
-controller service, and the replay queue (in-process shards or Ray proxies). The run is typed against these;
-`tests/test_contracts.py` checks that every implementation provides them."""
+"""What the run asks of the parts, as typing.Protocols: a generation engine (the built-in one or vLLM), a learner
+(in-process or the Ray learner ranks), the controller service, the replay queue (in-process shards or Ray
+proxies) and a weight transport (areal_async.weight_sync's WeightTransport: in process or a torch.distributed
+group). The run is typed against these; `tests/test_contracts.py` checks that every implementation provides
+them."""
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
 
 from areal_async.ledger import ShardCounts
-from areal_async.types import PromptGroup, Trajectory
+from areal_async.types import Generation, PromptGroup, SamplingParams, Trajectory
+from areal_async.weight_sync import WeightTransport
+
+__all__ = ["Controller", "GenerationEngine", "Learner", "ReplayQueue", "WeightTransport"]
+
+
+@runtime_checkable
+class GenerationEngine(Protocol):
+    """Samples continuations of prompts with per-token behaviour logprobs and the version of every token."""
+
+    version: int
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 weight_update: Callable[[], bool] | None = None,
+                 max_new_tokens: Sequence[int] | None = None) -> list[Generation]:
+        """One Generation per prompt, in order. `weight_update` is called at token boundaries; when it returns
+        True it swapped in new weights and the engine recomputes its KV cache before going on.
+        `max_new_tokens`: each request's own token limit (default params.max_new_tokens)."""
+
+    def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
+        """Takes these weights (named as the model's parameters) and adopts `version`."""
 
 
 @runtime_checkable

@@ -59,3 +59,33 @@ class PromptGroup:
     solutions: tuple[str, ...]
     group_size: int
     admitted_at_version: int
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """temperature <= 0 means greedy decoding; top_k = 0 and top_p = 1 disable truncation."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+
+@dataclass
+class Generation:
+    """What the engine returns per request: output tokens with their behaviour logprobs and versions."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    versions: list[int]
+    finish_reason: str  # "stop" (a stop token, included in tokens) or "length"

@@ -48,14 +48,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from actors.sampling import SamplingParams, long_tailed_limit
+from actors.sampling import long_tailed_limit
+from areal_async.types import SamplingParams, Trajectory
 from areal_async.run.cli import compose_config
 from areal_async.model import CausalLM, DecoderConfig, save_pretrained
 from areal_async.objective import trajectory_advantages
 from areal_async.model.shapes import R1_DISTILL_QWEN_1_5B, TINY_BENCHMARK
 from areal_async.model.tokenizer import build_byte_tokenizer, load_tokenizer
 from areal_async.run.trainer import Trainer
-from areal_async.types import Trajectory
 
 SHAPE, TINY_SHAPE = R1_DISTILL_QWEN_1_5B, TINY_BENCHMARK
 # prompts, samples per prompt, prompt tokens, max new tokens, simulated length mean (None: every request runs to

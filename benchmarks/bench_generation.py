@@ -58,7 +58,8 @@ from pathlib import Path
 import torch
 
 from actors.engine import TorchEngine
-from actors.sampling import SamplingParams, long_tailed_limit
+from actors.sampling import long_tailed_limit
+from areal_async.types import SamplingParams
 from areal_async.model import CausalLM, DecoderConfig
 from areal_async.model.shapes import R1_DISTILL_QWEN_1_5B, TINY_BENCHMARK
 

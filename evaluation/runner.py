@@ -24,7 +24,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from actors.sampling import SamplingParams
+from areal_async.types import SamplingParams
 from areal_async.files import write_json_atomically
 from areal_async.reward.extraction import extract_answer
 from evaluation.benchmarks import Benchmark

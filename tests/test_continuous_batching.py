@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from actors.engine import TorchEngine
-from actors.sampling import SamplingParams
+from areal_async.types import SamplingParams
 from conftest import behaviour_logprob_gap
 
 @pytest.fixture(params=[0, 1], ids=["synchronous", "lookahead"])

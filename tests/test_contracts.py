@@ -31,3 +31,32 @@ def test_controller_and_queue():
 @pytest.mark.parametrize("protocol", [Learner, Controller, ReplayQueue])
 def test_a_part_without_the_contract_is_refused(protocol):
     assert not isinstance(object(), protocol)
+
+
+def test_engines(tiny_model):
+    """The built-in engine provides the contract; vLLM's adapter (vLLM itself need not be installed) takes the
+    same generate arguments, so a rollout worker can drive either."""
+    import inspect
+
+    from actors.engine import TorchEngine
+    from actors.vllm_engine import VLLMEngine
+    from areal_async.contracts import GenerationEngine
+
+    assert isinstance(TorchEngine(copy.deepcopy(tiny_model), pad_token_id=0), GenerationEngine)
+    wanted = list(inspect.signature(GenerationEngine.generate).parameters)
+    for engine_class in (TorchEngine, VLLMEngine):
+        for method in ("generate", "load_weights"):
+            assert list(inspect.signature(getattr(engine_class, method)).parameters) == \
+                list(inspect.signature(getattr(GenerationEngine, method)).parameters), (engine_class, method)
+    assert wanted == ["self", "prompts", "params", "weight_update", "max_new_tokens"]
+
+
+def test_weight_transports():
+    from areal_async.contracts import WeightTransport
+    from areal_async.weight_sync import InProcessTransport, TorchDistributedTransport
+
+    assert isinstance(InProcessTransport(), WeightTransport)
+    for method in ("offer", "fetch", "acknowledge"):
+        assert callable(getattr(TorchDistributedTransport, method))
+    assert not isinstance(object(), WeightTransport)
+

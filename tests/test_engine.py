@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from actors.engine import TorchEngine
-from actors.sampling import SamplingParams, draw, scaled_logprobs, truncate
+from actors.sampling import draw, scaled_logprobs, truncate
+from areal_async.types import SamplingParams
 from conftest import behaviour_logprob_gap
 
 PROMPTS = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10], [11]]

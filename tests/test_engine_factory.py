@@ -10,7 +10,7 @@ import torch
 
 from actors.engine import TorchEngine
 from actors.engine_factory import build_engine
-from actors.sampling import SamplingParams
+from areal_async.types import SamplingParams
 
 CHECKPOINT = os.path.join(os.path.dirname(__file__), "..", "areal_async", "assets", "arith-warmstart")
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None

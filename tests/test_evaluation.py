@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from actors.engine import Generation
+from areal_async.types import Generation
 from areal_async.data.synthetic import evaluate_expression, prompt_text
 from areal_async.reward.extraction import extract_answer
 from areal_async.run.sft import BUNDLED_WARMSTART

@@ -17,11 +17,10 @@ import torch.distributed as dist
 import torch.multiprocessing as torch_mp
 
 from actors.engine import TorchEngine
-from actors.sampling import SamplingParams
+from areal_async.types import SamplingParams, Trajectory
 from areal_async.config import LearnerConfig, OneRankMode, PPOConfig
 from areal_async.model import CausalLM, DecoderConfig
 from areal_async.packing import split_into_packs
-from areal_async.types import Trajectory
 from conftest import TINY
 from learners import fsdp_learner
 from learners.fsdp_learner import FSDPLearner, RankShare, split_step_across_ranks

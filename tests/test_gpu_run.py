@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from actors.engine import TorchEngine
-from actors.sampling import SamplingParams
+from areal_async.types import SamplingParams
 from areal_async.run.cli import compose_config
 from areal_async.model import CausalLM, DecoderConfig
 from areal_async.run.trainer import run_training

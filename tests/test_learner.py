@@ -8,12 +8,11 @@ import pytest
 import torch
 
 from actors.engine import TorchEngine
-from actors.sampling import SamplingParams
+from areal_async.types import SamplingParams, Trajectory
 from areal_async.config import Objective, PPOConfig
 from areal_async.model import sequence_logprobs
 from areal_async.objective import decoupled_ppo_loss
 from areal_async.packing import balance_across_ranks, pad_prompt_output_batch
-from areal_async.types import Trajectory
 from areal_async.objective import trajectory_advantages
 from learners.ppo_learner import PPOLearner
 

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from actors.engine import Generation
+from areal_async.types import Generation
 from actors.rollout import RolloutWorker
 from areal_async.config import GenerationConfig
 from areal_async.controller import RolloutController

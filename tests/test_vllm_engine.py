@@ -15,7 +15,8 @@ pytest.importorskip("vllm")
 import torch  # noqa: E402
 
 from actors.engine_factory import build_engine  # noqa: E402
-from actors.sampling import SamplingParams, scaled_logprobs, truncate  # noqa: E402
+from actors.sampling import scaled_logprobs, truncate  # noqa: E402
+from areal_async.types import SamplingParams  # noqa: E402
 from areal_async.model import load_pretrained, load_tokenizer, sequence_logprobs  # noqa: E402
 from areal_async.packing import pad_prompt_output_batch  # noqa: E402
 

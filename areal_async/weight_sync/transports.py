@@ -27,9 +27,8 @@ iterator as fetch does. Deciding delta vs snapshot, headers, checksums and verif
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
@@ -41,20 +40,18 @@ from areal_async.weight_sync.protocol import (
 PUBLISHER_RANK = 0
 
 
-class WeightTransport(ABC):
+@runtime_checkable
+class WeightTransport(Protocol):
     """Moves releases from the publisher to receivers; `offer` runs on the publisher, `fetch` on a receiver."""
 
-    @abstractmethod
     def offer(self, release: Release, receivers: Sequence[int] | None = None) -> dict[MessageKind, int]:
         """Delivers `release` to `receivers` (all when None); returns bytes sent per message kind."""
 
-    @abstractmethod
     def fetch(self, held_version: int, bucket_buffer: BucketBuffer) -> tuple[dict[str, Any], Iterator[int]]:
         """Asks for the newest version holding `held_version`; returns the header and an iterator that
         fills `bucket_buffer(index)` for each bucket in `header["buckets"]` and yields its index.
         The caller must exhaust the iterator (the protocol stays in lockstep), then `acknowledge`."""
 
-    @abstractmethod
     def acknowledge(self, ack: Ack, bucket_buffer: BucketBuffer) -> tuple[dict[str, Any], Iterator[int]] | None:
         """Ends the receiver's part of the round (APPLIED, GIVE_UP), or asks for a snapshot within it
         (SNAPSHOT): then returns the snapshot's header and bucket iterator, as `fetch` does."""
