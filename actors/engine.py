@@ -22,11 +22,11 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 
 from actors.sampling import sample
+from actors.scheduler import Schedule, padded_chunks, slot_bucket
 from areal_async.types import Generation, SamplingParams
 from areal_async.model import CausalLM
 from areal_async.model.slot_cache import SlotKVCache, slot_cache_bytes
@@ -35,44 +35,17 @@ MAX_STOP_IDS = 8  # stop ids held in the static buffer (grows if a call brings m
 _SEED_MIX = 0x9E3779B97F4A7C15
 
 
-@dataclass
-class _Request:
-    """Host-side record of a request occupying a slot."""
-
-    index: int  # position in the generate call's prompt list
-    prompt_len: int
-    limit: int  # max new tokens of this request
-    first_version: int  # the version that sampled its first token (in prefill)
-    first_step: int  # index of the first decode step after its prefill
-    placed: int  # snapshots queued before it took its slot (those do not describe it)
-
-    def length_bound(self, steps: int) -> int:
-        """An upper bound of the tokens in its cache after `steps` decode steps of the call."""
-        return self.prompt_len + min(steps - self.first_step, self.limit - 1)
-
-    def steps_left(self, steps: int) -> int:
-        """Decode steps until it reaches its token limit (it may stop sooner on a stop token)."""
-        return self.limit - 1 - (steps - self.first_step)
-
-
 class _Call:
-    """The bookkeeping of one generate call."""
+    """One generate call: its schedule (actors/scheduler.py), and what the device returns on its way to the
+    host."""
 
     def __init__(self, prompts, limits: list[int], params: SamplingParams, seed: int, slots: int) -> None:
         self.prompts, self.limits, self.params, self.seed = prompts, limits, params, seed
+        self.schedule = Schedule([len(p) for p in prompts], limits, slots)
         self.stop_set = set(params.stop_token_ids)
-        self.pending = list(range(len(prompts) - 1, -1, -1))  # a stack: the next request is at the end
-        self.free = list(range(slots))  # sorted: the lowest free slots fill first
-        self.occupants: dict[int, _Request] = {}  # slot -> request
-        self.step_versions: list[int] = []  # the version of each decode step queued so far
         self.results: list[Generation | None] = [None] * len(prompts)
         self.snapshots: list[tuple] = []  # slot status copies on their way to the host, oldest first
         self.fetches: list[tuple] = []  # finished rows on their way to the host
-        self.epoch = 0  # snapshots queued so far
-
-    @property
-    def steps(self) -> int:
-        return len(self.step_versions)
 
 
 class _SlotState:
@@ -317,13 +290,13 @@ class TorchEngine:
         # admit once this many slots are free (each prefill is a host-bound eager forward: refills are batched)
         refill_min = max(1, int(slots * self.refill_fraction))
 
-        while call.pending or call.occupants:
-            if call.pending and (not call.occupants or len(call.free) >= min(refill_min, len(call.pending))):
+        schedule = call.schedule
+        while schedule.running:
+            if schedule.wants_refill(refill_min):
                 if weight_update is not None and weight_update():
                     self._recompute(call)
                 self._admit(call)
-            remaining = [r.steps_left(call.steps) for r in call.occupants.values()]
-            run = max(0, min(self.sync_every, max(remaining)))
+            run = schedule.steps_to_run(self.sync_every)
             for _ in range(run):
                 if weight_update is not None and weight_update():
                     self._recompute(call)
@@ -331,8 +304,7 @@ class TorchEngine:
             call.snapshots.append(self._snapshot(call))
             while call.snapshots and (len(call.snapshots) > self.lookahead or run == 0):
                 self._harvest(call, call.snapshots.pop(0))
-            if not call.pending and call.occupants:
-                self._compact(call)
+            self._compact(call)
         for finished in call.fetches:
             self._finish(call, finished)
         return call.results  # type: ignore[return-value]
@@ -356,11 +328,6 @@ class TorchEngine:
             self._state = state
         return state
 
-    def _slot_bucket(self, highest_slot: int) -> int:
-        """The smallest power of two above `highest_slot`, at least 2 (a batch of one would be a special case
-        for the compiler), capped at the slot count."""
-        return min(max(2, 1 << highest_slot.bit_length()), self._state.slots)
-
     def _to_host(self, *tensors: torch.Tensor):
         """Copies of `tensors` on the host, asynchronously on CUDA: (copies, event to wait for, or None)."""
         if self.device.type != "cuda":
@@ -374,21 +341,12 @@ class TorchEngine:
         return copies, event
 
     def _admit(self, call: _Call) -> None:
-        """Moves waiting requests into the lowest free slots and prefills them."""
-        count = min(len(call.free), len(call.pending))
-        admitted = [call.pending.pop() for _ in range(count)]
-        targets, call.free = call.free[:count], call.free[count:]
-        prompts = call.prompts
-        start = 0
-        while start < count:  # chunks of at most `prefill_tokens` padded tokens
-            longest, end = 0, start
-            while end < count:
-                longest_with = max(longest, len(prompts[admitted[end]]))
-                if end > start and longest_with * (end - start + 1) > self.prefill_tokens:
-                    break
-                longest, end = longest_with, end + 1
+        """Moves waiting requests into the lowest free slots and prefills them, in chunks of at most
+        `prefill_tokens` padded tokens."""
+        admitted, targets = call.schedule.admit()
+        lengths = [len(call.prompts[index]) for index in admitted]
+        for start, end, longest in padded_chunks(lengths, self.prefill_tokens):
             self._prefill(call, admitted[start:end], targets[start:end], longest)
-            start = end
 
     def _prefill(self, call: _Call, requests: list[int], slots: list[int], longest: int) -> None:
         """Runs the prompts of `requests` into `slots` (right-padded to `longest`) and samples each one's first
@@ -417,39 +375,31 @@ class TorchEngine:
         state.out_logprobs[rows, 0] = logprob
         state.seq_tokens[rows, :longest] = ids
         state.active[rows] = ~((token[:, None] == state.stop_ids).any(-1) | (request_limits <= 1))
-        for index, slot in zip(requests, slots):
-            call.occupants[slot] = _Request(index, len(prompts[index]), limits[index], self.version, call.steps,
-                                            call.epoch)
+        call.schedule.place(requests, slots, self.version)
         self.stats["prefill_forwards"] += 1
 
     def _recompute(self, call: _Call) -> None:
         """After a weight swap: rebuilds the KV cache of every occupied slot from its tokens."""
-        if not call.occupants:
+        schedule = call.schedule
+        if not schedule.occupants:
             return
-        state, slots = self._state, sorted(call.occupants)
-        start = 0
-        while start < len(slots):
-            longest, end = 0, start
-            while end < len(slots):
-                longest_with = max(longest, call.occupants[slots[end]].length_bound(call.steps))
-                if end > start and longest_with * (end - start + 1) > self.prefill_tokens:
-                    break
-                longest, end = longest_with, end + 1
+        state, slots = self._state, sorted(schedule.occupants)
+        bounds = [schedule.occupants[slot].length_bound(schedule.steps) for slot in slots]
+        for start, end, longest in padded_chunks(bounds, self.prefill_tokens):
             rows = torch.tensor(slots[start:end]).to(self.device, non_blocking=True)
             state.cache.bind_prefill(rows)
             # positions past a slot's length get keys of stale tokens: never read before being overwritten
             self.model.hidden_states(state.seq_tokens[rows, :longest], kv_cache=state.cache)
-            start = end
         self.stats["recomputes"] += 1
 
     def _decode(self, call: _Call) -> None:
         """One decode step over the slot bucket holding every occupied slot."""
-        batch = self._slot_bucket(max(call.occupants))
-        longest = max(r.length_bound(call.steps) for r in call.occupants.values())
-        kv_len = min(_round_up(longest + 1, self.kv_bucket), self._state.max_len)
+        schedule = call.schedule
+        batch = slot_bucket(max(schedule.occupants), self._state.slots)
+        kv_len = min(_round_up(schedule.longest_bound() + 1, self.kv_bucket), self._state.max_len)
         params = call.params
         self.stats["decode_steps"] += 1
-        call.step_versions.append(self.version)
+        schedule.record_step(self.version)
         if self.graphs is None:
             self._decode_step(batch, kv_len, params)
             return
@@ -494,11 +444,10 @@ class TorchEngine:
     def _snapshot(self, call: _Call) -> tuple:
         """Queues a host copy of every occupied slot's status (-1 running, else its token count)."""
         state = self._state
-        highest = max(call.occupants) + 1
+        highest = max(call.schedule.occupants) + 1
         status = torch.where(state.active[:highest], -1, state.generated[:highest])
         (host,), event = self._to_host(status)
-        call.epoch += 1
-        return call.epoch, host, event
+        return call.schedule.snapshot(), host, event
 
     def _harvest(self, call: _Call, snapshot: tuple) -> None:
         """Waits for a snapshot and frees the slots it shows finished (requests placed in a slot after the
@@ -506,16 +455,13 @@ class TorchEngine:
         epoch, status, event = snapshot
         if event is not None:
             event.synchronize()
-        status = status.tolist()
         self.stats["syncs"] += 1
-        done = [slot for slot, request in sorted(call.occupants.items())
-                if request.placed < epoch and status[slot] >= 0]
+        done = call.schedule.finished(epoch, status.tolist())
         if done:
             state = self._state
-            rows = torch.tensor(done).to(self.device, non_blocking=True)
+            rows = torch.tensor([slot for slot, _, _ in done]).to(self.device, non_blocking=True)
             copies, fetched = self._to_host(state.out_tokens[rows], state.out_logprobs[rows])
-            call.fetches.append((copies, fetched, [(call.occupants.pop(slot), int(status[slot])) for slot in done]))
-            call.free = sorted(call.free + done)
+            call.fetches.append((copies, fetched, [(request, tokens) for _, request, tokens in done]))
         waiting = []
         for fetch in call.fetches:
             if fetch[1] is None or fetch[1].query():
@@ -530,29 +476,24 @@ class TorchEngine:
             event.synchronize()
         for row, (request, count) in enumerate(finished):
             out = tokens[row, :count].tolist()
-            first = request.first_step
-            versions = [request.first_version] + call.step_versions[first : first + count - 1]
             reason = "stop" if out[-1] in call.stop_set else "length"
-            call.results[request.index] = Generation(out, logprobs[row, :count].tolist(), versions, reason)
+            call.results[request.index] = Generation(out, logprobs[row, :count].tolist(),
+                                                     call.schedule.versions(request, count), reason)
 
     def _compact(self, call: _Call) -> None:
         """With no request waiting, moves sequences from high slots into free low ones whenever that lets
         decode steps run on a smaller slot bucket."""
-        target = self._slot_bucket(len(call.occupants) - 1)
-        movers = sorted(slot for slot in call.occupants if slot >= target)
-        holes = [slot for slot in call.free if slot < target][: len(movers)]
-        if not movers or len(holes) < len(movers):
+        schedule = call.schedule
+        moves = schedule.compaction()
+        if not moves:
             return
         state = self._state
-        source = torch.tensor(movers).to(self.device, non_blocking=True)
-        destination = torch.tensor(holes).to(self.device, non_blocking=True)
+        source = torch.tensor([s for s, _ in moves]).to(self.device, non_blocking=True)
+        destination = torch.tensor([d for _, d in moves]).to(self.device, non_blocking=True)
         for buffer in state.per_slot():
             buffer[destination] = buffer[source]
         state.active[source] = False
-        for src, dst in zip(movers, holes):
-            request = call.occupants.pop(src)
-            state.cache.move(src, dst, request.length_bound(call.steps))
-            request.placed = call.epoch  # snapshots queued before the move describe the old slots
-            call.occupants[dst] = request
-        call.free = sorted(set(call.free) - set(holes) | set(movers))
-        self.stats["slot_moves"] += len(movers)
+        for src, dst in moves:
+            state.cache.move(src, dst, schedule.occupants[src].length_bound(schedule.steps))
+        schedule.move(moves)
+        self.stats["slot_moves"] += len(moves)
