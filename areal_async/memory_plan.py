@@ -209,7 +209,7 @@ def learner_rank_parts(config: DecoderConfig, ranks: int, rank: int, total_bytes
     state plus the compute-dtype copies autocast makes (as `plan_one_gpu`). A micro-batch holds at least one
     whole sequence, so its activations are those of max(micro_batch_tokens, longest_sequence) tokens. Rank 0
     also publishes: the publisher keeps two copies of the weights' bits in `publish_dtype`, and a publication
-    gathers the full fp32 weights (FSDP) and casts them to `publish_dtype`."""
+    gathers the full weights one fp32 parameter at a time (FSDP), casting each to `publish_dtype`."""
     params = parameter_count(config)
     publish_size = element_size(publish_dtype)
     sharded = ranks > 1
@@ -235,9 +235,10 @@ def learner_rank_parts(config: DecoderConfig, ranks: int, rank: int, total_bytes
                                        kept_logits_bytes), Phase.training))
     if rank == 0:
         parts.append(Part("weight publisher's bits (this and the previous version)", 2 * params * publish_size))
-        gather = (4 * params if sharded else 0) + params * publish_size
-        parts.append(Part("a publication: the full weights" + (" gathered in fp32," if sharded else "") + " cast",
-                          gather, Phase.publishing))
+        largest = config.vocab_size * config.hidden_size  # the embedding (or LM head): the largest parameter
+        gather = params * publish_size + (4 * largest if sharded else 0)
+        parts.append(Part("a publication: the full weights, cast" + (" as gathered" if sharded else ""), gather,
+                          Phase.publishing))
     parts.append(Part("reserve (CUDA context, workspaces, fragmentation)", reserve_bytes(total_bytes)))
     return parts
 

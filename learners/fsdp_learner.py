@@ -405,10 +405,7 @@ class FSDPLearner:
 
     def policy_state(self) -> dict[str, torch.Tensor]:
         """The full weights in `publish_dtype` (what the engines hold), on rank 0; a collective."""
-        state = self.full_state_dict()
-        if self.publish_dtype is None:
-            return state
-        return {name: tensor.to(self.publish_dtype) for name, tensor in state.items()}
+        return self.full_state_dict(self.publish_dtype)
 
     def save_state(self, staging: Path) -> None:
         """This rank's policy, optimizer and schedule into a run checkpoint's staging folder (every rank)."""
@@ -417,14 +414,17 @@ class FSDPLearner:
     def load_state(self, path: Path) -> None:
         load_learner_state(path, self, self.group)
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The full policy weights, named as the model's parameters, on rank 0 (an empty dict elsewhere): what
-        the weight publisher and the HF export need. A collective: every rank must call it."""
+    def full_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The full policy weights, named as the model's parameters, in `dtype` (default: the parameters'
+        fp32), on rank 0 (an empty dict elsewhere): what the weight publisher and the HF export need. A
+        collective: every rank must call it."""
         rank = dist.get_rank(self.group) if self.group is not None else 0
         state = {}
         for name, param in self.model.named_parameters():
-            # all-gathers one parameter at a time, so the peak is one full tensor (unsharded: the parameter)
+            # all-gathered and cast one parameter at a time: besides the result, the peak is one full fp32
+            # tensor (unsharded: the parameter itself)
             full = param.full_tensor() if isinstance(param, DTensor) else param
             if rank == 0:
-                state[name] = full.detach()
+                state[name] = full.detach() if dtype is None else full.detach().to(dtype)
+            del full
         return state
