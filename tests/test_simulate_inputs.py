@@ -1,12 +1,14 @@
 """The simulator's inputs (areal_async/simulate_inputs.py): the decode cost fitted from a bench_generation report,
 training, publication and scoring rates, a cluster config turned into the simulated system, and errors that name
-the report and the key it lacked."""
+the report and the key it lacked; and the `areal-async simulate` subcommand that puts them together."""
+
+import json
 
 import pytest
 
 from areal_async.config import ModelShape
 from areal_async.model.shapes import known_shape
-from areal_async.run.cli import compose_config
+from areal_async.run.cli import compose_config, main
 from areal_async.simulate import DecodeCost, EngineModel, LengthModel, Request, call_seconds
 from areal_async.simulate_inputs import (
     config_system,
@@ -88,3 +90,26 @@ def test_a_cluster_config_becomes_the_system():
     assert (model.rollout_workers, model.learner_ranks, model.groups_per_step, model.group_size) == (96, 32, 1024, 8)
     assert (model.groups_per_request, model.max_staleness, model.queue_capacity) == (16, 4, 16 * 2048)
     assert model.engine == EngineModel(slots=256, sync_every=8, lookahead=1, kv_bucket=64)
+# ---------------------------------------------------------------------------------------------- the subcommand
+
+
+def test_simulate_subcommand_writes_its_table_and_json(tmp_path, capsys):
+    out = tmp_path / "simulate.json"
+    code = main(["simulate", "--config", "recipe_1.5B", "cluster=n1", "generation.max_new_tokens=256",
+                 "rollout.groups_per_step=48", "--steps", "4", "--gen-tokens-per-s", "20000",
+                 "--train-tokens-per-s", "30000", "--reward-s", "0", "--out", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert [(run["cluster"], run["max_staleness"]) for run in report["runs"]] == [("n1", 0), ("n1", 4)]
+    sync, asynchronous = report["runs"]
+    assert sync["speedup"] == pytest.approx(1.0)
+    assert asynchronous["speedup"] == pytest.approx(sync["step_s"] / asynchronous["step_s"])
+    assert sync["steps_for_epochs"] == 8334  # 10 epochs of 40,000 prompts, 48 a step
+    assert "speed-up" in capsys.readouterr().out
+
+
+def test_simulate_subcommand_names_a_missing_report(tmp_path, capsys):
+    code = main(["simulate", "--config", "recipe_1.5B", "cluster=n1", "--steps", "2",
+                 "--generation-json", str(tmp_path / "none.json")])
+    assert code == 2
+    assert "none.json: no such benchmark report" in capsys.readouterr().err
