@@ -1,7 +1,10 @@
 """Throughput and learning of the same RL workload at several staleness bounds, on this machine.
 
 Runs `areal-async train` once per max_staleness value (Ray placement, the same rollout workers and steps)
-and reports trajectories consumed per second, wall time, observed staleness and held-out accuracy.
+and reports trajectories consumed per second, wall time, observed staleness and held-out accuracy. Each result
+also names its run folder (its metrics.jsonl is what benchmarks/validate_simulate.py reads) and the head start:
+the seconds the rollout workers generated before the first training step (the held-out evaluation before RL),
+which the training loop's seconds do not count.
 Prints a table and writes JSON (default `results/bench_staleness.json`, run from the repository root).
 
     PYTHONPATH=$PWD python benchmarks/bench_staleness.py --staleness 0 4 --steps 40
@@ -17,7 +20,7 @@ import time
 from pathlib import Path
 
 from areal_async.run.cli import compose_config
-from areal_async.run.trainer import run_training
+from areal_async.run.trainer import Trainer
 
 
 def run_one(max_staleness: int | None, args) -> dict:
@@ -28,13 +31,26 @@ def run_one(max_staleness: int | None, args) -> dict:
         f"output_dir={args.output_dir}", *args.overrides,
     ]
     config = compose_config("train", overrides)
-    summary = run_training(config, show_progress=False)
+    trainer = Trainer(config)  # its construction ends by starting the rollout workers
+    workers_started = time.perf_counter()
+    first_step: list[float] = []
+    step = trainer.step
+
+    def timed_step(index: int) -> dict:
+        if not first_step:
+            first_step.append(time.perf_counter())
+        return step(index)
+
+    trainer.step = timed_step
+    summary = trainer.run(show_progress=False)
     lines = [json.loads(line) for line in (Path(args.output_dir) / config.run_name / "metrics.jsonl").open()]
     train_seconds = sum(line["step_s"] for line in lines)
     trajectories = summary["consumed"] * config.generation.group_size
     return {
         "max_staleness": max_staleness,
         "steps": args.steps,
+        "run_dir": str(Path(args.output_dir) / config.run_name),
+        "head_start_s": first_step[0] - workers_started,
         "train_loop_seconds": train_seconds,
         "trajectories_consumed": trajectories,
         "trajectories_per_s": trajectories / train_seconds,
