@@ -317,6 +317,7 @@ def run_simulations(args) -> dict:
             steps = steps_for(args.epochs, args.dataset_prompts, model.groups_per_step)
             runs.append({
                 "cluster": cluster or f"n{config.cluster.nodes}", "nodes": config.cluster.nodes,
+                "gpus": config.cluster.nodes * config.cluster.gpus_per_node,
                 "max_staleness": eta, "rollout_workers": model.rollout_workers, "learner_ranks": model.learner_ranks,
                 "slots": model.engine.slots, "training": train, **asdict(summary),
                 "generation_idle": summary.generation_idle, "train_idle": summary.train_idle,
@@ -368,6 +369,9 @@ def simulate_main(argv: list[str]) -> int:
         print(f"{run['cluster']} max_staleness={run['max_staleness']}: {run['rollout_workers']} rollout workers of "
               f"{run['slots']} slots, {run['learner_ranks']} learner ranks at "
               f"{run['training']['tokens_per_s']:,.0f} trained tokens/s each")
+        if run["rollout_workers"] + run["learner_ranks"] > run["gpus"]:
+            print(f"  note: {run['rollout_workers'] + run['learner_ranks']} processes on {run['gpus']} GPUs, "
+                  "simulated as if each had a GPU of its own (a what-if: `areal-async plan` refuses this layout)")
     print(simulation_table(report))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
