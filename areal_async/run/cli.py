@@ -24,7 +24,7 @@ EPILOG = """
 options are hydra overrides, for example:
   areal-async train total_steps=100 rollout.groups_per_step=64 ppo.lr=5e-5
   areal-async train model.path=/ckpt/qwen data.kind=areal_jsonl data.path=prompts.jsonl
-  areal-async train --config staleness_4     # a staleness ablation (configs/staleness_*.yaml)
+  areal-async train --config async_cpu rollout.max_staleness=2   # Ray: workers generate while the learner trains
   areal-async train --cfg          # print the resolved config and exit
   areal-async sft steps=3000       # rebuild the bundled warm start
   areal-async eval CHECKPOINT --benchmarks math_500 aime24 amc23 gsm8k   # see areal-async eval --help
@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
                              "plot --help, areal-async plan --help, areal-async simulate --help)")
     parser.add_argument("overrides", nargs="*", help="hydra overrides key=value (see configs/<command>.yaml)")
     parser.add_argument("--config", help="config file in configs/ to start from (default: the command's name), "
-                        "e.g. staleness_4")
+                        "e.g. async_cpu")
     parser.add_argument("--cfg", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_intermixed_args(argv)
