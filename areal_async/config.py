@@ -361,12 +361,36 @@ class SFTConfig:
     arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
 
 
+@dataclass
+class AblationConfig:
+    """A staleness ablation grid (configs/ablation/*.yaml, run by `areal-async ablate`): every max_staleness x
+    objective x seed is one training run of the train config `base_config` with `overrides`."""
+
+    base_config: str = "async_cpu"  # a train config in configs/
+    overrides: list[str] = field(default_factory=list)  # hydra overrides of every run (key=value)
+    max_staleness: list[int | None] = field(default_factory=lambda: [0, 4])  # null = unbounded
+    objectives: list[Objective] = field(default_factory=lambda: [Objective.decoupled, Objective.naive])
+    seeds: list[int] = field(default_factory=lambda: [1])  # the train config's `seed`
+    steps: int | None = None  # total_steps of every run; null: the base config's
+
+    def __post_init__(self) -> None:
+        for name in ("max_staleness", "objectives", "seeds"):
+            values = getattr(self, name)
+            if not values or len(set(values)) != len(values):
+                raise ValueError(f"ablation {name} must be a non-empty list without repeats, got {list(values)}")
+        if any(eta is not None and eta < 0 for eta in self.max_staleness):
+            raise ValueError(f"ablation max_staleness values must be >= 0 or null, got {list(self.max_staleness)}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"ablation steps must be at least 1, got {self.steps}")
+
+
 def register_configs() -> None:
     from hydra.core.config_store import ConfigStore  # only the CLI needs hydra (GPU images may lack it)
 
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
     store.store(name="sft_schema", node=SFTConfig)
+    store.store(name="ablation_schema", node=AblationConfig)
 
 
 def apply_overrides(config, overrides: list[str]) -> None:

@@ -1,7 +1,7 @@
 """`areal-async`: train, build the synthetic task's warm start, evaluate checkpoints on benchmarks, plan a
-run's placement and GPU memory, or simulate its throughput. Options of train, sft, plan and simulate are hydra
-overrides (key=value); `areal-async eval --help`, `areal-async plan --help`, `areal-async simulate --help` list
-their flags."""
+run's placement and GPU memory, simulate its throughput, or run the staleness ablation. Options of train, sft,
+plan and simulate are hydra overrides (key=value); `areal-async eval --help`, `areal-async plan --help`,
+`areal-async simulate --help`, `areal-async ablate --help` list their flags."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ options are hydra overrides, for example:
   areal-async plot outputs/run_a outputs/run_b --window 10 --out curves.png   # see areal-async plot --help
   areal-async plan --config recipe_1.5B cluster=n4 generation.max_new_tokens=24000   # see areal-async plan --help
   areal-async simulate --config recipe_1.5B --clusters n1 n4 n16    # see areal-async simulate --help
+  areal-async ablate --staleness 0 4 --seeds 1     # staleness x objective grid; see areal-async ablate --help
 """
 
 PLAN_EPILOG = """
@@ -43,6 +44,29 @@ examples:
   areal-async plan --config recipe_1.5B cluster=n1 generation.max_new_tokens=24000 engine.kv_memory_gib=null
   areal-async plan --config recipe_7B_zero cluster=n16 model.path=/ckpt/Qwen2.5-7B cluster.gpu_memory_gib=79.2
   areal-async plan --config gpu_demo        # one GPU, engine and learner in one process
+"""
+
+
+ABLATE_EPILOG = """
+Each cell (one max_staleness, one objective, one seed) is `areal-async train --config <base config>` with the grid
+file's overrides, the ones given here, total_steps=--steps and its own rollout.max_staleness, ppo.objective and
+seed; its run folder is OUT/staleness_<eta>-<objective>-seed_<seed>/ (train.log holds its output). OUT/ablation.json
+records every cell's overrides.
+
+Calling it again with the same OUT resumes the grid: finished cells (summary.json) are skipped, a cell that
+stopped mid-run continues from its last run checkpoint (checkpoint_every), or runs again from the start when it
+wrote none. Cells can be added later (more seeds, other values); the shared settings must stay the same.
+
+At the end (and with --report) OUT/ablation.md holds the table and OUT/ablation.png the plot: held-out accuracy
+after the last step and trained trajectories/s against max_staleness, one line per objective, mean ± sample
+standard deviation over seeds.
+
+examples:
+  areal-async ablate                                   # configs/ablation/cpu.yaml: 7 bounds x 2 objectives x 2 seeds
+  areal-async ablate --staleness 0 4 unbounded --objectives decoupled --seeds 1 2 3 --steps 20
+  areal-async ablate --out outputs/ablation-small rollout.groups_per_step=16   # overrides of every run
+  areal-async ablate --grid gpu                        # configs/ablation/gpu.yaml: one GPU, configs/gpu_demo.yaml
+  areal-async ablate --report outputs/ablation-cpu     # the table and PNG again, from the folder alone
 """
 
 
@@ -379,6 +403,92 @@ def simulate_main(argv: list[str]) -> int:
     return 0
 
 
+def ablate_main(argv: list[str]) -> int:
+    """`areal-async ablate`: the staleness x objective grid of training runs, and its table and plot."""
+    from areal_async.run.ablate import (grid_cells, open_grid, parse_staleness, run_grid, shared_overrides,
+                                        staleness_label, write_report)
+    from areal_async.run.trainer import validate
+
+    parser = argparse.ArgumentParser(
+        prog="areal-async ablate", epilog=ABLATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="The staleness ablation: training runs for every max_staleness x objective (decoupled, naive) "
+                    "x seed of a grid file (configs/ablation/<grid>.yaml), one after another, then a table and a "
+                    "plot of held-out accuracy and throughput against max_staleness.")
+    parser.add_argument("overrides", nargs="*", help="hydra overrides key=value of every run")
+    parser.add_argument("--grid", default="cpu",
+                        help="the grid file configs/ablation/<grid>.yaml (default: cpu, Ray on a CPU; gpu: one GPU)")
+    parser.add_argument("--staleness", nargs="+", metavar="ETA",
+                        help="only these max_staleness values of the grid (integers, 'unbounded')")
+    parser.add_argument("--objectives", nargs="+", metavar="OBJECTIVE",
+                        help="only these objectives of the grid (decoupled, naive)")
+    parser.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
+                        help="the seeds of every setting (the train config's seed; default: the grid file's)")
+    parser.add_argument("--steps", type=int, help="training steps of every run (default: the grid file's)")
+    parser.add_argument("--out", type=Path, help="the grid folder (default: outputs/ablation-<grid>)")
+    parser.add_argument("--report", type=Path, metavar="GRID_DIR",
+                        help="only write GRID_DIR's table and plot from its finished runs")
+    args = parser.parse_intermixed_args(argv)
+    if args.report is not None:
+        given = [flag for flag, value in (("overrides", args.overrides), ("--staleness", args.staleness),
+                                          ("--objectives", args.objectives), ("--seeds", args.seeds),
+                                          ("--steps", args.steps), ("--out", args.out)) if value]
+        if given:
+            parser.error(f"--report reads a finished grid folder: it takes no {', '.join(given)}")
+        try:
+            print(write_report(args.report))
+        except FileNotFoundError as error:
+            parser.error(str(error))
+        print(f"wrote {args.report / 'ablation.md'} and the plot beside it")
+        return 0
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
+    try:
+        grid = compose_config(f"ablation/{args.grid}", [])
+        staleness = list(grid.max_staleness)
+        if args.staleness:
+            chosen = list(dict.fromkeys(parse_staleness(text) for text in args.staleness))
+            unknown = [staleness_label(eta) for eta in chosen if eta not in staleness]
+            if unknown:
+                raise ValueError(f"--staleness {' '.join(unknown)}: not in the grid {args.grid} "
+                                 f"({' '.join(staleness_label(eta) for eta in staleness)})")
+            staleness = chosen
+        objectives = [objective.value for objective in grid.objectives]
+        if args.objectives:
+            unknown = [name for name in args.objectives if name not in objectives]
+            if unknown:
+                raise ValueError(f"--objectives {' '.join(unknown)}: not in the grid {args.grid} "
+                                 f"({' '.join(objectives)})")
+            objectives = list(dict.fromkeys(args.objectives))
+        shared = shared_overrides(grid.overrides, args.overrides,
+                                  args.steps if args.steps is not None else grid.steps)
+        cells = grid_cells(staleness, objectives, list(dict.fromkeys(args.seeds or grid.seeds)))
+        out = args.out or Path("outputs") / f"ablation-{args.grid}"
+        for cell in cells:  # every run's configuration is checked before the first one starts
+            try:
+                validate(compose_config(grid.base_config, [*shared, *cell.overrides(), f"output_dir={out}",
+                                                           f"run_name={cell.name}"]))
+            except (HydraException, OmegaConfBaseException, ValueError) as error:
+                raise ValueError(f"run {cell.name}: {error}") from error.__cause__
+    except (HydraException, OmegaConfBaseException, ValueError) as error:
+        cause = f"\n{error.__cause__}" if error.__cause__ else ""
+        print(f"areal-async ablate: bad configuration: {error}{cause}", file=sys.stderr)
+        return 2
+    try:
+        manifest = open_grid(out, grid.base_config, shared, cells)
+    except ValueError as error:
+        print(f"areal-async ablate: {error}", file=sys.stderr)
+        return 2
+    print(f"{len(cells)} runs of --config {grid.base_config} {' '.join(shared)} in {out}", flush=True)
+    failed = run_grid(out, manifest, cells, log=lambda line: print(line, flush=True))  # often sent to a file
+    print(write_report(out))
+    print(f"wrote {out / 'ablation.md'} and {out / 'ablation.png'}")
+    if failed:
+        print(f"areal-async ablate: {len(failed)} runs failed ({', '.join(failed)}); their train.log says why, "
+              "and the same command runs them again", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command_at = next((i for i, arg in enumerate(argv) if not arg.startswith("-")), None)
@@ -390,12 +500,15 @@ def main(argv: list[str] | None = None) -> int:
         return plan_main(argv[:command_at] + argv[command_at + 1 :])
     if command_at is not None and argv[command_at] == "simulate":
         return simulate_main(argv[:command_at] + argv[command_at + 1 :])
+    if command_at is not None and argv[command_at] == "ablate":
+        return ablate_main(argv[:command_at] + argv[command_at + 1 :])
     parser = argparse.ArgumentParser(
         prog="areal-async", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("command", choices=["train", "sft", "eval", "plot", "plan", "simulate"],
-                        help="what to run (eval, plot, plan, simulate: see areal-async eval --help, areal-async "
-                             "plot --help, areal-async plan --help, areal-async simulate --help)")
+    parser.add_argument("command", choices=["train", "sft", "eval", "plot", "plan", "simulate", "ablate"],
+                        help="what to run (eval, plot, plan, simulate, ablate: see areal-async eval --help, "
+                             "areal-async plot --help, areal-async plan --help, areal-async simulate --help, "
+                             "areal-async ablate --help)")
     parser.add_argument("overrides", nargs="*", help="hydra overrides key=value (see configs/<command>.yaml)")
     parser.add_argument("--config", help="config file in configs/ to start from (default: the command's name), "
                         "e.g. async_cpu")
