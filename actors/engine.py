@@ -28,6 +28,7 @@ import torch
 from actors.sampling import sample
 from actors.scheduler import Schedule, padded_chunks, slot_bucket
 from areal_async.types import Generation, SamplingParams
+from areal_async.memory_plan import engine_slots
 from areal_async.model import CausalLM
 from areal_async.model.slot_cache import SlotKVCache, slot_cache_bytes
 
@@ -228,13 +229,8 @@ class TorchEngine:
     def slots_within_budget(self, max_len: int) -> int:
         """The most slots whose KV cache of `max_len` positions (rounded up to a bucket) fits `kv_memory_gib`
         (max_slots without a budget)."""
-        if self.kv_memory_bytes is None:
-            return self.max_slots
-        max_len = _round_up(max_len, self.kv_bucket)
-        per_slot = slot_cache_bytes(self.model.config, 1, max_len, self._dtype) - slot_cache_bytes(
-            self.model.config, 0, max_len, self._dtype)
-        fitting = (self.kv_memory_bytes - slot_cache_bytes(self.model.config, 0, max_len, self._dtype)) // per_slot
-        return int(min(self.max_slots, max(0, fitting)))
+        return engine_slots(self.model.config, self.max_slots, self.kv_memory_bytes, max_len, self._dtype,
+                            self.kv_bucket)
 
     @property
     def _dtype(self) -> torch.dtype:

@@ -83,8 +83,7 @@ def kv_bytes_per_sequence(config: DecoderConfig, longest_sequence: int, dtype: t
 def engine_slots(config: DecoderConfig, max_slots: int, kv_memory_bytes: int | None, longest_sequence: int,
                  dtype: torch.dtype, kv_bucket: int) -> int:
     """Sequences of up to `longest_sequence` tokens the built-in engine decodes at once: `max_slots`, or fewer
-    when its KV budget `kv_memory_bytes` (None: no budget) holds fewer; what actors/engine.py's
-    `slots_within_budget` computes."""
+    when its KV budget `kv_memory_bytes` (None: no budget) holds fewer (the engine's `slots_within_budget`)."""
     if kv_memory_bytes is None:
         return max_slots
     length = kv_positions(longest_sequence, kv_bucket)
