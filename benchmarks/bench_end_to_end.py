@@ -243,6 +243,8 @@ def main() -> int:
     report = {"args": vars(args), "device": str(device), "torch": torch.__version__, "results": {}, "errors": {}}
     if device.type == "cuda":
         report["device_name"] = torch.cuda.get_device_name(device)
+        # the memory the inline run's plan divides (its KV budget: benchmarks/validate_simulate_gpu.py models it)
+        report["gpu_total_bytes"] = torch.cuda.get_device_properties(device).total_memory
     log(f"device {report.get('device_name', device)}, torch {torch.__version__}, dtype {args.dtype}")
     with tempfile.TemporaryDirectory() as temporary:
         work = Path(args.work_dir or temporary)
