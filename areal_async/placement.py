@@ -30,6 +30,7 @@ import torch
 from areal_async.config import EngineKind, ModelConfig, ModelShape, Placement, TrainConfig
 from areal_async.memory_plan import (
     GIB,
+    MemoryPlan,
     Part,
     Phase,
     element_size,
@@ -335,7 +336,7 @@ def plan_run(config: TrainConfig, shape: DecoderConfig, shape_source: str, promp
         header.insert(0, f"cluster.placement=inline: one process, device={config.device}")
         if not cuda:
             return Plan(header, summary="runs on the CPU: no GPU memory to plan")
-        return _inline_plan(config, shape, header, total, longest, dtype)
+        return _inline_plan(config, shape, header, total, longest)
     header.insert(0, f"cluster.placement=ray: {cluster.nodes} node{'s' if cluster.nodes > 1 else ''} x "
                      f"{cluster.gpus_per_node} GPUs of {cluster.gpu_memory_gib:g} GiB (cluster.gpu_memory_gib)")
     if not cuda:
@@ -396,14 +397,21 @@ def plan_run(config: TrainConfig, shape: DecoderConfig, shape_source: str, promp
     return Plan(header, seats, shards, gpus, failures, summary)
 
 
-def _inline_plan(config: TrainConfig, shape: DecoderConfig, header: list[str], total: int, longest: int,
-                 dtype: torch.dtype) -> Plan:
+def inline_gpu_plan(config: TrainConfig, shape: DecoderConfig, total_bytes: int, longest: int) -> MemoryPlan:
+    """memory_plan.plan_one_gpu for an inline run of `config` on a GPU of `total_bytes` bytes, sequences of up to
+    `longest` tokens: what the trainer checks at start, `areal-async plan` reports and the simulator's engine
+    holds (its KV budget, engine.kv_memory_gib or what the rest leaves). Raises ValueError when it does not fit."""
+    dtype = getattr(torch, config.model.dtype)
+    return plan_one_gpu(shape, total_bytes, dtype, element_size(dtype), config.ppo.micro_batch_tokens, longest,
+                        config.engine.kv_memory_gib, config.engine.kv_bucket, config.ppo.activation_checkpointing,
+                        reference_model=config.ppo.kl_coef > 0)
+
+
+def _inline_plan(config: TrainConfig, shape: DecoderConfig, header: list[str], total: int, longest: int) -> Plan:
     """One GPU holding the engine and the learner (memory_plan.plan_one_gpu, as the trainer checks at start)."""
     seat = Seat(Role.inline, 0, 0, torch.device(config.device).index or 0)
     try:
-        one = plan_one_gpu(shape, total, dtype, element_size(dtype), config.ppo.micro_batch_tokens, longest,
-                           config.engine.kv_memory_gib, config.engine.kv_bucket, config.ppo.activation_checkpointing,
-                           reference_model=config.ppo.kl_coef > 0)
+        one = inline_gpu_plan(config, shape, total, longest)
     except ValueError as error:
         return Plan(header, [seat], failures=[f"does not fit: {error}"])
     parts = (Part("engine weights", one.engine_weights), Part("learner state", one.learner_state),

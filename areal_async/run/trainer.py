@@ -34,9 +34,10 @@ from areal_async.controller import RolloutController, settle_deliveries
 from areal_async.data import load_train_and_heldout
 from areal_async.ledger import Ledger
 from areal_async.replay_queue import ShardedReplayQueue
-from areal_async.memory_plan import GIB, plan_one_gpu
+from areal_async.memory_plan import GIB
 from areal_async.model import load_config, load_pretrained, load_tokenizer, save_weights_pretrained
 from areal_async.objective import trajectory_advantages
+from areal_async.placement import inline_gpu_plan
 from areal_async.plots import plot_training_curves
 from areal_async.reward import RewardVerifier
 from areal_async.run.ray_cluster import RayCluster
@@ -114,14 +115,8 @@ def plan_inline_gpu_memory(config: TrainConfig, model_path: Path) -> float | Non
     device = torch.device(config.device)
     if device.type != "cuda" or config.cluster.placement is not Placement.inline:
         return config.engine.kv_memory_gib
-    dtype = getattr(torch, config.model.dtype)
-    plan = plan_one_gpu(
-        load_config(model_path), torch.cuda.get_device_properties(device).total_memory, dtype,
-        torch.empty((), dtype=dtype).element_size(),
-        config.ppo.micro_batch_tokens, longest_sequence=config.generation.max_new_tokens + 1,
-        kv_memory_gib=config.engine.kv_memory_gib, kv_bucket=config.engine.kv_bucket,
-        activation_checkpointing=config.ppo.activation_checkpointing, reference_model=config.ppo.kl_coef > 0,
-    )
+    plan = inline_gpu_plan(config, load_config(model_path), torch.cuda.get_device_properties(device).total_memory,
+                           longest=config.generation.max_new_tokens + 1)
     print(f"memory plan of one GPU (engine and learner in one process):\n{plan.describe()}")
     return plan.kv_cache / GIB
 
