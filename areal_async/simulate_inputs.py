@@ -29,9 +29,10 @@ from pathlib import Path
 
 import torch
 
-from areal_async.config import Objective, TrainConfig
-from areal_async.memory_plan import element_size, engine_slots, parameter_count
+from areal_async.config import Objective, Placement, TrainConfig
+from areal_async.memory_plan import GIB, element_size, engine_slots, parameter_count
 from areal_async.model.decoder import DecoderConfig
+from areal_async.placement import inline_gpu_plan
 from areal_async.simulate import DecodeCost, EngineModel, LengthModel, Request, SystemModel, call_seconds
 
 STEP_KEY = re.compile(r"graph_b(\d+)_kv(\d+)")
@@ -245,19 +246,27 @@ def reward_seconds(report: dict, path: str | Path) -> float:
 def config_system(config: TrainConfig, shape: DecoderConfig, decode: DecodeCost, train_tokens_per_s: float, *,
                   prompt_tokens: int, lengths: LengthModel, weight_sync_s: float, reward_s: float,
                   **extra) -> SystemModel:
-    """The SystemModel of a Ray run of `config` (placement, batch, staleness, engine settings) with the given
-    rates; `extra` sets SystemModel's other fields (host_s, take_s, filtered_fraction, learner_start_s)."""
+    """The SystemModel of a run of `config` (placement, batch, staleness, engine settings) with the given rates;
+    `extra` sets SystemModel's other fields (host_s, take_s, filtered_fraction, learner_start_s).
+
+    A Ray run has its workers and learner ranks. An inline run (cluster.placement=inline) is one engine and one
+    learner on `device`, taking turns: one worker and one learner rank, whose generation and training never
+    overlap at max_staleness 0 (at a larger bound the model overlaps them, the inline loop does not). On a GPU
+    its engine holds what the trainer plans: the KV budget that the learner leaves of cluster.gpu_memory_gib."""
     cluster, rollout, engine = config.cluster, config.rollout, config.engine
+    inline = cluster.placement is Placement.inline
     longest = prompt_tokens + config.generation.max_new_tokens
+    cuda = torch.device(config.device if inline else cluster.rollout_device).type == "cuda"
     budget = None if engine.kv_memory_gib is None else int(engine.kv_memory_gib * 2**30)
+    if inline and cuda and budget is None:
+        budget = inline_gpu_plan(config, shape, int(cluster.gpu_memory_gib * GIB), longest).kv_cache
     slots = engine_slots(shape, engine.max_slots, budget, longest, getattr(torch, config.model.dtype),
                          engine.kv_bucket)
     if slots < 1:
         raise ValueError(f"engine.kv_memory_gib={engine.kv_memory_gib} holds no sequence of {longest} tokens")
-    cuda = torch.device(cluster.rollout_device).type == "cuda"
     return SystemModel(
-        rollout_workers=cluster.num_rollout_workers,
-        learner_ranks=cluster.num_learner_ranks,
+        rollout_workers=1 if inline else cluster.num_rollout_workers,
+        learner_ranks=1 if inline else cluster.num_learner_ranks,
         groups_per_step=rollout.groups_per_step,
         group_size=config.generation.group_size,
         groups_per_request=rollout.groups_per_request,

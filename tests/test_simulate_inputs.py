@@ -5,9 +5,12 @@ the report and the key it lacked; and the `areal-async simulate` subcommand that
 import json
 
 import pytest
+import torch
 
 from areal_async.config import ModelShape
+from areal_async.memory_plan import GIB, engine_slots
 from areal_async.model.shapes import known_shape
+from areal_async.placement import inline_gpu_plan
 from areal_async.run.cli import compose_config, main
 from areal_async.simulate import DecodeCost, EngineModel, LengthModel, Request, call_seconds
 from areal_async.simulate_inputs import (
@@ -90,6 +93,26 @@ def test_a_cluster_config_becomes_the_system():
     assert (model.rollout_workers, model.learner_ranks, model.groups_per_step, model.group_size) == (96, 32, 1024, 8)
     assert (model.groups_per_request, model.max_staleness, model.queue_capacity) == (16, 4, 16 * 2048)
     assert model.engine == EngineModel(slots=256, sync_every=8, lookahead=1, kv_bucket=64)
+
+
+def test_an_inline_gpu_config_is_one_engine_and_one_learner_with_the_planned_kv_budget():
+    overrides = ["device=cuda", "model.dtype=bfloat16", "generation.max_new_tokens=8192", "engine.kv_bucket=256"]
+    shape = known_shape(ModelShape.r1_distill_qwen_1_5b)
+    systems = {}
+    for gib in (100.0, 139.8):
+        config = compose_config("train", [*overrides, f"cluster.gpu_memory_gib={gib}"])
+        systems[gib] = config_system(config, shape, STEP, 1000.0, prompt_tokens=256, lengths=LengthModel(2048, 8192),
+                                     weight_sync_s=0.2, reward_s=0.0)
+        # the trainer's budget: what the learner, the weights and the publication buffers leave of the GPU
+        budget = inline_gpu_plan(config, shape, int(gib * GIB), 256 + 8192).kv_cache
+        assert systems[gib].engine.slots == engine_slots(shape, 256, budget, 256 + 8192, torch.bfloat16, 256)
+        assert (systems[gib].rollout_workers, systems[gib].learner_ranks, systems[gib].engine.lookahead) == (1, 1, 1)
+    assert 1 < systems[100.0].engine.slots < systems[139.8].engine.slots == 256  # the budget binds on 100 GiB
+    cpu = config_system(compose_config("train", ["generation.max_new_tokens=8192"]), shape, STEP, 1000.0,
+                        prompt_tokens=256, lengths=LengthModel(2048, 8192), weight_sync_s=0.2, reward_s=0.0)
+    assert cpu.engine == EngineModel(slots=256, sync_every=8, lookahead=0, kv_bucket=64)  # no budget on a CPU
+
+
 # ---------------------------------------------------------------------------------------------- the subcommand
 
 
