@@ -124,12 +124,8 @@ def simulation_inputs(args, config, shape) -> dict:
         decode = inputs.decode_cost_from_rate(args.gen_tokens_per_s)
         generation = {"tokens_per_s": args.gen_tokens_per_s}
     else:
-        report = inputs.load_report(args.generation_json)
-        inputs.check_generation_shape(report, args.generation_json, shape)
-        fit = inputs.fit_decode_cost(report, args.generation_json, args.generation_system, args.batch_share)
-        decode = fit.cost
-        generation = {"file": _shown(args.generation_json), "system": args.generation_system,
-                      "batch_share": fit.batch_share, "replay_tokens_per_s": fit.replay}
+        decode, generation = generation_from_report(args.generation_json, args.generation_system, shape,
+                                                    args.batch_share)
     if args.reward_s is not None:
         reward = {"seconds_per_response": args.reward_s}
     else:
@@ -147,20 +143,38 @@ def simulation_inputs(args, config, shape) -> dict:
     return {"decode": decode, "generation": {**generation, "cost": asdict(decode)}, "reward": reward, "sync": sync}
 
 
-def training_input(args, config, shape) -> dict:
-    """Tokens/s of one learner rank for `config` (its checkpointing and KL reference change the rate)."""
+def generation_from_report(path: Path, system: str, shape, batch_share: float | None = None) -> tuple:
+    """The decode cost of `system` fitted from the bench_generation report at `path`, which must have measured a
+    model of `shape`, and where it came from (the fitted batch share, the workloads' replayed tokens/s)."""
+    from areal_async import simulate_inputs as inputs
+
+    report = inputs.load_report(path)
+    inputs.check_generation_shape(report, path, shape)
+    fit = inputs.fit_decode_cost(report, path, system, batch_share)
+    return fit.cost, {"file": _shown(path), "system": system, "batch_share": fit.batch_share,
+                      "replay_tokens_per_s": fit.replay}
+
+
+def training_from_report(path: Path, row: list[str], config, shape) -> dict:
+    """Tokens/s of one learner rank for `config` from the bench_training report at `path`, its `row` (system,
+    workload, step kind) measured on a model of `shape`; the forward-pass factor is the config's checkpointing,
+    KL reference and proximal recompute against the row's."""
     from areal_async import simulate_inputs as inputs
     from areal_async.memory_plan import parameter_count
 
+    rate = inputs.training_rate(inputs.load_report(path), path, config, *row)
+    if rate.parameters and abs(rate.parameters / parameter_count(shape) - 1) > inputs.SHAPE_TOLERANCE:
+        raise ValueError(f"{path} measured a model of {rate.parameters:,} parameters, the config's "
+                         f"has {parameter_count(shape):,}: pass --train-tokens-per-s for this model")
+    return {"file": _shown(path), "row": list(row), "measured_tokens_per_s": rate.measured,
+            "forward_pass_factor": rate.factor, "tokens_per_s": rate.tokens_per_s}
+
+
+def training_input(args, config, shape) -> dict:
+    """Tokens/s of one learner rank for `config` (its checkpointing and KL reference change the rate)."""
     if args.train_tokens_per_s is not None:
         return {"tokens_per_s": args.train_tokens_per_s}
-    report = inputs.load_report(args.training_json)
-    rate = inputs.training_rate(report, args.training_json, config, *args.training_row)
-    if rate.parameters and abs(rate.parameters / parameter_count(shape) - 1) > inputs.SHAPE_TOLERANCE:
-        raise ValueError(f"{args.training_json} measured a model of {rate.parameters:,} parameters, the config's "
-                         f"has {parameter_count(shape):,}: pass --train-tokens-per-s for this model")
-    return {"file": _shown(args.training_json), "row": args.training_row, "measured_tokens_per_s": rate.measured,
-            "forward_pass_factor": rate.factor, "tokens_per_s": rate.tokens_per_s}
+    return training_from_report(args.training_json, args.training_row, config, shape)
 
 
 def _staleness_values(args, config) -> list[int | None]:
