@@ -26,7 +26,8 @@ A second prediction takes every rate from the synchronous run: the difference sh
     PYTHONPATH=$PWD python benchmarks/validate_simulate.py --measured results/bench_staleness.json
 
 Overrides after the options are those given to bench_staleness.py (the simulated configs take them too). Prints
-a table and writes JSON (default `results/validate_simulate.json`).
+a table and writes JSON (default `results/validate_simulate.json`). The one-GPU check, against
+bench_end_to_end.py's run with the GPU component reports' rates, is benchmarks/validate_simulate_gpu.py.
 """
 
 from __future__ import annotations
