@@ -30,6 +30,7 @@ runs a tiny shape on the CPU (a smoke test of the script, not a measurement).
 
     PYTHONPATH=$PWD python3 benchmarks/bench_end_to_end.py --workloads i ii
     PYTHONPATH=$PWD python3 benchmarks/bench_end_to_end.py --tiny
+    PYTHONPATH=$PWD python3 benchmarks/bench_end_to_end.py --workloads i ppo.micro_batch_tokens=8192   # 80 GB GPU
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ def bench_workload(name: str, workload: dict, args, device: torch.device, checkp
     prompts = write_prompts(work / f"prompts_{name}.jsonl", 4 * workload["prompts"] * args.steps,
                             workload["prompt_tokens"], seed=1)
     overrides = run_overrides(workload, checkpoint, prompts, work / "runs", f"e2e_{name}", args.steps, device,
-                              args.dtype)
+                              args.dtype) + list(args.overrides)
     log(f"[{name}] areal-async train " + " ".join(overrides))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -236,6 +237,9 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true", help="a tiny shape and workload on the CPU (smoke test)")
     parser.add_argument("--work-dir", default=None, help="checkpoint and run folders (default: a temporary folder)")
     parser.add_argument("--out", default="results/bench_end_to_end.json", help="JSON file; default: %(default)s")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="train overrides applied after the workload's own (e.g. ppo.micro_batch_tokens=8192 "
+                             "where the one-GPU plan does not fit)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
