@@ -20,10 +20,11 @@ Per workload, in one process:
      output tokens trained per second of step) per GPU;
   2. the engine alone: the run's engine generates the same number of requests with the same prompt and token-
      limit distribution (warm: the run captured its graphs);
-  3. the learner alone: the run's learner takes one PPO step (proximal recompute + update) on trajectories of
-     those generations.
+  3. the learner alone: the run's learner takes two PPO steps (proximal recompute + update) on trajectories of
+     those generations; the second is timed (the first compiles for the new packs' lengths).
 The overhead is the ratio: mean run step time / (engine alone + learner alone). The run's summary gives the
-ledger, the worker-vs-learner checksum check and the generation and reward error counts.
+ledger, the worker-vs-learner checksum check, the generation errors, the verifier's errors and its "unparsed"
+verdicts (answers it could not read: most of random weights' answers).
 
 Prints a table and writes JSON (default `results/bench_end_to_end.json`, run from the repository root). `--tiny`
 runs a tiny shape on the CPU (a smoke test of the script, not a measurement).
@@ -150,10 +151,14 @@ def engine_alone(trainer: Trainer, workload: dict, seed: int) -> tuple[dict, lis
 
 
 def learner_alone(trainer: Trainer, trajectories: list[Trajectory]) -> dict:
+    """The second of two PPO steps on `trajectories`: the first compiles for their packs' lengths, which the run's
+    packs did not have (measured cold on an H100, the one step took 2.4 x the run's warm training phases)."""
     learner = trainer.learner
+    advantages = trajectory_advantages(trajectories, normalise_std=False)
+    learner.train_step(trajectories, advantages)
     synchronize(learner.ppo.device)
     started = time.perf_counter()
-    stats = learner.train_step(trajectories, trajectory_advantages(trajectories, normalise_std=False))
+    stats = learner.train_step(trajectories, advantages)
     seconds = time.perf_counter() - started
     return {"seconds": seconds, "trained_tokens": stats["trained_tokens"],
             "trained_tokens_per_s": stats["trained_tokens"] / seconds, **learner.last_step_timings}
@@ -216,8 +221,8 @@ def bench_workload(name: str, workload: dict, args, device: torch.device, checkp
 
 def print_table(results: dict) -> None:
     log("\n| workload | step s | gen | reward | recompute | update | publish | rest | engine alone | learner alone "
-        "| overhead | trained tok/s/GPU | ledger | checksums | gen err | reward fail |")
-    log("|---" * 16 + "|")
+        "| overhead | trained tok/s/GPU | ledger | checksums | gen err | verifier err | unparsed |")
+    log("|---" * 17 + "|")
     for name, r in results.items():
         p = r["phases_s"]
         s = r["summary"]
@@ -225,7 +230,14 @@ def print_table(results: dict) -> None:
             f"{p['update_s']:.2f} | {p['weight_sync_seconds']:.2f} | {p['other_s']:.2f} | "
             f"{r['engine_alone_s_scaled']:.2f} | {r['learner_alone_s_scaled']:.2f} | {r['overhead_ratio']:.3f} | "
             f"{r['trained_tokens_per_s_per_gpu']:,.0f} | {s['ledger_balanced']} | {s['rollout_weights_identical']} | "
-            f"{s['generation_errors']} | {sum((s['reward_failures'] or {}).values())} |")
+            f"{s['generation_errors']} | {verifier_errors(s['reward_failures'])} | "
+            f"{(s['reward_failures'] or {}).get('unparsed', 0)} |")
+
+
+def verifier_errors(failures: dict | None) -> int:
+    """Scoring tasks the verifier could not run (timeouts, memory, dead workers, exceptions); "unparsed" answers
+    (text the parser cannot read, the common case for random weights) are verdicts, counted apart."""
+    return sum(n for reason, n in (failures or {}).items() if reason != "unparsed")
 
 
 def main() -> int:
