@@ -10,8 +10,8 @@ a cell whose run wrote summary.json is done; a cell that stopped mid-run continu
 from __future__ import annotations
 
 import json
-import math
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -44,6 +44,19 @@ def parse_staleness(text: str) -> int | None:
     if not text.isdigit():
         raise ValueError(f"max_staleness {text!r}: expected an integer >= 0 or 'unbounded'")
     return int(text)
+
+
+def chosen(option: str, given: Sequence | None, grid_values: Sequence, grid: str,
+           label: Callable[[object], str] = str) -> list:
+    """The values a command-line `option` picks from the grid file `grid`'s `grid_values` (all of them when it
+    picks none), without repeats; a value the grid lacks is a ValueError that names it."""
+    if not given:
+        return list(grid_values)
+    unknown = [label(value) for value in given if value not in grid_values]
+    if unknown:
+        raise ValueError(f"{option} {' '.join(unknown)}: not in the grid {grid} "
+                         f"({' '.join(label(value) for value in grid_values)})")
+    return list(dict.fromkeys(given))
 
 
 @dataclass(frozen=True)
@@ -193,10 +206,7 @@ def spread(values: Sequence[float]) -> Spread:
     """Mean and sample standard deviation: [0.6, 0.7, 0.8] -> 0.7 ± 0.1."""
     if not values:
         raise ValueError("spread of no values")
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
-    return Spread(mean, std, n)
+    return Spread(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values))
 
 
 @dataclass(frozen=True)

@@ -128,8 +128,8 @@ def plan_main(argv: list[str]) -> int:
 
 def ablate_main(argv: list[str]) -> int:
     """`areal-async ablate`: the staleness x objective grid of training runs, and its table and plot."""
-    from areal_async.run.ablate import (grid_cells, open_grid, parse_staleness, run_grid, shared_overrides,
-                                        staleness_label, write_report)
+    from areal_async.run.ablate import (chosen, grid_cells, open_grid, parse_staleness, run_grid,
+                                        shared_overrides, staleness_label, write_report)
     from areal_async.run.trainer import validate
 
     parser = argparse.ArgumentParser(
@@ -167,21 +167,10 @@ def ablate_main(argv: list[str]) -> int:
         parser.error(f"--steps must be at least 1, got {args.steps}")
     try:
         grid = compose_config(f"ablation/{args.grid}", [])
-        staleness = list(grid.max_staleness)
-        if args.staleness:
-            chosen = list(dict.fromkeys(parse_staleness(text) for text in args.staleness))
-            unknown = [staleness_label(eta) for eta in chosen if eta not in staleness]
-            if unknown:
-                raise ValueError(f"--staleness {' '.join(unknown)}: not in the grid {args.grid} "
-                                 f"({' '.join(staleness_label(eta) for eta in staleness)})")
-            staleness = chosen
-        objectives = [objective.value for objective in grid.objectives]
-        if args.objectives:
-            unknown = [name for name in args.objectives if name not in objectives]
-            if unknown:
-                raise ValueError(f"--objectives {' '.join(unknown)}: not in the grid {args.grid} "
-                                 f"({' '.join(objectives)})")
-            objectives = list(dict.fromkeys(args.objectives))
+        staleness = chosen("--staleness", [parse_staleness(text) for text in args.staleness or []],
+                           list(grid.max_staleness), args.grid, staleness_label)
+        objectives = chosen("--objectives", args.objectives, [objective.value for objective in grid.objectives],
+                            args.grid)
         shared = shared_overrides(grid.overrides, args.overrides,
                                   args.steps if args.steps is not None else grid.steps)
         cells = grid_cells(staleness, objectives, list(dict.fromkeys(args.seeds or grid.seeds)))
