@@ -21,3 +21,18 @@ def is_too_stale(oldest_token_version: int, training_step: int, max_staleness: i
     if max_staleness is None:
         return False
     return oldest_token_version < training_step - max_staleness
+
+
+def staleness_label(max_staleness: int | None) -> str:
+    """How a bound is shown: '4', or 'unbounded' for None."""
+    return "unbounded" if max_staleness is None else str(max_staleness)
+
+
+def parse_staleness(text: str) -> int | None:
+    """A bound given on a command line: '4' -> 4; 'unbounded' (or 'null') -> None; anything else is a ValueError
+    that names it."""
+    if text in ("unbounded", "null"):
+        return None
+    if not text.isdigit():
+        raise ValueError(f"max_staleness {text!r}: expected an integer >= 0 or 'unbounded'")
+    return int(text)

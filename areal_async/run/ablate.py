@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 from areal_async.checkpointing import latest_run_checkpoint
 from areal_async.config import Objective
 from areal_async.files import write_json_atomically, write_text_atomically
+from areal_async.staleness import staleness_label
 
 MANIFEST_FILE = "ablation.json"
 TABLE_FILE = "ablation.md"
@@ -31,19 +32,6 @@ PLOT_FILE = "ablation.png"
 LOG_FILE = "train.log"
 # What the grid sets for each cell itself; as a shared override it would be overwritten or break the resume.
 CELL_KEYS = ("rollout.max_staleness", "ppo.objective", "seed", "total_steps", "run_name", "output_dir", "resume")
-
-
-def staleness_label(max_staleness: int | None) -> str:
-    return "unbounded" if max_staleness is None else str(max_staleness)
-
-
-def parse_staleness(text: str) -> int | None:
-    """'4' -> 4; 'unbounded' (or 'null') -> None; anything else is a ValueError that names it."""
-    if text in ("unbounded", "null"):
-        return None
-    if not text.isdigit():
-        raise ValueError(f"max_staleness {text!r}: expected an integer >= 0 or 'unbounded'")
-    return int(text)
 
 
 def chosen(option: str, given: Sequence | None, grid_values: Sequence, grid: str,

@@ -128,8 +128,8 @@ def plan_main(argv: list[str]) -> int:
 
 def ablate_main(argv: list[str]) -> int:
     """`areal-async ablate`: the staleness x objective grid of training runs, and its table and plot."""
-    from areal_async.run.ablate import (chosen, grid_cells, open_grid, parse_staleness, run_grid,
-                                        shared_overrides, staleness_label, write_report)
+    from areal_async.run.ablate import chosen, grid_cells, open_grid, run_grid, shared_overrides, write_report
+    from areal_async.staleness import parse_staleness, staleness_label
     from areal_async.run.trainer import validate
 
     parser = argparse.ArgumentParser(

@@ -13,6 +13,7 @@ from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from areal_async.run.cli import compose_config
+from areal_async.staleness import parse_staleness
 
 BENCHMARK_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 GENERATION_REPORT = BENCHMARK_RESULTS / "bench_generation_h100_2026-11-25_v3.json"
@@ -60,7 +61,7 @@ def simulate_parser() -> argparse.ArgumentParser:
                         help="cluster configs to compare (configs/cluster/NAME.yaml, e.g. n1 n4 n16); default: "
                              "the config's own")
     parser.add_argument("--staleness", nargs="+", metavar="ETA",
-                        help="max_staleness values ('null': unbounded); default: 0 and the config's")
+                        help="max_staleness values ('unbounded' or 'null': no bound); default: 0 and the config's")
     parser.add_argument("--steps", type=int, default=24, help="training steps simulated per run (default 24)")
     parser.add_argument("--warmup", type=int, default=None,
                         help="first steps left out of the means (default: 2 x (max_staleness + 1), at most half)")
@@ -180,15 +181,7 @@ def training_input(args, config, shape) -> dict:
 def _staleness_values(args, config) -> list[int | None]:
     if args.staleness is None:
         return list(dict.fromkeys([0, config.rollout.max_staleness]))
-    values = []
-    for text in args.staleness:
-        if text == "null":
-            values.append(None)
-        elif text.isdigit():
-            values.append(int(text))
-        else:
-            raise ValueError(f"--staleness takes integers >= 0 or 'null', got {text!r}")
-    return values
+    return [parse_staleness(text) for text in args.staleness]
 
 
 def default_warmup(max_staleness: int | None, steps: int) -> int:
