@@ -73,6 +73,11 @@ class DecodeCost:
         """Seconds of `count` decode steps over `batch` slots whose kv_len add up to `positions`."""
         return count * (self.fixed_s + self.per_slot_s * batch) + self.per_kv_s * batch * positions
 
+    def describe(self) -> str:
+        return (f"decode step {self.fixed_s * 1e3:.3f} ms + {self.per_slot_s * 1e6:.3f} us per slot + "
+                f"{self.per_kv_s * 1e9:.3f} ns per slot and cache position; prefill "
+                f"{self.prefill_token_s * 1e6:.2f} us per token")
+
 
 @dataclass(frozen=True)
 class EngineModel:

@@ -47,7 +47,7 @@ from areal_async.memory_plan import GIB
 from areal_async.model.decoder import DecoderConfig
 from areal_async.run.cli import compose_config
 from areal_async.run.simulation import generation_from_report, training_from_report
-from areal_async.simulate import LengthModel, StepRecord, simulate, summarize
+from areal_async.simulate import DecodeCost, LengthModel, StepRecord, simulate, summarize
 from areal_async.simulate_inputs import _need, config_system, load_report
 from bench_end_to_end import PHASES, SHAPE, TINY_SHAPE, TINY_WORKLOADS, WORKLOADS  # benchmarks/: first on sys.path
 from validate_simulate import BAR
@@ -188,10 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"validate_simulate_gpu: {error}", file=sys.stderr)
         return 2
-    cost = report["generation"]["cost"]
-    print(f"decode step {cost['fixed_s'] * 1e3:.3f} ms + {cost['per_slot_s'] * 1e6:.3f} us per slot + "
-          f"{cost['per_kv_s'] * 1e9:.3f} ns per slot and position; prefill {cost['prefill_token_s'] * 1e6:.2f} us "
-          f"per token ({report['generation']['file']}, {report['generation']['system']})")
+    print(f"{DecodeCost(**report['generation']['cost']).describe()} ({report['generation']['file']}, "
+          f"{report['generation']['system']})")
     for row in report["rows"]:
         print(f"{row['workload']}: {row['training']['tokens_per_s']:,.0f} trained tokens/s "
               f"({row['training']['file']}); from the run: scoring "

@@ -13,6 +13,7 @@ from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from areal_async.run.cli import compose_config
+from areal_async.simulate import DecodeCost, LengthModel, hours_for, simulate, summarize
 from areal_async.staleness import parse_staleness
 
 BENCHMARK_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
@@ -194,7 +195,6 @@ def run_simulations(args) -> dict:
     """Every (cluster, max_staleness) run of `args`: the report written as JSON, its `runs` printed as a table."""
     from areal_async.placement import model_shape
     from areal_async.run.sft import BUNDLED_WARMSTART
-    from areal_async.simulate import LengthModel, hours_for, simulate, summarize
     from areal_async.simulate_inputs import config_system, steps_for
 
     if args.clusters and any(o.startswith("cluster=") for o in args.overrides):
@@ -277,10 +277,8 @@ def simulate_main(argv: list[str]) -> int:
     print(f"model: {report['model']}; prompts {report['prompt_tokens']} tokens; responses log-normal, mean "
           f"{report['lengths']['mean']:,.0f} before clipping to {report['lengths']['cap']:,}, sigma "
           f"{report['lengths']['sigma']:g}")
-    cost = inputs["generation"]["cost"]
-    print(f"decode step: {cost['fixed_s'] * 1e3:.3f} ms + {cost['per_slot_s'] * 1e6:.3f} us per slot + "
-          f"{cost['per_kv_s'] * 1e9:.3f} ns per slot and cache position; prefill "
-          f"{cost['prefill_token_s'] * 1e6:.2f} us per token ({inputs['generation'].get('file', 'given rate')})")
+    print(f"{DecodeCost(**inputs['generation']['cost']).describe()} "
+          f"({inputs['generation'].get('file', 'given rate')})")
     print(f"publication {inputs['sync']['seconds']:.2f} s per version; scoring "
           f"{inputs['reward']['seconds_per_response'] * 1e3:.2f} ms per response")
     for run in report["runs"]:
