@@ -54,7 +54,7 @@ def load_report(path: str | Path) -> dict:
         raise ValueError(f"{path}: not a JSON report ({error})") from None
 
 
-def _need(report: dict, path: str | Path, *keys: str):
+def report_value(report: dict, path: str | Path, *keys: str):
     """report[keys[0]][keys[1]]...; a ValueError names the file and the dotted key when one is missing."""
     value = report
     for depth, key in enumerate(keys):
@@ -105,8 +105,8 @@ def fit_decode_cost(report: dict, path: str | Path, system: str, batch_share: fl
     given: that share of the fixed part scales with the batch, and the longtail workload is not needed. `replay`
     holds the workloads' tokens/s, measured and modelled: fixed is matched by construction (the rest of its time
     is the prefill's), longtail too when the share is fitted; fixed_hf is a check."""
-    table = _need(report, path, "results", f"step_ms_{system}")
-    batch = int(_need(report, path, "args", "batch"))
+    table = report_value(report, path, "results", f"step_ms_{system}")
+    batch = int(report_value(report, path, "args", "batch"))
     points = [(float(m.group(2)), ms) for key, ms in table.items()
               if (m := STEP_KEY.fullmatch(key)) and int(m.group(1)) == batch]
     if len(points) < 2:
@@ -115,27 +115,27 @@ def fit_decode_cost(report: dict, path: str | Path, system: str, batch_share: fl
     intercept_ms, slope_ms = line_fit(points)
     per_kv_s = slope_ms / batch / 1e3
     lookahead = 1 if str(report.get("device", "cuda")).startswith("cuda") else 0
-    engine = EngineModel(slots=batch, sync_every=int(_need(report, path, "args", "sync_every")),
-                         lookahead=lookahead, kv_bucket=int(_need(report, path, "args", "kv_bucket")))
-    prompt, new_tokens = (int(_need(report, path, "args", key)) for key in ("prompt_len", "new_tokens"))
+    engine = EngineModel(slots=batch, sync_every=int(report_value(report, path, "args", "sync_every")),
+                         lookahead=lookahead, kv_bucket=int(report_value(report, path, "args", "kv_bucket")))
+    prompt, new_tokens = (int(report_value(report, path, "args", key)) for key in ("prompt_len", "new_tokens"))
 
     def cost(share: float, prefill_token_s: float) -> DecodeCost:
         return DecodeCost(fixed_s=intercept_ms * (1 - share) / 1e3, per_slot_s=intercept_ms * share / batch / 1e3,
                           per_kv_s=per_kv_s, prefill_token_s=prefill_token_s)
 
-    fixed_requests = [Request(prompt, new_tokens, new_tokens)] * int(_need(report, path, "results", f"{system}_fixed",
+    fixed_requests = [Request(prompt, new_tokens, new_tokens)] * int(report_value(report, path, "results", f"{system}_fixed",
                                                                            "requests"))
     decoding = call_seconds(fixed_requests, engine, cost(0.0, 0.0))  # a full batch: the share does not matter
-    measured_s = float(_need(report, path, "results", f"{system}_fixed", "seconds"))
+    measured_s = float(report_value(report, path, "results", f"{system}_fixed", "seconds"))
     prefill_token_s = max(0.0, measured_s - decoding) / (len(fixed_requests) * prompt)
 
     results = report["results"]
     workloads = {"fixed": fixed_requests}
     if batch_share is None or f"{system}_longtail" in results:
-        count = int(_need(report, path, "results", f"{system}_longtail", "requests"))
+        count = int(report_value(report, path, "results", f"{system}_longtail", "requests"))
         workloads["longtail"] = longtail_requests(count, prompt, new_tokens)
     if batch_share is None:
-        target = float(_need(report, path, "results", f"{system}_longtail", "tokens_per_s"))
+        target = float(report_value(report, path, "results", f"{system}_longtail", "tokens_per_s"))
         low, high = 0.0, 1.0  # the modelled rate grows with the share: smaller batches get cheaper
         for _ in range(FIT_ITERATIONS):
             middle = (low + high) / 2
@@ -148,7 +148,7 @@ def fit_decode_cost(report: dict, path: str | Path, system: str, batch_share: fl
         raise ValueError(f"the batch share of a decode step's fixed part must be in [0, 1], got {batch_share}")
     fitted = cost(batch_share, prefill_token_s)
     if f"{system}_fixed_hf" in results:
-        hf_new_tokens = int(_need(report, path, "args", "hf_new_tokens"))
+        hf_new_tokens = int(report_value(report, path, "args", "hf_new_tokens"))
         count = int(results[f"{system}_fixed_hf"]["requests"])
         workloads["fixed_hf"] = [Request(prompt, hf_new_tokens, hf_new_tokens)] * count
     replay = {name: {"measured": float(results[f"{system}_{name}"]["tokens_per_s"]),
@@ -200,7 +200,7 @@ def training_rate(report: dict, path: str | Path, config: TrainConfig, system: s
                   step_kind: str = "ppo_step") -> TrainRate:
     """Tokens/s per learner rank for `config` from a bench_training report's row (system, workload, step_kind);
     the benchmark's step has no checkpointing and no reference model."""
-    rows = _need(report, path, "results")
+    rows = report_value(report, path, "results")
     row = next((r for r in rows if (r.get("system"), r.get("workload"), r.get("step_kind"))
                 == (system, workload, step_kind)), None)
     if row is None:
@@ -223,7 +223,7 @@ def weight_sync_seconds(model_bytes: int, report: dict | None = None, path: str 
     """Seconds of one publish round for `model_bytes`: at the GB/s of `report`'s fastest row of `transport`
     (bench_weight_sync), else at `gb_per_s`."""
     if report is not None:
-        rows = [r for r in _need(report, path, "results") if r.get("path") == transport]
+        rows = [r for r in report_value(report, path, "results") if r.get("path") == transport]
         if not rows:
             have = sorted({r.get("path") for r in report["results"]})
             raise ValueError(f"{path}: no results row with path={transport} (paths: {have})")
@@ -235,8 +235,8 @@ def weight_sync_seconds(model_bytes: int, report: dict | None = None, path: str 
 
 def reward_seconds(report: dict, path: str | Path) -> float:
     """Seconds one verifier process spends per response (bench_verifier: responses/s over its workers)."""
-    rate = float(_need(report, path, "throughput", "responses_per_s"))
-    workers = int(_need(report, path, "args", "workers"))
+    rate = float(report_value(report, path, "throughput", "responses_per_s"))
+    workers = int(report_value(report, path, "args", "workers"))
     return workers / rate
 
 

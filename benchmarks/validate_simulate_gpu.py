@@ -48,7 +48,7 @@ from areal_async.model.decoder import DecoderConfig
 from areal_async.run.cli import compose_config
 from areal_async.run.simulation import generation_from_report, training_from_report
 from areal_async.simulate import DecodeCost, LengthModel, StepRecord, simulate, summarize
-from areal_async.simulate_inputs import _need, config_system, load_report
+from areal_async.simulate_inputs import report_value, config_system, load_report
 from bench_end_to_end import PHASES, SHAPE, TINY_SHAPE, TINY_WORKLOADS, WORKLOADS  # benchmarks/: first on sys.path
 from validate_simulate import BAR
 
@@ -57,7 +57,7 @@ TRAINING_ROW = ["ours", "a", "ppo_step"]
 
 def run_shape(e2e: dict, path: Path) -> tuple[DecoderConfig, dict]:
     """The model shape and the workload table (prompt tokens) the end-to-end report was measured with."""
-    tiny = bool(_need(e2e, path, "args", "tiny"))
+    tiny = bool(report_value(e2e, path, "args", "tiny"))
     return DecoderConfig(**(TINY_SHAPE if tiny else SHAPE)), TINY_WORKLOADS if tiny else WORKLOADS
 
 
@@ -73,7 +73,7 @@ def gpu_memory_gib(e2e: dict, path: Path, given: float | None) -> float:
 
 def run_config(e2e: dict, path: Path, name: str, memory_gib: float | None):
     """The run's TrainConfig: its overrides (model.path need not exist here), on a GPU of `memory_gib`."""
-    config = compose_config("train", list(_need(e2e, path, "results", name, "overrides")))
+    config = compose_config("train", list(report_value(e2e, path, "results", name, "overrides")))
     if torch.device(config.device).type == "cuda":  # config_system plans the KV budget on cluster.gpu_memory_gib
         config.cluster.gpu_memory_gib = gpu_memory_gib(e2e, path, memory_gib)
     if config.rollout.max_staleness != 0:
@@ -93,14 +93,14 @@ def run_lengths(config) -> LengthModel:
 
 def measured(e2e: dict, path: Path, name: str) -> dict:
     """The run's means over its timed steps, seconds (trained tokens per step)."""
-    phases = {phase: float(_need(e2e, path, "results", name, "phases_s", phase)) for phase in PHASES}
-    return {"steps": len(_need(e2e, path, "results", name, "steps")),
-            "timed_steps": int(_need(e2e, path, "results", name, "timed_steps")),
-            "step_s": float(_need(e2e, path, "results", name, "step_s")),
+    phases = {phase: float(report_value(e2e, path, "results", name, "phases_s", phase)) for phase in PHASES}
+    return {"steps": len(report_value(e2e, path, "results", name, "steps")),
+            "timed_steps": int(report_value(e2e, path, "results", name, "timed_steps")),
+            "step_s": float(report_value(e2e, path, "results", name, "step_s")),
             "generation_s": phases["generation_s"], "training_s": phases["prepare_s"] + phases["update_s"],
             "reward_s": phases["reward_s"], "weight_sync_s": phases["weight_sync_seconds"],
             "other_s": phases["other_s"],
-            "trained_tokens_per_step": float(_need(e2e, path, "results", name, "trained_tokens_per_step"))}
+            "trained_tokens_per_step": float(report_value(e2e, path, "results", name, "trained_tokens_per_step"))}
 
 
 def predicted(records: list[StepRecord], timed: int) -> dict:
@@ -157,7 +157,7 @@ def print_table(rows: list[dict]) -> None:
 def validate(args) -> dict:
     """The report: the decode fit (once), then a row per workload."""
     e2e = load_report(args.end_to_end)
-    names = args.workloads or list(_need(e2e, args.end_to_end, "results"))
+    names = args.workloads or list(report_value(e2e, args.end_to_end, "results"))
     decode, generation = generation_from_report(args.generation, args.generation_system,
                                                 run_shape(e2e, args.end_to_end)[0])
     rows = [validate_workload(e2e, args.end_to_end, name, args, decode) for name in names]
