@@ -123,8 +123,8 @@ def fit_decode_cost(report: dict, path: str | Path, system: str, batch_share: fl
         return DecodeCost(fixed_s=intercept_ms * (1 - share) / 1e3, per_slot_s=intercept_ms * share / batch / 1e3,
                           per_kv_s=per_kv_s, prefill_token_s=prefill_token_s)
 
-    fixed_requests = [Request(prompt, new_tokens, new_tokens)] * int(report_value(report, path, "results", f"{system}_fixed",
-                                                                           "requests"))
+    fixed_count = int(report_value(report, path, "results", f"{system}_fixed", "requests"))
+    fixed_requests = [Request(prompt, new_tokens, new_tokens)] * fixed_count
     decoding = call_seconds(fixed_requests, engine, cost(0.0, 0.0))  # a full batch: the share does not matter
     measured_s = float(report_value(report, path, "results", f"{system}_fixed", "seconds"))
     prefill_token_s = max(0.0, measured_s - decoding) / (len(fixed_requests) * prompt)
