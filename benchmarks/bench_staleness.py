@@ -23,21 +23,19 @@ from areal_async.run.cli import compose_config
 from areal_async.run.trainer import Trainer
 
 
-def run_overrides(max_staleness: int | None, steps: int, workers: int, extra: list[str]) -> list[str]:
-    """The config overrides of a run. The Ray actors ask for the CPU shares of configs/staleness_*.yaml, so that
-    the workers and the learner rank fit a 2-core machine (the run refuses to ask Ray for more CPUs than it
-    counts; the defaults, 1 each, ask for 3)."""
+def run_config(max_staleness: int | None, steps: int, workers: int, extra: list[str]):
+    """The config of a run: configs/async_cpu.yaml (Ray placement, actors asking for CPU shares that let the
+    workers and the learner rank fit a 2-core machine) at `max_staleness`, with `workers` rollout workers."""
     eta = "null" if max_staleness is None else str(max_staleness)
-    return [f"total_steps={steps}", f"rollout.max_staleness={eta}", "cluster.placement=ray",
-            f"cluster.num_rollout_workers={workers}", "cluster.cpus_per_rollout_worker=0.5",
-            "cluster.cpus_per_learner_rank=0.5", *extra]
+    return compose_config("async_cpu", [f"total_steps={steps}", f"rollout.max_staleness={eta}",
+                                        f"cluster.num_rollout_workers={workers}", *extra])
 
 
 def run_one(max_staleness: int | None, args) -> dict:
     eta = "null" if max_staleness is None else str(max_staleness)
     name = f"bench_staleness_{eta}_{int(time.time())}"
-    config = compose_config("train", [*run_overrides(max_staleness, args.steps, args.workers, args.overrides),
-                                      f"run_name={name}", f"output_dir={args.output_dir}"])
+    config = run_config(max_staleness, args.steps, args.workers,
+                        [*args.overrides, f"run_name={name}", f"output_dir={args.output_dir}"])
     trainer = Trainer(config)  # its construction ends by starting the rollout workers
     workers_started = time.perf_counter()
     first_step: list[float] = []

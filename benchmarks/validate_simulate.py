@@ -48,7 +48,6 @@ from areal_async.controller import RolloutController
 from areal_async.data.records import PromptRecord
 from areal_async.placement import model_shape
 from areal_async.replay_queue import ReplayQueueShard, ShardedReplayQueue
-from areal_async.run.cli import compose_config
 from areal_async.run.sft import BUNDLED_WARMSTART
 from areal_async.runtime import ControllerService, RayProxy
 from areal_async.simulate import LengthModel, StepRecord, simulate
@@ -56,7 +55,7 @@ from areal_async.simulate_inputs import config_system, decode_cost_from_rate
 from areal_async.trajectory_log import read_trajectory_log
 from areal_async.types import Trajectory
 from areal_async.wire import encode_group
-from bench_staleness import run_overrides  # benchmarks/: the script's folder, first on sys.path
+from bench_staleness import run_config  # benchmarks/: the script's folder, first on sys.path
 
 BAR = 0.15  # the issue's bar: predictions within 15% of what runs
 HOST_GROUPS = 32
@@ -138,7 +137,7 @@ def run_rates(run_dir: Path, head_start_s: float) -> dict:
 def simulated(inputs: dict, max_staleness: int | None, steps: int, workers: int, extra: list[str],
               seed: int) -> list[StepRecord]:
     """The simulator's steps of a bench_staleness run with `inputs`."""
-    config = compose_config("train", run_overrides(max_staleness, steps, workers, extra))
+    config = run_config(max_staleness, steps, workers, extra)
     shape, _ = model_shape(config.model, BUNDLED_WARMSTART)
     lengths = LengthModel(mean=inputs["length_mean"], cap=config.generation.max_new_tokens,
                           sigma=inputs["length_sigma"])
