@@ -44,10 +44,12 @@ def _pad_token_id(model_path: str | os.PathLike) -> int:
 def torch_engine_options(settings: EngineConfig) -> dict[str, Any]:
     """TorchEngine's keyword arguments for `settings`."""
     return {
-        "max_slots": settings.max_slots, "kv_memory_gib": settings.kv_memory_gib, "kv_bucket": settings.kv_bucket,
-        "sync_every": settings.sync_every, "prefill_tokens": settings.prefill_tokens,
+        "max_slots": settings.max_slots, "kv_memory_gib": settings.kv_memory_gib,
+        "kv_block_size": settings.kv_block_size, "sync_every": settings.sync_every,
+        "prefill_tokens": settings.prefill_tokens, "share_prompts": settings.share_prompts,
         "cuda_graphs": settings.cuda_graphs, "compile_decode": settings.compile_decode,
-        "decode_attention": settings.decode_attention.value,
+        "decode_attention": settings.decode_attention.value, "decode_split_tokens": settings.decode_split_tokens,
+        "fused_sampling": settings.fused_sampling, "fuse_projections": settings.fuse_projections,
     }
 
 

@@ -54,8 +54,11 @@ class PromptType(enum.Enum):
 
 
 class DecodeAttention(enum.Enum):
-    sdpa = "sdpa"  # SDPA per layer over the slot cache (eager inside the compiled decode step)
-    matmul = "matmul"  # batched matmuls over the cache inside the compiled graph (3% slower on an H100)
+    """The engine's decode attention over its paged KV cache."""
+
+    auto = "auto"  # triton on CUDA, gather elsewhere
+    triton = "triton"  # the paged split-KV Triton kernel: reads only each sequence's own blocks (CUDA)
+    gather = "gather"  # the reference: every row's blocks gathered, then one softmax (any device)
 
 
 class PackedAttentionKernel(enum.Enum):
@@ -142,16 +145,31 @@ class EngineConfig:
     """The built-in engine (actors/engine.py): the driver's (inline rollout, evaluation) and, with
     rollout.engine=torch, every rollout worker's."""
 
-    max_slots: int = 256  # sequences decoded at once
-    # The KV cache's memory budget. null: unbounded on a CPU; on one GPU (inline placement) what the learner and
-    # the engine's weights leave of the GPU's memory, planned and checked when the run starts.
+    max_slots: int = 256  # sequences decoded at once, at most (the decode batch)
+    # The KV pool's memory budget. null: unbounded on a CPU (every slot can hold the longest request); on one GPU
+    # (inline placement) what the learner and the engine's weights leave of the GPU's memory, planned and checked
+    # when the run starts.
     kv_memory_gib: float | None = None
-    kv_bucket: int = 64  # attention reads the cache up to the next multiple of this many positions
+    kv_block_size: int = 64  # positions per KV block (a power of two >= 16 for the Triton decode kernel)
+    # Planning only (`areal-async plan`, the one-GPU check, the simulator): a sequence in flight is expected to hold
+    # its prompt and this share of generation.max_new_tokens. The pool is sized by that; a pool that runs dry
+    # preempts the youngest sequences, which resume later.
+    expected_length_fraction: float = 0.25
     sync_every: int = 8  # decode steps between the host's looks at which sequences finished
     prefill_tokens: int = 16384  # padded tokens per prefill forward
+    share_prompts: bool = True  # the samples of one prompt share its full KV blocks, prefilled once
     cuda_graphs: bool | None = None  # null: on CUDA
-    compile_decode: bool | None = None  # torch.compile of the decode forward and draw; null: on CUDA
-    decode_attention: DecodeAttention = DecodeAttention.sdpa
+    compile_decode: bool | None = None  # torch.compile of the decode forward; null: on CUDA
+    decode_attention: DecodeAttention = DecodeAttention.auto
+    decode_split_tokens: int = 1024  # positions one decode-kernel program reads (benchmarks/NOTES.md: the sweep)
+    fused_sampling: bool | None = None  # one Triton kernel draws the token (no top-k/top-p); null: on CUDA
+    fuse_projections: bool | None = None  # q/k/v and gate/up as one matrix product each; null: on CUDA
+
+    def __post_init__(self) -> None:
+        if self.kv_block_size < 1 or self.max_slots < 1 or self.decode_split_tokens < 1:
+            raise ValueError("engine.kv_block_size, engine.max_slots and engine.decode_split_tokens must be >= 1")
+        if not 0 < self.expected_length_fraction <= 1:
+            raise ValueError(f"engine.expected_length_fraction must be in (0, 1], got {self.expected_length_fraction}")
 
 
 @dataclass

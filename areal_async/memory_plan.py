@@ -23,13 +23,14 @@ weights and its KV cache.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from areal_async.model.decoder import DecoderConfig
-from areal_async.model.slot_cache import slot_cache_bytes
+from areal_async.model.paged_cache import blocks_for, kv_block_bytes
 
 GIB = 2**30
 # The CUDA context, cuBLAS/cuDNN workspaces, compiled kernels and allocator fragmentation.
@@ -68,28 +69,30 @@ def reserve_bytes(total_bytes: int) -> int:
     return max(RESERVE_MIN_BYTES, int(RESERVE_FRACTION * total_bytes))
 
 
-def kv_positions(longest_sequence: int, kv_bucket: int) -> int:
-    """Positions per slot of the engine's KV cache for sequences of up to `longest_sequence` tokens (prompt + new
-    tokens), rounded up to a multiple of `kv_bucket` as the engine allocates them."""
-    return -(-longest_sequence // kv_bucket) * kv_bucket
-
-
-def kv_bytes_per_sequence(config: DecoderConfig, longest_sequence: int, dtype: torch.dtype, kv_bucket: int) -> int:
-    """Bytes one more slot adds to the engine's KV cache for sequences of up to `longest_sequence` tokens."""
-    length = kv_positions(longest_sequence, kv_bucket)
-    return slot_cache_bytes(config, 1, length, dtype) - slot_cache_bytes(config, 0, length, dtype)
-
-
-def engine_slots(config: DecoderConfig, max_slots: int, kv_memory_bytes: int | None, longest_sequence: int,
-                 dtype: torch.dtype, kv_bucket: int) -> int:
-    """Sequences of up to `longest_sequence` tokens the built-in engine decodes at once: `max_slots`, or fewer
-    when its KV budget `kv_memory_bytes` (None: no budget) holds fewer (the engine's `slots_within_budget`)."""
+def pool_blocks(kv_memory_bytes: int | None, block_bytes: int, slots: int, longest_sequence: int,
+                block_size: int) -> int:
+    """Blocks of the built-in engine's KV pool, the null block included: what `kv_memory_bytes` holds, or (None:
+    no budget) enough for `slots` sequences of `longest_sequence` tokens (TorchEngine.pool_blocks)."""
     if kv_memory_bytes is None:
-        return max_slots
-    length = kv_positions(longest_sequence, kv_bucket)
-    fitting = (kv_memory_bytes - slot_cache_bytes(config, 0, length, dtype)) // kv_bytes_per_sequence(
-        config, longest_sequence, dtype, kv_bucket)
-    return int(min(max_slots, max(0, fitting)))
+        return slots * blocks_for(longest_sequence, block_size) + 1
+    return kv_memory_bytes // block_bytes
+
+
+def expected_sequence_tokens(prompt_tokens: int, max_new_tokens: int, fraction: float) -> int:
+    """Tokens a sequence in flight is planned to hold: its prompt and `fraction` of its token limit."""
+    return prompt_tokens + math.ceil(fraction * max_new_tokens)
+
+
+def engine_sequences(blocks: int, max_slots: int, block_size: int, prompt_tokens: int, max_new_tokens: int,
+                     fraction: float) -> int:
+    """Sequences the built-in engine is planned to decode at once with a pool of `blocks` blocks (the null block
+    included): max_slots, or fewer when the pool holds fewer sequences of the expected length
+    (`expected_sequence_tokens`); 0 when it cannot hold one sequence of the longest request."""
+    usable = blocks - 1
+    if usable < blocks_for(prompt_tokens + max_new_tokens, block_size):
+        return 0
+    expected = blocks_for(expected_sequence_tokens(prompt_tokens, max_new_tokens, fraction), block_size)
+    return int(min(max_slots, usable // expected))
 
 
 def activation_bytes(config: DecoderConfig, tokens: int, element_size: int, checkpointing: bool,
@@ -106,7 +109,7 @@ def activation_bytes(config: DecoderConfig, tokens: int, element_size: int, chec
 
 @dataclass
 class MemoryPlan:
-    """Bytes of each part; `kv_cache` is the engine's budget."""
+    """Bytes of each part; `kv_cache` is the engine's KV pool, `block_bytes` one of its blocks."""
 
     total: int
     engine_weights: int
@@ -115,7 +118,11 @@ class MemoryPlan:
     publication: int
     reserve: int
     kv_cache: int
-    kv_per_sequence: int  # one sequence of the longest request
+    block_bytes: int
+    block_size: int
+    longest_sequence: int  # prompt + max_new_tokens
+    expected_sequence: int  # the tokens a sequence in flight is planned to hold
+    max_slots: int
 
     @property
     def used(self) -> int:
@@ -123,28 +130,39 @@ class MemoryPlan:
                 + self.reserve + self.kv_cache)
 
     @property
+    def blocks(self) -> int:
+        """Blocks of the pool, the null block included."""
+        return self.kv_cache // self.block_bytes
+
+    @property
     def sequences(self) -> int:
-        """Sequences of the longest request that the KV budget holds at once."""
-        return self.kv_cache // max(1, self.kv_per_sequence)
+        """Sequences planned at once (0: the pool cannot hold one of the longest request)."""
+        usable = self.blocks - 1
+        if usable < blocks_for(self.longest_sequence, self.block_size):
+            return 0
+        return int(min(self.max_slots, usable // blocks_for(self.expected_sequence, self.block_size)))
 
     def describe(self) -> str:
         parts = [("engine weights", self.engine_weights), ("learner state (fp32 master, grads, AdamW)",
                  self.learner_state), ("learner activations, one micro-batch (estimate)", self.learner_activations),
                  ("weight publication buffers", self.publication),
-                 ("reserve (context, workspaces, fragmentation)", self.reserve), ("engine KV cache", self.kv_cache)]
+                 ("reserve (context, workspaces, fragmentation)", self.reserve), ("engine KV pool", self.kv_cache)]
         lines = [f"  {name:<52} {value / GIB:8.2f} GiB" for name, value in parts]
         lines.append(f"  {'sum':<52} {self.used / GIB:8.2f} GiB of {self.total / GIB:.2f} GiB")
-        lines.append(f"  KV cache holds {self.sequences} sequences of the longest request "
-                     f"({self.kv_per_sequence / GIB:.3f} GiB each)")
+        lines.append(f"  KV pool: {max(0, self.blocks - 1):,} blocks of {self.block_size} tokens; about "
+                     f"{self.sequences} sequences at once of {self.expected_sequence:,} tokens expected (the "
+                     f"longest, {self.longest_sequence:,} tokens, needs "
+                     f"{blocks_for(self.longest_sequence, self.block_size):,} blocks)")
         return "\n".join(lines)
 
 
 def plan_one_gpu(config: DecoderConfig, total_bytes: int, engine_dtype: torch.dtype, compute_element_size: int,
-                 micro_batch_tokens: int, longest_sequence: int, kv_memory_gib: float | None,
-                 kv_bucket: int = 64, activation_checkpointing: bool = False, reference_model: bool = False,
+                 micro_batch_tokens: int, prompt_tokens: int, max_new_tokens: int, kv_memory_gib: float | None,
+                 block_size: int = 64, expected_fraction: float = 0.25, max_slots: int = 256,
+                 activation_checkpointing: bool = False, reference_model: bool = False,
                  kept_logits_bytes: int = 6 * GIB) -> MemoryPlan:
     """The plan of an inline run on one GPU of `total_bytes`; raises ValueError with the numbers when the
-    parts do not fit or the KV budget holds no sequence of `longest_sequence` tokens (prompt + new tokens)."""
+    parts do not fit or the KV pool holds no sequence of prompt_tokens + max_new_tokens tokens."""
     params = parameter_count(config)
     engine_element_size = element_size(engine_dtype)
     learner_state = params * (16 + (compute_element_size if compute_element_size < 4 else 0))
@@ -154,14 +172,16 @@ def plan_one_gpu(config: DecoderConfig, total_bytes: int, engine_dtype: torch.dt
                                    kept_logits_bytes)
     reserve = reserve_bytes(total_bytes)
     engine_weights = params * engine_element_size
-    per_sequence = kv_bytes_per_sequence(config, longest_sequence, engine_dtype, kv_bucket)
+    block_bytes = kv_block_bytes(config, block_size, engine_dtype)
     publication = 3 * engine_weights
     fixed = engine_weights + learner_state + activations + publication + reserve
     kv_cache = total_bytes - fixed if kv_memory_gib is None else int(kv_memory_gib * GIB)
-    plan = MemoryPlan(total_bytes, engine_weights, learner_state, activations, publication, reserve, max(0, kv_cache),
-                      per_sequence)
-    if fixed + max(0, kv_cache) > total_bytes or plan.sequences < 1:
-        setting = ("engine.kv_memory_gib is unset, so the KV cache gets what is left" if kv_memory_gib is None
+    kv_cache = max(0, kv_cache) // block_bytes * block_bytes  # whole blocks, as the engine allocates them
+    plan = MemoryPlan(total_bytes, engine_weights, learner_state, activations, publication, reserve, kv_cache,
+                      block_bytes, block_size, prompt_tokens + max_new_tokens,
+                      expected_sequence_tokens(prompt_tokens, max_new_tokens, expected_fraction), max_slots)
+    if fixed + kv_cache > total_bytes or plan.sequences < 1:
+        setting = ("engine.kv_memory_gib is unset, so the KV pool gets what is left" if kv_memory_gib is None
                    else f"engine.kv_memory_gib={kv_memory_gib:g}")
         raise ValueError(
             f"the run does not fit on one GPU ({setting}):\n{plan.describe()}\n"
@@ -242,17 +262,16 @@ def learner_rank_parts(config: DecoderConfig, ranks: int, rank: int, total_bytes
     return parts
 
 
-def engine_parts(config: DecoderConfig, dtype: torch.dtype, total_bytes: int, slots: int, longest_sequence: int,
-                 kv_bucket: int, receiver_bucket_bytes: int = 0) -> list[Part]:
-    """The GPU memory of a built-in engine decoding `slots` sequences of up to `longest_sequence` tokens at once
-    on a GPU of `total_bytes`: its weights in `dtype`, its KV cache (slot_cache_bytes: `slots` slots of the
-    positions the engine allocates), a rollout worker's weight-receiver scratch bucket, its process's reserve."""
+def engine_parts(config: DecoderConfig, dtype: torch.dtype, total_bytes: int, blocks: int, block_size: int,
+                 receiver_bucket_bytes: int = 0) -> list[Part]:
+    """The GPU memory of a built-in engine with a KV pool of `blocks` blocks of `block_size` positions (the null
+    block included; 0: no pool) on a GPU of `total_bytes`: its weights in `dtype`, its KV pool, a rollout
+    worker's weight-receiver scratch bucket, its process's reserve."""
     parts = [Part(f"engine weights ({str(dtype).removeprefix('torch.')})", parameter_count(config) * element_size(dtype))]
     if receiver_bucket_bytes:
         parts.append(Part("weight receiver's scratch bucket", receiver_bucket_bytes))
-    if slots:
-        length = kv_positions(longest_sequence, kv_bucket)
-        parts.append(Part(f"engine KV cache: {slots} slots x {length:,} positions",
-                          slot_cache_bytes(config, slots, length, dtype), kv_cache=True))
+    if blocks:
+        parts.append(Part(f"engine KV pool: {blocks:,} blocks x {block_size} positions",
+                          blocks * kv_block_bytes(config, block_size, dtype), kv_cache=True))
     parts.append(Part("reserve (CUDA context, workspaces, fragmentation)", reserve_bytes(total_bytes)))
     return parts

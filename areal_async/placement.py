@@ -9,9 +9,10 @@ The replay-queue shards hold groups in host memory; the plan spreads them over t
 k mod nodes. Ray places the actors by their resources: this is the layout the config asks for, not pinned.
 
 Memory (areal_async/memory_plan.py). Every process on a GPU counts its peak: a learner rank its share of the
-policy state, its activations and, on rank 0, the publisher's buffers; an engine its weights and its KV cache
-(`engine.max_slots` slots of the stage's longest sequence, or the slots `engine.kv_memory_gib` holds); each
-process its own reserve. A plan fits when every GPU's sum is within `cluster.gpu_memory_gib`; one that does
+policy state, its activations and, on rank 0, the publisher's buffers; an engine its weights and its KV pool
+(`engine.kv_memory_gib`, or without a budget `engine.max_slots` sequences of the stage's longest request); each
+process its own reserve. The sequences an engine decodes at once are planned from the tokens a sequence is
+expected to hold in flight (its prompt and `engine.expected_length_fraction` of max_new_tokens). A plan fits when every GPU's sum is within `cluster.gpu_memory_gib`; one that does
 not fit names the GPU, its parts and what would make it fit.
 
 Sizes are bytes unless a name says GiB; a sequence's length is prompt + new tokens.
@@ -35,14 +36,16 @@ from areal_async.memory_plan import (
     Phase,
     element_size,
     engine_parts,
-    engine_slots,
-    kv_bytes_per_sequence,
+    engine_sequences,
+    expected_sequence_tokens,
     learner_rank_parts,
     parameter_count,
     peak_bytes,
     plan_one_gpu,
+    pool_blocks,
 )
 from areal_async.model.checkpoint import load_config
+from areal_async.model.paged_cache import blocks_for, kv_block_bytes
 from areal_async.model.decoder import DecoderConfig
 from areal_async.model.shapes import known_shape
 from areal_async.weight_sync import DEFAULT_BUCKET_BYTES
@@ -275,30 +278,35 @@ def _gib(size: float) -> str:
     return f"{size / GIB:.2f} GiB"
 
 
-def kv_advice(budget: GpuBudget, shape: DecoderConfig, config: TrainConfig, longest: int, dtype: torch.dtype) -> str:
-    """What would make a GPU with engines fit: the KV budget left per engine and the slots it holds."""
+def kv_advice(budget: GpuBudget, shape: DecoderConfig, config: TrainConfig, prompt_tokens: int,
+              dtype: torch.dtype) -> str:
+    """What would make a GPU with engines fit: the KV budget left per engine and the sequences it carries."""
+    engine, max_new = config.engine, config.generation.max_new_tokens
+    longest = prompt_tokens + max_new
     kv_parts = [part for process in budget.processes for part in process.parts if part.kv_cache]
     engines = sum(1 for process in budget.processes if any(part.kv_cache for part in process.parts))
     needed = sum(part.size for part in kv_parts)
     left = budget.total - (budget.used - needed)
-    share = left // max(1, engines)
-    per_sequence = kv_bytes_per_sequence(shape, longest, dtype, config.engine.kv_bucket)
-    slots = engine_slots(shape, config.engine.max_slots, max(0, share), longest, dtype, config.engine.kv_bucket)
+    share = max(0, left // max(1, engines))
+    blocks = share // kv_block_bytes(shape, engine.kv_block_size, dtype)
+    sequences = engine_sequences(blocks, engine.max_slots, engine.kv_block_size, prompt_tokens, max_new,
+                                 engine.expected_length_fraction)
     who = "" if engines < 2 else f" ({engines} engines share this GPU: {_gib(share)} each)"
-    if slots < 1:
-        return (f"    the engine KV cache needs {_gib(needed)} but {_gib(max(0, left))} is left for it{who}, less than "
-                f"one sequence of {longest:,} tokens ({_gib(per_sequence)}): lower generation.max_new_tokens")
-    return (f"    the engine KV cache needs {_gib(needed)} but {_gib(left)} is left for it{who}: {slots} slots of "
-            f"{longest:,} tokens fit (set engine.kv_memory_gib={math.floor(share / GIB * 10) / 10:g} or "
-            f"engine.max_slots={slots}), or lower generation.max_new_tokens")
+    if sequences < 1:
+        return (f"    the engine KV pool needs {_gib(needed)} but {_gib(max(0, left))} is left for it{who}, less than "
+                f"one sequence of {longest:,} tokens: lower generation.max_new_tokens")
+    expected = expected_sequence_tokens(prompt_tokens, max_new, engine.expected_length_fraction)
+    return (f"    the engine KV pool needs {_gib(needed)} but {_gib(left)} is left for it{who}: about {sequences} "
+            f"sequences of {expected:,} tokens expected fit at once (set engine.kv_memory_gib="
+            f"{math.floor(share / GIB * 10) / 10:g}), or lower generation.max_new_tokens")
 
 
 def fit_advice(budget: GpuBudget, gpus: Sequence[GpuBudget], shape: DecoderConfig, config: TrainConfig,
-               longest: int, dtype: torch.dtype) -> str:
+               prompt_tokens: int, dtype: torch.dtype) -> str:
     """What would make `budget`'s GPU fit: a smaller KV cache, the driver's engine on a GPU with room for it, or
     (a learner's GPU) its largest parts named."""
     if any(part.kv_cache for process in budget.processes for part in process.parts):
-        return kv_advice(budget, shape, config, longest, dtype)
+        return kv_advice(budget, shape, config, prompt_tokens, dtype)
     driver = next((p for p in budget.processes if p.seat.role is Role.driver), None)
     if driver is not None and len(budget.processes) > 1:
         room = [b for b in gpus if b.node == 0 and b is not budget and b.used + driver.peak <= b.total]
@@ -336,7 +344,7 @@ def plan_run(config: TrainConfig, shape: DecoderConfig, shape_source: str, promp
         header.insert(0, f"cluster.placement=inline: one process, device={config.device}")
         if not cuda:
             return Plan(header, summary="runs on the CPU: no GPU memory to plan")
-        return _inline_plan(config, shape, header, total, longest)
+        return _inline_plan(config, shape, header, total, prompt_tokens)
     header.insert(0, f"cluster.placement=ray: {cluster.nodes} node{'s' if cluster.nodes > 1 else ''} x "
                      f"{cluster.gpus_per_node} GPUs of {cluster.gpu_memory_gib:g} GiB (cluster.gpu_memory_gib)")
     if not cuda:
@@ -357,9 +365,13 @@ def plan_run(config: TrainConfig, shape: DecoderConfig, shape_source: str, promp
         raise ValueError(f"device={config.device}: node 0 has only cluster.gpus_per_node={cluster.gpus_per_node} GPUs")
     seats.append(Seat(Role.driver, 0, 0, driver_gpu))
 
-    budget = None if config.engine.kv_memory_gib is None else int(config.engine.kv_memory_gib * GIB)
-    slots = engine_slots(shape, config.engine.max_slots, budget, longest, dtype, config.engine.kv_bucket)
-    eval_slots = engine_slots(shape, config.engine.max_slots, budget, eval_longest, dtype, config.engine.kv_bucket)
+    engine = config.engine
+    budget = None if engine.kv_memory_gib is None else int(engine.kv_memory_gib * GIB)
+    block_bytes = kv_block_bytes(shape, engine.kv_block_size, dtype)
+    blocks = pool_blocks(budget, block_bytes, engine.max_slots, longest, engine.kv_block_size)
+    eval_blocks = pool_blocks(budget, block_bytes, engine.max_slots, eval_longest, engine.kv_block_size)
+    sequences = engine_sequences(blocks, engine.max_slots, engine.kv_block_size, prompt_tokens,
+                                 generation.max_new_tokens, engine.expected_length_fraction)
     processes: dict[tuple[int, int], list[Process]] = {}
     for seat in seats:
         if seat.role is Role.learner_rank:
@@ -367,11 +379,11 @@ def plan_run(config: TrainConfig, shape: DecoderConfig, shape_source: str, promp
                 shape, cluster.num_learner_ranks, seat.index, total, COMPUTE_ELEMENT_SIZE, dtype,
                 config.ppo.micro_batch_tokens, longest, config.ppo.activation_checkpointing, config.ppo.kl_coef > 0)
         elif seat.role is Role.rollout_worker:
-            parts = engine_parts(shape, dtype, total, slots, longest, config.engine.kv_bucket,
+            parts = engine_parts(shape, dtype, total, blocks, engine.kv_block_size,
                                  receiver_bucket_bytes=min(DEFAULT_BUCKET_BYTES, parameter_count(shape) * dtype.itemsize))
         else:
-            parts = engine_parts(shape, dtype, total, eval_slots if _driver_evaluates(config) else 0, eval_longest,
-                                 config.engine.kv_bucket)
+            parts = engine_parts(shape, dtype, total, eval_blocks if _driver_evaluates(config) else 0,
+                                 engine.kv_block_size)
         processes.setdefault((seat.node, seat.gpu), []).append(Process(seat, tuple(parts)))
     gpus = [GpuBudget(node, gpu, total, tuple(procs)) for (node, gpu), procs in sorted(processes.items())]
     shards = place_shards(config.rollout.num_queue_shards, cluster.nodes, config.rollout.queue_capacity_per_shard,
@@ -381,43 +393,51 @@ def plan_run(config: TrainConfig, shape: DecoderConfig, shape_source: str, promp
     if longest > shape.max_position_embeddings:
         failures.append(f"does not fit: sequences of {longest:,} tokens exceed the model's "
                         f"max_position_embeddings={shape.max_position_embeddings:,}")
-    if slots < 1:
-        failures.append(f"does not fit: engine.kv_memory_gib={config.engine.kv_memory_gib:g} holds no sequence of "
-                        f"{longest:,} tokens ({_gib(kv_bytes_per_sequence(shape, longest, dtype, config.engine.kv_bucket))} each)")
+    if sequences < 1:
+        failures.append(f"does not fit: engine.kv_memory_gib={engine.kv_memory_gib:g} holds no sequence of "
+                        f"{longest:,} tokens ({blocks_for(longest, engine.kv_block_size):,} blocks of "
+                        f"{_gib(block_bytes)} each)")
     for group in group_budgets(gpus):
         first = group[0]
         if first.fits:
             continue
         failures.append(f"does not fit: {budget_label(group)} needs {_gib(first.used)} of cluster.gpu_memory_gib="
                         f"{cluster.gpu_memory_gib:g}")
-        failures.append(fit_advice(first, gpus, shape, config, longest, dtype))
+        failures.append(fit_advice(first, gpus, shape, config, prompt_tokens, dtype))
     fullest = max(gpus, key=lambda b: b.used)
+    expected = expected_sequence_tokens(prompt_tokens, generation.max_new_tokens, engine.expected_length_fraction)
     summary = (f"fits: the fullest GPU, node {fullest.node} GPU {fullest.gpu}, holds {_gib(fullest.used)} of "
-               f"{_gib(total)}; each rollout worker decodes {slots} sequences of up to {longest:,} tokens at once")
+               f"{_gib(total)}; each rollout worker decodes {sequences} sequences at once ({expected:,} tokens "
+               f"expected each, up to {longest:,}) from a KV pool of {blocks - 1:,} blocks")
     return Plan(header, seats, shards, gpus, failures, summary)
 
 
-def inline_gpu_plan(config: TrainConfig, shape: DecoderConfig, total_bytes: int, longest: int) -> MemoryPlan:
-    """memory_plan.plan_one_gpu for an inline run of `config` on a GPU of `total_bytes` bytes, sequences of up to
-    `longest` tokens: what the trainer checks at start, `areal-async plan` reports and the simulator's engine
-    holds (its KV budget, engine.kv_memory_gib or what the rest leaves). Raises ValueError when it does not fit."""
+def inline_gpu_plan(config: TrainConfig, shape: DecoderConfig, total_bytes: int, prompt_tokens: int) -> MemoryPlan:
+    """memory_plan.plan_one_gpu for an inline run of `config` on a GPU of `total_bytes` bytes, prompts of up to
+    `prompt_tokens` tokens: what the trainer checks at start, `areal-async plan` reports and the simulator's
+    engine holds (its KV pool, engine.kv_memory_gib or what the rest leaves). Raises ValueError when it does not
+    fit."""
     dtype = getattr(torch, config.model.dtype)
-    return plan_one_gpu(shape, total_bytes, dtype, element_size(dtype), config.ppo.micro_batch_tokens, longest,
-                        config.engine.kv_memory_gib, config.engine.kv_bucket, config.ppo.activation_checkpointing,
+    engine = config.engine
+    return plan_one_gpu(shape, total_bytes, dtype, element_size(dtype), config.ppo.micro_batch_tokens, prompt_tokens,
+                        config.generation.max_new_tokens, engine.kv_memory_gib, engine.kv_block_size,
+                        engine.expected_length_fraction, engine.max_slots, config.ppo.activation_checkpointing,
                         reference_model=config.ppo.kl_coef > 0)
 
 
-def _inline_plan(config: TrainConfig, shape: DecoderConfig, header: list[str], total: int, longest: int) -> Plan:
+def _inline_plan(config: TrainConfig, shape: DecoderConfig, header: list[str], total: int, prompt_tokens: int) -> Plan:
     """One GPU holding the engine and the learner (memory_plan.plan_one_gpu, as the trainer checks at start)."""
     seat = Seat(Role.inline, 0, 0, torch.device(config.device).index or 0)
     try:
-        one = inline_gpu_plan(config, shape, total, longest)
+        one = inline_gpu_plan(config, shape, total, prompt_tokens)
     except ValueError as error:
         return Plan(header, [seat], failures=[f"does not fit: {error}"])
     parts = (Part("engine weights", one.engine_weights), Part("learner state", one.learner_state),
              Part("learner activations, one micro-batch (estimate)", one.learner_activations),
              Part("weight publication buffers", one.publication), Part("reserve", one.reserve),
-             Part("engine KV cache", one.kv_cache, kv_cache=True))
+             Part("engine KV pool", one.kv_cache, kv_cache=True))
     gpu = GpuBudget(0, seat.gpu, total, (Process(seat, parts),))
-    return Plan(header, [seat], gpus=[gpu], summary=f"fits: the KV cache holds {one.sequences} sequences of up to "
-                                                     f"{longest:,} tokens")
+    return Plan(header, [seat], gpus=[gpu], summary=f"fits: the engine decodes {one.sequences} sequences at once "
+                                                     f"({one.expected_sequence:,} tokens expected each, up to "
+                                                     f"{one.longest_sequence:,}) from a KV pool of "
+                                                     f"{one.blocks - 1:,} blocks")

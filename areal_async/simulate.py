@@ -11,10 +11,12 @@ What is modelled, next to what the real code does:
   controller admits while groups admitted less groups dropped < (version + max_staleness + 1) x groups_per_step.
   Idle workers ask in the order they became idle.
 - Generation (actors/engine.py, actors/scheduler.py). A call's G x groups requests run through
-  min(requests, slots) slots. A decode step costs `DecodeCost.step_s(batch, kv_len)`: `batch` is the power-of-two
-  bucket of the occupied slots (the call's slot count while requests wait; the occupied count once none wait, as
-  the engine compacts), `kv_len` the longest occupant's length + 1 rounded up to kv_bucket. The host looks at
-  finished sequences after every run of sync_every steps and, on CUDA, reads each look one run late
+  min(requests, slots) slots, `slots` being the sequences the engine's KV pool is planned to carry at once. A
+  decode step costs `DecodeCost.step_s(batch, positions)`: `batch` is the decode batch size
+  (areal_async/decode_batch.py) of the occupied slots (the call's slot count while requests wait; the occupied
+  count once none wait, as the engine compacts), `positions` the cache positions the paged attention reads:
+  each generating sequence's length + 1 (finished sequences still in their slot read nothing). The host looks
+  at finished sequences after every run of sync_every steps and, on CUDA, reads each look one run late
   (`lookahead`): a finished slot frees (1 + lookahead) runs after the run it finished in at most, and is refilled
   once refill_fraction of the slots are free. A new prompt costs a prefill. A sequence that reaches its token
   limit ends its call at once; one that stopped earlier is only noticed at a look.
@@ -30,7 +32,8 @@ What is modelled, next to what the real code does:
   delivered), and the round ends weight_sync_s after the last one joined. A worker that was decoding then
   recomputes the KV cache of the sequences it holds (a prefill of their current lengths).
 
-Not modelled: Ray's scheduling, processes sharing CPU cores, network contention, FSDP communication beyond what
+Not modelled: preemption when the KV pool runs dry (sequences are admitted up to `slots`), prompt blocks shared
+within a group (a prefill per request), Ray's scheduling, processes sharing CPU cores, network contention, FSDP communication beyond what
 the measured training rate includes, step-to-step variation of training time, failures.
 """
 
@@ -46,12 +49,14 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from areal_async.decode_batch import decode_batch_size
+
 
 @dataclass(frozen=True)
 class DecodeCost:
-    """What a rollout engine's work costs. A decode step over `batch` slots whose attention reads `kv_len` cache
-    positions per slot takes fixed_s + per_slot_s x batch + per_kv_s x batch x kv_len seconds; a prefill (new
-    prompts, or the cache recomputed after a weight swap) prefill_token_s seconds per token."""
+    """What a rollout engine's work costs. A decode step over `batch` slots whose attention reads `positions` cache
+    positions in all takes fixed_s + per_slot_s x batch + per_kv_s x positions seconds; a prefill (new prompts, or
+    the cache recomputed after a weight swap) prefill_token_s seconds per token."""
 
     fixed_s: float
     per_slot_s: float
@@ -65,35 +70,34 @@ class DecodeCost:
         if self.fixed_s + self.per_slot_s <= 0:
             raise ValueError("DecodeCost: a decode step must cost something (fixed_s + per_slot_s > 0)")
 
-    def step_s(self, batch: int, kv_len: int) -> float:
+    def step_s(self, batch: int, positions: int) -> float:
         """Seconds of one decode step."""
-        return self.fixed_s + self.per_slot_s * batch + self.per_kv_s * batch * kv_len
+        return self.fixed_s + self.per_slot_s * batch + self.per_kv_s * positions
 
     def steps_s(self, batch: int, count: int, positions: int) -> float:
-        """Seconds of `count` decode steps over `batch` slots whose kv_len add up to `positions`."""
-        return count * (self.fixed_s + self.per_slot_s * batch) + self.per_kv_s * batch * positions
+        """Seconds of `count` decode steps over `batch` slots that read `positions` cache positions in all."""
+        return count * (self.fixed_s + self.per_slot_s * batch) + self.per_kv_s * positions
 
     def describe(self) -> str:
         return (f"decode step {self.fixed_s * 1e3:.3f} ms + {self.per_slot_s * 1e6:.3f} us per slot + "
-                f"{self.per_kv_s * 1e9:.3f} ns per slot and cache position; prefill "
+                f"{self.per_kv_s * 1e9:.3f} ns per cache position read; prefill "
                 f"{self.prefill_token_s * 1e6:.2f} us per token")
 
 
 @dataclass(frozen=True)
 class EngineModel:
     """A rollout engine's settings (engine.* in the config). slots: sequences decoded at once (engine.max_slots,
-    or fewer when the KV budget holds fewer); lookahead: runs of sync_every steps queued ahead of the host's look
-    (1 on CUDA, 0 on CPU)."""
+    or fewer when the KV pool is planned to carry fewer); lookahead: runs of sync_every steps queued ahead of the
+    host's look (1 on CUDA, 0 on CPU)."""
 
     slots: int
     sync_every: int = 8
     lookahead: int = 1
     refill_fraction: float = 1 / 16
-    kv_bucket: int = 64
 
     def __post_init__(self) -> None:
-        if self.slots < 1 or self.sync_every < 1 or self.kv_bucket < 1 or self.lookahead < 0:
-            raise ValueError(f"EngineModel needs slots, sync_every, kv_bucket >= 1 and lookahead >= 0: {self}")
+        if self.slots < 1 or self.sync_every < 1 or self.lookahead < 0:
+            raise ValueError(f"EngineModel needs slots, sync_every >= 1 and lookahead >= 0: {self}")
         if not 0 < self.refill_fraction <= 1:
             raise ValueError(f"EngineModel.refill_fraction must be in (0, 1], got {self.refill_fraction}")
 
@@ -185,40 +189,17 @@ class SystemModel:
 # ---------------------------------------------------------------------------------------------- engine arithmetic
 
 
-def slot_bucket(occupied: int, capacity: int) -> int:
-    """The batch a decode step runs over: the smallest power of two >= `occupied`, at least 2, at most
-    `capacity` (the engine's slot count)."""
-    return min(max(2, 1 << max(0, occupied - 1).bit_length()), capacity)
-
-
 def notice_step(finish_step: int, sync_every: int, lookahead: int) -> int:
     """The call's decode step at which the host frees the slot of a sequence that finished at `finish_step`: the
     end of the run of sync_every steps it finished in, plus `lookahead` runs."""
     return (-(-finish_step // sync_every) + lookahead) * sync_every
 
 
-def bucketed_sum(first: int, count: int, bucket: int) -> int:
-    """sum over x = first .. first + count - 1 of x rounded up to a multiple of `bucket` (first >= 1)."""
-
-    def up_to(n: int) -> int:  # sum over x = 1 .. n of ceil(x / bucket), times bucket
-        whole, rest = divmod(n, bucket)
-        return bucket * (bucket * whole * (whole + 1) // 2 + rest * (whole + 1))
-
-    return up_to(first + count - 1) - up_to(first - 1) if count > 0 else 0
-
-
-def kv_positions(growing: int | None, held: int | None, count: int, bucket: int) -> int:
-    """Cache positions each slot reads, summed over `count` decode steps: step j reads the longest occupant's
-    length + 1, rounded up to `bucket`, where the longest is max(held, growing + j). `growing`: the longest
-    sequence still generating at step 0 (None: none); `held`: the longest finished one still in its slot (None:
-    none)."""
-    if count <= 0:
-        return 0
-    if growing is None:
-        return count * bucket * -(-(held + 1) // bucket)
-    flat = 0 if held is None else min(count, max(0, held - growing))  # steps where the held one is the longest
-    total = flat * bucket * -(-(held + 1) // bucket) if flat else 0
-    return total + bucketed_sum(growing + flat + 1, count - flat, bucket)
+def growing_positions(offsets: int, count_growing: int, step: int, count: int) -> int:
+    """Cache positions the generating sequences read over `count` decode steps from `step`: at step s each reads
+    its length + 1, prompt + (s - start) + 1, and `offsets` is the sum of prompt - start over the
+    `count_growing` of them."""
+    return count * (offsets + count_growing) + count_growing * (count * step + count * (count - 1) // 2)
 
 
 # ---------------------------------------------------------------------------------------------- one generate call
@@ -281,8 +262,6 @@ class EngineCall:
         self._order = itertools.count()
         self._growing: list[tuple[int, int, _Sequence]] = []  # by finish step
         self._held: list[tuple[int, int, _Sequence]] = []  # finished, slot not yet free: by release step
-        self._longest_growing: list[tuple[int, int, _Sequence]] = []  # by -(prompt - start): lazy
-        self._longest_held: list[tuple[int, int, _Sequence]] = []  # by -final length: lazy
         self._limit_ends: list[tuple[int, int, _Sequence]] = []  # occupants by -(start + limit - 1): lazy
         self._growing_offsets = 0  # sum of prompt - start over growing sequences
         self._held_tokens = 0
@@ -291,18 +270,8 @@ class EngineCall:
 
     # --- state at the current step ------------------------------------------------------------------------
 
-    def _longest(self) -> tuple[int | None, int | None]:
-        heap = self._longest_growing
-        while heap and heap[0][2].finish <= self.step:
-            heapq.heappop(heap)
-        held = self._longest_held
-        while held and not held[0][2].held:
-            heapq.heappop(held)
-        growing = -heap[0][0] + self.step if heap else None
-        return growing, (-held[0][0] if held else None)
-
     def _batch(self) -> int:
-        return slot_bucket(self.slots if self.pending else self.occupied, self.engine.slots)
+        return decode_batch_size(self.slots if self.pending else self.occupied, self.engine.slots)
 
     def _next_event_step(self) -> int:
         return min(heap[0][0] for heap in (self._growing, self._held) if heap)
@@ -321,8 +290,8 @@ class EngineCall:
 
     def segment_s(self, count: int) -> float:
         """Seconds of the next `count` decode steps (no event among them)."""
-        growing, held = self._longest()
-        return self.cost.steps_s(self._batch(), count, kv_positions(growing, held, count, self.engine.kv_bucket))
+        positions = growing_positions(self._growing_offsets, len(self._growing), self.step, count)
+        return self.cost.steps_s(self._batch(), count, positions)
 
     # --- moving forward -----------------------------------------------------------------------------------
 
@@ -338,7 +307,6 @@ class EngineCall:
                 request.group.oldest_version = self.version
             order = next(self._order)
             heapq.heappush(self._growing, (sequence.finish, order, sequence))
-            heapq.heappush(self._longest_growing, (-(request.prompt - self.step), order, sequence))
             heapq.heappush(self._limit_ends, (-sequence.limit_end, order, sequence))
             self._growing_offsets += request.prompt - self.step
         self.occupied += count
@@ -355,7 +323,6 @@ class EngineCall:
                                    self._last_limit_end())
             self._held_tokens += sequence.final_length
             heapq.heappush(self._held, (sequence.release, order, sequence))
-            heapq.heappush(self._longest_held, (-sequence.final_length, order, sequence))
         while self._held and self._held[0][0] <= self.step:
             _, _, sequence = heapq.heappop(self._held)
             sequence.held, sequence.gone = False, True

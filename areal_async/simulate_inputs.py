@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 from areal_async.config import Objective, Placement, TrainConfig
-from areal_async.memory_plan import GIB, element_size, engine_slots, parameter_count
+from areal_async.memory_plan import GIB, element_size, engine_sequences, parameter_count, pool_blocks
+from areal_async.model.paged_cache import kv_block_bytes
 from areal_async.model.decoder import DecoderConfig
 from areal_async.placement import inline_gpu_plan
 from areal_async.simulate import DecodeCost, EngineModel, LengthModel, Request, SystemModel, call_seconds
@@ -116,7 +117,7 @@ def fit_decode_cost(report: dict, path: str | Path, system: str, batch_share: fl
     per_kv_s = slope_ms / batch / 1e3
     lookahead = 1 if str(report.get("device", "cuda")).startswith("cuda") else 0
     engine = EngineModel(slots=batch, sync_every=int(report_value(report, path, "args", "sync_every")),
-                         lookahead=lookahead, kv_bucket=int(report_value(report, path, "args", "kv_bucket")))
+                         lookahead=lookahead)
     prompt, new_tokens = (int(report_value(report, path, "args", key)) for key in ("prompt_len", "new_tokens"))
 
     def cost(share: float, prefill_token_s: float) -> DecodeCost:
@@ -259,9 +260,12 @@ def config_system(config: TrainConfig, shape: DecoderConfig, decode: DecodeCost,
     cuda = torch.device(config.device if inline else cluster.rollout_device).type == "cuda"
     budget = None if engine.kv_memory_gib is None else int(engine.kv_memory_gib * 2**30)
     if inline and cuda and budget is None:
-        budget = inline_gpu_plan(config, shape, int(cluster.gpu_memory_gib * GIB), longest).kv_cache
-    slots = engine_slots(shape, engine.max_slots, budget, longest, getattr(torch, config.model.dtype),
-                         engine.kv_bucket)
+        budget = inline_gpu_plan(config, shape, int(cluster.gpu_memory_gib * GIB), prompt_tokens).kv_cache
+    dtype = getattr(torch, config.model.dtype)
+    blocks = pool_blocks(budget, kv_block_bytes(shape, engine.kv_block_size, dtype), engine.max_slots, longest,
+                         engine.kv_block_size)
+    slots = engine_sequences(blocks, engine.max_slots, engine.kv_block_size, prompt_tokens,
+                             config.generation.max_new_tokens, engine.expected_length_fraction)
     if slots < 1:
         raise ValueError(f"engine.kv_memory_gib={engine.kv_memory_gib} holds no sequence of {longest} tokens")
     return SystemModel(
@@ -273,8 +277,7 @@ def config_system(config: TrainConfig, shape: DecoderConfig, decode: DecodeCost,
         max_staleness=rollout.max_staleness,
         prompt_tokens=prompt_tokens,
         lengths=lengths,
-        engine=EngineModel(slots=slots, sync_every=engine.sync_every, lookahead=int(cuda),
-                           kv_bucket=engine.kv_bucket),
+        engine=EngineModel(slots=slots, sync_every=engine.sync_every, lookahead=int(cuda)),
         decode=decode,
         train_tokens_per_s=train_tokens_per_s,
         weight_sync_s=weight_sync_s,

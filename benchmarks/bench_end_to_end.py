@@ -61,14 +61,14 @@ from areal_async.run.trainer import Trainer
 
 SHAPE, TINY_SHAPE = R1_DISTILL_QWEN_1_5B, TINY_BENCHMARK
 # prompts, samples per prompt, prompt tokens, max new tokens, simulated length mean (None: every request runs to
-# the limit), KV bucket
+# the limit)
 WORKLOADS = {
-    "i": dict(prompts=32, group_size=8, prompt_tokens=128, max_new_tokens=1024, length_mean=None, kv_bucket=64),
-    "ii": dict(prompts=64, group_size=16, prompt_tokens=256, max_new_tokens=8192, length_mean=2048, kv_bucket=256),
+    "i": dict(prompts=32, group_size=8, prompt_tokens=128, max_new_tokens=1024, length_mean=None),
+    "ii": dict(prompts=64, group_size=16, prompt_tokens=256, max_new_tokens=8192, length_mean=2048),
 }
 TINY_WORKLOADS = {
-    "i": dict(prompts=4, group_size=4, prompt_tokens=16, max_new_tokens=32, length_mean=None, kv_bucket=16),
-    "ii": dict(prompts=4, group_size=4, prompt_tokens=24, max_new_tokens=64, length_mean=24, kv_bucket=16),
+    "i": dict(prompts=4, group_size=4, prompt_tokens=16, max_new_tokens=32, length_mean=None),
+    "ii": dict(prompts=4, group_size=4, prompt_tokens=24, max_new_tokens=64, length_mean=24),
 }
 PHASES = ("generation_s", "reward_s", "prepare_s", "update_s", "weight_sync_seconds", "other_s")
 
@@ -113,7 +113,7 @@ def run_overrides(workload: dict, checkpoint: Path, prompts: Path, out_dir: Path
         f"rollout.groups_per_step={workload['prompts']}", f"rollout.groups_per_request={workload['prompts']}",
         f"rollout.queue_capacity_per_shard={2 * workload['prompts']}",
         f"generation.group_size={workload['group_size']}", f"generation.max_new_tokens={workload['max_new_tokens']}",
-        "ppo.filter_zero_variance_groups=false", "ppo.lr=1e-6", f"engine.kv_bucket={workload['kv_bucket']}",
+        "ppo.filter_zero_variance_groups=false", "ppo.lr=1e-6",
     ]
     if workload["length_mean"] is not None:
         overrides.append(f"generation.simulated_length_mean={workload['length_mean']}")

@@ -1,6 +1,7 @@
-"""The engine's continuous batching: slot refill, per-request limits and stops, weight swaps with requests
-waiting and in flight, slot compaction, KV-length buckets, and the graph bookkeeping (with a stand-in for
-CUDA graphs), all against the model's own full forward pass."""
+"""The engine's continuous batching over the paged KV cache: slot refill, per-request limits and stops, weight
+swaps with requests waiting and in flight, slot compaction, block sizes, preemption when the pool runs dry,
+prompt blocks shared within a group, and the graph bookkeeping (with a stand-in for CUDA graphs), all against
+the model's own full forward pass."""
 
 import copy
 
@@ -35,7 +36,7 @@ def greedy_reference(model, prompt, count, stop_ids=()):
 
 def test_more_requests_than_slots_match_greedy_reference(tiny_model, lookahead):
     limits = [3, 9, 1, 6, 4, 8, 2]
-    engine = TorchEngine(tiny_model, pad_token_id=0, lookahead=lookahead, max_slots=3, sync_every=3, kv_bucket=4)
+    engine = TorchEngine(tiny_model, pad_token_id=0, lookahead=lookahead, max_slots=3, sync_every=3, kv_block_size=4)
     outputs = engine.generate(PROMPTS, SamplingParams(temperature=0.0), max_new_tokens=limits)
     for prompt, limit, output in zip(PROMPTS, limits, outputs):
         assert output.tokens == greedy_reference(tiny_model, prompt, limit)
@@ -73,7 +74,7 @@ def test_stop_token_frees_the_slot_for_a_waiting_request(tiny_model, lookahead):
 @pytest.mark.parametrize("temperature, top_p, top_k", [(1.0, 1.0, 0), (0.7, 0.9, 0), (1.3, 1.0, 7)])
 def test_sampled_logprobs_equal_recomputation_with_refills(tiny_model, lookahead, temperature, top_p, top_k):
     engine = TorchEngine(copy.deepcopy(tiny_model), pad_token_id=0, lookahead=lookahead, max_slots=3, sync_every=2,
-                         kv_bucket=8)
+                         kv_block_size=8)
     params = SamplingParams(max_new_tokens=9, temperature=temperature, top_p=top_p, top_k=top_k, seed=5,
                             stop_token_ids=(3, 4))
     outputs = engine.generate(PROMPTS, params, max_new_tokens=[9, 3, 7, 9, 5, 9, 2])
@@ -129,7 +130,7 @@ def test_weight_swap_with_requests_waiting_and_in_flight(tiny_model, lookahead):
 
 def test_compaction_moves_the_tail_to_a_smaller_bucket(tiny_model, lookahead):
     limits = [2, 2, 2, 14]
-    engine = TorchEngine(tiny_model, pad_token_id=0, lookahead=lookahead, max_slots=4, sync_every=1, kv_bucket=4)
+    engine = TorchEngine(tiny_model, pad_token_id=0, lookahead=lookahead, max_slots=4, sync_every=1, kv_block_size=4)
     outputs = engine.generate(PROMPTS[:4], SamplingParams(temperature=0.0), max_new_tokens=limits)
     assert engine.stats["slot_moves"] == 1  # the long request leaves slot 3 for slot 0 (bucket 4 -> 1)
     for prompt, limit, output in zip(PROMPTS, limits, outputs):
@@ -173,9 +174,9 @@ class StandInGraphs:
 def test_graph_bookkeeping_captures_each_shape_once(tiny_model, lookahead):
     params = SamplingParams(max_new_tokens=10, temperature=0.9, seed=3, stop_token_ids=(5,))
     limits = [10, 4, 10, 2, 9, 10, 6]
-    eager = TorchEngine(tiny_model, pad_token_id=0, lookahead=lookahead, max_slots=3, sync_every=3, kv_bucket=4)
+    eager = TorchEngine(tiny_model, pad_token_id=0, lookahead=lookahead, max_slots=3, sync_every=3, kv_block_size=4)
     expected = eager.generate(PROMPTS, params, max_new_tokens=limits)
-    graphed = TorchEngine(tiny_model, pad_token_id=0, lookahead=lookahead, max_slots=3, sync_every=3, kv_bucket=4)
+    graphed = TorchEngine(tiny_model, pad_token_id=0, lookahead=lookahead, max_slots=3, sync_every=3, kv_block_size=4)
     graphed.graphs = StandInGraphs()
     outputs = graphed.generate(PROMPTS, params, max_new_tokens=limits)
     assert [(g.tokens, g.logprobs) for g in outputs] == [(g.tokens, g.logprobs) for g in expected]
@@ -195,18 +196,17 @@ def test_graph_bookkeeping_captures_each_shape_once(tiny_model, lookahead):
     assert stand_in.clears == 2 and graphed.stats["graph_captures"] > 0  # the first allocation, then this one
 
 
-@pytest.mark.parametrize("attention,backend", [("matmul", "eager"), ("matmul", "aot_eager"), ("sdpa", "eager")])
-def test_compiled_decode_forward_matches_eager(tiny_model, attention, backend):
-    """compile_decode traces the model's own forward (matmul attention: one graph, a break at the cache's
-    write in `advance`; sdpa: a break at every layer's attention); with the tracing-only backends the
-    results are the eager ones exactly."""
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compiled_decode_forward_matches_eager(tiny_model, backend):
+    """compile_decode traces the model's own forward (a graph break at each layer's paged attention); with the
+    tracing-only backends the results are the eager ones."""
     params = SamplingParams(max_new_tokens=8, temperature=0.8, seed=4)
     limits = [8, 3, 8, 5, 8, 2, 6]
-    eager = TorchEngine(tiny_model, pad_token_id=0, max_slots=3, kv_bucket=4, decode_attention=attention)
+    eager = TorchEngine(tiny_model, pad_token_id=0, max_slots=3, kv_block_size=4)
     expected = eager.generate(PROMPTS, params, max_new_tokens=limits)
     torch._dynamo.reset()
-    compiled = TorchEngine(tiny_model, pad_token_id=0, max_slots=3, kv_bucket=4, compile_decode=True,
-                           compile_backend=backend, decode_attention=attention)
+    compiled = TorchEngine(tiny_model, pad_token_id=0, max_slots=3, kv_block_size=4, compile_decode=True,
+                           compile_backend=backend)
     outputs = compiled.generate(PROMPTS, params, max_new_tokens=limits)
     assert [g.tokens for g in outputs] == [g.tokens for g in expected]
     for got, want in zip(outputs, expected):  # aot_eager's decompositions may reorder fp32 sums
@@ -215,37 +215,89 @@ def test_compiled_decode_forward_matches_eager(tiny_model, attention, backend):
         assert [g.logprobs for g in outputs] == [g.logprobs for g in expected]
 
 
-def test_matmul_and_sdpa_decode_attention_agree(tiny_model, lookahead):
-    """The matmul decode attention (the new token's key/value taken directly, the cache written in one
-    scatter after the layers) against the earlier SDPA path: the same tokens, logprobs and cache contents,
-    with refills, compaction and a weight swap in flight."""
+def test_block_sizes_and_fused_projections_agree(tiny_model, lookahead):
+    """Blocks of 1, 3 and 16 positions lay the same sequences out differently (16 holds every prompt in one
+    block), and fused q/k/v and gate/up projections compute the same products: the same tokens and logprobs."""
     params = SamplingParams(max_new_tokens=9, temperature=0.9, top_p=0.95, seed=11)
     limits = [9, 4, 9, 2, 7, 9, 5]
-    runs = {}
-    for attention in ("sdpa", "matmul"):
+    runs = []
+    for block, fuse in ((1, False), (3, True), (16, False)):
         engine = TorchEngine(copy.deepcopy(tiny_model), pad_token_id=0, lookahead=lookahead, max_slots=3,
-                             sync_every=2, kv_bucket=4, decode_attention=attention)
-        new_weights = {name: p.detach() * 1.01 for name, p in engine.model.named_parameters()}
+                             sync_every=2, kv_block_size=block, fuse_projections=fuse)
+        runs.append(engine.generate(PROMPTS, params, max_new_tokens=limits))
+    for run in runs[1:]:
+        assert [g.tokens for g in run] == [g.tokens for g in runs[0]]
+        for got, want in zip(run, runs[0]):
+            assert got.logprobs == pytest.approx(want.logprobs, abs=1e-5)
+
+
+GROUPS = [[1, 2, 3, 4, 5, 6]] * 4 + [[7, 8, 9]] * 3 + [[10, 11, 12, 13, 14, 15, 16, 17, 18]] * 2
+
+
+def test_a_dry_pool_preempts_the_youngest_and_they_resume_with_the_same_samples(tiny_model, lookahead):
+    """A pool of 12 blocks of 2 for 6 slots: sequences are preempted and come back (prompt + tokens so far,
+    prefilled again); every request draws the same tokens as in a roomy pool, and its behaviour logprobs equal
+    the learner's recomputation."""
+    params = SamplingParams(max_new_tokens=14, temperature=1.0, seed=21)
+    limits = [14, 9, 12, 14, 7, 13, 14, 10, 11]
+    roomy = TorchEngine(tiny_model, pad_token_id=0, lookahead=lookahead, max_slots=6, kv_block_size=2)
+    expected = roomy.generate(GROUPS, params, max_new_tokens=limits)
+    assert roomy.stats["preemptions"] == 0
+    block = roomy.block_bytes
+    tight = TorchEngine(tiny_model, pad_token_id=0, lookahead=lookahead, max_slots=6, sync_every=2, kv_block_size=2,
+                        kv_memory_gib=13 * block / 2**30)
+    outputs = tight.generate(GROUPS, params, max_new_tokens=limits)
+    assert tight.stats["preemptions"] > 0 and tight.stats["pool_blocks"] == 12
+    assert [g.tokens for g in outputs] == [g.tokens for g in expected]
+    assert all(len(g.tokens) == len(g.logprobs) == len(g.versions) == n for g, n in zip(outputs, limits))
+    assert behaviour_logprob_gap(tiny_model, GROUPS, outputs, 1.0) < 1e-5
+
+
+def test_samples_on_shared_prompt_blocks_equal_unshared_ones(tiny_model, lookahead):
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=5)
+    runs = {}
+    for share in (True, False):
+        engine = TorchEngine(tiny_model, pad_token_id=0, lookahead=lookahead, max_slots=9, kv_block_size=2,
+                             share_prompts=share)
+        runs[share] = (engine.generate(GROUPS, params), engine.stats)
+    (shared, shared_stats), (alone, alone_stats) = runs[True], runs[False]
+    # 4 samples of 6 tokens: 3 shared blocks (3 x 3 references saved); 3 of 3: 1 block (x 2); 2 of 9: 4 (x 1)
+    assert shared_stats["shared_prompt_blocks"] == 9 + 2 + 4 and alone_stats["shared_prompt_blocks"] == 0
+    assert (shared_stats["prefill_rows"], alone_stats["prefill_rows"]) == (3, 9)  # one prefill per prompt
+    assert [g.tokens for g in shared] == [g.tokens for g in alone]
+    for got, want in zip(shared, alone):
+        assert got.logprobs == pytest.approx(want.logprobs, abs=1e-5)
+
+
+def test_a_weight_swap_recomputes_a_shared_prompt_once_per_group(tiny_model, lookahead):
+    """Greedy decoding with a weight swap in flight: every token is the argmax of the weights of its stamped
+    version, and the recompute prefills a shared prompt once for its group."""
+    torch.manual_seed(3)
+    new_state = {name: p.detach() + 0.05 * torch.randn_like(p) for name, p in tiny_model.named_parameters()}
+    updated = copy.deepcopy(tiny_model)
+    updated.load_state_dict(new_state, strict=False)
+    recomputed = {}
+    for share in (True, False):
+        engine = TorchEngine(copy.deepcopy(tiny_model), pad_token_id=0, lookahead=lookahead, max_slots=9,
+                             kv_block_size=2, share_prompts=share)
         calls = iter(range(1000))
 
-        def swap(engine=engine, new_weights=new_weights, calls=calls) -> bool:
-            if next(calls) == 12:
-                engine.load_weights(new_weights, 1)
+        def swap(engine=engine, calls=calls) -> bool:
+            if next(calls) == 3:
+                engine.load_weights(new_state, version=1)
                 return True
             return False
 
-        outputs = engine.generate(PROMPTS, params, weight_update=swap, max_new_tokens=limits)
-        runs[attention] = (outputs, engine._state.cache, engine.stats, engine._state.lengths[:3].tolist())
-    (sdpa, sdpa_cache, sdpa_stats, sdpa_lengths), (matmul, matmul_cache, matmul_stats, lengths) = (
-        runs["sdpa"], runs["matmul"])
-    assert lengths == sdpa_lengths
-    assert sdpa_stats["recomputes"] == matmul_stats["recomputes"] == 1
-    assert [g.tokens for g in matmul] == [g.tokens for g in sdpa]
-    assert [g.versions for g in matmul] == [g.versions for g in sdpa]
-    for got, want in zip(matmul, sdpa):
-        assert got.logprobs == pytest.approx(want.logprobs, abs=1e-5)
-    # the positions each slot's last occupant wrote (those past them hold stale data)
-    for slot, length in enumerate(lengths):
-        for name in ("keys", "values"):
-            torch.testing.assert_close(getattr(matmul_cache, name)[:, slot, :, :length],
-                                       getattr(sdpa_cache, name)[:, slot, :, :length], atol=1e-5, rtol=1e-5)
+        outputs = engine.generate(GROUPS, SamplingParams(max_new_tokens=6, temperature=0.0), weight_update=swap)
+        recomputed[share] = engine.stats["recomputed_tokens"]
+        assert engine.stats["recomputes"] == 1
+        for prompt, output in zip(GROUPS, outputs):
+            assert output.versions == sorted(output.versions) and 1 in output.versions
+            ids = list(prompt)
+            for token, version in zip(output.tokens, output.versions):
+                scorer = tiny_model if version == 0 else updated
+                with torch.no_grad():
+                    assert token == int(scorer(torch.tensor([ids]))[0, -1].argmax())
+                ids.append(token)
+    # the shared full blocks: 3 blocks of 2 for the group of 4, 1 for the group of 3, 4 for the pair
+    assert recomputed[False] - recomputed[True] == 2 * (3 * 3 + 1 * 2 + 4 * 1)

@@ -52,10 +52,10 @@ def test_recipe_script_plan_only():
     fits = run_script("train_1.5B_n4_on_ray.sh", *ARGUMENTS[:3], "24000", PLAN="1")
     assert fits.returncode == 0, fits.stderr
     assert "node 3: GPUs 0-1: learner ranks 6-7; GPUs 2-7: rollout workers 18-23" in fits.stdout
-    assert "each rollout worker decodes 94 sequences of up to 25,024 tokens" in fits.stdout
+    assert "each rollout worker decodes 256 sequences at once (7,024 tokens expected each, up to 25,024)" in fits.stdout
     unbounded = run_script("train_1.5B_n4_on_ray.sh", *ARGUMENTS[:3], "24000", "engine.kv_memory_gib=null", PLAN="1")
     assert unbounded.returncode == 1  # the script stops before training
-    assert "the engine KV cache needs 171.74 GiB but 73.24 GiB is left for it" in unbounded.stdout
+    assert "the engine KV pool needs 171.06 GiB but 73.24 GiB is left for it" in unbounded.stdout
 
 
 def test_recipe_script_without_arguments_prints_its_usage():

@@ -26,7 +26,7 @@ def _generate(engine: TorchEngine, max_new_tokens: int):
 
 def _engine(model: CausalLM, graphs: bool) -> TorchEngine:
     # eager decode kernels in both: graphs replay the same kernels, so their draws equal the eager engine's
-    return TorchEngine(copy.deepcopy(model), pad_token_id=0, device="cuda", max_slots=16, kv_bucket=16,
+    return TorchEngine(copy.deepcopy(model), pad_token_id=0, device="cuda", max_slots=16, kv_block_size=16,
                        cuda_graphs=graphs, compile_decode=False)
 
 

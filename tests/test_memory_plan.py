@@ -33,26 +33,39 @@ def test_activation_bytes_by_hand():
 
 def test_plan_parts_by_hand():
     config = DecoderConfig(**TOY)
-    plan = plan_one_gpu(config, 4 * GIB, torch.bfloat16, 2, micro_batch_tokens=10, longest_sequence=20,
-                        kv_memory_gib=None, kv_bucket=16)
+    plan = plan_one_gpu(config, 4 * GIB, torch.bfloat16, 2, micro_batch_tokens=10, prompt_tokens=4,
+                        max_new_tokens=16, kv_memory_gib=None, block_size=16)
     assert plan.engine_weights == 2824 * 2
     assert plan.learner_state == 2824 * (16 + 2)  # fp32 master, grads, two moments + the bf16 compute copy
     assert plan.learner_activations == 4480 + 2000
     assert plan.publication == 3 * 2824 * 2
     assert plan.reserve == 3 * GIB  # the floor: 4% of 4 GiB is less
-    assert plan.kv_cache == 4 * GIB - (5648 + 50832 + 6480 + 16944 + 3 * GIB)
-    # 20 tokens round up to 32 positions (+1 spare): keys and values x 2 layers x 1 KV head x 33 x 4 x 2 bytes
-    assert plan.kv_per_sequence == 2 * 2 * 33 * 4 * 2
-    assert plan.sequences == plan.kv_cache // 1056
-    assert plan.used == 4 * GIB
-    with_reference = plan_one_gpu(config, 4 * GIB, torch.bfloat16, 2, 10, 20, None, 16, reference_model=True)
+    # a block: keys and values x 2 layers x 16 positions x 1 KV head x 4 dims x 2 bytes
+    assert plan.block_bytes == 2 * 2 * 16 * 1 * 4 * 2 == 512
+    left = 4 * GIB - (5648 + 50832 + 6480 + 16944 + 3 * GIB)
+    assert plan.kv_cache == left // 512 * 512 and plan.blocks == left // 512  # whole blocks: what is left
+    assert plan.used == 4 * GIB - left % 512
+    # planned: prompt 4 + a quarter of 16 new tokens = 8 tokens, one block each; max_slots (256) binds
+    assert plan.expected_sequence == 8 and plan.longest_sequence == 20 and plan.sequences == 256
+    with_reference = plan_one_gpu(config, 4 * GIB, torch.bfloat16, 2, 10, 4, 16, None, 16, reference_model=True)
     assert with_reference.learner_state == plan.learner_state + 2824 * 2
+
+
+def test_the_pool_is_planned_by_the_expected_length_not_the_longest():
+    config = DecoderConfig(**TOY)
+    # 41 blocks of 512 bytes = 40 usable: 4 + 0.25 x 60 = 19 tokens expected (2 blocks), the longest 64 (4 blocks)
+    plan = plan_one_gpu(config, 4 * GIB, torch.bfloat16, 2, 10, 4, 60, kv_memory_gib=41 * 512 / GIB, block_size=16)
+    assert plan.blocks == 41 and plan.expected_sequence == 19 and plan.sequences == 20
+    assert "KV pool: 40 blocks of 16 tokens; about 20 sequences at once of 19 tokens expected" in plan.describe()
+    half = plan_one_gpu(config, 4 * GIB, torch.bfloat16, 2, 10, 4, 60, 41 * 512 / GIB, 16, expected_fraction=1.0)
+    assert half.sequences == 10  # each expected to fill its limit: 4 blocks
 
 
 def test_plan_that_cannot_fit_names_the_setting_and_the_numbers():
     config = DecoderConfig(**TOY)
-    with pytest.raises(ValueError, match=r"engine.kv_memory_gib=2(.|\n)*engine KV cache +2.00 GiB"):
-        plan_one_gpu(config, 4 * GIB, torch.bfloat16, 2, 10, 20, kv_memory_gib=2.0, kv_bucket=16)
-    with pytest.raises(ValueError, match="KV cache holds 0 sequences"):
-        plan_one_gpu(config, 4 * GIB, torch.bfloat16, 2, 10, 20, kv_memory_gib=1e-7, kv_bucket=16)
-    assert plan_one_gpu(config, 4 * GIB, torch.bfloat16, 2, 10, 20, kv_memory_gib=0.5, kv_bucket=16).kv_cache == GIB // 2
+    with pytest.raises(ValueError, match=r"engine.kv_memory_gib=2(.|\n)*engine KV pool +2.00 GiB"):
+        plan_one_gpu(config, 4 * GIB, torch.bfloat16, 2, 10, 4, 16, kv_memory_gib=2.0, block_size=16)
+    with pytest.raises(ValueError, match="about 0 sequences at once"):  # one usable block: none of 20 tokens
+        plan_one_gpu(config, 4 * GIB, torch.bfloat16, 2, 10, 4, 16, kv_memory_gib=2 * 512 / GIB, block_size=16)
+    assert plan_one_gpu(config, 4 * GIB, torch.bfloat16, 2, 10, 4, 16, kv_memory_gib=0.5,
+                        block_size=16).kv_cache == GIB // 2

@@ -82,3 +82,31 @@ def test_left_padding_does_not_change_real_tokens():
 def test_unsupported_model_type_is_a_clear_error():
     with pytest.raises(ValueError, match="model_type 'gpt2'"):
         DecoderConfig.from_hf_dict({"model_type": "gpt2"})
+
+
+def test_fused_projections_compute_the_same_and_follow_in_place_updates():
+    """fuse_projections: one matrix product for q/k/v and one for gate/up, over the same parameters (views of the
+    fused tensors), so a weight update written in place reaches the fused forward; a conversion drops them."""
+    torch.manual_seed(0)
+    model = CausalLM(DecoderConfig(**SHAPE))
+    ids = torch.randint(0, SHAPE["vocab_size"], (2, 7))
+    with torch.no_grad():
+        expected = model(ids)
+    names = [name for name, _ in model.named_parameters()]
+    model.fuse_projections()
+    assert [name for name, _ in model.named_parameters()] == names  # names and count unchanged
+    attention = model.model.layers[0].self_attn
+    assert attention.q_proj.weight.data_ptr() == attention.fused[0].data_ptr()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), expected, rtol=1e-5, atol=1e-5)  # other GEMM blocking
+        for param in model.parameters():  # the weight receiver's in-place writes
+            param.mul_(1.5)
+        updated = model(ids)
+    unfused = CausalLM(DecoderConfig(**SHAPE))
+    unfused.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(updated, unfused(ids), rtol=1e-5, atol=1e-5)
+    model.double()  # new storage for every parameter: the fused tensors would be stale, so they go
+    assert attention.fused is None and model.model.layers[0].mlp.fused is None
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).float(), updated, rtol=1e-5, atol=1e-5)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from areal_async.config import EngineConfig, ModelConfig, ModelShape
-from areal_async.memory_plan import GIB, engine_slots, parameter_count
+from areal_async.memory_plan import GIB, engine_sequences, parameter_count
 from areal_async.model import DecoderConfig
 from areal_async.model.shapes import known_shape
 from areal_async.placement import Role, layout, model_shape, plan_run, ranges
@@ -26,9 +26,7 @@ def recipe_plan(nodes: int, max_new_tokens: int, *overrides: str, recipe: str = 
     return plan_run(config, shape, source, prompt_tokens=1024)
 
 
-def kv_bytes(slots: int, positions: int, layers: int = 28, kv_heads: int = 2, head_dim: int = 128) -> int:
-    """Keys and values, bf16, of `slots` slots of `positions` positions, plus the cache's spare slot and position."""
-    return 2 * layers * (slots + 1) * kv_heads * (positions + 1) * head_dim * 2
+BLOCK_BYTES = 2 * 28 * 64 * 2 * 128 * 2  # keys and values, bf16: 28 layers x 64 positions x 2 KV heads x 128
 
 
 def test_the_built_in_shape_is_the_checkpoints():
@@ -63,8 +61,8 @@ def test_the_1_5B_recipe_at_8K_fits_with_bytes_computed_by_hand(nodes):
     by_seat = {(p.seat.role, p.seat.index): p for gpu in plan.gpus for p in gpu.processes}
     worker = {part.name: part.size for part in by_seat[(Role.rollout_worker, 0)].parts}
     assert worker["engine weights (bfloat16)"] == 2 * PARAMS_1_5B
-    # kv_memory_gib=64 holds all 256 slots of 1024 + 8192 = 9216 positions at 8K
-    assert worker["engine KV cache: 256 slots x 9,216 positions"] == kv_bytes(256, 9216) == 67_917_344_768
+    # kv_memory_gib=64: whole blocks of 1,835,008 bytes, the null block among them
+    assert worker["engine KV pool: 37,449 blocks x 64 positions"] == 37_449 * BLOCK_BYTES == 68_719_214_592
     rank = {part.name: part.size for part in by_seat[(Role.learner_rank, 1)].parts}
     state = f"policy state: fp32 weights, grads, AdamW moments (16 B/param over {ranks} ranks)"
     assert rank[state] == 16 * -(-PARAMS_1_5B // ranks)
@@ -72,28 +70,32 @@ def test_the_1_5B_recipe_at_8K_fits_with_bytes_computed_by_hand(nodes):
     assert rank0["weight publisher's bits (this and the previous version)"] == 2 * 2 * PARAMS_1_5B
     fullest = max(plan.gpus, key=lambda gpu: gpu.used)
     assert fullest.processes[0].seat.role is Role.rollout_worker and fullest.used <= 80 * GIB
-    assert "each rollout worker decodes 256 sequences of up to 9,216 tokens" in plan.summary
+    # 1,024 prompt tokens + a quarter of 8,192 expected: 48 blocks; 37,448 // 48 = 780, so max_slots binds
+    assert "each rollout worker decodes 256 sequences at once (3,072 tokens expected each, up to 9,216)" in plan.summary
 
 
 def test_the_24K_stage_fits_with_the_recipes_kv_budget():
     plan = recipe_plan(1, 24000)
     assert plan.fits, plan.describe()
-    # (64 GiB - the spare slot) // one slot of 25,024 positions
-    assert engine_slots(R1_1_5B, 256, 64 * GIB, 25024, torch.bfloat16, 64) == 94
-    assert "decodes 94 sequences of up to 25,024 tokens" in plan.summary
+    # 1,024 + 6,000 expected tokens = 110 blocks: 37,448 // 110 = 340 sequences, max_slots 256 binds
+    assert engine_sequences(37_449, 256, 64, 1024, 24000, 0.25) == 256
+    assert engine_sequences(37_449, 1024, 64, 1024, 24000, 0.25) == 340
+    assert "decodes 256 sequences at once (7,024 tokens expected each, up to 25,024)" in plan.summary
+    assert engine_sequences(391, 256, 64, 1024, 24000, 0.25) == 0  # 390 usable blocks: none of 25,024 tokens
 
 
 def test_the_24K_stage_without_a_kv_budget_does_not_fit_and_says_by_how_much():
     plan = recipe_plan(1, 24000, "engine.kv_memory_gib=null")
     assert not plan.fits
-    kv_need = kv_bytes(256, 25024)  # 256 slots of 25,024 positions: 171.74 GiB
+    kv_need = (256 * 391 + 1) * BLOCK_BYTES  # 256 slots of the longest request (391 blocks) and the null block
     left = 80 * GIB - 2 * PARAMS_1_5B - 256 * 2**20 - int(0.04 * 80 * GIB)  # weights, receiver bucket, reserve
-    assert f"{kv_need / GIB:.2f}" == "171.74" and f"{left / GIB:.2f}" == "73.24"
+    assert f"{kv_need / GIB:.2f}" == "171.06" and f"{left / GIB:.2f}" == "73.24"
     text = "\n".join(plan.failures)
-    assert "does not fit: rollout workers 0-5 (6 GPUs, each) needs 178.50 GiB of cluster.gpu_memory_gib=80" in text
-    assert "the engine KV cache needs 171.74 GiB but 73.24 GiB is left for it: 108 slots of 25,024 tokens fit" in text
+    assert "does not fit: rollout workers 0-5 (6 GPUs, each) needs 177.82 GiB of cluster.gpu_memory_gib=80" in text
+    assert ("the engine KV pool needs 171.06 GiB but 73.24 GiB is left for it: about 256 sequences of 7,024 tokens "
+            "expected fit at once") in text
     assert "engine.kv_memory_gib=73.2" in text
-    assert engine_slots(R1_1_5B, 256, left, 25024, torch.bfloat16, 64) == 108
+    assert engine_sequences(left // BLOCK_BYTES, 1024, 64, 1024, 24000, 0.25) == 389
     assert {gpu.gpu for gpu in plan.gpus if not gpu.fits} == set(range(2, 8))  # the learners' GPUs fit
 
 
@@ -101,8 +103,8 @@ def test_the_cli_exits_1_with_the_numbers_when_the_plan_does_not_fit(capsys):
     assert main(["plan", "--config", "recipe_1.5B", "cluster=n16", "generation.max_new_tokens=24000",
                  "engine.kv_memory_gib=null"]) == 1
     out = capsys.readouterr().out
-    assert "rollout workers 0-95 (96 GPUs, each): 178.50  DOES NOT FIT" in out
-    assert "the engine KV cache needs 171.74 GiB but 73.24 GiB is left for it" in out
+    assert "rollout workers 0-95 (96 GPUs, each): 177.82  DOES NOT FIT" in out
+    assert "the engine KV pool needs 171.06 GiB but 73.24 GiB is left for it" in out
     assert main(["plan", "--config", "recipe_1.5B", "cluster=n16"]) == 0
     out = capsys.readouterr().out
     assert "node 15: GPUs 0-1: learner ranks 30-31; GPUs 2-7: rollout workers 90-95" in out
@@ -169,16 +171,20 @@ def test_the_shape_comes_from_config_json_else_the_built_in_table(tmp_path):
         model_shape(ModelConfig(path=str(tmp_path / "absent")), BUNDLED_WARMSTART)
 
 
-def test_engine_slots_is_the_engines_own_count():
+def test_the_plans_pool_is_the_engines_own():
     from actors.engine_factory import build_engine
+    from areal_async.memory_plan import pool_blocks
+    from areal_async.model.paged_cache import kv_block_bytes
 
     engine = build_engine("torch", BUNDLED_WARMSTART, "float32", "cpu",
-                          settings=EngineConfig(max_slots=64, kv_memory_gib=0.001, kv_bucket=16))
+                          settings=EngineConfig(max_slots=64, kv_memory_gib=0.001, kv_block_size=16))
     shape = DecoderConfig.from_hf_dict(json.loads((BUNDLED_WARMSTART / "config.json").read_text()))
+    block = kv_block_bytes(shape, 16, torch.float32)
+    assert engine.block_bytes == block
     for longest in (20, 100, 250):
-        assert engine.slots_within_budget(longest) == engine_slots(shape, 64, int(0.001 * GIB), longest,
-                                                                   torch.float32, 16)
-    assert engine_slots(shape, 64, int(0.001 * GIB), 250, torch.float32, 16) < 64  # the budget binds
+        assert engine.pool_blocks(64, longest) == pool_blocks(int(0.001 * GIB), block, 64, longest, 16)
+    unbounded = build_engine("torch", BUNDLED_WARMSTART, "float32", "cpu", settings=EngineConfig(max_slots=8))
+    assert unbounded.pool_blocks(8, 250) == pool_blocks(None, block, 8, 250, 64) == 8 * 4 + 1
 
 
 def test_cpu_and_inline_configs_plan_without_gpus():
@@ -188,4 +194,4 @@ def test_cpu_and_inline_configs_plan_without_gpus():
     assert plan.fits and plan.gpus == [] and plan.summary == "runs on the CPU: no GPU memory to plan"
     gpu = plan_run(compose_config("gpu_demo", []), shape, source, prompt_tokens=16)
     (budget,) = gpu.gpus
-    assert budget.used == 80 * GIB and "fits: the KV cache holds" in gpu.summary  # the KV cache takes the rest
+    assert 80 * GIB - budget.used < 2**20 and "fits: the engine decodes" in gpu.summary  # the pool takes the rest

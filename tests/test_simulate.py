@@ -13,17 +13,15 @@ from areal_async.simulate import (
     Request,
     Simulation,
     SystemModel,
-    bucketed_sum,
     call_seconds,
-    kv_positions,
+    growing_positions,
     notice_step,
     simulate,
-    slot_bucket,
     summarize,
 )
 
 STEP = DecodeCost(fixed_s=0.01, per_slot_s=0.0, per_kv_s=0.0, prefill_token_s=0.0)  # 10 ms a step, whatever runs
-EVERY_STEP = EngineModel(slots=4, sync_every=1, lookahead=0, kv_bucket=1)  # a finished slot frees at once
+EVERY_STEP = EngineModel(slots=4, sync_every=1, lookahead=0)  # a finished slot frees at once
 
 
 def system(**fields) -> SystemModel:
@@ -38,24 +36,15 @@ def system(**fields) -> SystemModel:
 # ---------------------------------------------------------------------------------------------- engine arithmetic
 
 
-def test_bucketed_sums_by_hand():
-    assert bucketed_sum(1, 5, 4) == 4 + 4 + 4 + 4 + 8
-    assert bucketed_sum(3, 3, 1) == 3 + 4 + 5
-    assert bucketed_sum(62, 4, 64) == 64 + 64 + 64 + 128  # 62, 63, 64, 65
-    assert bucketed_sum(7, 0, 4) == 0
+def test_growing_positions_by_hand():
+    # two sequences of prompts 5 and 8 started at steps 0 and 2 (offsets 5 - 0 + 8 - 2 = 11): at step s they
+    # read (5 + s + 1) + (8 + s - 2 + 1) positions; steps 3, 4 and 5: 9 + 10 + 10 + 11 + 11 + 12
+    assert growing_positions(11, 2, 3, 3) == 9 + 10 + 10 + 11 + 11 + 12
+    assert growing_positions(11, 2, 3, 0) == 0
+    assert growing_positions(0, 0, 7, 4) == 0  # nothing generating reads nothing
 
 
-def test_kv_positions_read_by_the_longest_occupant():
-    # a growing sequence of 10 tokens: steps read 11, 12, 13 rounded up to 4
-    assert kv_positions(10, None, 3, 4) == 12 + 12 + 16
-    # a finished one of 8 tokens is the longest until the growing one passes it: max(8, 5 + j) + 1
-    assert kv_positions(5, 8, 5, 1) == 9 + 9 + 9 + 9 + 10
-    assert kv_positions(None, 8, 2, 4) == 12 + 12
-
-
-def test_slot_buckets_and_when_a_finished_slot_frees():
-    assert [slot_bucket(n, 256) for n in (1, 2, 3, 5, 200)] == [2, 2, 4, 8, 256]
-    assert slot_bucket(200, 128) == 128
+def test_when_a_finished_slot_frees():
     assert notice_step(10, 8, 0) == 16  # the end of its run of 8 steps
     assert notice_step(10, 8, 1) == 24  # CUDA reads each look one run late
     assert notice_step(16, 8, 0) == 16
@@ -92,11 +81,14 @@ def test_the_tail_runs_on_a_smaller_batch():
     assert call_seconds(requests, EVERY_STEP, per_slot) == pytest.approx(4 * 0.004 + 16 * 0.002)
 
 
-def test_attention_reads_the_cache_up_to_the_next_bucket():
-    engine = EngineModel(slots=1, sync_every=1, lookahead=0, kv_bucket=8)
+def test_attention_reads_each_live_sequences_own_positions():
+    engine = EngineModel(slots=2, sync_every=1, lookahead=0)
     cost = DecodeCost(fixed_s=0.5, per_slot_s=0.0, per_kv_s=1.0, prefill_token_s=0.0)
-    # prompt 10, 4 tokens: 3 decode steps reading 11, 12, 13 positions, each rounded up to 16, one slot
-    assert call_seconds([Request(10, 4, 4)], engine, cost) == pytest.approx(3 * 0.5 + 48)
+    # prompt 10, 4 tokens: 3 decode steps reading 11, 12, 13 positions
+    assert call_seconds([Request(10, 4, 4)], engine, cost) == pytest.approx(3 * 0.5 + 36)
+    # beside it a sequence of prompt 3 that stops after 2 tokens: it reads 4 positions in its one decode step and
+    # nothing once it is finished, although its slot is held until the call ends
+    assert call_seconds([Request(10, 4, 4), Request(3, 2, 4)], engine, cost) == pytest.approx(3 * 0.5 + 36 + 4)
 
 
 def test_a_sequence_that_stopped_early_is_noticed_at_the_next_look():
@@ -165,7 +157,7 @@ def test_asynchronous_step_bound_by_generation_includes_the_publish_pause():
 
 
 def test_one_worker_asking_first_takes_the_whole_step():
-    two = dict(rollout_workers=2, groups_per_step=2, engine=EngineModel(slots=8, sync_every=1, lookahead=0, kv_bucket=1),
+    two = dict(rollout_workers=2, groups_per_step=2, engine=EngineModel(slots=8, sync_every=1, lookahead=0),
                reward_s=0.1, host_s=0.05)
     spread = simulate(system(**two, groups_per_request=1), 3)
     greedy = simulate(system(**two, groups_per_request=2), 3)

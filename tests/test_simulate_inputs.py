@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from areal_async.config import ModelShape
-from areal_async.memory_plan import GIB, engine_slots
+from areal_async.memory_plan import GIB, engine_sequences
 from areal_async.model.shapes import known_shape
 from areal_async.placement import inline_gpu_plan
 from areal_async.run.cli import compose_config, main
@@ -28,8 +28,8 @@ STEP = DecodeCost(fixed_s=0.01, per_slot_s=0.0, per_kv_s=0.0, prefill_token_s=0.
 
 def generation_report(fixed_ms: float, slot_ms: float, kv_ms: float, prefill_s: float) -> dict:
     """A bench_generation report written by the engine model itself (batch 4, prompts of 8 tokens)."""
-    args = {"batch": 4, "prompt_len": 8, "new_tokens": 64, "hf_new_tokens": 16, "sync_every": 8, "kv_bucket": 16}
-    engine = EngineModel(slots=4, sync_every=8, lookahead=1, kv_bucket=16)
+    args = {"batch": 4, "prompt_len": 8, "new_tokens": 64, "hf_new_tokens": 16, "sync_every": 8}
+    engine = EngineModel(slots=4, sync_every=8, lookahead=1)
     cost = DecodeCost(fixed_ms / 1e3, slot_ms / 1e3, kv_ms / 1e3, prefill_s)
     table = {f"graph_b4_kv{kv}": fixed_ms + 4 * slot_ms + 4 * kv_ms * kv for kv in (16, 32, 48, 64)}
     fixed = [Request(8, 64, 64)] * 4
@@ -92,25 +92,26 @@ def test_a_cluster_config_becomes_the_system():
                           lengths=LengthModel(4096, 8192), weight_sync_s=0.2, reward_s=0.0)
     assert (model.rollout_workers, model.learner_ranks, model.groups_per_step, model.group_size) == (96, 32, 1024, 8)
     assert (model.groups_per_request, model.max_staleness, model.queue_capacity) == (16, 4, 16 * 2048)
-    assert model.engine == EngineModel(slots=256, sync_every=8, lookahead=1, kv_bucket=64)
+    assert model.engine == EngineModel(slots=256, sync_every=8, lookahead=1)
 
 
 def test_an_inline_gpu_config_is_one_engine_and_one_learner_with_the_planned_kv_budget():
-    overrides = ["device=cuda", "model.dtype=bfloat16", "generation.max_new_tokens=8192", "engine.kv_bucket=256"]
+    overrides = ["device=cuda", "model.dtype=bfloat16", "generation.max_new_tokens=8192"]
     shape = known_shape(ModelShape.r1_distill_qwen_1_5b)
     systems = {}
-    for gib in (100.0, 139.8):
+    for gib in (80.0, 139.8):
         config = compose_config("train", [*overrides, f"cluster.gpu_memory_gib={gib}"])
         systems[gib] = config_system(config, shape, STEP, 1000.0, prompt_tokens=256, lengths=LengthModel(2048, 8192),
                                      weight_sync_s=0.2, reward_s=0.0)
-        # the trainer's budget: what the learner, the weights and the publication buffers leave of the GPU
-        budget = inline_gpu_plan(config, shape, int(gib * GIB), 256 + 8192).kv_cache
-        assert systems[gib].engine.slots == engine_slots(shape, 256, budget, 256 + 8192, torch.bfloat16, 256)
+        # the trainer's pool: what the learner, the weights and the publication buffers leave of the GPU, carrying
+        # sequences of 256 + 8192 / 4 tokens expected (36 blocks of 64)
+        plan = inline_gpu_plan(config, shape, int(gib * GIB), 256)
+        assert systems[gib].engine.slots == engine_sequences(plan.blocks, 256, 64, 256, 8192, 0.25) == plan.sequences
         assert (systems[gib].rollout_workers, systems[gib].learner_ranks, systems[gib].engine.lookahead) == (1, 1, 1)
-    assert 1 < systems[100.0].engine.slots < systems[139.8].engine.slots == 256  # the budget binds on 100 GiB
+    assert systems[80.0].engine.slots == (406 - 1) // 36 == 11 and systems[139.8].engine.slots == 256  # 80 GiB binds
     cpu = config_system(compose_config("train", ["generation.max_new_tokens=8192"]), shape, STEP, 1000.0,
                         prompt_tokens=256, lengths=LengthModel(2048, 8192), weight_sync_s=0.2, reward_s=0.0)
-    assert cpu.engine == EngineModel(slots=256, sync_every=8, lookahead=0, kv_bucket=64)  # no budget on a CPU
+    assert cpu.engine == EngineModel(slots=256, sync_every=8, lookahead=0)  # no budget on a CPU
 
 
 # ---------------------------------------------------------------------------------------------- the subcommand

@@ -44,7 +44,7 @@ def write(path: Path, report: dict) -> Path:
 
 def generation_report() -> dict:
     """bench_generation at batch 16: 8 ms a step at every KV length, fixed workload 16 x (8 + 64) tokens."""
-    args = {"batch": 16, "prompt_len": 8, "new_tokens": 64, "sync_every": 8, "kv_bucket": 16}
+    args = {"batch": 16, "prompt_len": 8, "new_tokens": 64, "sync_every": 8}
     fixed_s = 63 * STEP_S + 16 * 8 * PREFILL_S
     return {"device": "cuda", "args": args, "results": {
         "step_ms_ours_compiled": {f"graph_b16_kv{kv}": STEP_S * 1e3 for kv in (16, 32, 48, 64)},

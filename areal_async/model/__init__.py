@@ -3,7 +3,7 @@
 from areal_async.model.checkpoint import load_config, load_pretrained, save_pretrained, save_weights_pretrained
 from areal_async.model.decoder import CausalLM, DecodeCache, DecoderConfig
 from areal_async.model.logprobs import packed_sequence_logprobs, sequence_logprobs, token_logprobs
-from areal_async.model.slot_cache import SlotKVCache
+from areal_async.model.paged_cache import PagedKVCache
 from areal_async.model.tokenizer import load_tokenizer
 
 __all__ = [
@@ -14,9 +14,9 @@ __all__ = [
     "load_pretrained",
     "load_tokenizer",
     "packed_sequence_logprobs",
+    "PagedKVCache",
     "save_pretrained",
     "save_weights_pretrained",
-    "SlotKVCache",
     "sequence_logprobs",
     "token_logprobs",
 ]

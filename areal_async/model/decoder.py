@@ -79,14 +79,16 @@ class DecoderConfig:
 
 
 class DecodeCache(Protocol):
-    """A key/value cache `CausalLM.hidden_states` decodes with (the engine's `slot_cache.SlotKVCache`): it picks
+    """A key/value cache `CausalLM.hidden_states` decodes with (the engine's `paged_cache.PagedKVCache`): it picks
     the new tokens' RoPE positions and attention mask, stores their keys and values and runs the attention."""
 
     def positions_and_mask(self, input_ids: torch.Tensor, valid, positions) -> tuple[torch.Tensor, Any]:
         """RoPE positions [B, T] of the next T tokens and the mask their attention takes."""
 
-    def attention(self, layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
-        """Stores k, v [B, Hkv, T, D] of layer `layer_index`; q [B, H, T, D] attends to the cached keys."""
+    def attention(self, layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask,
+                  cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotates q [B, H, T, D] and k [B, Hkv, T, D] with cos, sin [B, 1, T, D] (`apply_rope`), stores k, v of
+        layer `layer_index`, and returns q's attention over the cached keys [B, H, T, D]."""
 
     def advance(self, tokens: int) -> None:
         """Called once per forward, after the last layer, with the T tokens it appended."""
@@ -132,13 +134,28 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.fused: tuple[torch.Tensor, torch.Tensor | None] | None = None  # see CausalLM.fuse_projections
+
+    def _apply(self, fn, recurse=True):
+        self.fused = None  # a conversion gives the parameters new storage: the fused copy would go stale
+        return super()._apply(fn, recurse)
+
+    def projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, hidden] -> q [B, T, H, D], k, v [B, T, Hkv, D]."""
+        batch, seq, _ = x.shape
+        if self.fused is not None:
+            q, k, v = F.linear(x, *self.fused).split(
+                (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim),
+                dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return (q.view(batch, seq, self.num_heads, self.head_dim), k.view(batch, seq, self.num_kv_heads, self.head_dim),
+                v.view(batch, seq, self.num_kv_heads, self.head_dim))
 
     def forward(self, x, cos, sin, mask, layer_index: int, kv_cache: DecodeCache | None) -> torch.Tensor:
         batch, seq, _ = x.shape
+        q, k, v = self.projections(x)
         if isinstance(mask, (DocumentSpans, LengthGroups)):  # packed rows in a [tokens, heads, dim] layout
-            q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim)
-            k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
-            v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
             cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)  # [B, T, 1, D]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             tokens = batch * seq
@@ -150,13 +167,11 @@ class Attention(nn.Module):
                 mask,
             )
             return self.o_proj(out.reshape(batch, seq, -1))
-        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv_cache is not None:  # the cache stores k, v and runs the attention
-            out = kv_cache.attention(layer_index, q, k, v, mask)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if kv_cache is not None:  # the cache rotates q and k, stores k, v and runs the attention
+            out = kv_cache.attention(layer_index, q, k, v, mask, cos, sin)
         else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             out = attend(q, k, v, mask, enable_gqa=self.num_heads != self.num_kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
@@ -167,8 +182,16 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.fused: torch.Tensor | None = None  # gate and up stacked; see CausalLM.fuse_projections
+
+    def _apply(self, fn, recurse=True):
+        self.fused = None
+        return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused is not None:
+            gate, up = F.linear(x, self.fused).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -261,3 +284,30 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids, valid=None, positions=None, kv_cache=None, document_ids=None) -> torch.Tensor:
         return self.lm_head(self.hidden_states(input_ids, valid, positions, kv_cache, document_ids))
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """Stores each layer's q/k/v weights (and biases) in one tensor and its gate/up weights in another; the
+        parameters become views of them, so their names, values and in-place updates stay as they are, while a
+        forward runs one matrix product for each set instead of three and two (the engine's decode steps). A
+        later conversion (`.to`, `.half`) drops the fused tensors; calling this again restores them."""
+        for layer in self.model.layers:
+            attention, mlp = layer.self_attn, layer.mlp
+            if attention.fused is None:
+                attention.fused = _stack_linears(attention.q_proj, attention.k_proj, attention.v_proj)
+            if mlp.fused is None:
+                mlp.fused = _stack_linears(mlp.gate_proj, mlp.up_proj)[0]
+
+
+def _stack_linears(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) tensor holding `linears`' rows in order; each Linear's parameters become views."""
+    weight = torch.cat([linear.weight for linear in linears])
+    bias = None if linears[0].bias is None else torch.cat([linear.bias for linear in linears])
+    offset = 0
+    for linear in linears:
+        rows = linear.weight.shape[0]
+        linear.weight = nn.Parameter(weight[offset:offset + rows], requires_grad=linear.weight.requires_grad)
+        if bias is not None:
+            linear.bias = nn.Parameter(bias[offset:offset + rows], requires_grad=linear.bias.requires_grad)
+        offset += rows
+    return weight, bias

@@ -17,15 +17,15 @@ from areal_async.simulate import DecodeCost, LengthModel, hours_for, simulate, s
 from areal_async.staleness import parse_staleness
 
 BENCHMARK_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
-GENERATION_REPORT = BENCHMARK_RESULTS / "bench_generation_h100_2026-11-25_v3.json"
+GENERATION_REPORT = BENCHMARK_RESULTS / "bench_generation_h100_2026-12-06_paged.json"
 TRAINING_REPORT = BENCHMARK_RESULTS / "bench_training_h100_2026-11-25_v6.json"
 VERIFIER_REPORT = BENCHMARK_RESULTS / "bench_verifier_cpu2_2026-12-05.json"
 
 
 SIMULATE_EPILOG = """
 Where the rates come from (each can be given instead, which skips its report):
-  generation    --generation-json (bench_generation): a decode step's cost, fixed + per slot + per slot and
-                cache position, fitted from results.step_ms_<system>, <system>_fixed and <system>_longtail
+  generation    --generation-json (bench_generation): a decode step's cost, fixed + per slot + per cache
+                position read, fitted from results.step_ms_<system>, <system>_fixed and <system>_longtail
                 (--batch-share skips the longtail fit); or --gen-tokens-per-s, one rate per engine whatever
                 its batch
   training      --training-json (bench_training): tokens/s of one results row (--training-row), scaled by the
@@ -78,8 +78,8 @@ def simulate_parser() -> argparse.ArgumentParser:
                         help="sigma of the log-normal response lengths (default 1, the benchmarks'; 0: fixed)")
     parser.add_argument("--generation-json", type=Path, default=GENERATION_REPORT,
                         help="bench_generation report (default: the checked-in H100 run v3)")
-    parser.add_argument("--generation-system", default="ours_compiled_sdpa",
-                        help="its engine system (default ours_compiled_sdpa: in run v3, today's default engine)")
+    parser.add_argument("--generation-system", default="ours_compiled",
+                        help="its engine system (default ours_compiled: the engine's defaults on CUDA)")
     parser.add_argument("--batch-share", type=float, default=None,
                         help="share of a decode step's fixed part that scales with the batch (skips the fit)")
     parser.add_argument("--gen-tokens-per-s", type=float, default=None,

@@ -116,7 +116,7 @@ def plan_inline_gpu_memory(config: TrainConfig, model_path: Path) -> float | Non
     if device.type != "cuda" or config.cluster.placement is not Placement.inline:
         return config.engine.kv_memory_gib
     plan = inline_gpu_plan(config, load_config(model_path), torch.cuda.get_device_properties(device).total_memory,
-                           longest=config.generation.max_new_tokens + 1)
+                           prompt_tokens=1)
     print(f"memory plan of one GPU (engine and learner in one process):\n{plan.describe()}")
     return plan.kv_cache / GIB
 
