@@ -66,7 +66,7 @@ class _State:
         self.cache = PagedKVCache(model.config, num_blocks, block_size, dtype, device, decode_kernel, split_tokens)
 
         def rows(*tail: int, dtype=torch.long) -> torch.Tensor:
-            # one spare row: a bucket's view never spans a whole buffer, so compiled code sees one kind of view
+            # one spare row: a batch's view never spans a whole buffer, so compiled code sees one kind of view
             return torch.zeros((slots + 1, *tail), dtype=dtype, device=device)
 
         self.last_token = rows()  # the token the next step feeds
@@ -165,10 +165,10 @@ class TorchEngine:
     kv_block_size: positions per block. sync_every: decode steps between snapshots of the slots' status (a
     finished sequence is noticed sync_every to 2 x sync_every steps late on CUDA, at most sync_every on CPU).
     refill_fraction: free slots (as a fraction of the call's slots) that trigger a refill while requests wait.
-    cuda_graphs: capture decode steps (default: on CUDA); one graph per (slot bucket, sampling settings), slot
-    buckets being powers of two up to the slot count. prefill_tokens: padded tokens per prefill forward. With no
-    request waiting, sequences move from high slots to free low ones when that lets the steps run on a smaller
-    slot bucket (the tail of a call runs on a small batch; a move copies a row of buffers, not its KV).
+    cuda_graphs: capture decode steps (default: on CUDA); one graph per (decode batch size, sampling settings),
+    the sizes of areal_async/decode_batch.py up to the slot count. prefill_tokens: padded tokens per prefill
+    forward. With no request waiting, sequences move from high slots to free low ones when that lets the steps
+    run on a smaller batch (the tail of a call runs on a small batch; a move copies a row of buffers, not its KV).
     lookahead: runs of decode steps kept queued ahead of the host's reads (default 1 on CUDA, 0 elsewhere).
     compile_decode: run the decode step's forward through torch.compile (dynamic shapes, `compile_backend`;
     default: on CUDA), which fuses the layers' elementwise work (norms, RoPE, SiLU, residuals); the attention
@@ -231,7 +231,7 @@ class TorchEngine:
             self._sample_fused = fused_sample
         self._logits_and_sample = self._decode_forward
         self.compile_decode = cuda if compile_decode is None else compile_decode
-        if self.compile_decode:  # dynamic shapes: one compilation serves every slot bucket
+        if self.compile_decode:  # dynamic shapes: one compilation serves every batch size
             config = torch._dynamo.config  # a graph per sampling setting, and resumes after graph breaks
             for name in ("recompile_limit", "cache_size_limit"):
                 if hasattr(config, name):
@@ -541,7 +541,7 @@ class TorchEngine:
         self.stats["recomputes"] += 1
 
     def _decode(self, call: _Call) -> None:
-        """One decode step over the slot bucket holding every occupied slot."""
+        """One decode step over the batch size that holds every occupied slot."""
         schedule = call.schedule
         batch = decode_batch_size(max(schedule.occupants) + 1, self._state.slots)
         params = call.params
@@ -636,7 +636,7 @@ class TorchEngine:
 
     def _compact(self, call: _Call) -> None:
         """With no request waiting, moves sequences from high slots into free low ones whenever that lets
-        decode steps run on a smaller slot bucket (their block tables move with them; the KV stays put)."""
+        decode steps run on a smaller batch (their block tables move with them; the KV stays put)."""
         schedule = call.schedule
         moves = schedule.compaction()
         if not moves:
