@@ -3,10 +3,15 @@
 Both live in one process and share the GPU's memory: the engine's weights (in the generation dtype), the
 learner's state (fp32 master weights, fp32 gradients and AdamW's two fp32 moments: 16 bytes per parameter,
 plus the compute-dtype copies autocast keeps for a pass and a frozen reference when the KL term is on), the
-learner's activations for one micro-batch, the weight publication's buffers (the published cast, this
-version's and the previous version's bits: three copies of the engine's weights), and the engine's KV cache.
-The KV cache is the one budget that is set (`engine.kv_memory_gib`); left unset, it is what the rest leaves. A plan that cannot hold one sequence of
-the longest request fails at start with the numbers.
+learner's activations for one micro-batch (of the longest sequence when it exceeds ppo.micro_batch_tokens: such
+a sequence gets a pack of its own) and the LM head's fp32 gradient accumulator, the weight publication's buffers
+(the published cast, this version's and the previous version's bits: three copies of the engine's weights), and
+the engine's KV pool. The KV pool is the one budget that is set (`engine.kv_memory_gib`); left unset, it is what
+the rest leaves. The pool is a number of fixed-size blocks that sequences take as they grow
+(areal_async/model/paged_cache.py), so the sequences it carries at once are planned from the tokens a sequence
+is expected to hold in flight (its prompt and `engine.expected_length_fraction` of max_new_tokens), not from the
+longest request; it must still hold one sequence of the longest request, else the plan fails at start with the
+numbers.
 
 Activation memory per token of a pass is estimated from the layer shapes: about 10 x hidden + 2 x intermediate
 elements of the compute dtype per layer (what the compiled layers keep for backward), fitted to the measured
@@ -107,6 +112,12 @@ def activation_bytes(config: DecoderConfig, tokens: int, element_size: int, chec
     return layers + logits
 
 
+def head_gradient_bytes(config: DecoderConfig) -> int:
+    """The LM head's fp32 gradient accumulator, which the chunked logprobs' backward allocates whole
+    (areal_async/model/logprobs.py): vocabulary x hidden x 4 bytes."""
+    return config.vocab_size * config.hidden_size * 4
+
+
 @dataclass
 class MemoryPlan:
     """Bytes of each part; `kv_cache` is the engine's KV pool, `block_bytes` one of its blocks."""
@@ -144,7 +155,8 @@ class MemoryPlan:
 
     def describe(self) -> str:
         parts = [("engine weights", self.engine_weights), ("learner state (fp32 master, grads, AdamW)",
-                 self.learner_state), ("learner activations, one micro-batch (estimate)", self.learner_activations),
+                 self.learner_state), ("learner activations, one micro-batch, head gradient (estimate)",
+                                       self.learner_activations),
                  ("weight publication buffers", self.publication),
                  ("reserve (context, workspaces, fragmentation)", self.reserve), ("engine KV pool", self.kv_cache)]
         lines = [f"  {name:<52} {value / GIB:8.2f} GiB" for name, value in parts]
@@ -168,8 +180,10 @@ def plan_one_gpu(config: DecoderConfig, total_bytes: int, engine_dtype: torch.dt
     learner_state = params * (16 + (compute_element_size if compute_element_size < 4 else 0))
     if reference_model:
         learner_state += params * compute_element_size
-    activations = activation_bytes(config, micro_batch_tokens, compute_element_size, activation_checkpointing,
-                                   kept_logits_bytes)
+    # a sequence longer than the micro-batch budget gets a pack of its own: the longest pack holds it whole
+    activations = activation_bytes(config, max(micro_batch_tokens, prompt_tokens + max_new_tokens),
+                                   compute_element_size, activation_checkpointing, kept_logits_bytes)
+    activations += head_gradient_bytes(config)
     reserve = reserve_bytes(total_bytes)
     engine_weights = params * engine_element_size
     block_bytes = kv_block_bytes(config, block_size, engine_dtype)
@@ -252,6 +266,7 @@ def learner_rank_parts(config: DecoderConfig, ranks: int, rank: int, total_bytes
     parts.append(Part(f"activations, one micro-batch of {tokens:,} tokens (estimate)",
                       activation_bytes(config, tokens, compute_element_size, activation_checkpointing,
                                        kept_logits_bytes), Phase.training))
+    parts.append(Part("LM head's fp32 gradient accumulator", head_gradient_bytes(config), Phase.training))
     if rank == 0:
         parts.append(Part("weight publisher's bits (this and the previous version)", 2 * params * publish_size))
         largest = config.vocab_size * config.hidden_size  # the embedding (or LM head): the largest parameter

@@ -43,6 +43,18 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
+def logprob_agreement(behaviour_logprobs: torch.Tensor, proximal_logprobs: torch.Tensor, versions: torch.Tensor,
+                      mask: torch.Tensor, version: int) -> dict[str, torch.Tensor]:
+    """How far the engine's behaviour logprobs are from the learner's recomputation of the same tokens with the
+    same weights: |behaviour - proximal| over the output tokens (mask [N] bool) that `version` sampled (versions
+    [N]), the weights the proximal logprobs were recomputed with; other tokens differ by design. All [N].
+    Returns 0-d fp64 tensors "sum", "max" and "tokens" (all 0 when no token qualifies), which add (and max)
+    over packs and ranks. Zero up to kernel differences: a drift says the two stacks disagree."""
+    same = mask & (versions == version)
+    gap = torch.where(same, (behaviour_logprobs.double() - proximal_logprobs.double()).abs(), 0.0)
+    return {"sum": gap.sum(), "max": gap.max() if gap.numel() else gap.sum(), "tokens": same.sum().double()}
+
+
 def decoupled_ppo_loss(
     logprobs: torch.Tensor,
     proximal_logprobs: torch.Tensor,

@@ -433,7 +433,7 @@ def _inline_plan(config: TrainConfig, shape: DecoderConfig, header: list[str], t
     except ValueError as error:
         return Plan(header, [seat], failures=[f"does not fit: {error}"])
     parts = (Part("engine weights", one.engine_weights), Part("learner state", one.learner_state),
-             Part("learner activations, one micro-batch (estimate)", one.learner_activations),
+             Part("learner activations, one micro-batch, head gradient (estimate)", one.learner_activations),
              Part("weight publication buffers", one.publication), Part("reserve", one.reserve),
              Part("engine KV pool", one.kv_cache, kv_cache=True))
     gpu = GpuBudget(0, seat.gpu, total, (Process(seat, parts),))

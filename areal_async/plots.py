@@ -65,8 +65,10 @@ def plot_runs(run_dirs: Sequence[Path], out: Path, window: int = 1) -> Path | No
     if not runs:
         return None
     benchmarks = sorted({name for _, records in runs for name in benchmark_points(records)})
-    panels = 3 + bool(benchmarks)
+    agreement = any("agreement_max" in r for _, records in runs for r in records)
+    panels = 3 + bool(benchmarks) + agreement
     figure, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), constrained_layout=True)
+    agreement_axes = axes[-1] if agreement else None
     smoothed = f" (moving average of {window})" if window > 1 else ""
     for colour, (run_dir, records) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 8, runs):
         summary_path = run_dir / "summary.json"
@@ -77,6 +79,12 @@ def plot_runs(run_dirs: Sequence[Path], out: Path, window: int = 1) -> Path | No
         axes[1].plot(steps, moving_average([r["response_length_mean"] for r in records], window), color=colour)
         if heldout := heldout_points(records, summary):
             axes[2].plot(*zip(*heldout), marker="o", color=colour)
+        if agreement_axes is not None:
+            for key, style in (("agreement_max", "-"), ("agreement_mean", ":")):
+                points = [(r["step"] + 1, r[key]) for r in records if key in r]
+                if points:
+                    agreement_axes.plot(*zip(*points), linestyle=style, color=colour,
+                                        label=f"{label}: {key[10:]}" if len(runs) > 1 else key[10:])
         for style, name in zip(("-", "--", ":", "-."), benchmarks):
             if points := benchmark_points(records).get(name):
                 axes[3].plot(*zip(*points), linestyle=style, marker=".", color=colour,
@@ -87,6 +95,10 @@ def plot_runs(run_dirs: Sequence[Path], out: Path, window: int = 1) -> Path | No
     if benchmarks:
         axes[3].set(title="benchmarks (averaged pass@1)", xlabel="step", ylabel="pass@1")
         axes[3].legend(fontsize="small")
+    if agreement_axes is not None:
+        agreement_axes.set(title="rollout-trainer agreement", xlabel="step",
+                           ylabel="|behaviour - proximal logprob|, current version")
+        agreement_axes.legend(fontsize="small")
     if len(runs) > 1:
         axes[0].legend(fontsize="small")
     else:

@@ -32,11 +32,13 @@ from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from areal_async.checkpointing import load_learner_state, save_learner_state
-from areal_async.config import LearnerConfig, OneRankMode, PPOConfig
+from areal_async.config import LearnerConfig, Objective, OneRankMode, PPOConfig
 from areal_async.model import CausalLM
 from areal_async.packing import PackedBatch, balance_across_ranks, split_into_minibatches, split_into_packs
 from areal_async.types import Trajectory
-from learners.ppo_learner import MAX_STAT, PPOLearner, combine_update_stats, read_stats
+from learners.ppo_learner import (
+    MAX_STAT, PPOLearner, agreement_stats, agreement_totals, combine_update_stats, read_stats,
+)
 
 
 
@@ -393,8 +395,14 @@ class FSDPLearner:
         num_parts = max(1, min(self.config.minibatches_per_step, int(batch_size)))
         parts = split_into_minibatches(len(trajectories), num_parts, seed=self.version)
         minibatches = [self.prepare([trajectories[i] for i in part], [advantages[i] for i in part]) for part in parts]
+        agreement = {}
+        if self.config.objective is Objective.decoupled:
+            totals = read_stats(agreement_totals([b for part in minibatches for b in part], self.version))
+            total, tokens = self._all_reduce_floats([totals["sum"], totals["tokens"]], dist.ReduceOp.SUM)
+            (largest,) = self._all_reduce_floats([totals["max"]], dist.ReduceOp.MAX)
+            agreement = agreement_stats(total, largest, tokens)
         prepared = time.perf_counter()
-        stats = combine_update_stats([self.update(micro_batches) for micro_batches in minibatches])
+        stats = combine_update_stats([self.update(micro_batches) for micro_batches in minibatches]) | agreement
         self.ppo.version += 1
         (stats["trained_tokens"],) = self._all_reduce_floats(  # prompt + output, placeholders excluded
             [sum(t.num_tokens for t in trajectories)], dist.ReduceOp.SUM

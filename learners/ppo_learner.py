@@ -15,7 +15,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from areal_async.checkpointing import load_learner_state, save_learner_state
 from areal_async.config import LearnerConfig, Objective, PPOConfig
 from areal_async.model import CausalLM, packed_sequence_logprobs
-from areal_async.objective import decoupled_ppo_loss, kl_penalty
+from areal_async.objective import decoupled_ppo_loss, kl_penalty, logprob_agreement
 from areal_async.packing import PackedBatch, pack_prompt_output_batch, split_into_minibatches, split_into_packs
 from areal_async.types import Trajectory
 
@@ -31,6 +31,29 @@ def combine_update_stats(updates: Sequence[dict[str, float]]) -> dict[str, float
             previous = combined.get(name, 0.0)
             combined[name] = max(previous, value) if name == MAX_STAT else previous + value / len(updates)
     return combined
+
+
+def agreement_totals(micro_batches: Sequence[PackedBatch], version: int) -> dict[str, torch.Tensor]:
+    """`logprob_agreement`'s sum, max and token count over every pack of a step (0-d fp64, on the packs'
+    proximal logprobs' device)."""
+    totals: dict[str, torch.Tensor] = {}
+    for batch in micro_batches:
+        values = batch.values
+        device = values["proximal_logprobs"].device
+        part = logprob_agreement(values["behaviour_logprobs"].to(device), values["proximal_logprobs"],
+                                 values["versions"].to(device), batch.output_mask.to(device), version)
+        for name, value in part.items():
+            totals[name] = value if name not in totals else (
+                torch.maximum(totals[name], value) if name == "max" else totals[name] + value)
+    return totals
+
+
+def agreement_stats(total: float, largest: float, tokens: float) -> dict[str, float]:
+    """The step's metrics from agreement totals: its token count, and its mean and max when it has tokens."""
+    stats = {"agreement_tokens": tokens}
+    if tokens:
+        stats.update(agreement_mean=total / tokens, agreement_max=largest)
+    return stats
 
 
 def read_stats(stats: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -122,6 +145,7 @@ class PPOLearner:
             [t.output_tokens for t in trajectories],
             per_token={
                 "behaviour_logprobs": [t.behaviour_logprobs for t in trajectories],
+                "versions": [t.versions for t in trajectories],
                 "advantages": [np.full(len(t.output_tokens), a, dtype=np.float32) for t, a in zip(trajectories, advantages)],
             },
         )
@@ -211,12 +235,18 @@ class PPOLearner:
         """One training step: produces version + 1. `advantages`: one per trajectory, computed over the whole
         step batch (areal_async.objective.trajectory_advantages). The shuffled trajectories are cut into
         minibatches_per_step minibatches (one optimizer update each, at most one per trajectory), and every
-        minibatch's proximal logprobs are taken before the first update."""
+        minibatch's proximal logprobs are taken before the first update. With the decoupled objective the
+        stats include the rollout-trainer agreement (`agreement_mean`, `agreement_max` over `agreement_tokens`
+        tokens: `logprob_agreement`)."""
         num_parts = max(1, min(self.config.minibatches_per_step, len(trajectories)))
         minibatches = [
             self.prepare([trajectories[i] for i in part], [advantages[i] for i in part])
             for part in split_into_minibatches(len(trajectories), num_parts, seed=self.version)
         ]
+        agreement = {}
+        if self.config.objective is Objective.decoupled:  # with naive, nothing is recomputed to compare
+            totals = read_stats(agreement_totals([b for part in minibatches for b in part], self.version))
+            agreement = agreement_stats(totals["sum"], totals["max"], totals["tokens"])
         updates = []
         for micro_batches in minibatches:
             self.optimizer.zero_grad(set_to_none=True)
@@ -227,4 +257,5 @@ class PPOLearner:
             self.scheduler.step()
             updates.append(stats)
         self.version += 1
-        return combine_update_stats(updates) | {"trained_tokens": float(sum(t.num_tokens for t in trajectories))}
+        return combine_update_stats(updates) | agreement | {
+            "trained_tokens": float(sum(t.num_tokens for t in trajectories))}

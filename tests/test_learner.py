@@ -187,3 +187,19 @@ def test_update_stats_combine_by_mean_and_the_weight_max_by_max():
                                      {"loss": 4.0, "behaviour_weight_max": 1.5, "lr": 2.0}])
     assert combined == {"loss": 2.5, "behaviour_weight_max": 3.0, "lr": 2.0}
     assert combine_update_stats([]) == {}
+
+
+def test_a_step_reports_the_rollout_trainer_agreement_of_its_current_version(tiny_model):
+    """The engine's behaviour logprobs of the tokens sampled with the learner's current weights against the
+    learner's recomputation (invariant 4 in every step): equal within fp32 rounding on a CPU; tokens of
+    other versions are left out."""
+    trajectories = _trajectories(tiny_model, [[1, 2, 3], [4, 5, 6, 7, 8, 9]], seed=2)
+    learner = PPOLearner(copy.deepcopy(tiny_model), PPOConfig(micro_batch_tokens=20), pad_token_id=0, temperature=1.0)
+    stats = learner.train_step(trajectories, _advantages(trajectories))
+    assert stats["agreement_tokens"] == sum(len(t.output_tokens) for t in trajectories)
+    assert 0 <= stats["agreement_mean"] <= stats["agreement_max"] < 1e-5
+    stale = learner.train_step(trajectories, _advantages(trajectories))  # version 1 now: every token is older
+    assert stale["agreement_tokens"] == 0 and "agreement_max" not in stale
+    naive = PPOLearner(copy.deepcopy(tiny_model), PPOConfig(objective=Objective.naive), pad_token_id=0,
+                       temperature=1.0)
+    assert "agreement_tokens" not in naive.train_step(trajectories, _advantages(trajectories))

@@ -37,12 +37,15 @@ def test_plan_parts_by_hand():
                         max_new_tokens=16, kv_memory_gib=None, block_size=16)
     assert plan.engine_weights == 2824 * 2
     assert plan.learner_state == 2824 * (16 + 2)  # fp32 master, grads, two moments + the bf16 compute copy
-    assert plan.learner_activations == 4480 + 2000
+    # the longest sequence (4 + 16 = 20 tokens) exceeds the 10-token micro-batch: its own pack is planned,
+    # (10 x 8 + 2 x 16) x 2 bytes x 20 tokens x 2 layers + its logits 20 x 100 x 2, and the LM head's fp32
+    # gradient accumulator 100 x 8 x 4
+    assert plan.learner_activations == 8960 + 4000 + 3200
     assert plan.publication == 3 * 2824 * 2
     assert plan.reserve == 3 * GIB  # the floor: 4% of 4 GiB is less
     # a block: keys and values x 2 layers x 16 positions x 1 KV head x 4 dims x 2 bytes
     assert plan.block_bytes == 2 * 2 * 16 * 1 * 4 * 2 == 512
-    left = 4 * GIB - (5648 + 50832 + 6480 + 16944 + 3 * GIB)
+    left = 4 * GIB - (5648 + 50832 + 16160 + 16944 + 3 * GIB)
     assert plan.kv_cache == left // 512 * 512 and plan.blocks == left // 512  # whole blocks: what is left
     assert plan.used == 4 * GIB - left % 512
     # planned: prompt 4 + a quarter of 16 new tokens = 8 tokens, one block each; max_slots (256) binds

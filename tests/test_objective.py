@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from areal_async.objective import decoupled_ppo_loss, group_advantages, kl_penalty
+from areal_async.objective import decoupled_ppo_loss, group_advantages, kl_penalty, logprob_agreement
 
 LOG = math.log
 
@@ -79,3 +79,15 @@ def test_kl_penalty_k3():
     r = LOG(0.25) - LOG(0.5)
     expected = (math.exp(r) - r - 1) / 2
     assert kl_penalty(logprobs, reference, torch.ones(1, 2, dtype=torch.bool)).item() == pytest.approx(expected)
+
+
+def test_logprob_agreement_counts_only_the_current_versions_output_tokens():
+    behaviour = torch.tensor([-1.0, -2.0, -0.5, -3.0, -1.5])
+    proximal = torch.tensor([-1.25, -2.0, -0.25, -9.0, -1.5])
+    versions = torch.tensor([3, 3, 3, 2, 3])
+    mask = torch.tensor([True, True, True, True, False])  # the last is a prompt position
+    got = logprob_agreement(behaviour, proximal, versions, mask, version=3)
+    # tokens 0..2 qualify: |gaps| 0.25, 0, 0.25; token 3 (version 2) differs by design; token 4 is not output
+    assert {name: float(value) for name, value in got.items()} == {"sum": 0.5, "max": 0.25, "tokens": 3.0}
+    assert {name: float(value) for name, value in logprob_agreement(
+        behaviour, proximal, versions, mask, version=4).items()} == {"sum": 0.0, "max": 0.0, "tokens": 0.0}

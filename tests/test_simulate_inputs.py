@@ -99,7 +99,7 @@ def test_an_inline_gpu_config_is_one_engine_and_one_learner_with_the_planned_kv_
     overrides = ["device=cuda", "model.dtype=bfloat16", "generation.max_new_tokens=8192"]
     shape = known_shape(ModelShape.r1_distill_qwen_1_5b)
     systems = {}
-    for gib in (80.0, 139.8):
+    for gib in (84.0, 139.8):
         config = compose_config("train", [*overrides, f"cluster.gpu_memory_gib={gib}"])
         systems[gib] = config_system(config, shape, STEP, 1000.0, prompt_tokens=256, lengths=LengthModel(2048, 8192),
                                      weight_sync_s=0.2, reward_s=0.0)
@@ -108,7 +108,7 @@ def test_an_inline_gpu_config_is_one_engine_and_one_learner_with_the_planned_kv_
         plan = inline_gpu_plan(config, shape, int(gib * GIB), 256)
         assert systems[gib].engine.slots == engine_sequences(plan.blocks, 256, 64, 256, 8192, 0.25) == plan.sequences
         assert (systems[gib].rollout_workers, systems[gib].learner_ranks, systems[gib].engine.lookahead) == (1, 1, 1)
-    assert systems[80.0].engine.slots == (406 - 1) // 36 == 11 and systems[139.8].engine.slots == 256  # 80 GiB binds
+    assert systems[84.0].engine.slots == (2144 - 1) // 36 == 59 and systems[139.8].engine.slots == 256  # 84 GiB binds
     cpu = config_system(compose_config("train", ["generation.max_new_tokens=8192"]), shape, STEP, 1000.0,
                         prompt_tokens=256, lengths=LengthModel(2048, 8192), weight_sync_s=0.2, reward_s=0.0)
     assert cpu.engine == EngineModel(slots=256, sync_every=8, lookahead=0)  # no budget on a CPU
