@@ -98,6 +98,7 @@ def plot_runs(run_dirs: Sequence[Path], out: Path, window: int = 1) -> Path | No
     if agreement_axes is not None:
         agreement_axes.set(title="rollout-trainer agreement", xlabel="step",
                            ylabel="|behaviour - proximal logprob|, current version")
+        agreement_axes.set_yscale("symlog", linthresh=1e-8)  # mean and max lie decades apart; 0 stays drawable
         agreement_axes.legend(fontsize="small")
     if len(runs) > 1:
         axes[0].legend(fontsize="small")
