@@ -4,10 +4,11 @@ Requests wait in a queue and run in a fixed set of slots (`max_slots`), the rows
 and values live in a pool of fixed-size blocks (`PagedKVCache`) sized by the KV budget (`kv_memory_gib`): each
 sequence holds the blocks its tokens fill, taken as it grows and given back when it ends, and the samples of one
 prompt share its full blocks. A decode step advances every slot by one token (finished and idle slots are
-masked) and is one CUDA graph replay on CUDA, keyed by the batch size alone: block tables and lengths are
-buffers the graph reads. When sequences end (a stop token or their own token limit) their slots are refilled
-from the queue; when the pool runs dry the youngest sequences are preempted and come back later with their
-tokens so far (actors/scheduler.py decides; this module does the device work).
+masked) and is one CUDA graph replay on CUDA, keyed by the batch size (and the sampling settings), not the
+lengths: block tables and lengths are buffers the graph reads. When sequences end (a stop token or their own
+token limit) their slots are refilled from the queue; when the pool runs dry the youngest sequences are
+preempted and come back later with their tokens so far (actors/scheduler.py decides; this module does the
+device work).
 
 Host and device meet only at snapshots: every `sync_every` decode steps the host queues a copy of the slots'
 status and, on CUDA, reads the previous one while the next run of steps is already queued (so the device
@@ -218,7 +219,12 @@ class TorchEngine:
             for name, value in (("kv_block_size", kv_block_size), ("head_dim", model.config.head_dim)):
                 if value < 16 or value & (value - 1):
                     raise ValueError(f"the Triton decode kernel needs {name} to be a power of two >= 16, got {value}")
-        use_graphs = cuda if cuda_graphs is None else cuda_graphs
+        # the gather reference reads lengths on the host: a CUDA graph cannot capture it
+        capturable = self.decode_kernel == "triton" or not cuda
+        if cuda_graphs and not capturable:
+            raise ValueError("decode_attention='gather' cannot run in CUDA graphs on CUDA: set cuda_graphs=False "
+                             "or decode_attention='triton'")
+        use_graphs = cuda and capturable if cuda_graphs is None else cuda_graphs
         # runs of decode steps queued ahead of the host's reads (default: one on CUDA, none elsewhere)
         self.lookahead = (1 if cuda else 0) if lookahead is None else lookahead
         self.graphs = CudaGraphs(self.device) if use_graphs else None
@@ -341,7 +347,8 @@ class TorchEngine:
             state.stop_ids[: len(params.stop_token_ids)] = torch.as_tensor(params.stop_token_ids)
         pool = BlockPool(state.cache.num_blocks)
         schedule = Schedule([len(p) for p in prompts], limits, slots, self.block_size, pool,
-                            prompt_keys=[tuple(p) for p in prompts] if self.share_prompts else None)
+                            prompt_keys=[tuple(p) for p in prompts] if self.share_prompts else None,
+                            run_tokens=self.sync_every)
         self.stats = {"decode_steps": 0, "prefill_forwards": 0, "syncs": 0, "recomputes": 0, "slot_moves": 0,
                       "graph_captures": 0, "capture_s": 0.0, "slots": slots, "preemptions": 0,
                       "pool_blocks": pool.count - 1, "block_size": self.block_size, "in_flight_sum": 0,

@@ -8,7 +8,7 @@ out with reference counts. A sequence's blocks cover its positions; before each 
 occupant gets the blocks its length can reach by the end of the run (`grow`). When the pool cannot cover that,
 the youngest occupants are preempted (`victims`, `preempt`): their blocks go back, and they wait again at the
 head of the queue with what they generated so far, to be prefilled again (prompt + those tokens) when blocks
-free up. Admission waits for free blocks, keeping one block of headroom for each sequence that can still grow.
+free up. Admission waits for free blocks, keeping free what the running sequences can grow into in one run.
 
 Groups: consecutive waiting requests with the same prompt (the G samples of one prompt) are admitted together:
 one prefill computes the prompt, every sample points at the same full prompt blocks, and only the partial last
@@ -20,6 +20,7 @@ snapshots (epochs). A request placed in a slot after a snapshot was queued is no
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
@@ -86,9 +87,11 @@ class BlockPool:
             if self._refs[block] == 0:
                 self._free.append(block)
 
-    def freed_by(self, blocks: Sequence[int]) -> int:
-        """How many of `blocks` would return to the pool if their holder released them."""
-        return sum(1 for block in blocks if self._refs[block] == 1)
+    def freed_by(self, holders: Sequence[Sequence[int]]) -> int:
+        """How many blocks would return to the pool if every one of `holders` (lists of blocks, one per holder)
+        released its blocks: those whose every reference is among them."""
+        released = Counter(block for blocks in holders for block in blocks)
+        return sum(1 for block, count in released.items() if count == self._refs[block])
 
 
 @dataclass
@@ -147,13 +150,16 @@ class Admission:
 class Schedule:
     """The slots, blocks and requests of one generate call: `prompt_lengths` and `limits` (max new tokens) per
     request, `slots` slots, blocks of `block_size` positions from `pool`. `prompt_keys`: equal keys mark
-    requests with the same prompt (None: no sharing). Requests are admitted in order into the lowest free
-    slots."""
+    requests with the same prompt (None: no sharing). `run_tokens`: decode steps between two block grants (the
+    engine's sync_every), which sets the admission headroom. Requests are admitted in order into the lowest
+    free slots."""
 
     def __init__(self, prompt_lengths: Sequence[int], limits: Sequence[int], slots: int, block_size: int,
-                 pool: BlockPool, prompt_keys: Sequence[Hashable] | None = None) -> None:
+                 pool: BlockPool, prompt_keys: Sequence[Hashable] | None = None, run_tokens: int = 1) -> None:
         self.prompt_lengths, self.limits, self.slots = list(prompt_lengths), list(limits), slots
         self.block_size, self.pool = block_size, pool
+        # the blocks a sequence can grow into between two grants (a run of `run_tokens` decode steps)
+        self.run_blocks = blocks_for(max(1, run_tokens), block_size)
         self.prompt_keys = list(prompt_keys) if prompt_keys is not None else None
         self.pending = list(range(len(self.prompt_lengths) - 1, -1, -1))  # a stack: the next request at the end
         self.resumed: dict[int, Prior] = {}  # preempted requests waiting again
@@ -200,40 +206,42 @@ class Schedule:
         prior = self.resumed.get(index)
         return self.limits[index] - (len(prior.tokens) if prior else 0)
 
-    def _growth_left(self, request: SlotRequest) -> int:
-        """Blocks a running sequence may still take before its token limit."""
-        return blocks_for(request.prompt_len + request.limit - 1, self.block_size) - len(request.blocks)
+    def _headroom(self, length: int, limit: int, blocks: int) -> int:
+        """Blocks a sequence holding `blocks` blocks for `length` tokens, with `limit` new tokens still allowed,
+        can grow into in one run: at most run_blocks, none past its limit."""
+        return max(0, min(self.run_blocks, blocks_for(length + limit - 1, self.block_size) - blocks))
 
     def admit(self) -> list[Admission]:
         """Admits waiting requests while slots and blocks allow, each group of samples of one prompt together
-        (as many of its samples as fit), keeping one free block of headroom for each running or admitted sequence
-        that can still grow past its blocks (none when nothing runs). `place` them once their prefill is queued. Raises ValueError when nothing runs and the
-        pool cannot hold the next request at all."""
+        (as many of its samples as fit), keeping free the blocks every running and admitted sequence can grow
+        into in one run (`_headroom`), so that admitting does not make the next run preempt. When nothing runs,
+        one request that fits only without that headroom is still admitted. `place` them once their prefill is
+        queued. Raises ValueError when nothing runs and the pool cannot hold the next request at all."""
         admissions = []
         while self.pending and self.free:
             group = self._group_at_top(len(self.free))
             length = self._prefill_len(group[0])
             prompt_blocks = blocks_for(length, self.block_size)
             full = length // self.block_size
-            running = bool(self.occupants or admissions)
-            # one block of headroom for each sequence that can still grow past its blocks
-            headroom = sum(min(1, self._growth_left(request)) for request in self.occupants.values())
-            headroom += sum(min(1, blocks_for(a.prefill_len + self.limits[index] - 1, self.block_size)
-                                - len(a.table(member))) for a in admissions for member, index in enumerate(a.requests))
+            headroom = sum(self._headroom(r.prompt_len, r.limit, len(r.blocks)) for r in self.occupants.values())
+            headroom += sum(self._headroom(a.prefill_len, self._limit_left(index), len(a.table(member)))
+                            for a in admissions for member, index in enumerate(a.requests))
             members = len(group)
             while members > 0:
                 shared = full if members > 1 else 0
                 need = shared + members * (prompt_blocks - shared)
-                growing = sum(min(1, blocks_for(length + self._limit_left(index) - 1, self.block_size) - prompt_blocks)
+                growing = sum(self._headroom(length, self._limit_left(index), prompt_blocks)
                               for index in group[:members])
-                if need + (headroom + growing if running else 0) <= self.pool.available:
+                if need + headroom + growing <= self.pool.available:
                     break
                 members -= 1
             if members == 0:
-                if not running:
+                if self.occupants or admissions:
+                    break
+                if prompt_blocks > self.pool.available:
                     raise ValueError(f"the KV pool ({self.pool.count - 1} blocks of {self.block_size} tokens) "
                                      f"cannot hold a sequence of {length} tokens")
-                break
+                members = 1  # nothing runs: progress, even without room to grow
             group = group[:members]
             shared = self.pool.take(full) if members > 1 else []
             if shared:
@@ -275,7 +283,8 @@ class Schedule:
                                    f"hold one sequence of {request.length_bound(self.steps + run)} tokens")
             chosen.append(slot)
             need -= max(0, self._growth(request, run))
-            available += self.pool.freed_by(request.blocks)
+            # what releasing every victim so far frees: a prompt's shared blocks once all its samples go
+            available = self.pool.available + self.pool.freed_by([self.occupants[s].blocks for s in chosen])
         return chosen
 
     def grow(self, run: int) -> list[tuple[int, int, int]]:

@@ -58,7 +58,7 @@ class DecodeAttention(enum.Enum):
 
     auto = "auto"  # triton on CUDA, gather elsewhere
     triton = "triton"  # the paged split-KV Triton kernel: reads only each sequence's own blocks (CUDA)
-    gather = "gather"  # the reference: every row's blocks gathered, then one softmax (any device)
+    gather = "gather"  # the reference: every row's blocks gathered, then one softmax (any device; no CUDA graphs)
 
 
 class PackedAttentionKernel(enum.Enum):

@@ -301,3 +301,20 @@ def test_a_weight_swap_recomputes_a_shared_prompt_once_per_group(tiny_model, loo
                 ids.append(token)
     # the shared full blocks: 3 blocks of 2 for the group of 4, 1 for the group of 3, 4 for the pair
     assert recomputed[False] - recomputed[True] == 2 * (3 * 3 + 1 * 2 + 4 * 1)
+
+
+def test_samples_of_a_shared_prompt_preempted_resume_with_the_same_samples(tiny_model, lookahead):
+    """A pool of 8 blocks of 2 for a sequence growing to 16 tokens beside two samples of an 8-token prompt (its 4
+    blocks shared): the pool runs dry, the youngest (the samples) are preempted and resume with the same samples.
+    Which victims free the shared blocks is pinned down by tests/test_scheduler.py."""
+    prompts = [[1, 2], list(range(3, 11)), list(range(3, 11))]
+    params = SamplingParams(temperature=1.0, seed=8)
+    limits = [14, 8, 8]
+    expected = TorchEngine(tiny_model, pad_token_id=0, max_slots=3, kv_block_size=2).generate(
+        prompts, params, max_new_tokens=limits)
+    probe = TorchEngine(tiny_model, pad_token_id=0, kv_block_size=2)
+    tight = TorchEngine(tiny_model, pad_token_id=0, lookahead=lookahead, max_slots=3, sync_every=2, kv_block_size=2,
+                        kv_memory_gib=9 * probe.block_bytes / 2**30)
+    outputs = tight.generate(prompts, params, max_new_tokens=limits)
+    assert tight.stats["preemptions"] >= 2 and tight.stats["shared_prompt_blocks"] == 4
+    assert [g.tokens for g in outputs] == [g.tokens for g in expected]

@@ -38,7 +38,8 @@ def test_block_pool_hands_out_the_lowest_ids_and_frees_a_shared_block_with_its_l
     pool = BlockPool(6)  # block 0 is the null block: 5 to hand out
     assert pool.available == 5 and pool.take(2) == [1, 2]
     pool.share([1])
-    assert pool.freed_by([1, 2]) == 1  # block 1 has a second holder
+    assert pool.freed_by([[1, 2]]) == 1  # block 1 has a second holder
+    assert pool.freed_by([[1, 2], [1]]) == 2  # unless both holders let go
     pool.release([1, 2])
     assert pool.available == 4 and pool.in_use == 1
     pool.release([1])
@@ -134,12 +135,31 @@ def test_the_youngest_sequence_is_preempted_and_resumes_first_with_what_it_gener
     assert schedule.versions(request, 7) == [0, 0, 0, 0, 0, 1, 1]
 
 
-def test_admission_keeps_a_block_of_headroom_per_running_sequence():
+def test_admission_keeps_free_what_the_running_sequences_grow_into_in_one_run():
     schedule = schedule_of([4, 4, 4], [9, 9, 9], slots=3, blocks=6)  # 5 blocks
     admissions = place_all(schedule)
-    # the first takes 1 block with no headroom needed; the second needs 1 + 2 of headroom; the third 1 + 3: 4 > 3
+    # each takes 1 block and can grow into 1 more in a run: 1 + 1 of 5, 1 + 2 of 4, then 1 + 3 > 3
     assert [a.requests for a in admissions] == [[0], [1]]
     assert schedule.pending == [2]
+    # runs of 8 steps over blocks of 4: a sequence can cross 2 blocks in one, so only one fits now
+    long_runs = Schedule([4, 4, 4], [9, 9, 9], 3, 4, BlockPool(6), run_tokens=8)
+    assert [a.requests for a in long_runs.admit()] == [[0]]
+    # nothing running: a request that fits only without room to grow is still admitted
+    tight = schedule_of([8], [9], slots=1, blocks=3)
+    assert [a.requests for a in tight.admit()] == [[0]]
+
+
+def test_preempting_every_sample_of_a_prompt_frees_its_shared_blocks():
+    # request 0 (2 tokens) is the oldest; requests 1 and 2 share a prompt of 8 tokens (4 shared blocks of 2)
+    schedule = schedule_of([2, 8, 8], [14, 8, 8], slots=3, block_size=2, blocks=9, keys=["a", "b", "b"])
+    first, group = place_all(schedule)
+    assert first.requests == [0] and group.requests == [1, 2] and len(group.shared) == 4
+    assert schedule.pool.available == 3
+    # 8 steps: request 0 may reach 2 + 8 = 10 tokens (4 more blocks), each sample 8 + 7 (4 more each): only
+    # preempting both samples, whose shared blocks then come back, makes room for the oldest
+    for _ in range(8):
+        schedule.record_step(0)
+    assert sorted(schedule.victims(8)) == [1, 2]
 
 
 def test_a_request_the_whole_pool_cannot_hold_fails_with_the_numbers():

@@ -4,7 +4,7 @@ Keys and values live in one pool of fixed-size blocks, [layers, blocks, block_si
 A sequence owns a block table (the ids of its blocks, in order): its token at position p sits at offset
 p % block_size of block table[p // block_size]. Blocks are handed out and taken back by the engine's scheduler
 (actors/scheduler.py); several sequences may point at the same full blocks (the G samples of one prompt). Block
-0 is never handed out: rows that are idle, and the padding of prefill rows, write there.
+0 is never handed out: the padding of prefill rows writes there (idle decode rows write nothing).
 
 The engine binds the rows of the next forward (`bind_prefill` / `bind_decode`); the cache implements the protocol
 `CausalLM.hidden_states` uses (`positions_and_mask`, `attention`, `advance`), so the model's own layers run

@@ -85,7 +85,8 @@ def _decode_split_kernel(
             l = l * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m = m_new
-        if is_first & active:  # the new token's key and value into the cache (no program reads that position)
+        if is_first & active:  # the new token's key and value into the cache: a program that loads that
+            # position's block (the last split) masks it out, whether it sees the old or the new value
             block_id = tl.load(tables_ptr + row * table_width + length // BLOCK_SIZE).to(tl.int64)
             target = block_id * stride_block + (length % BLOCK_SIZE) * stride_token + head * HEAD_DIM + dim
             tl.store(key_cache_ptr + target, k_own)
