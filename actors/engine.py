@@ -31,11 +31,11 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from actors.sampling import sample
-from actors.scheduler import Admission, BlockPool, Schedule, blocks_for, padded_chunks
+from actors.scheduler import Admission, BlockPool, Schedule, padded_chunks
 from areal_async.decode_batch import decode_batch_size, decode_batch_sizes
 from areal_async.memory_plan import pool_blocks
 from areal_async.model import CausalLM
-from areal_async.model.paged_cache import PagedKVCache, kv_block_bytes
+from areal_async.model.paged_cache import PagedKVCache, blocks_for, kv_block_bytes
 from areal_async.types import Generation, SamplingParams
 
 MAX_STOP_IDS = 8  # stop ids held in the static buffer (grows if a call brings more)
@@ -435,11 +435,11 @@ class TorchEngine:
             prior = schedule.resumed.get(admission.requests[0])
             tokens.append(list(prompts[admission.requests[0]]) + (prior.tokens if prior else []))
         ids = self._device(_rows(tokens, longest, self.pad_token_id))
-        counts = torch.tensor([len(t) for t in tokens])
+        counts = self._device(torch.tensor([len(t) for t in tokens]))
         state.cache.bind_prefill(self._device(_rows([a.table(0) for a in admissions], width, dtype=torch.int32)),
-                                 self._device(counts))
+                                 counts)
         hidden = self.model.hidden_states(ids, kv_cache=state.cache)
-        last = hidden[torch.arange(len(admissions), device=self.device), self._device(counts - 1)]
+        last = hidden[torch.arange(len(admissions), device=self.device), counts - 1]
         copies = [(a.own[0][0], own[0]) for a in admissions if a.own[0] for own in a.own[1:]]  # partial blocks
         if copies:
             state.cache.copy_blocks(*(self._device(torch.tensor(side)) for side in zip(*copies)))
@@ -459,7 +459,7 @@ class TorchEngine:
         rows = self._device(torch.tensor(slots))
         limits = self._device(torch.tensor([call.limits[index] for index in requests]))
         generated = before_t + 1
-        state.lengths[rows] = self._device(counts)[member_rows]
+        state.lengths[rows] = counts[member_rows]
         state.last_token[rows] = token
         state.generated[rows] = generated
         state.limit[rows] = limits

@@ -25,6 +25,7 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 from areal_async.decode_batch import decode_batch_size
+from areal_async.model.paged_cache import blocks_for
 
 
 def padded_chunks(lengths: Sequence[int], budget: int) -> list[tuple[int, int, int]]:
@@ -41,11 +42,6 @@ def padded_chunks(lengths: Sequence[int], budget: int) -> list[tuple[int, int, i
         chunks.append((start, end, longest))
         start = end
     return chunks
-
-
-def blocks_for(tokens: int, block_size: int) -> int:
-    """Blocks that hold `tokens` positions."""
-    return -(-tokens // block_size)
 
 
 class BlockPool:
@@ -185,9 +181,13 @@ class Schedule:
 
     # --- admission ------------------------------------------------------------------------------------------
 
-    def _prefill_len(self, index: int) -> int:
+    def _generated_before(self, index: int) -> int:
+        """Tokens a waiting request generated before its preemption (0 for a new one)."""
         prior = self.resumed.get(index)
-        return self.prompt_lengths[index] + (len(prior.tokens) if prior else 0)
+        return len(prior.tokens) if prior else 0
+
+    def _prefill_len(self, index: int) -> int:
+        return self.prompt_lengths[index] + self._generated_before(index)
 
     def _group_at_top(self, room: int) -> list[int]:
         """The next waiting request and the consecutive ones with its prompt (at most `room`)."""
@@ -203,8 +203,7 @@ class Schedule:
         return group
 
     def _limit_left(self, index: int) -> int:
-        prior = self.resumed.get(index)
-        return self.limits[index] - (len(prior.tokens) if prior else 0)
+        return self.limits[index] - self._generated_before(index)
 
     def _headroom(self, length: int, limit: int, blocks: int) -> int:
         """Blocks a sequence holding `blocks` blocks for `length` tokens, with `limit` new tokens still allowed,
@@ -257,11 +256,10 @@ class Schedule:
         """`admission`'s requests now occupy their slots, their first token sampled with `version` before the
         next step."""
         for member, (index, slot) in enumerate(zip(admission.requests, admission.slots)):
-            prior = self.resumed.pop(index, None)
-            before = len(prior.tokens) if prior else 0
-            self.occupants[slot] = SlotRequest(index, admission.prefill_len, self.limits[index] - before, version,
-                                               self.steps, self.epoch, self._admitted, admission.table(member),
-                                               len(admission.shared), prior)
+            limit = self._limit_left(index)
+            self.occupants[slot] = SlotRequest(index, admission.prefill_len, limit, version, self.steps, self.epoch,
+                                               self._admitted, admission.table(member), len(admission.shared),
+                                               self.resumed.pop(index, None))
             self._admitted += 1
 
     # --- blocks while decoding ------------------------------------------------------------------------------
@@ -274,6 +272,8 @@ class Schedule:
         next `run` decode steps. Raises RuntimeError when the oldest occupant alone does not fit."""
         need = sum(max(0, self._growth(request, run)) for request in self.occupants.values())
         available = self.pool.available
+        if need <= available:  # the common case: nothing to sort
+            return []
         chosen = []
         for slot, request in sorted(self.occupants.items(), key=lambda item: -item[1].order):
             if need <= available:
@@ -302,11 +302,8 @@ class Schedule:
     def preempt(self, slot: int, tokens: Sequence[int], logprobs: Sequence[float]) -> None:
         """The request in `slot` leaves it with the `tokens` it generated so far (their logprobs) and waits again
         at the head of the queue; its blocks go back to the pool."""
-        request = self.occupants.pop(slot)
-        count = len(tokens)
-        self.resumed[request.index] = Prior(list(tokens), list(logprobs), self.versions(request, count))
-        self.pool.release(request.blocks)
-        self.free = sorted(self.free + [slot])
+        request = self.end(slot)
+        self.resumed[request.index] = Prior(list(tokens), list(logprobs), self.versions(request, len(tokens)))
         self.pending.append(request.index)
         self.preemptions += 1
 

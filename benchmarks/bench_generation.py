@@ -71,7 +71,7 @@ import torch
 from actors.engine import TorchEngine
 from actors.sampling import long_tailed_limit
 from areal_async.model import CausalLM, DecoderConfig
-from areal_async.model.paged_cache import blocks_for
+from areal_async.model.paged_cache import blocks_for, kv_block_bytes
 from areal_async.model.shapes import R1_DISTILL_QWEN_1_5B, TINY_BENCHMARK
 from areal_async.types import SamplingParams
 
@@ -367,9 +367,7 @@ def check_workload(args, vocab: int):
 def check_pool_gib(model: CausalLM, block_size: int, prompts, limits, slots: int) -> float:
     """A KV budget of a quarter of what `slots` sequences of the longest request need: the pool runs dry and
     preempts."""
-    config = model.config
-    block = 2 * config.num_hidden_layers * block_size * config.num_key_value_heads * config.head_dim * \
-        next(model.parameters()).element_size()
+    block = kv_block_bytes(model.config, block_size, next(model.parameters()).dtype)
     longest = max(len(p) + n for p, n in zip(prompts, limits))
     return (slots * blocks_for(longest, block_size) // 4 + 2) * block / 2**30
 

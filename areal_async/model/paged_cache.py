@@ -111,6 +111,7 @@ class PagedKVCache:
         self._active: torch.Tensor | None = None
         self._fresh = True
         self._key_len = 0
+        self._write_slots = self._gather_table = self._visible = None  # a prefill forward's layout
         self._split_blocks = 1
         self._kernel = None
         if decode_kernel == "triton":
@@ -152,6 +153,7 @@ class PagedKVCache:
                 positions = torch.arange(seq, device=input_ids.device).expand(batch, seq)
                 if self._starts is not None:
                     positions = positions + self._starts[:, None]
+            self._prefill_layout(positions)
             return positions, PREFILL
         if self._mode != "decode" or seq != 1:
             raise ValueError("PagedKVCache: bind_prefill or bind_decode (one token per row) before a forward")
@@ -178,31 +180,37 @@ class PagedKVCache:
             out = paged_decode_reference(*args)
         return out.reshape(batch, heads, 1, head_dim)
 
+    def _prefill_layout(self, positions: torch.Tensor) -> None:
+        """What every layer of a prefill forward shares, computed once for it: the cache slot each token writes
+        (padding: the null block), and without `fresh` the blocks to gather and which of their positions each
+        token sees. positions: [B, T]."""
+        batch, seq = positions.shape
+        real = torch.arange(seq, device=positions.device)[None, :] < self._counts[:, None]
+        columns = (positions // self.block_size).clamp(max=self._tables.shape[1] - 1)
+        blocks = torch.where(real, self._tables.gather(1, columns).long(), NULL_BLOCK)
+        self._write_slots = (blocks * self.block_size + positions % self.block_size).reshape(-1)
+        if not self._fresh:
+            count = blocks_for(self._key_len, self.block_size)
+            self._gather_table = self._tables[:, :count].long()
+            span = torch.arange(count * self.block_size, device=positions.device)
+            self._visible = (span[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, T, span]
+
     @torch.compiler.disable
     def _prefill(self, layer_index: int, q, k, v) -> torch.Tensor:
         batch, heads, seq, head_dim = q.shape
         kv_heads = k.shape[1]
-        device = q.device
-        offsets = torch.arange(seq, device=device)
-        positions = offsets.expand(batch, seq) if self._starts is None else self._starts[:, None] + offsets
-        real = offsets[None, :] < self._counts[:, None]
-        columns = (positions // self.block_size).clamp(max=self._tables.shape[1] - 1)
-        blocks = torch.where(real, self._tables.gather(1, columns).long(), NULL_BLOCK)
-        slots = (blocks * self.block_size + positions % self.block_size).reshape(-1)
         for cache, new in ((self.keys, k), (self.values, v)):
-            cache[layer_index].view(-1, kv_heads, head_dim)[slots] = new.transpose(1, 2).reshape(-1, kv_heads, head_dim)
+            cache[layer_index].view(-1, kv_heads, head_dim)[self._write_slots] = new.transpose(1, 2).reshape(
+                -1, kv_heads, head_dim)
         if self._fresh:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=heads != kv_heads)
-        count = blocks_for(self._key_len, self.block_size)
-        table = self._tables[:, :count].long()
-        span = count * self.block_size
+        span = self._visible.shape[-1]
 
         def gathered(cache: torch.Tensor) -> torch.Tensor:  # [B, Hkv, span, D]
-            return cache[layer_index][table].reshape(batch, span, kv_heads, head_dim).transpose(1, 2)
+            return cache[layer_index][self._gather_table].reshape(batch, span, kv_heads, head_dim).transpose(1, 2)
 
-        visible = torch.arange(span, device=device)[None, None, :] <= positions[:, :, None]  # [B, T, span]
         return F.scaled_dot_product_attention(q, gathered(self.keys), gathered(self.values),
-                                              attn_mask=visible[:, None], enable_gqa=heads != kv_heads)
+                                              attn_mask=self._visible, enable_gqa=heads != kv_heads)
 
     def advance(self, tokens: int) -> None:
         """Nothing to do: keys/values are written by `attention`."""
