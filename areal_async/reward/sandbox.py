@@ -44,6 +44,9 @@ _READY = "ready"
 # What every worker must verify under its memory cap before it takes tasks (a cap too small for sympy would
 # otherwise turn every equivalent answer into "incorrect").
 _START_CHECK = ("x^2+2x+1", "(x+1)^2")
+# ...and the fresh allocation it must then make: the check alone may run in memory the fork inherited, so a cap
+# below what the process already maps would pass it or not depending on the allocator's free space
+_START_HEADROOM_BYTES = 8 << 20
 
 Task = tuple[str, object]  # (kind, payload)
 
@@ -138,6 +141,7 @@ def worker_main(connection: Connection, memory_limit_mb: int) -> None:
     try:
         started = _equivalent_unsandboxed(*_START_CHECK)
         problem = None if started else f"judged {_START_CHECK[0]} and {_START_CHECK[1]} unequal"
+        bytearray(_START_HEADROOM_BYTES)  # MemoryError when the cap leaves no room for a fresh mapping
     except BaseException as error:  # noqa: BLE001 - reported to the parent, which raises it
         problem = f"{type(error).__name__}: {error}"
     connection.send(_READY if problem is None else ("failed", problem))
