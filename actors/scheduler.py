@@ -217,21 +217,19 @@ class Schedule:
         one request that fits only without that headroom is still admitted. `place` them once their prefill is
         queued. Raises ValueError when nothing runs and the pool cannot hold the next request at all."""
         admissions = []
+        # what the running and the admitted sequences can grow into: summed once, then kept up to date
+        headroom = sum(self._headroom(r.prompt_len, r.limit, len(r.blocks)) for r in self.occupants.values())
         while self.pending and self.free:
             group = self._group_at_top(len(self.free))
             length = self._prefill_len(group[0])
             prompt_blocks = blocks_for(length, self.block_size)
             full = length // self.block_size
-            headroom = sum(self._headroom(r.prompt_len, r.limit, len(r.blocks)) for r in self.occupants.values())
-            headroom += sum(self._headroom(a.prefill_len, self._limit_left(index), len(a.table(member)))
-                            for a in admissions for member, index in enumerate(a.requests))
+            growth = [self._headroom(length, self._limit_left(index), prompt_blocks) for index in group]
             members = len(group)
             while members > 0:
                 shared = full if members > 1 else 0
                 need = shared + members * (prompt_blocks - shared)
-                growing = sum(self._headroom(length, self._limit_left(index), prompt_blocks)
-                              for index in group[:members])
-                if need + headroom + growing <= self.pool.available:
+                if need + headroom + sum(growth[:members]) <= self.pool.available:
                     break
                 members -= 1
             if members == 0:
@@ -242,6 +240,7 @@ class Schedule:
                                      f"cannot hold a sequence of {length} tokens")
                 members = 1  # nothing runs: progress, even without room to grow
             group = group[:members]
+            headroom += sum(growth[:members])
             shared = self.pool.take(full) if members > 1 else []
             if shared:
                 self.pool.share([b for b in shared for _ in range(members - 1)])
