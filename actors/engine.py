@@ -173,7 +173,9 @@ class TorchEngine:
     lookahead: runs of decode steps kept queued ahead of the host's reads (default 1 on CUDA, 0 elsewhere).
     compile_decode: run the decode step's forward through torch.compile (dynamic shapes, `compile_backend`;
     default: on CUDA), which fuses the layers' elementwise work (norms, RoPE, SiLU, residuals); the attention
-    stays eager inside it (a graph break per layer). decode_attention: "triton" (the paged split-KV kernel),
+    stays eager inside it (a graph break per layer). compile_prefill: run prefill and recompute forwards through
+    torch.compile too (dynamic shapes; default: on CUDA): an eager prefill spends as long on its elementwise
+    kernels as on its matrix products. decode_attention: "triton" (the paged split-KV kernel),
     "gather" (the reference: blocks gathered, then one softmax) or "auto" (triton on CUDA). decode_split_tokens:
     positions one kernel program reads before the partial softmaxes are combined. fused_sampling: draw with one
     Triton kernel over the logits when no top-k/top-p truncation applies (default: on CUDA).
@@ -195,6 +197,7 @@ class TorchEngine:
         lookahead: int | None = None,
         compile_decode: bool | None = None,
         compile_backend: str = "inductor",
+        compile_prefill: bool | None = None,
         decode_attention: str = "auto",
         decode_split_tokens: int = 1024,
         kv_memory_gib: float | None = None,
@@ -250,6 +253,15 @@ class TorchEngine:
                     return compiled(*args)
 
             self._logits_and_sample = logits_and_sample
+        self._prefill_forward = self.model.hidden_states
+        if cuda if compile_prefill is None else compile_prefill:
+            compiled_prefill = torch.compile(self.model.hidden_states, dynamic=True, backend=compile_backend)
+
+            def prefill_forward(ids: torch.Tensor, kv_cache: PagedKVCache) -> torch.Tensor:
+                with _without_duck_shapes():  # rows and prompt length may be equal once and differ later
+                    return compiled_prefill(ids, kv_cache=kv_cache)
+
+            self._prefill_forward = prefill_forward
         self._state: _State | None = None
         self.stats: dict[str, float] = {}
 
@@ -438,7 +450,7 @@ class TorchEngine:
         counts = self._device(torch.tensor([len(t) for t in tokens]))
         state.cache.bind_prefill(self._device(_rows([a.table(0) for a in admissions], width, dtype=torch.int32)),
                                  counts)
-        hidden = self.model.hidden_states(ids, kv_cache=state.cache)
+        hidden = self._prefill_forward(ids, kv_cache=state.cache)
         last = hidden[torch.arange(len(admissions), device=self.device), counts - 1]
         copies = [(a.own[0][0], own[0]) for a in admissions if a.own[0] for own in a.own[1:]]  # partial blocks
         if copies:
@@ -543,7 +555,7 @@ class TorchEngine:
                     state.cache.bind_prefill(tables, counts, self._device(starts),
                                              key_len=max(s + c for _, s, c in chunk))
                 # positions past a sequence's length get keys of stale tokens: never read before being overwritten
-                self.model.hidden_states(ids, kv_cache=state.cache)
+                self._prefill_forward(ids, kv_cache=state.cache)
                 self.stats["recomputed_tokens"] += sum(count for _, _, count in chunk)
         self.stats["recomputes"] += 1
 

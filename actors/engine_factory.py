@@ -48,6 +48,7 @@ def torch_engine_options(settings: EngineConfig) -> dict[str, Any]:
         "kv_block_size": settings.kv_block_size, "sync_every": settings.sync_every,
         "prefill_tokens": settings.prefill_tokens, "share_prompts": settings.share_prompts,
         "cuda_graphs": settings.cuda_graphs, "compile_decode": settings.compile_decode,
+        "compile_prefill": settings.compile_prefill,
         "decode_attention": settings.decode_attention.value, "decode_split_tokens": settings.decode_split_tokens,
         "fused_sampling": settings.fused_sampling, "fuse_projections": settings.fuse_projections,
     }

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from actors.engine import TorchEngine
+from areal_async.model.paged_cache import kv_block_bytes
 from areal_async.types import SamplingParams
 from conftest import behaviour_logprob_gap
 
@@ -197,22 +198,52 @@ def test_graph_bookkeeping_captures_each_shape_once(tiny_model, lookahead):
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
-def test_compiled_decode_forward_matches_eager(tiny_model, backend):
-    """compile_decode traces the model's own forward (a graph break at each layer's paged attention); with the
-    tracing-only backends the results are the eager ones."""
-    params = SamplingParams(max_new_tokens=8, temperature=0.8, seed=4)
-    limits = [8, 3, 8, 5, 8, 2, 6]
-    eager = TorchEngine(tiny_model, pad_token_id=0, max_slots=3, kv_block_size=4)
-    expected = eager.generate(PROMPTS, params, max_new_tokens=limits)
+def test_compiled_forwards_match_eager(tiny_model, backend):
+    """compile_decode and compile_prefill trace the model's own forward (graph breaks at each layer's paged
+    attention and at the prefill's cache layout); with the tracing-only backends the results are the eager
+    ones, through a pool small enough to preempt (resumed prompts prefilled again) and a weight swap (the
+    recompute's forwards read cached positions)."""
+    params = SamplingParams(max_new_tokens=14, temperature=0.8, seed=4)
+    limits = [14, 9, 12, 14, 7, 13, 14, 10, 11]
+
+    def run(**options):
+        engine = TorchEngine(copy.deepcopy(tiny_model), pad_token_id=0, max_slots=6, sync_every=2, kv_block_size=2,
+                             kv_memory_gib=13 * kv_block_bytes(tiny_model.config, 2, torch.float32) / 2**30,
+                             **options)
+        boundaries = []
+
+        def swap_at_fifth_boundary() -> bool:
+            boundaries.append(None)
+            if len(boundaries) == 5:
+                engine.load_weights(dict(engine.model.named_parameters()), version=1)
+                return True
+            return False
+
+        outputs = engine.generate(GROUPS, params, max_new_tokens=limits, weight_update=swap_at_fifth_boundary)
+        return outputs, engine.stats
+
+    expected, eager_stats = run()
     torch._dynamo.reset()
-    compiled = TorchEngine(tiny_model, pad_token_id=0, max_slots=3, kv_block_size=4, compile_decode=True,
-                           compile_backend=backend)
-    outputs = compiled.generate(PROMPTS, params, max_new_tokens=limits)
+    outputs, stats = run(compile_decode=True, compile_prefill=True, compile_backend=backend)
+    assert eager_stats["preemptions"] > 0 and eager_stats["recomputes"] == 1
+    assert stats["preemptions"] == eager_stats["preemptions"] and stats["recomputes"] == 1
     assert [g.tokens for g in outputs] == [g.tokens for g in expected]
     for got, want in zip(outputs, expected):  # aot_eager's decompositions may reorder fp32 sums
         assert got.logprobs == pytest.approx(want.logprobs, abs=1e-5)
     if backend == "eager":
         assert [g.logprobs for g in outputs] == [g.logprobs for g in expected]
+
+
+def test_compile_prefill_alone_traces_the_prefill_forward(tiny_model):
+    """With the decode step eager, every graph dynamo captures comes from the prefill forward."""
+    params = SamplingParams(max_new_tokens=6, temperature=0.0)
+    expected = TorchEngine(tiny_model, pad_token_id=0, max_slots=3, kv_block_size=4).generate(PROMPTS, params)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    engine = TorchEngine(tiny_model, pad_token_id=0, max_slots=3, kv_block_size=4, compile_prefill=True,
+                         compile_backend="eager")
+    assert [g.tokens for g in engine.generate(PROMPTS, params)] == [g.tokens for g in expected]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
 
 
 def test_block_sizes_and_fused_projections_agree(tiny_model, lookahead):

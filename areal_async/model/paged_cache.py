@@ -31,7 +31,8 @@ from areal_async.model.decoder import DecoderConfig, apply_rope
 
 PREFILL, DECODE = "prefill", "decode"  # the "masks" of the two modes: the cache knows each row's positions
 DECODE_KERNELS = ("triton", "gather")
-MAX_DECODE_SPLITS = 16  # programs per (row, kv head) at most: longer sequences get longer splits
+MAX_DECODE_SPLITS = 16  # runs of split_tokens per (row, kv head) at most: longer sequences get longer runs
+DECODE_PROGRAMS = 256  # programs a small batch's step spreads its rows over (about 2 per H100 SM; NOTES.md)
 NULL_BLOCK = 0
 
 
@@ -39,6 +40,15 @@ def kv_block_bytes(config: DecoderConfig, block_size: int, dtype: torch.dtype) -
     """Bytes of one block: keys and values of `block_size` positions in every layer."""
     element = torch.empty((), dtype=dtype).element_size()
     return 2 * config.num_hidden_layers * block_size * config.num_key_value_heads * config.head_dim * element
+
+
+def decode_split(batch: int, kv_heads: int, width: int, block_size: int, split_tokens: int) -> tuple[int, int]:
+    """The decode kernel's split of a step of `batch` rows with block tables `width` wide: (split_blocks, spread).
+    Each row's blocks spread evenly over `spread` programs, DECODE_PROGRAMS over the batch's rows and key/value
+    heads (1 in a batch that fills them), at most split_blocks blocks each: split_tokens positions, or more where
+    the widest row would make more than MAX_DECODE_SPLITS runs."""
+    split_blocks = max(1, split_tokens // block_size, blocks_for(width, MAX_DECODE_SPLITS))
+    return split_blocks, max(1, DECODE_PROGRAMS // (batch * kv_heads))
 
 
 def blocks_for(tokens: int, block_size: int) -> int:
@@ -112,7 +122,7 @@ class PagedKVCache:
         self._fresh = True
         self._key_len = 0
         self._write_slots = self._gather_table = self._visible = None  # a prefill forward's layout
-        self._split_blocks = 1
+        self._split = (1, 1)  # (split_blocks, spread) of the bound decode batch
         self._kernel = None
         if decode_kernel == "triton":
             from areal_async.model.paged_decode_triton import paged_decode_attention
@@ -136,8 +146,8 @@ class PagedKVCache:
         """The next forward's rows: one token each at position lengths[row] (views of the engine's buffers:
         block_tables [B, width] int32, lengths [B] long, active [B] bool)."""
         self._mode, self._tables, self._starts, self._active = "decode", block_tables, lengths, active
-        width = block_tables.shape[1]
-        self._split_blocks = max(1, self.split_tokens // self.block_size, blocks_for(width, MAX_DECODE_SPLITS))
+        batch, width = block_tables.shape
+        self._split = decode_split(batch, self.keys.shape[3], width, self.block_size, self.split_tokens)
 
     def copy_blocks(self, sources: torch.Tensor, targets: torch.Tensor) -> None:
         """Copies blocks `sources` onto blocks `targets` in every layer (long tensors on the cache's device)."""
@@ -175,11 +185,12 @@ class PagedKVCache:
         args = (q[:, :, 0], k[:, :, 0], v[:, :, 0], cos[:, 0, 0], sin[:, 0, 0], self.keys[layer_index],
                 self.values[layer_index], self._tables, self._starts, self._active, self.scale)
         if self._kernel is not None:
-            out = self._kernel(*args, split_blocks=self._split_blocks)
+            out = self._kernel(*args, *self._split)
         else:
             out = paged_decode_reference(*args)
         return out.reshape(batch, heads, 1, head_dim)
 
+    @torch.compiler.disable  # it sets the layout on the cache: eager inside a compiled prefill
     def _prefill_layout(self, positions: torch.Tensor) -> None:
         """What every layer of a prefill forward shares, computed once for it: the cache slot each token writes
         (padding: the null block), and without `fresh` the blocks to gather and which of their positions each
