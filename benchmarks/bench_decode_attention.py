@@ -79,7 +79,8 @@ def main() -> None:
             def kernel():
                 paged_decode_attention(inputs["q"], inputs["k"], inputs["v"], inputs["cos"], inputs["sin"],
                                        *inputs["cache"], inputs["tables"], inputs["lengths"], inputs["active"],
-                                       HEAD_DIM**-0.5, max(1, split_tokens // BLOCK), warps, stages)
+                                       HEAD_DIM**-0.5, max(1, split_tokens // BLOCK),
+                                       num_warps=warps, num_stages=stages)
             ms = graph_time_ms(kernel, args.repeats)
             rows[f"split{split_tokens}_w{warps}_s{stages}"] = {"ms": ms, "gb_s": gigabytes / ms * 1e3}
         dense_k, dense_v = (torch.randn(batch, KV_HEADS, length + 1, HEAD_DIM, generator=generator,

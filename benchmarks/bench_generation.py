@@ -441,16 +441,16 @@ def kernel_check(device: torch.device) -> dict:
         qkv = torch.randn(len(lengths), (heads + 2 * kv_heads) * head_dim, generator=generator, device=device)
         q, k_new, v_new = (part.view(len(lengths), -1, head_dim) for part in qkv.to(dtype).split(
             (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim), dim=1))
-        for split in (1, 8):
+        for split, spread in ((1, 1), (8, 1), (16, 8)):
             ours_keys, ours_values = keys.clone(), values.clone()
             out = paged_decode_attention(q, k_new, v_new, cos, sin, ours_keys, ours_values, tables, lengths, active,
-                                         head_dim**-0.5, split)
+                                         head_dim**-0.5, split, spread)
             ref_keys = keys.float().clone()
             ref = paged_decode_reference(q.float(), k_new.float(), v_new.float(), cos, sin, ref_keys,
                                          values.float().clone(), tables, lengths, active, head_dim**-0.5)
             error = float((out.float() - ref).norm() / ref.norm())
             key_error = float((ours_keys.float() - ref_keys).abs().max())  # the new keys, rotated and written
-            report[f"decode_{name}_split{split}"] = {"relative_error": error, "bound": bound,
+            report[f"decode_{name}_split{split}_spread{spread}"] = {"relative_error": error, "bound": bound,
                                                      "cache_write_max_error": key_error,
                                                      "pass": error <= bound and key_error <= 2 * bound}
     logits = torch.randn(64, 151936, generator=generator, device=device).to(torch.bfloat16) * 4

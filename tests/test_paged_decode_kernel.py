@@ -46,12 +46,14 @@ def ragged_batch(heads: int, kv_heads: int, generator: torch.Generator) -> dict:
             "lengths": lengths, "active": torch.tensor(ACTIVE)}
 
 
-DECODE_CASES = [(heads, kv_heads, split) for heads, kv_heads in ((12, 2), (4, 2)) for split in (1, 3, 64)]
+# (heads, kv_heads, split_blocks, spread): runs of 1, 3 and 64 blocks; a row's blocks spread over 4 and 3 programs
+DECODE_CASES = [(heads, kv_heads, split, 1) for heads, kv_heads in ((12, 2), (4, 2)) for split in (1, 3, 64)] + [
+    (12, 2, 3, 4), (4, 2, 64, 3)]
 TEMPERATURES = (1.0, 0.7, 0.0)
 
 
 def draw_inputs() -> tuple[torch.Tensor, torch.Tensor]:
-    """Nine rows over 1,000 tokens (several 256-token blocks and a partial one)."""
+    """Nine rows over 1,000 tokens (several 256-token chunks and a partial one)."""
     generator = torch.Generator().manual_seed(3)
     logits = torch.randn(9, 1000, generator=generator) * 3
     logits[0, 5] = 60.0  # one row nearly one-hot
@@ -66,12 +68,13 @@ def interpreted(tmp_path_factory) -> dict:
     by temperature."""
     folder = tmp_path_factory.mktemp("triton")
     batches, cases = {}, []
-    for heads, kv_heads, split in DECODE_CASES:
-        batch = ragged_batch(heads, kv_heads, torch.Generator().manual_seed(heads + split))
-        batches[heads, kv_heads, split] = batch
+    for case in DECODE_CASES:
+        heads, kv_heads, split, spread = case
+        batch = ragged_batch(heads, kv_heads, torch.Generator().manual_seed(heads + split + spread))
+        batches[case] = batch
         cases.append(("decode", (batch["q"], batch["k"], batch["v"], batch["cos"], batch["sin"], batch["keys"].clone(),
                                  batch["values"].clone(), batch["tables"], batch["lengths"], batch["active"],
-                                 HEAD_DIM**-0.5, split)))
+                                 HEAD_DIM**-0.5, split, spread)))
     logits, uniform = draw_inputs()
     cases += [("draw", (logits, temperature, uniform, 256)) for temperature in TEMPERATURES]
     torch.save(cases, folder / "cases.pt")
@@ -84,7 +87,7 @@ def interpreted(tmp_path_factory) -> dict:
     return {"decode": decode, "draw": dict(zip(TEMPERATURES, outputs[len(DECODE_CASES):]))}
 
 
-@pytest.mark.parametrize("case", DECODE_CASES, ids=[f"{h // k}:1-splits-of-{s}" for h, k, s in DECODE_CASES])
+@pytest.mark.parametrize("case", DECODE_CASES, ids=[f"{h // k}:1-runs-of-{s}-spread-{p}" for h, k, s, p in DECODE_CASES])
 def test_decode_kernel_equals_the_reference_on_ragged_rows(interpreted, case):
     batch, (out, keys, values) = interpreted["decode"][case]
     theirs = [batch["keys"].clone(), batch["values"].clone()]

@@ -4,8 +4,9 @@ One query token per sequence attends to the sequence's own cached keys and value
 its block table, and to its own new key and value, which the kernel also writes into the cache. The query and
 the new key arrive before RoPE, as views into the projection's output: the kernel rotates them with the
 model's own cos/sin rows (no copies, no separate RoPE kernels). The work is
-split three ways: one program per (sequence, key/value head, split), where a split is up to `split_blocks`
-consecutive blocks of the sequence. A program reads each key/value tile once for the whole group of query heads
+split three ways: one program per (sequence, key/value head, split), where a split is a run of consecutive
+blocks of the sequence: its blocks spread evenly over `spread` splits, at most `split_blocks` blocks each (a
+short row in a small batch still makes several programs, a long one splits_blocks-long runs). A program reads each key/value tile once for the whole group of query heads
 that share the key/value head (GROUP rows of one matrix product, padded to 16), keeps an online softmax, and
 writes a partial result (its running max, sum and weighted values); a second kernel combines a sequence's
 splits. Programs whose split starts past their sequence's last block do nothing, so the grid (splits of the
@@ -39,7 +40,7 @@ def _rotated(ptr, rows, dim, cos, sin, mask, HEAD_DIM: tl.constexpr):
 def _decode_split_kernel(
     q_ptr, k_new_ptr, v_new_ptr, cos_ptr, sin_ptr, key_cache_ptr, value_cache_ptr, tables_ptr, lengths_ptr,
     active_ptr, out_ptr, partial_acc_ptr, partial_stats_ptr,
-    scale, table_width, split_blocks, splits,
+    scale, table_width, split_blocks, spread, splits,
     stride_q, stride_k, stride_v, stride_rope, stride_block, stride_token,
     HEADS_KV: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, SINGLE: tl.constexpr, PRECISION: tl.constexpr,
@@ -50,7 +51,8 @@ def _decode_split_kernel(
     active = tl.load(active_ptr + row) != 0
     length = tl.where(active, tl.load(lengths_ptr + row), 0).to(tl.int32)
     n_blocks = tl.cdiv(length, BLOCK_SIZE)
-    first = split * split_blocks
+    run = tl.minimum(split_blocks, tl.maximum(1, tl.cdiv(n_blocks, spread)))
+    first = split * run
     if (split == 0) | (first < n_blocks):
         group = tl.arange(0, GROUP_PAD)
         dim = tl.arange(0, HEAD_DIM)
@@ -70,7 +72,7 @@ def _decode_split_kernel(
         l = tl.where(is_first, 1.0, 0.0) + tl.zeros([GROUP_PAD], dtype=tl.float32)
         acc = tl.where(is_first, 1.0, 0.0) * v_own.to(tl.float32)[None, :] + tl.zeros(
             [GROUP_PAD, HEAD_DIM], dtype=tl.float32)
-        last = tl.minimum(first + split_blocks, n_blocks)
+        last = tl.minimum(first + run, n_blocks)
         for block_index in range(first, last):
             block_id = tl.load(tables_ptr + row * table_width + block_index).to(tl.int64)
             offsets = block_id * stride_block + head * HEAD_DIM + token[:, None] * stride_token + dim[None, :]
@@ -105,7 +107,7 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_combine_kernel(
-    partial_acc_ptr, partial_stats_ptr, out_ptr, lengths_ptr, active_ptr, split_blocks, splits,
+    partial_acc_ptr, partial_stats_ptr, out_ptr, lengths_ptr, active_ptr, split_blocks, spread, splits,
     HEADS_KV: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
@@ -113,7 +115,8 @@ def _decode_combine_kernel(
     row = tl.program_id(1).to(tl.int64)
     active = tl.load(active_ptr + row) != 0
     length = tl.where(active, tl.load(lengths_ptr + row), 0).to(tl.int32)
-    used = tl.maximum(1, tl.cdiv(tl.cdiv(length, BLOCK_SIZE), split_blocks))
+    n_blocks = tl.cdiv(length, BLOCK_SIZE)
+    used = tl.maximum(1, tl.cdiv(n_blocks, tl.minimum(split_blocks, tl.maximum(1, tl.cdiv(n_blocks, spread)))))
     group = tl.arange(0, GROUP_PAD)
     dim = tl.arange(0, HEAD_DIM)
     first_part = (row * HEADS_KV + head) * splits
@@ -133,21 +136,24 @@ def _decode_combine_kernel(
              mask=(group < GROUP)[:, None])
 
 
-def decode_splits(table_width: int, split_blocks: int) -> int:
-    """Programs per (row, key/value head): splits of `split_blocks` blocks over the widest block table."""
-    return max(1, -(-table_width // split_blocks))
+def decode_splits(table_width: int, split_blocks: int, spread: int = 1) -> int:
+    """Programs per (row, key/value head): `spread`, or more where the widest block table holds more runs of
+    `split_blocks` blocks."""
+    return max(1, spread, -(-table_width // split_blocks))
 
 
 def paged_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cos: torch.Tensor,
                            sin: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                            block_tables: torch.Tensor, lengths: torch.Tensor, active: torch.Tensor, scale: float,
-                           split_blocks: int, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+                           split_blocks: int, spread: int = 1, num_warps: int = 4,
+                           num_stages: int = 2) -> torch.Tensor:
     """Decode attention over a paged cache, writing each active row's new key/value at position lengths[row].
 
     q [B, H, D]; k_new, v_new [B, Hkv, D], before RoPE (any row stride: views into the fused projection's
     output; heads and dims contiguous); cos, sin [B, D] fp32 (decoder.rope_cos_sin at each row's position);
     key_cache, value_cache [blocks, block_size, Hkv, D] (one layer); block_tables [B, width] int32; lengths [B]
-    int64 (tokens cached before this one); active [B] bool. Returns [B, H, D] in q's dtype. Static shapes and no
+    int64 (tokens cached before this one); active [B] bool. A row's blocks spread over `spread` programs, at
+    most `split_blocks` blocks each (spread 1: runs of split_blocks). Returns [B, H, D] in q's dtype. Static shapes and no
     host synchronisation (CUDA-graph safe)."""
     batch, heads, head_dim = q.shape
     kv_heads = k_new.shape[1]
@@ -157,7 +163,7 @@ def paged_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Te
     for name, tensor in (("q", q), ("k_new", k_new), ("v_new", v_new)):
         if tensor.stride(2) != 1 or tensor.stride(1) != head_dim:
             raise ValueError(f"{name} needs contiguous heads and dims, got strides {tensor.stride()}")
-    splits = decode_splits(width, split_blocks)
+    splits = decode_splits(width, split_blocks, spread)
     out = torch.empty((batch, heads, head_dim), dtype=q.dtype, device=q.device)
     group_pad = max(16, triton.next_power_of_2(group))
     if splits == 1:
@@ -168,14 +174,14 @@ def paged_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Te
     precision = "ieee" if q.dtype == torch.float32 else None  # fp32 models: exact products, not tf32
     _decode_split_kernel[(splits, kv_heads, batch)](
         q, k_new, v_new, cos, sin, key_cache, value_cache, block_tables, lengths, active, out, partial_acc,
-        partial_stats, scale, width, split_blocks, splits, q.stride(0), k_new.stride(0), v_new.stride(0),
+        partial_stats, scale, width, split_blocks, spread, splits, q.stride(0), k_new.stride(0), v_new.stride(0),
         cos.stride(0), key_cache.stride(0), key_cache.stride(1),
         HEADS_KV=kv_heads, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         SINGLE=splits == 1, PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
     )
     if splits > 1:
         _decode_combine_kernel[(kv_heads, batch)](
-            partial_acc, partial_stats, out, lengths, active, split_blocks, splits,
+            partial_acc, partial_stats, out, lengths, active, split_blocks, spread, splits,
             HEADS_KV=kv_heads, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
             num_warps=4,
         )
