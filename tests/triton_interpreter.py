@@ -4,7 +4,7 @@ set before triton is first imported, and in the test session torch may have impo
     python tests/triton_interpreter.py CASES OUT
 
 CASES is a torch.save'd list of (kernel, arguments) pairs, kernel "decode" (paged_decode_attention's positional
-arguments, the cache tensors written in place) or "draw" (fused_sample's, and the vocabulary block); OUT gets a
+arguments, the cache tensors written in place) or "draw" (fused_sample's, and the vocabulary chunk); OUT gets a
 list of the outputs, with the decode cases' written caches."""
 
 import os
@@ -38,8 +38,8 @@ def main(cases_path: str, out_path: str) -> None:
             out = paged_decode_attention(*args)
             outputs.append((out, args[5], args[6]))  # the output and the written key and value caches
         else:
-            *draw_args, block = args
-            sampling_triton.BLOCK = block
+            *draw_args, chunk = args
+            sampling_triton.CHUNK = chunk
             outputs.append(sampling_triton.fused_sample(*draw_args))
     torch.save(outputs, out_path)
 
