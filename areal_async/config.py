@@ -261,7 +261,9 @@ class PPOConfig:
     behaviour_weight_mode: BehaviourWeightMode = BehaviourWeightMode.clip
     kl_coef: float = 0.0  # against the initial policy; > 0 keeps a frozen reference copy
     normalise_advantage_std: bool = False
-    minibatches_per_step: int = 1  # optimizer updates per training step
+    # optimizer updates per training step (AReaL v0.1: ppo_n_minibatches=4). With 1, the only update runs at the
+    # proximal weights, where the ratio is 1 and eps_clip cannot act (the run warns).
+    minibatches_per_step: int = 4
     activation_checkpointing: bool = False  # recompute each decoder layer in backward (learner ranks)
     micro_batch_tokens: int = 16384  # token budget per forward/backward (gradient is budget-invariant)
     filter_zero_variance_groups: bool = True

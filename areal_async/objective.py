@@ -12,6 +12,8 @@ import torch
 
 from areal_async.types import Trajectory
 
+LOG_RATIO_LIMIT = 20.0  # log-ratios are clamped to +-20 before exp (as verl does): no inf, no overflowed grads
+
 
 def group_advantages(rewards: torch.Tensor, normalise_std: bool = False, eps: float = 1e-6) -> torch.Tensor:
     """rewards [groups, G] -> advantages [groups, G]: reward minus its group mean (optionally over the group std).
@@ -71,17 +73,19 @@ def decoupled_ppo_loss(
     w = exp(proximal - behaviour) (no gradient) corrects for data sampled by older policies. A cap on w
     either clips it (`behaviour_weight_mode="clip"`) or drops tokens above the cap from the loss ("mask",
     as AReaL does); dropped tokens still count in the denominator so the loss scale does not depend on
-    how many were dropped. With proximal == behaviour this is the standard PPO clip loss.
+    how many were dropped. With proximal == behaviour this is the standard PPO clip loss. Both log-ratios are
+    clamped to +-LOG_RATIO_LIMIT before exp.
     """
     if behaviour_weight_mode not in ("clip", "mask"):
         raise ValueError(f"behaviour_weight_mode must be 'clip' or 'mask', got {behaviour_weight_mode!r}")
     mask = loss_mask.bool()
-    ratio = torch.exp(logprobs - proximal_logprobs)
+    ratio = torch.exp((logprobs - proximal_logprobs).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
     unclipped = ratio * advantages
     clipped = ratio.clamp(1.0 - eps_clip, 1.0 + eps_clip) * advantages
     surrogate = torch.minimum(unclipped, clipped)
 
-    behaviour_weight = torch.exp(proximal_logprobs - behaviour_logprobs).detach()
+    behaviour_log_ratio = (proximal_logprobs - behaviour_logprobs).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    behaviour_weight = torch.exp(behaviour_log_ratio).detach()
     trained = mask
     if behaviour_weight_cap is not None:
         if behaviour_weight_mode == "clip":
@@ -114,5 +118,5 @@ def kl_penalty(logprobs: torch.Tensor, reference_logprobs: torch.Tensor, loss_ma
 
     Non-negative, unbiased for sampled tokens, and its gradient pulls logprobs towards the reference.
     """
-    log_ratio = reference_logprobs - logprobs
+    log_ratio = (reference_logprobs - logprobs).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
     return masked_mean(torch.exp(log_ratio) - log_ratio - 1.0, loss_mask)

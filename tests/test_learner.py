@@ -105,7 +105,8 @@ def test_trajectory_advantages_are_group_centred():
 @pytest.mark.parametrize("objective", [Objective.decoupled, Objective.naive])
 def test_step_raises_logprob_of_rewarded_samples(tiny_model, objective):
     trajectories = _trajectories(tiny_model, [[1, 2, 3], [4, 5]], group_size=6, seed=2)
-    config = PPOConfig(lr=1e-2, objective=objective, kl_coef=0.01)
+    # one update: the KL to the reference (the starting weights) is 0 at it
+    config = PPOConfig(lr=1e-2, objective=objective, kl_coef=0.01, minibatches_per_step=1)
     learner = PPOLearner(copy.deepcopy(tiny_model), config, pad_token_id=0, temperature=1.0)
 
     def mean_logprob(reward):
@@ -203,3 +204,25 @@ def test_a_step_reports_the_rollout_trainer_agreement_of_its_current_version(tin
     naive = PPOLearner(copy.deepcopy(tiny_model), PPOConfig(objective=Objective.naive), pad_token_id=0,
                        temperature=1.0)
     assert "agreement_tokens" not in naive.train_step(trajectories, _advantages(trajectories))
+
+
+def _weights_after_a_step(model, trajectories, **ppo) -> dict[str, torch.Tensor]:
+    learner = PPOLearner(copy.deepcopy(model), PPOConfig(lr=0.05, micro_batch_tokens=10**6, **ppo), pad_token_id=0,
+                         temperature=1.0)
+    learner.train_step(trajectories, _advantages(trajectories))
+    return {name: p.detach().clone() for name, p in learner.model.named_parameters()}
+
+
+def test_eps_clip_acts_from_the_second_minibatch_and_never_with_one(tiny_model):
+    """With one update a step, the update runs at the proximal weights: u = pi_theta / pi_prox is 1 and the clip
+    cannot act (the review's finding: bitwise equal weights for any eps_clip). With 4 minibatches, updates 2 to 4
+    run at moved weights, and eps_clip changes the result. The behaviour logprobs are stale (shifted), as from an
+    older version."""
+    trajectories = _trajectories(tiny_model, [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10], [11, 12]], seed=3)
+    for trajectory in trajectories:
+        trajectory.behaviour_logprobs = trajectory.behaviour_logprobs - 0.3
+    for parts, differ in ((1, False), (4, True)):
+        tight, loose = (_weights_after_a_step(tiny_model, trajectories, minibatches_per_step=parts, eps_clip=eps)
+                        for eps in (0.01, 1e6))
+        largest = max((tight[name] - loose[name]).abs().max().item() for name in tight)
+        assert (largest > 1e-4) == differ, (parts, largest)

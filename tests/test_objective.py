@@ -64,6 +64,27 @@ def test_equals_standard_ppo_when_proximal_is_behaviour():
     assert loss.item() == pytest.approx((standard[mask]).mean().item(), abs=1e-6)
 
 
+def test_log_ratios_are_clamped_to_plus_minus_20_before_exp():
+    """A token whose logprob moved by 50 nats: u = e^20 (clipped in the loss to 1 + eps, but the stats and the
+    mask's weight see it finite); behaviour weight e^-20 and e^20 from log-ratios of -30 and +25; the k3 KL
+    of a log-ratio of 40 uses 20."""
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0]], requires_grad=True)
+    proximal = torch.tensor([[-51.0, -2.0, -3.0]])
+    behaviour = torch.tensor([[-51.0, 28.0, -28.0]])
+    advantages = torch.tensor([[-1.0, 1.0, 0.5]])
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    loss, stats = decoupled_ppo_loss(logprobs, proximal, behaviour, advantages, mask, eps_clip=0.2)
+    # token 1: u = e^20, A = -1: min(-e^20, -1.2) = -e^20, w = 1; token 2: u = 1, w = e^-20; token 3: u = 1, w = e^20
+    expected = (math.exp(20) - math.exp(-20) - 0.5 * math.exp(20)) / 3
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert stats["behaviour_weight_max"].item() == pytest.approx(math.exp(20), rel=1e-5)
+    loss.backward()
+    assert torch.isfinite(logprobs.grad).all()
+    reference = torch.tensor([[39.0]])
+    assert kl_penalty(torch.tensor([[-1.0]]), reference, torch.ones(1, 1, dtype=torch.bool)).item() == pytest.approx(
+        math.exp(20) - 20 - 1, rel=1e-6)
+
+
 def test_group_advantages():
     rewards = torch.tensor([[5.0, -5.0, 5.0, 5.0], [-5.0, -5.0, -5.0, -5.0]])
     assert torch.equal(group_advantages(rewards), torch.tensor([[2.5, -7.5, 2.5, 2.5], [0.0, 0.0, 0.0, 0.0]]))

@@ -81,6 +81,23 @@ def test_config_yaml_matches_schema():
     assert isinstance(config, TrainConfig) and config.rollout.max_staleness is None
 
 
+SHIPPED_TRAIN_CONFIGS = ("train", "async_cpu", "gpu_demo", "recipe_1.5B", "recipe_7B_zero")
+
+
+def test_a_run_whose_clip_cannot_act_is_warned_about():
+    """Every shipped config updates 4 times a step; one update a step (decoupled, or naive when synchronous)
+    leaves eps_clip nothing to clip, and the run says so at start."""
+    from areal_async.run.trainer import inert_clip_warning
+
+    for name in SHIPPED_TRAIN_CONFIGS:
+        config = compose_config(name, [])
+        assert config.ppo.minibatches_per_step == 4 and inert_clip_warning(config) is None, name
+    assert "ppo.minibatches_per_step=1" in inert_clip_warning(compose_config("train", ["ppo.minibatches_per_step=1"]))
+    naive = ["ppo.minibatches_per_step=1", "ppo.objective=naive"]
+    assert "naive" in inert_clip_warning(compose_config("train", naive + ["rollout.max_staleness=0"]))
+    assert inert_clip_warning(compose_config("train", naive + ["rollout.max_staleness=2"])) is None
+
+
 def test_learner_settings_are_typed_config():
     """The learner's kernels and modes are config (enums where the values are a fixed set), reachable from the
     command line, and a bad value names its key."""

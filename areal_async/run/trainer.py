@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from collections import Counter
 from datetime import datetime
@@ -19,7 +20,7 @@ from tqdm import tqdm
 
 from actors.engine_factory import EngineWeights, build_engine
 from actors.rollout import RolloutWorker
-from areal_async.config import EngineKind, Placement, SFTConfig, TrainConfig
+from areal_async.config import EngineKind, Objective, Placement, SFTConfig, TrainConfig
 from areal_async.checkpointing import (
     commit_checkpoint,
     latest_run_checkpoint,
@@ -109,6 +110,21 @@ def validate(config: TrainConfig) -> None:
             )
 
 
+def inert_clip_warning(config: TrainConfig) -> str | None:
+    """Why ppo.eps_clip cannot act in this run (the ratio it clips is 1 at every update), or None."""
+    ppo = config.ppo
+    if ppo.minibatches_per_step > 1:
+        return None
+    fix = "set ppo.minibatches_per_step >= 2 (AReaL uses 4) for a trust region"
+    if ppo.objective is Objective.decoupled:
+        return (f"ppo.eps_clip cannot act: with ppo.minibatches_per_step=1 the step's one update runs at the "
+                f"proximal weights, where pi_theta / pi_prox = 1; {fix}")
+    if config.rollout.max_staleness == 0:
+        return (f"ppo.eps_clip cannot act: ppo.objective=naive at rollout.max_staleness=0 and "
+                f"ppo.minibatches_per_step=1 updates once at the weights that sampled the data; {fix}")
+    return None
+
+
 def plan_inline_gpu_memory(config: TrainConfig, model_path: Path) -> float | None:
     """engine.kv_memory_gib for an inline run on one GPU: as set, or what the learner and the weights leave;
     fails (ValueError with the numbers) when the run cannot fit. None elsewhere (no budget)."""
@@ -159,6 +175,9 @@ class Trainer:
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
         validate(config)
+        warning = inert_clip_warning(config)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
         torch.manual_seed(config.seed)
         run_name = config.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
         self.run_dir = Path(config.output_dir) / run_name
