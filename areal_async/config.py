@@ -91,6 +91,13 @@ class ModelShape(enum.Enum):
     qwen2_5_7b = "qwen2_5_7b"  # Qwen/Qwen2.5-7B
 
 
+def _at_least(section: str, **values: tuple[float, float]) -> None:
+    """Raises ValueError naming the first `section.key` whose value is below its minimum: key=(value, minimum)."""
+    for name, (value, minimum) in values.items():
+        if value < minimum:
+            raise ValueError(f"{section}.{name} must be >= {minimum}, got {value}")
+
+
 @dataclass
 class ModelConfig:
     # A Hugging Face checkpoint folder; null = the project's own warm start for the synthetic task.
@@ -217,6 +224,12 @@ class GenerationConfig:
     # null: every request may use max_new_tokens.
     simulated_length_mean: float | None = None
 
+    def __post_init__(self) -> None:
+        _at_least("generation", group_size=(self.group_size, 1), max_new_tokens=(self.max_new_tokens, 1))
+        if not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(f"generation.top_p must be in (0, 1] and generation.top_k >= 0, got {self.top_p}, "
+                             f"{self.top_k}")
+
 
 # The choices graders make differently (reward.conventions). The defaults follow math-verify where it and
 # Qwen2.5-Math's grader disagree on a convention, except percentages and the tolerance on numbers, which follow
@@ -269,6 +282,18 @@ class PPOConfig:
     filter_zero_variance_groups: bool = True
     compile_layers: bool | None = None  # torch.compile each decoder layer of the trained policy; null: on CUDA
 
+    def __post_init__(self) -> None:
+        _at_least("ppo", minibatches_per_step=(self.minibatches_per_step, 1),
+                  micro_batch_tokens=(self.micro_batch_tokens, 1), lr_warmup_steps=(self.lr_warmup_steps, 0))
+        for name in ("lr", "weight_decay", "kl_coef"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"ppo.{name} must be >= 0, got {getattr(self, name)}")
+        if self.eps_clip <= 0 or self.grad_clip <= 0:
+            raise ValueError(f"ppo.eps_clip and ppo.grad_clip must be > 0, got {self.eps_clip}, {self.grad_clip}")
+        # a cap below 1 cuts the weight of tokens the current weights sampled (w = 1); in mask mode it drops them
+        if self.behaviour_weight_cap is not None and self.behaviour_weight_cap < 1:
+            raise ValueError(f"ppo.behaviour_weight_cap must be >= 1 or null, got {self.behaviour_weight_cap}")
+
 
 @dataclass
 class RolloutConfig:
@@ -279,6 +304,14 @@ class RolloutConfig:
     num_queue_shards: int = 1
     log_trajectories: bool = True  # zarr log of every consumed trajectory in the run folder
     engine: EngineKind = EngineKind.torch  # the rollout workers' engine (vllm: cluster.placement=ray only)
+
+    def __post_init__(self) -> None:
+        _at_least("rollout", groups_per_step=(self.groups_per_step, 1),
+                  groups_per_request=(self.groups_per_request, 1),
+                  queue_capacity_per_shard=(self.queue_capacity_per_shard, 1),
+                  num_queue_shards=(self.num_queue_shards, 1))
+        if self.max_staleness is not None and self.max_staleness < 0:
+            raise ValueError(f"rollout.max_staleness must be >= 0 or null, got {self.max_staleness}")
 
 
 class Placement(enum.Enum):

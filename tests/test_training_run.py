@@ -74,11 +74,30 @@ def test_unknown_key_is_an_error(capsys):
     assert "ppo.learning_rate" in capsys.readouterr().err
     assert main(["train", "data.kind=csv"]) == 2
     assert "data.kind" in capsys.readouterr().err
+    # hydra's + and ++ add keys: the typed config would drop them, so they are errors too (kl_coef is the key)
+    for override in ("+ppo.kl_coeff=0.5", "++ppo.kl_coeff=0.5", "+seed_offset=3"):
+        assert main(["train", override]) == 2
+        err = capsys.readouterr().err
+        assert "unknown key" in err and override.lstrip("+").split("=")[0] in err and "Traceback" not in err
+    assert main(["sft", "+sft.epochs_extra=1"]) == 2
+    assert "unknown key" in capsys.readouterr().err
 
 
 def test_config_yaml_matches_schema():
     config = compose_config("train", ["rollout.max_staleness=null"])
     assert isinstance(config, TrainConfig) and config.rollout.max_staleness is None
+
+
+@pytest.mark.parametrize("override, named", [
+    ("ppo.eps_clip=-0.5", "ppo.eps_clip"), ("ppo.behaviour_weight_cap=0", "ppo.behaviour_weight_cap"),
+    ("generation.group_size=0", "generation.group_size"), ("rollout.groups_per_step=0", "rollout.groups_per_step"),
+    ("ppo.micro_batch_tokens=0", "ppo.micro_batch_tokens"), ("ppo.minibatches_per_step=0", "ppo.minibatches_per_step"),
+    ("rollout.max_staleness=-1", "rollout.max_staleness"), ("generation.top_p=0", "generation.top_p"),
+])
+def test_bad_numbers_stop_at_composition_with_one_line_naming_the_key(override, named, capsys):
+    assert main(["train", override]) == 2
+    err = capsys.readouterr().err
+    assert named in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
 SHIPPED_TRAIN_CONFIGS = ("train", "async_cpu", "gpu_demo", "recipe_1.5B", "recipe_7B_zero")

@@ -6,12 +6,14 @@ plan and simulate are hydra overrides (key=value); `areal-async eval --help`, `a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import typing
 from pathlib import Path
 
 from hydra import compose, initialize_config_module
 from hydra.errors import HydraException
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from areal_async.config import register_configs
@@ -68,11 +70,32 @@ examples:
 """
 
 
+def unknown_keys(node: DictConfig, schema: type, prefix: str = "") -> list[str]:
+    """Dotted keys of `node` that the dataclass `schema` does not declare (hydra's `+key=value` adds keys
+    that the typed config would otherwise drop without a word)."""
+    hints = typing.get_type_hints(schema)
+    unknown = []
+    for key in node.keys():
+        path = f"{prefix}{key}"
+        if key not in hints:
+            unknown.append(path)
+            continue
+        kind = next((t for t in typing.get_args(hints[key]) if dataclasses.is_dataclass(t)), hints[key])
+        child = node._get_node(key)
+        if dataclasses.is_dataclass(kind) and isinstance(child, DictConfig) and not child._is_none():
+            unknown += unknown_keys(child, kind, f"{path}.")
+    return unknown
+
+
 def compose_config(config_name: str, overrides: list[str]):
-    """Composes configs/<config_name>.yaml with overrides into its typed dataclass."""
+    """Composes configs/<config_name>.yaml with overrides into its typed dataclass; a key the dataclass does
+    not declare is a ValueError naming it, whatever the override's prefix."""
     register_configs()
     with initialize_config_module(config_module="configs", version_base=None):
         composed = compose(config_name=config_name, overrides=overrides)
+    unknown = unknown_keys(composed, OmegaConf.get_type(composed))
+    if unknown:
+        raise ValueError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} (--cfg prints every key)")
     return OmegaConf.to_object(composed)
 
 
