@@ -72,9 +72,12 @@ def test_kill_and_resume_continues_exactly(tmp_path):
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    from areal_async.errors import InputError
+
     config = compose_config("train", [*RUN, f"output_dir={tmp_path}", "run_name=fresh", "resume=true"])
-    with pytest.raises(FileNotFoundError, match="no run checkpoint"):
+    with pytest.raises(InputError, match="no run checkpoint"):
         run_training(config, show_progress=False)
+    assert not (tmp_path / "fresh").exists()  # the failed start leaves no folder behind
 
 
 def test_next_context_stage_continues_with_longer_generations(tmp_path):

@@ -117,6 +117,16 @@ def test_a_run_whose_clip_cannot_act_is_warned_about():
     assert inert_clip_warning(compose_config("train", naive + ["rollout.max_staleness=2"])) is None
 
 
+@pytest.mark.parametrize("command, starts", [("train", ["async_cpu", "gpu_demo", "recipe_1.5B"]),
+                                             ("sft", ["sft", "sft_gpu_demo"])])
+def test_train_and_sft_help_show_their_configs_sections_and_how_to_list_keys(command, starts, capsys):
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: areal-async {command} ") and f"areal-async {command} --cfg" in out
+    assert all(name in out for name in starts) and ("section.key=value): model, engine" in out) == (command == "train")
+    assert ("cluster=n1|n4|n16" in out) == (command == "train")
+
+
 def test_learner_settings_are_typed_config():
     """The learner's kernels and modes are config (enums where the values are a fixed set), reachable from the
     command line, and a bad value names its key."""
@@ -151,6 +161,38 @@ def test_missing_model_path_names_the_folder(tmp_path):
     config = compose_config("train", [f"model.path={tmp_path / 'nowhere'}", f"output_dir={tmp_path}"])
     with pytest.raises(FileNotFoundError, match="nowhere"):
         run_training(config, show_progress=False)
+
+
+def test_a_used_run_folder_is_refused_without_resume(tmp_path, capsys):
+    _run(tmp_path, "once")
+    metrics = (tmp_path / "once" / "metrics.jsonl").read_text()
+    assert main(["train", *SHORT_RUN, f"output_dir={tmp_path}", "run_name=once", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "resume=true" in err and "Traceback" not in err
+    assert (tmp_path / "once" / "metrics.jsonl").read_text() == metrics  # nothing appended
+
+
+@pytest.mark.parametrize("case", ["missing file", "malformed line", "empty prompt", "no model", "model type"])
+def test_input_errors_are_one_line_naming_the_input_and_leave_no_folder(tmp_path, capsys, case):
+    data = tmp_path / "prompts.jsonl"
+    model = tmp_path / "model"
+    overrides = [f"data.kind=jsonl", f"data.path={data}"]
+    if case == "malformed line":
+        data.write_text('{"prompt": "1+1", "query_id": "a", "answer": "2"}\n{not json\n')
+    elif case == "empty prompt":
+        data.write_text('{"prompt": "", "query_id": "a", "answer": "2"}\n')
+    elif case in ("no model", "model type"):
+        overrides = [f"model.path={model}"]
+        if case == "model type":
+            model.mkdir()
+            (model / "config.json").write_text('{"model_type": "gpt2"}')
+    expected = {"missing file": str(data), "malformed line": f"{data}:2", "empty prompt": f"{data}:1",
+                "no model": str(model), "model type": "unsupported model_type 'gpt2'"}[case]
+    assert main(["train", *overrides, f"output_dir={tmp_path / 'out'}", "run_name=bad", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert expected in err[-1] and err[-1].startswith("areal-async train: ")
+    assert not any("Traceback" in line for line in err)
+    assert not (tmp_path / "out" / "bad").exists()
 
 
 def test_sft_is_reproducible(tmp_path):

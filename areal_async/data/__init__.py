@@ -14,6 +14,7 @@ from areal_async.data.loaders import (
     load_prompts,
 )
 from areal_async.data.records import DatasetError, PromptRecord
+from areal_async.errors import InputError
 from areal_async.data.synthetic import arithmetic_problems
 from areal_async.prompts import PLACEHOLDER, prompt_format, wrap
 
@@ -40,7 +41,7 @@ def prompt_template(config) -> str | None:
     if config.prompt_type is not None:
         return prompt_format(config.prompt_type).template
     if config.prompt_template is not None and PLACEHOLDER not in config.prompt_template:
-        raise ValueError(f"data.prompt_template must contain {PLACEHOLDER!r}, got {config.prompt_template!r}")
+        raise InputError(f"data.prompt_template must contain {PLACEHOLDER!r}, got {config.prompt_template!r}")
     return config.prompt_template
 
 
@@ -48,7 +49,7 @@ def _load_file(config, path: str) -> list[PromptRecord]:
     kind = config.kind.value
     if kind == "areal_prompts":
         if not config.id2info_path:
-            raise ValueError("data.kind=areal_prompts needs data.id2info_path (the id2info.json file)")
+            raise InputError("data.kind=areal_prompts needs data.id2info_path (the id2info.json file)")
         records = load_areal_prompts(path, config.id2info_path)
     elif kind == "areal_jsonl":
         records = load_areal_jsonl(path)

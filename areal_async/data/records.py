@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from areal_async.errors import InputError
+
 
 @dataclass(frozen=True)
 class PromptRecord:
@@ -25,7 +27,7 @@ class PromptRecord:
     task: str = "math"
 
 
-class DatasetError(ValueError):
+class DatasetError(InputError):
     """A prompt file's content is invalid.
 
     The message starts with the file and, where one applies, the 1-based line number,

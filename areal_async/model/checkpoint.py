@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from areal_async.errors import InputError
 from areal_async.model.decoder import CausalLM, DecoderConfig
 
 SINGLE_FILE = "model.safetensors"
@@ -24,7 +25,10 @@ def load_config(path: str | os.PathLike) -> DecoderConfig:
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file}: no config.json in checkpoint folder {path}")
     with open(config_file, encoding="utf-8") as f:
-        return DecoderConfig.from_hf_dict(json.load(f))
+        try:
+            return DecoderConfig.from_hf_dict(json.load(f))
+        except ValueError as error:  # malformed JSON, an unsupported model_type or rope type
+            raise InputError(f"{config_file}: {error}") from None
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -56,7 +60,7 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
     if config.tie_word_embeddings:
         missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
-        raise ValueError(f"{folder}: checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
+        raise InputError(f"{folder}: checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
     return model.to(dtype or torch.float32)
 
 

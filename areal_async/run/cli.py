@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from areal_async.config import register_configs
+from areal_async.errors import InputError
 from areal_async.plots import CURVES_FILE, plot_runs
 from evaluation.eval_and_aggregate import main as eval_main
 
@@ -224,9 +225,38 @@ def ablate_main(argv: list[str]) -> int:
     return 0
 
 
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def command_help(command: str) -> str:
+    """`areal-async train --help` / `sft --help`: the config files it can start from, the sections and groups of
+    its config, and how to see every key."""
+    from areal_async.config import SFTConfig, TrainConfig
+
+    schema = TrainConfig if command == "train" else SFTConfig
+    starts = sorted(path.stem for path in CONFIGS.glob("*.yaml")
+                    if ("sft_schema" in path.read_text()) == (command == "sft"))
+    hints = typing.get_type_hints(schema)
+    sections = [name for name, kind in hints.items() if dataclasses.is_dataclass(kind)]
+    lines = [f"usage: areal-async {command} [--config NAME] [--cfg] [--no-progress] [key=value ...]", "",
+             f"Composes configs/<NAME>.yaml (default: {command}) with hydra overrides key=value and runs it; an",
+             "unknown key or a bad value stops it at once with one line naming the key.", "",
+             f"config files (--config): {', '.join(starts)}",
+             f"sections (section.key=value): {', '.join(sections)}"]
+    if command == "train":
+        clusters = sorted((path.stem for path in (CONFIGS / "cluster").glob("*.yaml")), key=lambda n: (len(n), n))
+        lines.append(f"groups: cluster={'|'.join(clusters)} (nodes of 8 GPUs, with cluster.placement=ray)")
+    lines += ["", "every key and its value: areal-async " + command + " --cfg [--config NAME] [key=value ...]",
+              "the keys with their comments: configs/*.yaml and areal_async/config.py", "", EPILOG.strip()]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command_at = next((i for i, arg in enumerate(argv) if not arg.startswith("-")), None)
+    if command_at is not None and argv[command_at] in ("train", "sft") and ({"-h", "--help"} & set(argv)):
+        print(command_help(argv[command_at]))
+        return 0
     if command_at is not None and argv[command_at] == "eval":  # eval's own flags, not hydra overrides
         return eval_main(argv[:command_at] + argv[command_at + 1 :], prog="areal-async eval")
     if command_at is not None and argv[command_at] == "plot":
@@ -261,18 +291,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.cfg:
         print(OmegaConf.to_yaml(OmegaConf.structured(config)))
         return 0
-    if args.command == "train":
-        from areal_async.run.trainer import GenerationFailed, RunStopped, run_training
+    try:
+        if args.command == "train":
+            from areal_async.run.trainer import GenerationFailed, RunStopped, run_training
 
-        try:
-            run_training(config, show_progress=not args.no_progress)
-        except (GenerationFailed, RunStopped) as error:  # the message says what happened and what to do
-            print(f"areal-async train: {error}", file=sys.stderr)
-            return 1
-    else:
-        from areal_async.run.sft import run_sft
+            try:
+                run_training(config, show_progress=not args.no_progress)
+            except (GenerationFailed, RunStopped) as error:  # the message says what happened and what to do
+                print(f"areal-async train: {error}", file=sys.stderr)
+                return 1
+        else:
+            from areal_async.run.sft import run_sft
 
-        print(f"warm start written to {run_sft(config, show_progress=not args.no_progress)}")
+            print(f"warm start written to {run_sft(config, show_progress=not args.no_progress)}")
+    except (InputError, FileNotFoundError) as error:  # a file, line, key or folder the user can fix
+        print(f"areal-async {args.command}: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

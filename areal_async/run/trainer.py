@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from collections import Counter
@@ -33,6 +34,7 @@ from areal_async.contracts import Controller, Learner, ReplayQueue
 from areal_async.files import write_json_atomically, write_text_atomically
 from areal_async.controller import RolloutController, settle_deliveries
 from areal_async.data import load_train_and_heldout
+from areal_async.errors import InputError
 from areal_async.ledger import Ledger
 from areal_async.replay_queue import ShardedReplayQueue
 from areal_async.memory_plan import GIB
@@ -181,9 +183,23 @@ class Trainer:
         torch.manual_seed(config.seed)
         run_name = config.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
         self.run_dir = Path(config.output_dir) / run_name
+        if not config.resume and (self.run_dir / "config.yaml").exists():  # every run writes it first
+            raise InputError(f"{self.run_dir} already holds a run: choose another run_name, or set resume=true to "
+                             "continue it")
+        created = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.structured(config), self.run_dir / "config.yaml")
+        try:
+            self._build()
+        except BaseException:
+            if created:  # a start that fails leaves no folder behind
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
 
+    def _build(self) -> None:
+        """Everything a run holds: the data, the engine, the learner, the queue and (Ray) the actors; resumes
+        from the run checkpoint with resume=true."""
+        config = self.config
+        OmegaConf.save(OmegaConf.structured(config), self.run_dir / "config.yaml")
         self.model_path = resolve_model_path(config)
         self.tokenizer = load_tokenizer(self.model_path)
         dtype = getattr(torch, config.model.dtype)
@@ -453,7 +469,7 @@ class Trainer:
         """Continues from the latest run checkpoint: weights, optimizer, version, data order, queue, ledger."""
         path = latest_run_checkpoint(self.state_dir)
         if path is None:
-            raise FileNotFoundError(f"resume=true: no run checkpoint under {self.state_dir}")
+            raise InputError(f"resume=true: no run checkpoint under {self.state_dir}")
         state = read_trainer_state(path)
         self.learner.load_state(path)  # Ray placement: the learner ranks load it when they start
         self.start_step, self.learner.version = state["step"], state["version"]
