@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 import traceback
 from collections import Counter
@@ -74,7 +75,10 @@ class RolloutWorker:
         generated = time.perf_counter()
         texts = [self.decode(g.tokens) for g in generations]
         verdicts = self.verifier.verify_batch(texts, [list(group.solutions) for group, _ in requests])
-        rewards = [self.verifier.correct_reward if v.value else self.verifier.incorrect_reward for v in verdicts]
+        # an answer the verifier could not judge gets no reward (NaN): the learner leaves it out, its group keeps
+        # the others; scoring it wrong would push against the long answers that time out
+        rewards = [(self.verifier.correct_reward if v.value else self.verifier.incorrect_reward) if v.scored
+                   else math.nan for v in verdicts]
         timings = {"generate_s": generated - started, "reward_s": time.perf_counter() - generated}
         self.last_round = {**timings, "reward_failures": Counter(v.failure for v in verdicts if v.failure)}
         return [

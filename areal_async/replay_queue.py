@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import math
 import zlib
 from collections import OrderedDict, deque
 from collections.abc import Collection, Sequence
@@ -45,8 +46,9 @@ def group_oldest_version(group: Sequence[Trajectory]) -> int:
 
 
 def is_zero_variance(group: Sequence[Trajectory]) -> bool:
-    """Every sample got the same reward: the group-normalised advantages are all zero, nothing to learn."""
-    return len({t.reward for t in group}) == 1
+    """Every scored sample got the same reward, or at most one was scored (a NaN reward: the verifier could not
+    judge it): the group-normalised advantages are all zero, nothing to learn."""
+    return len({t.reward for t in group if not math.isnan(t.reward)}) <= 1
 
 
 def round_robin_quotas(depths: Sequence[int], start: int, wanted: int) -> tuple[list[int], int | None]:

@@ -110,6 +110,11 @@ def test_zero_variance_group_is_dropped_unless_the_filter_is_off():
     assert shard.counts.dropped["zero_variance"] == 2 and shard.depth == 1
     unfiltered = ReplayQueueShard(0, capacity_groups=4, max_staleness=None, filter_zero_variance=False)
     assert unfiltered.put(frame("same", rewards=(5.0, 5.0))) == "queued"
+    # an answer the verifier could not judge (NaN) does not count: one scored sample left is zero variance
+    nan = float("nan")
+    versions = ((0,), (0,), (0,))
+    assert shard.put(frame("nan", versions=versions, rewards=(5.0, nan, -5.0))) == "queued"
+    assert shard.put(frame("nan one", versions=versions, rewards=(5.0, nan, nan))) == "zero_variance"
 
 
 def test_oldest_version_ignores_empty_outputs_and_is_minus_one_for_an_empty_group():

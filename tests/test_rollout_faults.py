@@ -178,3 +178,26 @@ def test_a_dead_workers_groups_are_delivered_if_the_queue_got_them_else_handed_o
     assert [g.group_id for g in again] == [mine[2].group_id, "g4"]  # handed out again first, then the freed slot
     assert controller.release_worker(7, {}) == {"delivered": 0, "readmitted": 0}
     assert controller.holders == {theirs[0].group_id: 8, mine[2].group_id: 9, "g4": 9}
+
+
+class TimingOutVerifier(CountingVerifier):
+    """Judges "1" right and "0" wrong, except that checking the second sample of every group times out and an
+    unreadable answer is "unparsed" (wrong, not unknown)."""
+
+    def verify_batch(self, responses, gold_answers):
+        verdicts = super().verify_batch(responses, gold_answers)
+        return [Verdict(False, "timeout") if row % 3 == 1 else Verdict(False, "unparsed") if row % 3 == 2 else v
+                for row, v in enumerate(verdicts)]
+
+
+def test_an_answer_the_verifier_could_not_judge_gets_no_reward_and_the_rest_keep_theirs():
+    worker = RolloutWorker(FlakyEngine(0), lambda tokens: str(tokens[0]), TimingOutVerifier(), [7])
+    controller = RolloutController([PromptRecord("q0", "p", ("1",))], lambda text: [1, 2, 3], group_size=6,
+                                   groups_per_step=1, max_staleness=0, seed=0)
+    trajectories = worker.rollout([controller.admit(current_version=0)], GenerationConfig(group_size=6), seed=0)
+    rewards = [t.reward for t in trajectories]
+    assert [np.isnan(r) for r in rewards] == [False, True, False] * 2  # samples 1 and 4 timed out
+    # the engine answers "1" (right) on odd rows; the unparsed samples (2, 5) count as wrong
+    assert [rewards[i] for i in (0, 2, 3, 5)] == [-5.0, -5.0, 5.0, -5.0]
+    assert worker.last_round["reward_failures"] == {"timeout": 2, "unparsed": 2}
+

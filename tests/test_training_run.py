@@ -245,6 +245,28 @@ def test_reward_failures_and_phase_timings_are_in_the_metrics(tmp_path):
     assert (run_dir / "training_curves.png").stat().st_size > 0
 
 
+def test_answers_the_verifier_could_not_judge_are_left_out_of_the_loss_and_counted(tmp_path, monkeypatch):
+    """Every third answer times out in the verifier: its reward is unknown (NaN), the step trains on the others
+    (their group keeps them), and metrics.jsonl counts it apart from wrong answers."""
+    from areal_async.reward import RewardVerifier, Verdict
+    from learners.fsdp_learner import FSDPLearner
+
+    judge = RewardVerifier.verify_batch
+    monkeypatch.setattr(RewardVerifier, "verify_batch", lambda self, responses, golds: [
+        Verdict(False, "timeout") if row % 3 == 0 else verdict
+        for row, verdict in enumerate(judge(self, responses, golds))])
+    trained = []
+    train_step = FSDPLearner.train_step
+    monkeypatch.setattr(FSDPLearner, "train_step", lambda self, trajectories, advantages: trained.append(
+        [t.reward for t in trajectories]) or train_step(self, trajectories, advantages))
+    _, run_dir = _run(tmp_path, "unjudged", ["total_steps=2", "data.num_heldout=0"])
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(line["reward_unscored"] > 0 and line["reward_failures_by_reason"]["timeout"] > 0 for line in lines)
+    assert all(reward in (5.0, -5.0) for rewards in trained for reward in rewards)
+    # 4 groups of 4 a step: the unscored ones are out, the rest of their groups trained
+    assert [len(rewards) + line["reward_unscored"] for rewards, line in zip(trained, lines)] == [16, 16]
+
+
 def test_the_bundled_warm_start_is_the_packaged_one():
     """Runs without model.path start from areal_async/assets (package data), never from a copy rebuilt elsewhere."""
     import areal_async

@@ -59,6 +59,12 @@ class Verdict(NamedTuple):
     value: bool
     failure: str | None = None
 
+    @property
+    def scored(self) -> bool:
+        """The answer was judged: right, wrong, or unreadable ("unparsed" counts as wrong). False when judging it
+        failed (a timeout, memory, a dead worker, an error): its reward is unknown and it is not trained on."""
+        return self.failure is None or self.failure == "unparsed"
+
 
 class SandboxError(RuntimeError):
     """The pool cannot run tasks: it is closed, or its workers fail to start or to verify under their cap."""

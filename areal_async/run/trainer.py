@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import sys
 import time
@@ -379,9 +380,12 @@ class Trainer:
         batch = self.gather_batch(step)
         gathered = time.perf_counter()
         trajectories = [t for group in batch for t in group]
+        scored = [t for t in trajectories if not math.isnan(t.reward)]  # NaN: the verifier could not judge it
+        if not scored:
+            raise RunStopped(f"step {step}: the verifier could judge none of its {len(trajectories)} answers "
+                             "(metrics.jsonl's reward_failures_by_reason says why)")
         # one advantage stage for both placements: over the whole batch, before any split across ranks
-        stats = self.learner.train_step(trajectories,
-                                        trajectory_advantages(trajectories, config.ppo.normalise_advantage_std))
+        stats = self.learner.train_step(scored, trajectory_advantages(scored, config.ppo.normalise_advantage_std))
         trained = time.perf_counter()
         if self.ray_cluster is not None:
             self.ray_cluster.publish(self.learner.version)
@@ -403,8 +407,9 @@ class Trainer:
         record = {
             "step": step,
             "version": self.learner.version,
-            "reward_mean": sum(t.reward for t in trajectories) / len(trajectories),
-            "accuracy": sum(t.reward == config.reward.correct_reward for t in trajectories) / len(trajectories),
+            "reward_mean": sum(t.reward for t in scored) / len(scored),
+            "accuracy": sum(t.reward == config.reward.correct_reward for t in scored) / len(scored),
+            "reward_unscored": len(trajectories) - len(scored),  # left out of the loss
             "response_length_mean": sum(len(t.output_tokens) for t in trajectories) / len(trajectories),
             "staleness_max": max(staleness),
             "staleness_mean": sum(staleness) / len(staleness),
