@@ -22,14 +22,11 @@ class PromptFormat:
 
     Attributes:
         template: Text with one ``{problem}``.
-        add_special_tokens: Passed to the tokenizer's encode; False where the template already holds the BOS
-            token (the R1-distilled chat format), so it is not added twice.
         answer_tag: The response's answer is in ``<answer>...</answer>`` (Open-Reasoner-Zero); see
             :func:`judged_text`.
     """
 
     template: str
-    add_special_tokens: bool = True
     answer_tag: bool = False
 
     def render(self, problem: str) -> str:
@@ -37,11 +34,10 @@ class PromptFormat:
 
 
 PROMPT_FORMATS: dict[PromptType, PromptFormat] = {
-    # DeepSeek-R1-Distill chat format (BOS written out, hence no BOS added by the tokenizer)
+    # DeepSeek-R1-Distill chat format (BOS written out: `encode_prompt` adds no second one)
     PromptType.r1_distilled: PromptFormat(
         "<｜begin▁of▁sentence｜><｜User｜>{problem}\nPlease reason step by step, and put your final answer within "
         "\\boxed{}.<｜Assistant｜><think>\n",
-        add_special_tokens=False,
     ),
     # Open-Reasoner-Zero style: reasoning in <think></think>, answer in <answer></answer>
     PromptType.orz: PromptFormat(
@@ -59,6 +55,14 @@ PROMPT_FORMATS: dict[PromptType, PromptFormat] = {
 }
 
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """A prompt's token ids, by one rule for training, held-out and benchmark prompts: the tokenizer's special
+    tokens (its BOS, where it adds one) are added unless the text already begins with the BOS token's text (a
+    chat-templated prompt), so no prompt starts with two BOS tokens."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return list(tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos))))
 
 
 def wrap(template: str, text: str) -> str:

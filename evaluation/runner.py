@@ -29,7 +29,7 @@ from areal_async.files import write_json_atomically
 from areal_async.reward.extraction import extract_answer
 from evaluation.benchmarks import Benchmark
 from evaluation.metrics import summarize_samples
-from areal_async.prompts import judged_text, prompt_format
+from areal_async.prompts import encode_prompt, judged_text, prompt_format
 
 SETTINGS_FILE = "settings.json"
 
@@ -132,10 +132,7 @@ def _evaluate_benchmark(engine, tokenizer, verifier, benchmark, settings, folder
     params = dict(max_new_tokens=settings.max_gen_tokens, temperature=settings.temperature, top_p=settings.top_p,
                   top_k=settings.top_k, stop_token_ids=() if eos is None else (int(eos),))
     problems = benchmark.problems
-    prompt_ids = [
-        list(tokenizer.encode(prompt_type.render(p.text), add_special_tokens=prompt_type.add_special_tokens))
-        for p in problems
-    ]
+    prompt_ids = [encode_prompt(tokenizer, prompt_type.render(p.text)) for p in problems]
     over_context = 0
     if max_context is not None:
         over_context = sum(len(ids) + settings.max_gen_tokens > max_context for ids in prompt_ids)

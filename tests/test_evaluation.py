@@ -33,7 +33,7 @@ from evaluation import (
 )
 from evaluation.eval_and_aggregate import EngineNotAvailable, open_engine
 from areal_async.config import PromptType
-from areal_async.prompts import PROMPT_FORMATS
+from areal_async.prompts import PROMPT_FORMATS, encode_prompt
 from evaluation.runner import derive_seed, plan_batches
 
 EVAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval"
@@ -216,11 +216,33 @@ def test_synthetic_benchmark_is_held_out_and_boxed_prompt_is_the_training_prompt
         assert record.prompt not in train
 
 
+def test_prompts_are_encoded_with_one_bos_whether_templated_or_not(tmp_path):
+    """A tokenizer configured like R1-Distill's (it adds its BOS, `<｜begin▁of▁sentence｜>`): the R1-distilled
+    template already begins with that text, so training, held-out and benchmark prompts (all through
+    encode_prompt) start with exactly one BOS; a plain prompt gets the tokenizer's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    bos = "<｜begin▁of▁sentence｜>"
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = Tokenizer(models.BPE(vocab={s: i for i, s in enumerate(alphabet)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.add_special_tokens([bos, "<｜User｜>", "<｜Assistant｜>"])
+    bos_id = backend.token_to_id(bos)
+    backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, bos_id)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos)
+    templated = PROMPT_FORMATS[PromptType.r1_distilled].render("What is 1+1?")
+    assert tokenizer.encode(templated)[:2] == [bos_id, bos_id]  # the double BOS of encoding with the default
+    ids = encode_prompt(tokenizer, templated)
+    assert ids[0] == bos_id and ids[1] != bos_id and ids.count(bos_id) == 1
+    plain = encode_prompt(tokenizer, "Q: 1+1\nA: ")
+    assert plain[0] == bos_id and plain.count(bos_id) == 1
+
+
 def test_prompt_types_and_judged_text():
     r1 = PROMPT_FORMATS[PromptType.r1_distilled]
     assert r1.render("What is 1+1?") == ("<｜begin▁of▁sentence｜><｜User｜>What is 1+1?\nPlease reason step by step, "
                                          "and put your final answer within \\boxed{}.<｜Assistant｜><think>\n")
-    assert r1.add_special_tokens is False  # the BOS is in the template
     orz = PROMPT_FORMATS[PromptType.orz]
     assert orz.render("P").endswith("User: P\nAssistant: <think>")
     assert extract_answer(judged_text("<think>2 or 3</think> <answer>\\frac{1}{2}</answer>", orz)) == "\\frac{1}{2}"

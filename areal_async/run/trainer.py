@@ -7,6 +7,7 @@ versions, a conservation ledger); with max_staleness = 0 it is synchronous RL.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import shutil
@@ -42,6 +43,7 @@ from areal_async.memory_plan import GIB
 from areal_async.model import load_config, load_pretrained, load_tokenizer, save_weights_pretrained
 from areal_async.objective import trajectory_advantages
 from areal_async.placement import inline_gpu_plan
+from areal_async.prompts import encode_prompt
 from areal_async.plots import plot_training_curves
 from areal_async.reward import RewardVerifier
 from areal_async.run.ray_cluster import RayCluster
@@ -212,7 +214,7 @@ class Trainer:
         self.errors_logged = 0
         controller = RolloutController(
             self.train_records,
-            self.tokenizer.encode,
+            functools.partial(encode_prompt, self.tokenizer),
             group_size=config.generation.group_size,
             groups_per_step=rollout.groups_per_step,
             max_staleness=rollout.max_staleness,
@@ -287,7 +289,7 @@ class Trainer:
             return None
         self.sync_driver_engine()
         groups = [
-            PromptGroup(f"heldout{i}", r.query_id, r.prompt, self.tokenizer.encode(r.prompt), r.solutions,
+            PromptGroup(f"heldout{i}", r.query_id, r.prompt, encode_prompt(self.tokenizer, r.prompt), r.solutions,
                         config.eval.num_samples, self.learner.version)
             for i, r in enumerate(self.heldout_records)
         ]
