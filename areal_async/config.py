@@ -19,6 +19,15 @@ class Objective(enum.Enum):
     naive = "naive"  # proximal := behaviour (standard PPO on off-policy data), for ablations
 
 
+class AdvantageNorm(enum.Enum):
+    """How rewards become advantages (gamma = lambda = 1, no critic: every token of a sample gets its sample's)."""
+
+    group = "group"  # reward - its group's mean
+    group_std = "group_std"  # (reward - group mean) / group std
+    batch = "batch"  # (reward - mean) / std over every output token of the step (AReaL v0.1: adv_norm, no group norm)
+    none = "none"  # the reward itself
+
+
 class BehaviourWeightMode(enum.Enum):
     clip = "clip"  # w = min(w, cap)
     mask = "mask"  # tokens with w > cap leave the loss (AReaL's choice)
@@ -273,7 +282,7 @@ class PPOConfig:
     behaviour_weight_cap: float | None = None
     behaviour_weight_mode: BehaviourWeightMode = BehaviourWeightMode.clip
     kl_coef: float = 0.0  # against the initial policy; > 0 keeps a frozen reference copy
-    normalise_advantage_std: bool = False
+    advantage_norm: AdvantageNorm = AdvantageNorm.group
     # optimizer updates per training step (AReaL v0.1: ppo_n_minibatches=4). With 1, the only update runs at the
     # proximal weights, where the ratio is 1 and eps_clip cannot act (the run warns).
     minibatches_per_step: int = 4

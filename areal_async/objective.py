@@ -26,15 +26,34 @@ def group_advantages(rewards: torch.Tensor, normalise_std: bool = False, eps: fl
     return centred
 
 
-def trajectory_advantages(trajectories: Sequence[Trajectory], normalise_std: bool) -> list[float]:
-    """One advantage per trajectory from group-normalised rewards (groups keyed by group_id, any order)."""
+def batch_advantages(rewards: torch.Tensor, lengths: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """rewards [N], output lengths [N] -> advantages [N]: (reward - mean) / std over every output token of the
+    batch, each sample's reward counted once per token it generated (AReaL v0.1's token-level adv_norm with
+    every token of a sample carrying its reward)."""
+    weights = lengths.to(rewards.dtype) / lengths.sum()
+    mean = (weights * rewards).sum()
+    std = (weights * (rewards - mean) ** 2).sum().sqrt()
+    return (rewards - mean) / (std + eps)
+
+
+def trajectory_advantages(trajectories: Sequence[Trajectory], norm: str = "group") -> list[float]:
+    """One advantage per trajectory (groups keyed by group_id, any order); `norm` is an AdvantageNorm value:
+    "group" (minus the group mean), "group_std" (and over the group std), "batch" (batch_advantages), "none"."""
+    rewards = torch.tensor([t.reward for t in trajectories], dtype=torch.float64)
+    if norm == "none":
+        return rewards.tolist()
+    if norm == "batch":
+        lengths = torch.tensor([len(t.output_tokens) for t in trajectories], dtype=torch.float64)
+        return batch_advantages(rewards, lengths.clamp(min=1)).tolist()
+    if norm not in ("group", "group_std"):
+        raise ValueError(f"advantage norm must be group, group_std, batch or none, got {norm!r}")
     by_group: dict[str, list[int]] = defaultdict(list)
     for index, trajectory in enumerate(trajectories):
         by_group[trajectory.group_id].append(index)
     advantages = [0.0] * len(trajectories)
     for indices in by_group.values():
-        rewards = torch.tensor([[trajectories[i].reward for i in indices]], dtype=torch.float64)
-        for i, value in zip(indices, group_advantages(rewards, normalise_std)[0].tolist()):
+        centred = group_advantages(rewards[indices][None], normalise_std=norm == "group_std")[0]
+        for i, value in zip(indices, centred.tolist()):
             advantages[i] = value
     return advantages
 

@@ -18,7 +18,7 @@ import torch.multiprocessing as torch_mp
 
 from actors.engine import TorchEngine
 from areal_async.types import SamplingParams, Trajectory
-from areal_async.config import LearnerConfig, OneRankMode, PPOConfig
+from areal_async.config import AdvantageNorm, LearnerConfig, OneRankMode, PPOConfig
 from areal_async.model import CausalLM, DecoderConfig
 from areal_async.packing import split_into_packs
 from conftest import TINY
@@ -76,7 +76,7 @@ def relative_diff(values: dict[str, np.ndarray], reference: dict[str, np.ndarray
 
 def one_rank_step(learner: PPOLearner, trajectories: list[Trajectory]) -> dict:
     """Stats, the (clipped) gradient and the weights after one unsharded train_step."""
-    stats = learner.train_step(trajectories, trajectory_advantages(trajectories, learner.config.normalise_advantage_std))
+    stats = learner.train_step(trajectories, trajectory_advantages(trajectories, learner.config.advantage_norm.value))
     gradients = {n: p.grad.numpy().copy() for n, p in learner.model.named_parameters()}
     weights = {n: p.detach().numpy().copy() for n, p in learner.model.named_parameters()}
     return {"stats": stats, "gradients": gradients, "weights": weights}
@@ -148,11 +148,13 @@ def batch() -> tuple[CausalLM, list[Trajectory]]:
 
 
 def configs() -> dict[str, PPOConfig]:
-    """The 2-rank cases. grad_clip sits below the batch's gradient norm, so clipping across shards is exercised."""
+    """The 2-rank cases, one update each (the comparisons are of one AdamW step). grad_clip sits below the batch's
+    gradient norm, so clipping across shards is exercised."""
+    one_update = dict(minibatches_per_step=1, grad_clip=0.5)
     return {
-        "balanced": PPOConfig(micro_batch_tokens=HUGE_BUDGET, normalise_advantage_std=True, grad_clip=0.5),
-        "tiny_budget": PPOConfig(micro_batch_tokens=TINY_BUDGET, normalise_advantage_std=True, grad_clip=0.5),
-        "idle_rank_with_kl": PPOConfig(micro_batch_tokens=TINY_BUDGET, kl_coef=0.05, grad_clip=0.5),
+        "balanced": PPOConfig(micro_batch_tokens=HUGE_BUDGET, advantage_norm=AdvantageNorm.group_std, **one_update),
+        "tiny_budget": PPOConfig(micro_batch_tokens=TINY_BUDGET, advantage_norm=AdvantageNorm.group_std, **one_update),
+        "idle_rank_with_kl": PPOConfig(micro_batch_tokens=TINY_BUDGET, kl_coef=0.05, **one_update),
     }
 
 
@@ -161,9 +163,9 @@ def two_rank_runs(batch) -> dict[tuple[int, str], dict]:
     model, trajectories = batch
     cases = []
     for name, config in configs().items():
-        shares = split_step_across_ranks(trajectories, trajectory_advantages(trajectories, config.normalise_advantage_std), WORLD)
+        shares = split_step_across_ranks(trajectories, trajectory_advantages(trajectories, config.advantage_norm.value), WORLD)
         if name == "idle_rank_with_kl":
-            shares = [RankShare(list(trajectories), trajectory_advantages(trajectories, False)), RankShare([], [])]
+            shares = [RankShare(list(trajectories), trajectory_advantages(trajectories, "group")), RankShare([], [])]
         cases.append(Case(name, config, shares))
     return run_two_ranks(model.state_dict(), cases)
 
@@ -180,8 +182,8 @@ def one_rank_runs(batch) -> dict[str, dict]:
 
 def test_split_keeps_whole_group_advantages_and_splits_groups(batch):
     _, trajectories = batch
-    shares = split_step_across_ranks(trajectories, trajectory_advantages(trajectories, normalise_std=False), WORLD)
-    expected = dict(zip((id(t) for t in trajectories), trajectory_advantages(trajectories, normalise_std=False)))
+    shares = split_step_across_ranks(trajectories, trajectory_advantages(trajectories, "group"), WORLD)
+    expected = dict(zip((id(t) for t in trajectories), trajectory_advantages(trajectories, "group")))
     assert sorted(id(t) for s in shares for t in s.trajectories) == sorted(expected)
     assert all(a == expected[id(t)] for s in shares for t, a in zip(s.trajectories, s.advantages))
     groups_per_rank = [{t.group_id for t in s.trajectories} for s in shares]
@@ -253,7 +255,7 @@ def gradient_and_mlp_calls(model: CausalLM, trajectories, activation_checkpointi
     config = PPOConfig(micro_batch_tokens=40, activation_checkpointing=activation_checkpointing)
     learner = FSDPLearner(copy.deepcopy(model), config, pad_token_id=0, temperature=1.0,
                           learner_config=LearnerConfig(one_rank_mode=mode))
-    micro_batches = learner.prepare(trajectories, trajectory_advantages(trajectories, normalise_std=False))
+    micro_batches = learner.prepare(trajectories, trajectory_advantages(trajectories, "group"))
     mlp, calls = learner.model.model.layers[0].mlp, []
     mlp_forward = mlp.forward
     mlp.forward = lambda x: calls.append(1) or mlp_forward(x)  # counts recomputations too, unlike a module hook
@@ -283,12 +285,12 @@ def test_one_rank_step_matches_unsharded_learner(one_rank_group, batch, one_rank
     config = configs()["balanced"]
     learner = FSDPLearner(copy.deepcopy(model), config, pad_token_id=0, temperature=1.0,
                           learner_config=LearnerConfig(one_rank_mode=mode))
-    learner.prepare(trajectories, trajectory_advantages(trajectories, config.normalise_advantage_std))
+    learner.prepare(trajectories, trajectory_advantages(trajectories, config.advantage_norm.value))
     sharded = mode is OneRankMode.fsdp
     assert learner.sharded == sharded
     assert all(isinstance(p, DTensor) == sharded for p in learner.model.parameters())
     outcome = sharded_step(learner, RankShare(list(trajectories),
-                                              trajectory_advantages(trajectories, config.normalise_advantage_std)))
+                                              trajectory_advantages(trajectories, config.advantage_norm.value)))
     one = one_rank_runs["balanced"]
     for stat in ("loss", "grad_norm", "behaviour_weight_mean", "behaviour_weight_max", "clip_fraction"):
         assert outcome["stats"][stat] == pytest.approx(one["stats"][stat], rel=TOLERANCE), stat
@@ -302,7 +304,7 @@ def one_rank_learner_step(model: CausalLM, trajectories, config: PPOConfig, lear
     learner = FSDPLearner(copy.deepcopy(model), config, pad_token_id=0, temperature=1.0, learner_config=learner_config)
     assert learner.sharded == (learner_config.one_rank_mode is OneRankMode.fsdp)
     return sharded_step(learner, RankShare(list(trajectories),
-                                           trajectory_advantages(trajectories, config.normalise_advantage_std)))
+                                           trajectory_advantages(trajectories, config.advantage_norm.value)))
 
 
 @pytest.mark.parametrize("name", ["balanced", "tiny_budget", "idle_rank_with_kl"])
@@ -364,7 +366,7 @@ def test_plain_one_rank_learner_autocasts_with_fp32_master_weights(one_rank_grou
     learner = FSDPLearner(copy.deepcopy(model), config, pad_token_id=0, temperature=1.0)
     assert learner.ppo.autocast_dtype == torch.bfloat16
     assert all(p.dtype == torch.bfloat16 for p in learner.ppo.reference.parameters())
-    bf16 = sharded_step(learner, RankShare(list(trajectories), trajectory_advantages(trajectories, False)))
+    bf16 = sharded_step(learner, RankShare(list(trajectories), trajectory_advantages(trajectories, "group")))
     assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in learner.model.parameters())
     assert bf16["stats"]["loss"] == pytest.approx(fp32["stats"]["loss"], rel=0.05, abs=1e-3)
     gradient_diff = relative_diff(bf16["gradients"], fp32["gradients"])

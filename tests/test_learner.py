@@ -2,6 +2,7 @@
 reward."""
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -31,7 +32,7 @@ def _trajectories(model, prompts, group_size=4, seed=0):
 
 
 def _advantages(trajectories):
-    return trajectory_advantages(trajectories, normalise_std=False)
+    return trajectory_advantages(trajectories, "group")
 
 
 def _gradients(learner, trajectories):
@@ -61,7 +62,7 @@ def test_packed_gradient_equals_the_padded_full_batch_gradient(tiny_model):
 
     # The same loss, written directly over one padded batch: proximal = current weights, before the update.
     model = copy.deepcopy(tiny_model)
-    advantages = trajectory_advantages(trajectories, normalise_std=False)
+    advantages = trajectory_advantages(trajectories, "group")
     batch = pad_prompt_output_batch(
         [t.prompt_tokens for t in trajectories], [t.output_tokens for t in trajectories], pad_token_id=0,
         per_token={"behaviour": [t.behaviour_logprobs for t in trajectories],
@@ -81,7 +82,7 @@ def test_rank_gradients_add_up_to_the_one_rank_gradient(tiny_model):
     trajectories = _trajectories(tiny_model, [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10], [11, 12]], seed=3)
     config = PPOConfig(micro_batch_tokens=20)
     whole = _gradients(PPOLearner(copy.deepcopy(tiny_model), config, pad_token_id=0, temperature=1.0), trajectories)
-    advantages = trajectory_advantages(trajectories, config.normalise_advantage_std)
+    advantages = trajectory_advantages(trajectories, config.advantage_norm.value)
     total_output_tokens = sum(len(t.output_tokens) for t in trajectories)
     rank_gradients = []
     for indices in balance_across_ranks([t.num_tokens for t in trajectories], num_ranks=2):
@@ -98,8 +99,25 @@ def test_trajectory_advantages_are_group_centred():
         z = np.zeros(1, dtype=np.int32)
         return Trajectory("q", group, 0, z + 1, z, z.astype(np.float32), z, reward, "stop")
 
-    advantages = trajectory_advantages([t("a", 5.0), t("b", 5.0), t("a", -5.0), t("a", 5.0), t("b", -5.0)], False)
+    advantages = trajectory_advantages([t("a", 5.0), t("b", 5.0), t("a", -5.0), t("a", 5.0), t("b", -5.0)], "group")
     assert advantages == pytest.approx([10 / 3, 5.0, -20 / 3, 10 / 3, -5.0])
+
+
+def test_trajectory_advantages_by_norm_hand_computed():
+    def t(group, reward, length):
+        z = np.zeros(length, dtype=np.int32)
+        return Trajectory("q", group, 0, z[:1] + 1, z, z.astype(np.float32), z, reward, "stop")
+
+    batch = [t("a", 5.0, 1), t("a", -5.0, 3), t("b", 5.0, 2), t("b", 5.0, 2)]
+    # batch: 8 output tokens, 5 of them rewarded +5: mean 5 * (5 - 3) / 8 = 1.25; variance
+    # (5 * 3.75^2 + 3 * 6.25^2) / 8 = 23.4375, std 4.8412
+    std = math.sqrt(23.4375)
+    assert trajectory_advantages(batch, "batch") == pytest.approx(
+        [3.75 / std, -6.25 / std, 3.75 / std, 3.75 / std], rel=1e-5)
+    assert trajectory_advantages(batch, "none") == [5.0, -5.0, 5.0, 5.0]
+    assert trajectory_advantages(batch, "group_std") == pytest.approx([1.0, -1.0, 0.0, 0.0], rel=1e-5)
+    with pytest.raises(ValueError, match="advantage norm"):
+        trajectory_advantages(batch, "rank")
 
 
 @pytest.mark.parametrize("objective", [Objective.decoupled, Objective.naive])

@@ -387,7 +387,7 @@ class Trainer:
             raise RunStopped(f"step {step}: the verifier could judge none of its {len(trajectories)} answers "
                              "(metrics.jsonl's reward_failures_by_reason says why)")
         # one advantage stage for both placements: over the whole batch, before any split across ranks
-        stats = self.learner.train_step(scored, trajectory_advantages(scored, config.ppo.normalise_advantage_std))
+        stats = self.learner.train_step(scored, trajectory_advantages(scored, config.ppo.advantage_norm.value))
         trained = time.perf_counter()
         if self.ray_cluster is not None:
             self.ray_cluster.publish(self.learner.version)
