@@ -154,7 +154,7 @@ def learner_alone(trainer: Trainer, trajectories: list[Trajectory]) -> dict:
     """The second of two PPO steps on `trajectories`: the first compiles for their packs' lengths, which the run's
     packs did not have (measured cold on an H100, the one step took 2.4 x the run's warm training phases)."""
     learner = trainer.learner
-    advantages = trajectory_advantages(trajectories, normalise_std=False)
+    advantages = trajectory_advantages(trajectories, trainer.config.ppo.advantage_norm.value)
     learner.train_step(trajectories, advantages)
     synchronize(learner.ppo.device)
     started = time.perf_counter()

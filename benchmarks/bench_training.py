@@ -341,8 +341,9 @@ def ours_system(compile_layers: bool, activation_checkpointing: bool, decoupled:
     torch.manual_seed(0)
     with torch.device(DEVICE):
         model = CausalLM(DecoderConfig(**SHAPE, tie_word_embeddings=False))
+    # one optimizer update a step: ppo_step is the references' step (recompute + one update), as measured before
     config = PPOConfig(lr=1e-6, micro_batch_tokens=SIZES["budget"], activation_checkpointing=activation_checkpointing,
-                       objective=Objective.decoupled if decoupled else Objective.naive)
+                       objective=Objective.decoupled if decoupled else Objective.naive, minibatches_per_step=1)
     learner = fsdp_learner.FSDPLearner(model, config, pad_token_id=0, temperature=1.0, device=DEVICE,
                                        compile_layers=compile_layers, learner_config=variant_learner_config(system))
 
@@ -350,7 +351,7 @@ def ours_system(compile_layers: bool, activation_checkpointing: bool, decoupled:
         from areal_async.objective import trajectory_advantages
 
         trajectories = synthetic_trajectories([len(s) for s in sequences])
-        advantages = trajectory_advantages(trajectories, normalise_std=False)
+        advantages = trajectory_advantages(trajectories, "group")
         prepared = {}
 
         def update():  # forward + backward + optimizer step on prepared packs (what the references do)
@@ -792,7 +793,7 @@ def check_one_rank_learner(checks: dict) -> None:
         model = CausalLM(DecoderConfig(**{**SHAPE, "num_hidden_layers": 2}, tie_word_embeddings=False))
     initial = {n: p.detach().float().clone() for n, p in model.named_parameters()}
     trajectories = synthetic_trajectories([SIZES["seq"] // 4] * 2)
-    advantages = trajectory_advantages(trajectories, normalise_std=False)
+    advantages = trajectory_advantages(trajectories, "group")
     config = PPOConfig(lr=1e-5, micro_batch_tokens=SIZES["budget"], grad_clip=1.0)
     outcomes = {}
     for mode in OneRankMode:

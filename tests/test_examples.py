@@ -34,7 +34,9 @@ def test_recipe_script_dry_run_resolves(script, nodes, shape):
     # the seed's recipe
     assert config["rollout"]["groups_per_step"] == 1024 and config["generation"]["group_size"] == 8
     assert (config["reward"]["correct_reward"], config["reward"]["incorrect_reward"]) == (5.0, -5.0)
-    assert 0 < config["ppo"]["kl_coef"] <= 0.001
+    # AReaL's scripts: KL 0.001 for the 1.5B, none for the 7B zero-RL run; advantages over the batch, 4 minibatches
+    assert config["ppo"]["kl_coef"] == (0.0 if shape == "qwen2_5_7b" else 0.001)
+    assert config["ppo"]["advantage_norm"] == "batch" and config["ppo"]["minibatches_per_step"] == 4
     # the four arguments, the run name and an extra override
     assert config["model"]["path"] == "/ckpt/model" and config["model"]["shape"] == shape
     assert (config["data"]["kind"], config["data"]["path"], config["data"]["id2info_path"]) == (
