@@ -1,7 +1,8 @@
 """The torch.distributed groups of a Ray run.
 
-The learner ranks 0..M-1 form the run's world: FSDP's all-gathers and reduce-scatters. Weight publication runs
-in a group of its own: learner rank 0 (the publisher, its rank 0) and rollout worker i (its rank i + 1). That
+The learner ranks 0..M-1 form the run's world: FSDP's all-gathers and reduce-scatters. They meet through the
+store the driver hosts (under a prefix of their own), not one that rank 0 would host at the driver's address:
+Ray may place rank 0 on another node. Weight publication runs in a group of its own: learner rank 0 (the publisher, its rank 0) and rollout worker i (its rank i + 1). That
 group is standalone, built from a store the driver hosts, and numbered by an epoch: a group that lost a member
 cannot be used again (its members would wait for the dead one), so when a worker dies the driver opens epoch
 e + 1, whose members are the publisher, the live workers and the dead one's replacement.
@@ -19,15 +20,21 @@ from datetime import timedelta
 import torch.distributed as dist
 
 
-def join_learner_world(address: str, world_size: int, rank: int, backend: str) -> dist.ProcessGroup:
-    """Joins the learner ranks' world (every learner rank calls this); returns its group."""
+def join_learner_world(store_address: tuple[str, int], world_size: int, rank: int, backend: str,
+                       timeout_s: float = 600.0) -> dist.ProcessGroup:
+    """Joins the learner ranks' world through the driver's store at `store_address` (every learner rank calls
+    this); returns its group."""
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-    dist.init_process_group(backend, init_method=address, world_size=world_size, rank=rank)
+    host, port = store_address
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.PrefixStore("learner-world/", dist.TCPStore(host, port, is_master=False, timeout=timeout))
+    dist.init_process_group(backend, store=store, world_size=world_size, rank=rank, timeout=timeout)
     return dist.group.WORLD
 
 
-def host_sync_store(host: str, port: int) -> dist.TCPStore:
-    """The store of the weight-sync groups, hosted by the driver for the whole run (keep the object alive)."""
+def host_store(host: str, port: int) -> dist.TCPStore:
+    """The run's store, hosted by the driver for the whole run (keep the object alive): the learner world and the
+    weight-sync groups meet through it."""
     return dist.TCPStore(host, port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
 
 

@@ -12,7 +12,7 @@ Paths:
   inprocess -- `InProcessTransport`, publisher and one receiver in this process (the inline trainer's path), on
                `--device`;
   gloo      -- `TorchDistributedTransport` over a gloo group opened as the Ray run opens its weight-sync groups
-               (`host_sync_store` here, `open_sync_group` in each member): the publisher and 1..N receivers
+               (`host_store` here, `open_sync_group` in each member): the publisher and 1..N receivers
                (`--receivers`) are spawned processes on this machine, CPU tensors;
   nccl      -- the same with NCCL, one GPU per member (publisher cuda:0, receiver i cuda:i): needs
                receivers + 1 GPUs.
@@ -55,7 +55,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as torch_mp
 
-from areal_async.process_groups import host_sync_store, open_sync_group
+from areal_async.process_groups import host_store, open_sync_group
 from areal_async.weight_sync import (
     DEFAULT_BUCKET_BYTES,
     InProcessTransport,
@@ -318,7 +318,7 @@ def bench_distributed(backend: str, model: str, receivers: int, args) -> dict:
     if backend == "nccl" and torch.cuda.device_count() < size:
         raise ValueError(f"nccl with {receivers} receivers needs {size} GPUs (one per member), "
                          f"this machine has {torch.cuda.device_count()}")
-    store = host_sync_store(STORE_HOST, 0)  # port 0: the OS picks a free one; the members need it to the end
+    store = host_store(STORE_HOST, 0)  # port 0: the OS picks a free one; the members need it to the end
     context = torch_mp.get_context("spawn")
     results = context.Queue()
     shapes = parameter_shapes(model)

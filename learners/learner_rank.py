@@ -39,7 +39,7 @@ class LearnerRank:
         self.sync_lock = threading.Lock()  # one round (or group change) at a time; abort_sync does not wait
         self.closed = threading.Event()
 
-    def connect(self, address: str, world_size: int, backend: str, version: int, checkpoint: str | None,
+    def connect(self, world_size: int, backend: str, version: int, checkpoint: str | None,
                 store_address: tuple[str, int], sync_size: int) -> int:
         """Joins the learner world, shards the policy (restored from `checkpoint` if given), and (rank 0) opens
         weight-sync epoch 0 with the workers and publishes `version` to them. Returns the number of ranks."""
@@ -49,7 +49,7 @@ class LearnerRank:
         if device.type == "cuda":  # Ray makes the rank's GPU the only visible one
             device = torch.device("cuda", torch.cuda.current_device())
         self.backend, self.store_address, self.sync_size = backend, tuple(store_address), sync_size
-        self.group = join_learner_world(address, world_size, self.rank, backend)
+        self.group = join_learner_world(self.store_address, world_size, self.rank, backend)
         self.learner = FSDPLearner(
             load_pretrained(self.model_path, torch.float32),
             self.config.ppo,

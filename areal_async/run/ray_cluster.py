@@ -28,7 +28,7 @@ from actors.rollout_actor import CONCURRENT_CALLS as WORKER_CALLS
 from actors.rollout_actor import RolloutActor
 from areal_async.config import ClusterConfig, TrainConfig
 from areal_async.controller import RolloutController
-from areal_async.process_groups import host_sync_store
+from areal_async.process_groups import host_store
 from areal_async.replay_queue import ReplayQueueShard, ShardedReplayQueue, shard_log_path
 from areal_async.runtime import ActorDied, ControllerService, RayProxy, WorkerKeepsDying, describe_death
 from areal_async.types import Trajectory
@@ -170,8 +170,9 @@ class RayCluster:
                                        max_concurrency=WORKER_CALLS)(RolloutActor)
         self.workers = [self._new_worker(index) for index in range(cluster.num_rollout_workers)]
         self.backend = "nccl" if torch.device(config.device).type == "cuda" else "gloo"
-        self.sync_store_address = (ray.util.get_node_ip_address(), _free_port())
-        self.sync_store = host_sync_store(*self.sync_store_address)
+        # the learner world and the weight-sync groups meet through this store, on the driver's node
+        self.store_address = (ray.util.get_node_ip_address(), _free_port())
+        self.store = host_store(*self.store_address)
         self.sync_epoch = 0
         self.running: list = []  # each worker's `run` call
         self.sentinels: list = []  # each learner rank's `alive` call: it returns only if the rank dies
@@ -189,15 +190,12 @@ class RayCluster:
     def start(self) -> None:
         """Connects learner ranks and workers, publishes `learner.version` (of the policy restored by
         `learner.load_state`, if it was called) and starts generation."""
-        import ray
-
-        address = f"tcp://{ray.util.get_node_ip_address()}:{_free_port()}"
         version, checkpoint = self.learner.version, self.learner.checkpoint
         connected = [
-            rank.connect.remote(address, len(self.learner.ranks), self.backend, version,
-                                str(checkpoint) if checkpoint else None, self.sync_store_address, self.sync_size)
+            rank.connect.remote(len(self.learner.ranks), self.backend, version,
+                                str(checkpoint) if checkpoint else None, self.store_address, self.sync_size)
             for rank in self.learner.ranks
-        ] + [worker.connect.remote(self.sync_store_address, 0, self.sync_size, self.backend) for worker in self.workers]
+        ] + [worker.connect.remote(self.store_address, 0, self.sync_size, self.backend) for worker in self.workers]
         gather(connected, self.learner.names + [f"rollout worker {index}" for index in range(len(self.workers))])
         self.running = [worker.run.remote() for worker in self.workers]
         self.sentinels = [rank.alive.remote() for rank in self.learner.ranks]
@@ -260,7 +258,7 @@ class RayCluster:
         ray.kill(self.workers[index], no_restart=True)
         self.workers[index] = self._new_worker(index)
         gather([self.learner.ranks[0].open_sync_epoch.remote(self.sync_epoch),
-                self.workers[index].connect.remote(self.sync_store_address, self.sync_epoch, self.sync_size,
+                self.workers[index].connect.remote(self.store_address, self.sync_epoch, self.sync_size,
                                                    self.backend)],
                [self.learner.names[0], f"rollout worker {index} (replacement)"])
         self.running[index] = self.workers[index].run.remote()
