@@ -6,7 +6,8 @@ the new key arrive before RoPE, as views into the projection's output: the kerne
 model's own cos/sin rows (no copies, no separate RoPE kernels). The work is
 split three ways: one program per (sequence, key/value head, split), where a split is a run of consecutive
 blocks of the sequence: its blocks spread evenly over `spread` splits, at most `split_blocks` blocks each (a
-short row in a small batch still makes several programs, a long one splits_blocks-long runs). A program reads each key/value tile once for the whole group of query heads
+short row in a small batch still makes several programs, a long one runs of split_blocks). A program reads each
+key/value tile once for the whole group of query heads
 that share the key/value head (GROUP rows of one matrix product, padded to 16), keeps an online softmax, and
 writes a partial result (its running max, sum and weighted values); a second kernel combines a sequence's
 splits. Programs whose split starts past their sequence's last block do nothing, so the grid (splits of the
@@ -37,6 +38,12 @@ def _rotated(ptr, rows, dim, cos, sin, mask, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
+def _run_blocks(n_blocks, split_blocks, spread):
+    """Blocks per split of a row of `n_blocks` blocks: spread evenly over `spread` splits, at most split_blocks."""
+    return tl.minimum(split_blocks, tl.maximum(1, tl.cdiv(n_blocks, spread)))
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr, k_new_ptr, v_new_ptr, cos_ptr, sin_ptr, key_cache_ptr, value_cache_ptr, tables_ptr, lengths_ptr,
     active_ptr, out_ptr, partial_acc_ptr, partial_stats_ptr,
@@ -51,7 +58,7 @@ def _decode_split_kernel(
     active = tl.load(active_ptr + row) != 0
     length = tl.where(active, tl.load(lengths_ptr + row), 0).to(tl.int32)
     n_blocks = tl.cdiv(length, BLOCK_SIZE)
-    run = tl.minimum(split_blocks, tl.maximum(1, tl.cdiv(n_blocks, spread)))
+    run = _run_blocks(n_blocks, split_blocks, spread)
     first = split * run
     if (split == 0) | (first < n_blocks):
         group = tl.arange(0, GROUP_PAD)
@@ -116,7 +123,7 @@ def _decode_combine_kernel(
     active = tl.load(active_ptr + row) != 0
     length = tl.where(active, tl.load(lengths_ptr + row), 0).to(tl.int32)
     n_blocks = tl.cdiv(length, BLOCK_SIZE)
-    used = tl.maximum(1, tl.cdiv(n_blocks, tl.minimum(split_blocks, tl.maximum(1, tl.cdiv(n_blocks, spread)))))
+    used = tl.maximum(1, tl.cdiv(n_blocks, _run_blocks(n_blocks, split_blocks, spread)))
     group = tl.arange(0, GROUP_PAD)
     dim = tl.arange(0, HEAD_DIM)
     first_part = (row * HEADS_KV + head) * splits
@@ -153,8 +160,8 @@ def paged_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Te
     output; heads and dims contiguous); cos, sin [B, D] fp32 (decoder.rope_cos_sin at each row's position);
     key_cache, value_cache [blocks, block_size, Hkv, D] (one layer); block_tables [B, width] int32; lengths [B]
     int64 (tokens cached before this one); active [B] bool. A row's blocks spread over `spread` programs, at
-    most `split_blocks` blocks each (spread 1: runs of split_blocks). Returns [B, H, D] in q's dtype. Static shapes and no
-    host synchronisation (CUDA-graph safe)."""
+    most `split_blocks` blocks each (spread 1: runs of split_blocks). Returns [B, H, D] in q's dtype. Static
+    shapes and no host synchronisation (CUDA-graph safe)."""
     batch, heads, head_dim = q.shape
     kv_heads = k_new.shape[1]
     group = heads // kv_heads
