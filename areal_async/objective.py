@@ -30,7 +30,7 @@ def batch_advantages(rewards: torch.Tensor, lengths: torch.Tensor, eps: float = 
     """rewards [N], output lengths [N] -> advantages [N]: (reward - mean) / std over every output token of the
     batch, each sample's reward counted once per token it generated (AReaL v0.1's token-level adv_norm with
     every token of a sample carrying its reward)."""
-    weights = lengths.to(rewards.dtype) / lengths.sum()
+    weights = lengths.to(rewards.dtype) / lengths.sum().clamp(min=1)
     mean = (weights * rewards).sum()
     std = (weights * (rewards - mean) ** 2).sum().sqrt()
     return (rewards - mean) / (std + eps)
@@ -44,7 +44,7 @@ def trajectory_advantages(trajectories: Sequence[Trajectory], norm: str = "group
         return rewards.tolist()
     if norm == "batch":
         lengths = torch.tensor([len(t.output_tokens) for t in trajectories], dtype=torch.float64)
-        return batch_advantages(rewards, lengths.clamp(min=1)).tolist()
+        return batch_advantages(rewards, lengths).tolist()
     if norm not in ("group", "group_std"):
         raise ValueError(f"advantage norm must be group, group_std, batch or none, got {norm!r}")
     by_group: dict[str, list[int]] = defaultdict(list)
