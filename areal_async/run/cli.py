@@ -225,16 +225,16 @@ def ablate_main(argv: list[str]) -> int:
     return 0
 
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-
-
 def command_help(command: str) -> str:
     """`areal-async train --help` / `sft --help`: the config files it can start from, the sections and groups of
     its config, and how to see every key."""
+    import configs  # the package compose_config reads
+
     from areal_async.config import SFTConfig, TrainConfig
 
+    folder = Path(configs.__file__).parent
     schema = TrainConfig if command == "train" else SFTConfig
-    starts = sorted(path.stem for path in CONFIGS.glob("*.yaml")
+    starts = sorted(path.stem for path in folder.glob("*.yaml")
                     if ("sft_schema" in path.read_text()) == (command == "sft"))
     hints = typing.get_type_hints(schema)
     sections = [name for name, kind in hints.items() if dataclasses.is_dataclass(kind)]
@@ -244,7 +244,7 @@ def command_help(command: str) -> str:
              f"config files (--config): {', '.join(starts)}",
              f"sections (section.key=value): {', '.join(sections)}"]
     if command == "train":
-        clusters = sorted((path.stem for path in (CONFIGS / "cluster").glob("*.yaml")), key=lambda n: (len(n), n))
+        clusters = sorted((path.stem for path in (folder / "cluster").glob("*.yaml")), key=lambda n: (len(n), n))
         lines.append(f"groups: cluster={'|'.join(clusters)} (nodes of 8 GPUs, with cluster.placement=ray)")
     lines += ["", "every key and its value: areal-async " + command + " --cfg [--config NAME] [key=value ...]",
               "the keys with their comments: configs/*.yaml and areal_async/config.py", "", EPILOG.strip()]
