@@ -176,7 +176,8 @@ class TorchEngine:
     stays eager inside it (a graph break per layer). compile_prefill: run prefill and recompute forwards through
     torch.compile too (dynamic shapes; default: on CUDA): an eager prefill spends as long on its elementwise
     kernels as on its matrix products. decode_attention: "triton" (the paged split-KV kernel),
-    "gather" (the reference: blocks gathered, then one softmax) or "auto" (triton on CUDA). decode_split_tokens:
+    "gather" (the reference: blocks gathered, then one softmax) or "auto" (triton on CUDA where the shapes suit
+    it, else gather, whose steps are not captured). decode_split_tokens:
     positions one kernel program reads before the partial softmaxes are combined. fused_sampling: draw with one
     Triton kernel over the logits when no top-k/top-p truncation applies (default: on CUDA).
     fuse_projections: run q/k/v and gate/up as one matrix product each (`CausalLM.fuse_projections`; default:
@@ -216,12 +217,16 @@ class TorchEngine:
         self.version = 0
         self.max_slots, self.sync_every, self.block_size = max_slots, max(1, sync_every), kv_block_size
         self.prefill_tokens, self.refill_fraction = prefill_tokens, refill_fraction
-        self.decode_kernel = ("triton" if cuda else "gather") if decode_attention == "auto" else decode_attention
+        # the Triton kernel's tiles: kv_block_size and head_dim powers of two >= 16
+        unfit = [f"{name} to be a power of two >= 16, got {value}" for name, value in
+                 (("kv_block_size", kv_block_size), ("head_dim", model.config.head_dim)) if value < 16 or value & (value - 1)]
+        if decode_attention == "auto":
+            self.decode_kernel = "triton" if cuda and not unfit else "gather"
+        else:
+            self.decode_kernel = decode_attention
         self.split_tokens, self.share_prompts = decode_split_tokens, share_prompts
-        if self.decode_kernel == "triton":
-            for name, value in (("kv_block_size", kv_block_size), ("head_dim", model.config.head_dim)):
-                if value < 16 or value & (value - 1):
-                    raise ValueError(f"the Triton decode kernel needs {name} to be a power of two >= 16, got {value}")
+        if self.decode_kernel == "triton" and unfit:
+            raise ValueError(f"the Triton decode kernel needs {unfit[0]}")
         # the gather reference reads lengths on the host: a CUDA graph cannot capture it
         capturable = self.decode_kernel == "triton" or not cuda
         if cuda_graphs and not capturable:
@@ -408,6 +413,7 @@ class TorchEngine:
                 if self.kv_memory_bytes is None:
                     blocks = max(blocks, state.cache.num_blocks, self.pool_blocks(slots, width * self.block_size))
             self.release()
+            state = None  # the old pool goes before the new one is allocated, not after
             state = _State(self.model, slots, width, max_new, blocks, self.block_size, self._dtype, self.device,
                            self.decode_kernel, self.split_tokens)
             if stops > state.stop_ids.numel():
