@@ -1,23 +1,32 @@
-"""The memory budget of a run with the engine and the learner on one GPU.
+"""The memory budget of a run with the engine and the learner on one GPU, shared in time.
 
-Both live in one process and share the GPU's memory: the engine's weights (in the generation dtype), the
-learner's state (fp32 master weights, fp32 gradients and AdamW's two fp32 moments: 16 bytes per parameter,
-plus the compute-dtype copies autocast keeps for a pass and a frozen reference when the KL term is on), the
-learner's activations for one micro-batch (of the longest sequence when it exceeds ppo.micro_batch_tokens: such
-a sequence gets a pack of its own) and the LM head's fp32 gradient accumulator, the weight publication's buffers
-(the published cast, this version's and the previous version's bits: three copies of the engine's weights), and
-the engine's KV pool. The KV pool is the one budget that is set (`engine.kv_memory_gib`); left unset, it is what
-the rest leaves. The pool is a number of fixed-size blocks that sequences take as they grow
-(areal_async/model/paged_cache.py), so the sequences it carries at once are planned from the tokens a sequence
-is expected to hold in flight (its prompt and `engine.expected_length_fraction` of max_new_tokens), not from the
-longest request; it must still hold one sequence of the longest request, else the plan fails at start with the
-numbers.
+Both live in one process and take turns: generation, then training, then the weight publication. What every
+phase holds: the engine's weights (in the generation dtype), the learner's fp32 master weights and AdamW's two
+fp32 moments (12 bytes per parameter, plus a frozen reference in the compute dtype when the KL term is on), the
+weight publisher's bits of this and the previous version (two copies of the engine's weights) and a reserve for
+the CUDA context, workspaces and fragmentation. On top of that each phase holds its own working memory:
+- generation: the engine's KV pool and its working memory (a prefill forward of `engine.prefill_tokens` tokens,
+  the decode step's logits);
+- training (the KV pool released, areal_async/run/trainer.py): fp32 gradients and the compute-dtype weight copies
+  autocast keeps (6 bytes per parameter), the activations of one micro-batch (of the longest sequence when it
+  exceeds the micro-batch: such a sequence gets a pack of its own) and the LM head's fp32 gradient accumulator;
+- publication: one cast of the full weights, and the receiver's and the checksums' scratch: three buckets of the
+  publisher's layout (fitted: 0.47 GiB beyond the cast with 256 MiB buckets on the 1.5B shape).
+The gradients are dropped at the end of each training step, so generation never holds them.
 
-Activation memory per token of a pass is estimated from the layer shapes: about 10 x hidden + 2 x intermediate
-elements of the compute dtype per layer (what the compiled layers keep for backward), fitted to the measured
-peak of the learner benchmark on the 1.5B shape (62.0 GiB for 16,384 tokens on an H100: 26.5 GiB of state,
-3.3 GiB of bf16 weight copies, 4.6 GiB of kept logits, leaving about 63 KB per token and layer). With
-activation checkpointing one layer's worth plus the layer inputs are kept.
+The KV pool is set (`engine.kv_memory_gib`) or, unset, what the generation phase leaves. It is a number of fixed-size
+blocks that sequences take as they grow (areal_async/model/paged_cache.py), so the sequences it carries at once are
+planned from the tokens a sequence is expected to hold in flight (its prompt and `engine.expected_length_fraction`
+of max_new_tokens), not from the longest request; it must still hold one sequence of the longest request. The
+micro-batch is `ppo.micro_batch_tokens` or, where the training phase does not fit the card with it, the largest
+multiple of 1,024 tokens below it that does (the gradient does not depend on it). A run that cannot fit fails at
+start with the numbers.
+
+Activation memory per token of a pass is estimated from the layer shapes: 1.3 x (10 x hidden + 2 x intermediate)
+elements of the compute dtype per layer, fitted to the PPO step of the one-GPU learner on the 1.5B shape (one H100,
+2026-12-06, benchmarks/NOTES.md: 79.5 and 82.4 KB per token and layer at micro-batches of 16,384 and 8,192 tokens,
+beyond the autocast copies, the head's gradient and the kept logits), rounded up. With activation checkpointing one
+layer's worth plus the layer inputs are kept.
 
 The parts of a Ray run's GPUs (`learner_rank_parts`, `engine_parts`; areal_async/placement.py places them) follow
 the same accounting, per process: an FSDP rank holds 1/ranks of the 16 bytes per parameter, the weights it
@@ -34,13 +43,17 @@ from dataclasses import dataclass
 
 import torch
 
+from areal_async.errors import InputError
 from areal_async.model.decoder import DecoderConfig
 from areal_async.model.paged_cache import blocks_for, kv_block_bytes
+from areal_async.weight_sync.layout import DEFAULT_BUCKET_BYTES
 
 GIB = 2**30
 # The CUDA context, cuBLAS/cuDNN workspaces, compiled kernels and allocator fragmentation.
 RESERVE_FRACTION = 0.04
 RESERVE_MIN_BYTES = 3 * GIB
+# activations kept per token and layer, over the layer's main tensors (10 x hidden + 2 x intermediate): fitted
+ACTIVATION_FACTOR = 1.3
 
 
 def layer_parameter_count(config: DecoderConfig) -> int:
@@ -103,7 +116,7 @@ def engine_sequences(blocks: int, max_slots: int, block_size: int, prompt_tokens
 def activation_bytes(config: DecoderConfig, tokens: int, element_size: int, checkpointing: bool,
                      kept_logits_bytes: int) -> int:
     """An estimate of the activations one forward/backward pass over `tokens` packed tokens keeps."""
-    per_layer_token = (10 * config.hidden_size + 2 * config.intermediate_size) * element_size
+    per_layer_token = int(ACTIVATION_FACTOR * (10 * config.hidden_size + 2 * config.intermediate_size)) * element_size
     if checkpointing:
         layers = tokens * (config.num_hidden_layers * config.hidden_size * element_size + per_layer_token)
     else:
@@ -118,17 +131,28 @@ def head_gradient_bytes(config: DecoderConfig) -> int:
     return config.vocab_size * config.hidden_size * 4
 
 
+def engine_working_bytes(config: DecoderConfig, element_size: int, prefill_tokens: int, max_slots: int) -> int:
+    """The built-in engine's working memory beside its weights and KV pool: a prefill forward's widest tensors
+    (the fused gate/up output and its product, plus four hidden-wide ones per token) and a decode step's fp32
+    logits for every slot."""
+    prefill = prefill_tokens * (3 * config.intermediate_size + 4 * config.hidden_size) * element_size
+    return prefill + max_slots * config.vocab_size * 4
+
+
 @dataclass
 class MemoryPlan:
-    """Bytes of each part; `kv_cache` is the engine's KV pool, `block_bytes` one of its blocks."""
+    """Bytes of each part of an inline run's GPU, by phase (module docstring). `block_bytes` is one KV block."""
 
     total: int
-    engine_weights: int
-    learner_state: int
-    learner_activations: int
-    publication: int
     reserve: int
-    kv_cache: int
+    engine_weights: int
+    learner_resident: int  # fp32 master weights, AdamW moments (and the frozen reference)
+    publication_resident: int  # the publisher's bits of this and the previous version
+    engine_working: int  # generation
+    kv_cache: int  # generation
+    learner_training: int  # training: gradients, autocast copies, one micro-batch's activations, head gradient
+    publication_cast: int  # publication: the full weights, cast, and three buckets of scratch
+    micro_batch_tokens: int
     block_bytes: int
     block_size: int
     longest_sequence: int  # prompt + max_new_tokens
@@ -136,9 +160,26 @@ class MemoryPlan:
     max_slots: int
 
     @property
-    def used(self) -> int:
-        return (self.engine_weights + self.learner_state + self.learner_activations + self.publication
-                + self.reserve + self.kv_cache)
+    def resident(self) -> int:
+        """What every phase holds, the reserve included."""
+        return self.engine_weights + self.learner_resident + self.publication_resident + self.reserve
+
+    @property
+    def phases(self) -> dict[str, int]:
+        """Each phase's peak, the reserve included."""
+        return {"generation": self.resident + self.engine_working + self.kv_cache,
+                "training": self.resident + self.learner_training,
+                "publication": self.resident + self.publication_cast}
+
+    @property
+    def peak(self) -> int:
+        return max(self.phases.values())
+
+    @property
+    def peak_allocated(self) -> int:
+        """The peak of the tensors themselves (what torch.cuda.max_memory_allocated measures): the reserve is not
+        allocated through torch."""
+        return self.peak - self.reserve
 
     @property
     def blocks(self) -> int:
@@ -154,13 +195,22 @@ class MemoryPlan:
         return int(min(self.max_slots, usable // blocks_for(self.expected_sequence, self.block_size)))
 
     def describe(self) -> str:
-        parts = [("engine weights", self.engine_weights), ("learner state (fp32 master, grads, AdamW)",
-                 self.learner_state), ("learner activations, one micro-batch, head gradient (estimate)",
-                                       self.learner_activations),
-                 ("weight publication buffers", self.publication),
-                 ("reserve (context, workspaces, fragmentation)", self.reserve), ("engine KV pool", self.kv_cache)]
-        lines = [f"  {name:<52} {value / GIB:8.2f} GiB" for name, value in parts]
-        lines.append(f"  {'sum':<52} {self.used / GIB:8.2f} GiB of {self.total / GIB:.2f} GiB")
+        rows = [("held in every phase:", None),
+                ("  engine weights", self.engine_weights),
+                ("  learner: fp32 weights, AdamW moments (and KL reference)", self.learner_resident),
+                ("  weight publisher: this and the previous version", self.publication_resident),
+                ("  reserve (context, workspaces, fragmentation)", self.reserve),
+                ("generation adds:", None),
+                ("  engine KV pool", self.kv_cache),
+                ("  engine working memory (prefill, logits)", self.engine_working),
+                ("training adds (the KV pool released):", None),
+                (f"  gradients, autocast copies, activations of {self.micro_batch_tokens:,} tokens (est.)",
+                 self.learner_training),
+                ("publication adds:", None),
+                ("  the weights, cast, and the receiver's scratch", self.publication_cast)]
+        lines = [f"  {name:<72}" + ("" if value is None else f"{value / GIB:8.2f} GiB") for name, value in rows]
+        phases = ", ".join(f"{name} {value / GIB:.2f}" for name, value in self.phases.items())
+        lines.append(f"  peak by phase: {phases} GiB of {self.total / GIB:.2f} GiB")
         lines.append(f"  KV pool: {max(0, self.blocks - 1):,} blocks of {self.block_size} tokens; about "
                      f"{self.sequences} sequences at once of {self.expected_sequence:,} tokens expected (the "
                      f"longest, {self.longest_sequence:,} tokens, needs "
@@ -172,44 +222,59 @@ def plan_one_gpu(config: DecoderConfig, total_bytes: int, engine_dtype: torch.dt
                  micro_batch_tokens: int, prompt_tokens: int, max_new_tokens: int, kv_memory_gib: float | None,
                  block_size: int = 64, expected_fraction: float = 0.25, max_slots: int = 256,
                  activation_checkpointing: bool = False, reference_model: bool = False,
-                 kept_logits_bytes: int = 6 * GIB) -> MemoryPlan:
-    """The plan of an inline run on one GPU of `total_bytes`; raises ValueError with the numbers when the
-    parts do not fit or the KV pool holds no sequence of prompt_tokens + max_new_tokens tokens."""
+                 kept_logits_bytes: int = 6 * GIB, prefill_tokens: int = 16384) -> MemoryPlan:
+    """The plan of an inline run on one GPU of `total_bytes`, its phases sharing the memory in time (module
+    docstring); the micro-batch is the largest multiple of 1,024 tokens up to `micro_batch_tokens` whose training
+    phase fits (`micro_batch_tokens` itself when it fits). Raises InputError (the command line prints it and exits)
+    with the numbers when a phase does not fit or the KV pool holds no sequence of prompt_tokens + max_new_tokens
+    tokens."""
     params = parameter_count(config)
     engine_element_size = element_size(engine_dtype)
-    learner_state = params * (16 + (compute_element_size if compute_element_size < 4 else 0))
-    if reference_model:
-        learner_state += params * compute_element_size
-    # a sequence longer than the micro-batch budget gets a pack of its own: the longest pack holds it whole
-    activations = activation_bytes(config, max(micro_batch_tokens, prompt_tokens + max_new_tokens),
-                                   compute_element_size, activation_checkpointing, kept_logits_bytes)
-    activations += head_gradient_bytes(config)
-    reserve = reserve_bytes(total_bytes)
+    autocast_copy = compute_element_size if compute_element_size < 4 else 0
     engine_weights = params * engine_element_size
+    longest = prompt_tokens + max_new_tokens
     block_bytes = kv_block_bytes(config, block_size, engine_dtype)
-    publication = 3 * engine_weights
-    fixed = engine_weights + learner_state + activations + publication + reserve
-    kv_cache = total_bytes - fixed if kv_memory_gib is None else int(kv_memory_gib * GIB)
-    kv_cache = max(0, kv_cache) // block_bytes * block_bytes  # whole blocks, as the engine allocates them
-    plan = MemoryPlan(total_bytes, engine_weights, learner_state, activations, publication, reserve, kv_cache,
-                      block_bytes, block_size, prompt_tokens + max_new_tokens,
-                      expected_sequence_tokens(prompt_tokens, max_new_tokens, expected_fraction), max_slots)
-    if fixed + kv_cache > total_bytes or plan.sequences < 1:
-        setting = ("engine.kv_memory_gib is unset, so the KV pool gets what is left" if kv_memory_gib is None
+
+    def plan_with(micro_batch: int, kv_cache: int) -> MemoryPlan:
+        # a sequence longer than the micro-batch gets a pack of its own: the longest pack holds it whole
+        training = params * (4 + autocast_copy) + head_gradient_bytes(config) + activation_bytes(
+            config, max(micro_batch, longest), compute_element_size, activation_checkpointing, kept_logits_bytes)
+        return MemoryPlan(
+            total=total_bytes, reserve=reserve_bytes(total_bytes), engine_weights=engine_weights,
+            learner_resident=params * (12 + (compute_element_size if reference_model else 0)),
+            publication_resident=2 * engine_weights,
+            engine_working=engine_working_bytes(config, engine_element_size, prefill_tokens, max_slots),
+            kv_cache=kv_cache, learner_training=training,
+            publication_cast=engine_weights + 3 * min(DEFAULT_BUCKET_BYTES, engine_weights),
+            micro_batch_tokens=micro_batch, block_bytes=block_bytes, block_size=block_size, longest_sequence=longest,
+            expected_sequence=expected_sequence_tokens(prompt_tokens, max_new_tokens, expected_fraction),
+            max_slots=max_slots)
+
+    micro_batch = micro_batch_tokens
+    while micro_batch > 1024 and plan_with(micro_batch, 0).phases["training"] > total_bytes:
+        micro_batch = (micro_batch - 1) // 1024 * 1024  # the next multiple of 1,024 below
+    plan = plan_with(micro_batch, 0)
+    left = total_bytes - plan.phases["generation"]
+    kv_cache = left if kv_memory_gib is None else int(kv_memory_gib * GIB)
+    plan.kv_cache = max(0, kv_cache) // block_bytes * block_bytes  # whole blocks, as the engine allocates them
+    if plan.peak > total_bytes or plan.sequences < 1:
+        setting = ("engine.kv_memory_gib is unset, so the KV pool gets what generation leaves" if kv_memory_gib is None
                    else f"engine.kv_memory_gib={kv_memory_gib:g}")
-        raise ValueError(
-            f"the run does not fit on one GPU ({setting}):\n{plan.describe()}\n"
-            "lower engine.kv_memory_gib, ppo.micro_batch_tokens or generation.max_new_tokens, set "
-            "ppo.activation_checkpointing=true, or place the learner on other GPUs (cluster.placement=ray)"
+        raise InputError(
+            f"the run does not fit on one GPU ({setting}; ppo.micro_batch_tokens={micro_batch:,}):\n"
+            f"{plan.describe()}\n"
+            "lower engine.kv_memory_gib or generation.max_new_tokens, set ppo.activation_checkpointing=true, or place "
+            "the learner on other GPUs (cluster.placement=ray)"
         )
     return plan
 
 
 class Phase(enum.Enum):
-    """When a part of a process's memory is held: always, or only during one of the two phases that never
-    overlap on a learner rank (so its peak counts the larger of them)."""
+    """When a part of a process's memory is held: always, or only during one of the phases that never overlap
+    in a process (so its peak counts the largest of them)."""
 
     always = "always"
+    generation = "generation"  # an inline run's engine decoding (its KV pool is released while it trains)
     training = "training"  # a micro-batch's forward and backward
     publishing = "publishing"  # rank 0 gathering the full weights of a new version
 
@@ -225,9 +290,9 @@ class Part:
 
 
 def peak_bytes(parts: Sequence[Part]) -> int:
-    """A process's peak: what it always holds plus the larger of its training and publishing parts."""
+    """A process's peak: what it always holds plus the largest of its phases' parts."""
     always = sum(p.size for p in parts if p.phase is Phase.always)
-    return always + max(sum(p.size for p in parts if p.phase is phase) for phase in (Phase.training, Phase.publishing))
+    return always + max(sum(p.size for p in parts if p.phase is phase) for phase in Phase if phase is not Phase.always)
 
 
 def learner_rank_parts(config: DecoderConfig, ranks: int, rank: int, total_bytes: int, compute_element_size: int,

@@ -415,14 +415,14 @@ def plan_run(config: TrainConfig, shape: DecoderConfig, shape_source: str, promp
 def inline_gpu_plan(config: TrainConfig, shape: DecoderConfig, total_bytes: int, prompt_tokens: int) -> MemoryPlan:
     """memory_plan.plan_one_gpu for an inline run of `config` on a GPU of `total_bytes` bytes, prompts of up to
     `prompt_tokens` tokens: what the trainer checks at start, `areal-async plan` reports and the simulator's
-    engine holds (its KV pool, engine.kv_memory_gib or what the rest leaves). Raises ValueError when it does not
+    engine holds (its KV pool, engine.kv_memory_gib or what the rest leaves). Raises InputError when it does not
     fit."""
     dtype = getattr(torch, config.model.dtype)
     engine = config.engine
     return plan_one_gpu(shape, total_bytes, dtype, element_size(dtype), config.ppo.micro_batch_tokens, prompt_tokens,
                         config.generation.max_new_tokens, engine.kv_memory_gib, engine.kv_block_size,
                         engine.expected_length_fraction, engine.max_slots, config.ppo.activation_checkpointing,
-                        reference_model=config.ppo.kl_coef > 0)
+                        reference_model=config.ppo.kl_coef > 0, prefill_tokens=engine.prefill_tokens)
 
 
 def _inline_plan(config: TrainConfig, shape: DecoderConfig, header: list[str], total: int, prompt_tokens: int) -> Plan:
@@ -432,12 +432,18 @@ def _inline_plan(config: TrainConfig, shape: DecoderConfig, header: list[str], t
         one = inline_gpu_plan(config, shape, total, prompt_tokens)
     except ValueError as error:
         return Plan(header, [seat], failures=[f"does not fit: {error}"])
-    parts = (Part("engine weights", one.engine_weights), Part("learner state", one.learner_state),
-             Part("learner activations, one micro-batch, head gradient (estimate)", one.learner_activations),
-             Part("weight publication buffers", one.publication), Part("reserve", one.reserve),
-             Part("engine KV pool", one.kv_cache, kv_cache=True))
+    parts = (Part("engine weights", one.engine_weights),
+             Part("learner: fp32 weights, AdamW moments", one.learner_resident),
+             Part("weight publisher: this and the previous version", one.publication_resident),
+             Part("reserve", one.reserve),
+             Part("engine KV pool", one.kv_cache, Phase.generation, kv_cache=True),
+             Part("engine working memory", one.engine_working, Phase.generation),
+             Part(f"learner training: gradients, autocast copies, activations of {one.micro_batch_tokens:,} tokens",
+                  one.learner_training, Phase.training),
+             Part("publication: the weights, cast", one.publication_cast, Phase.publishing))
     gpu = GpuBudget(0, seat.gpu, total, (Process(seat, parts),))
     return Plan(header, [seat], gpus=[gpu], summary=f"fits: the engine decodes {one.sequences} sequences at once "
                                                      f"({one.expected_sequence:,} tokens expected each, up to "
                                                      f"{one.longest_sequence:,}) from a KV pool of "
-                                                     f"{one.blocks - 1:,} blocks")
+                                                     f"{one.blocks - 1:,} blocks; the learner trains micro-batches "
+                                                     f"of {one.micro_batch_tokens:,} tokens while the pool is released")

@@ -12,26 +12,29 @@ Workloads:
          per-request limits drawn log-normal with mean 2,048, capped at 8,192 (generation.simulated_length_mean:
          random weights do not stop by themselves).
 
-Per workload, in one process:
+Per workload, in one process (`--parts run alone`, the default; either part alone where one process may not
+take both):
   1. the run: `areal-async train` (the same composition: `compose_config("train", overrides)` then
      `run_training`) with inline placement on the device, `--steps` steps; the first `--warmup-steps` steps
      compile and capture CUDA graphs and are not timed. Per timed step: generation, reward, proximal recompute,
      update, weight publication and the rest (packing, queue, admission), and trained tokens/s (prompt +
      output tokens trained per second of step) per GPU;
   2. the engine alone: the run's engine generates the same number of requests with the same prompt and token-
-     limit distribution (warm: the run captured its graphs);
+     limit distribution (warm: the run captured its graphs, or without the run `warm_engine` does);
   3. the learner alone: the run's learner takes two PPO steps (proximal recompute + update) on trajectories of
      those generations; the second is timed (the first compiles for the new packs' lengths).
 The overhead is the ratio: mean run step time / (engine alone + learner alone). The run's summary gives the
 ledger, the worker-vs-learner checksum check, the generation errors, the verifier's errors and its "unparsed"
-verdicts (answers it could not read: most of random weights' answers).
+verdicts (answers it could not read: most of random weights' answers). On one GPU the phases take turns with
+the memory (areal_async/memory_plan.py): `memory` gives each phase's planned peak of allocated memory against
+the largest measured (metrics.jsonl's peak_gib_<phase>, and the engine and learner alone).
 
 Prints a table and writes JSON (default `results/bench_end_to_end.json`, run from the repository root). `--tiny`
 runs a tiny shape on the CPU (a smoke test of the script, not a measurement).
 
     PYTHONPATH=$PWD python3 benchmarks/bench_end_to_end.py --workloads i ii
     PYTHONPATH=$PWD python3 benchmarks/bench_end_to_end.py --tiny
-    PYTHONPATH=$PWD python3 benchmarks/bench_end_to_end.py --workloads i ppo.micro_batch_tokens=8192   # 80 GB GPU
+    PYTHONPATH=$PWD python3 benchmarks/bench_end_to_end.py --workloads ii --parts run    # the run alone
 """
 
 from __future__ import annotations
@@ -170,53 +173,86 @@ def bench_workload(name: str, workload: dict, args, device: torch.device, checkp
     overrides = run_overrides(workload, checkpoint, prompts, work / "runs", f"e2e_{name}", args.steps, device,
                               args.dtype) + list(args.overrides)
     log(f"[{name}] areal-async train " + " ".join(overrides))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
     trainer = Trainer(compose_config("train", overrides))
-    built = time.perf_counter()
-    summary = trainer.run(show_progress=False)
-    run_seconds = time.perf_counter() - built
-    records = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
-    timed = records[args.warmup_steps:] or records[-1:]
-    step_s = float(np.mean([r["step_s"] for r in timed]))
-    phases = {phase: float(np.mean([r.get(phase, 0.0) for r in timed])) for phase in PHASES}
-    trained_tokens = float(np.mean([r["trained_tokens"] for r in timed]))
-    generated = float(np.mean([r["tokens_per_s"] * r["step_s"] for r in timed]))
-    gpus = 1
-    alone_generation, trajectories = engine_alone(trainer, workload, seed=7)
-    alone_training = learner_alone(trainer, trajectories)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    result = {
-        "overrides": overrides,
-        "build_s": built - started,
-        "run_s": run_seconds,
-        "steps": [{k: r.get(k) for k in ("step", "step_s", "trained_tokens", "response_length_mean", *PHASES)}
-                  for r in records],
-        "timed_steps": len(timed),
-        "step_s": step_s,
-        "phases_s": phases,
-        "generated_tokens_per_step": generated,
-        "trained_tokens_per_step": trained_tokens,
-        "trained_tokens_per_s_per_gpu": trained_tokens / step_s / gpus,
-        "engine_alone": alone_generation,
-        "learner_alone": alone_training,
+    result: dict = {"overrides": overrides, "build_s": time.perf_counter() - started, "parts": args.parts}
+    records: list[dict] = []
+    if "run" in args.parts:
+        built = time.perf_counter()
+        summary = trainer.run(show_progress=False)
+        result["run_s"] = time.perf_counter() - built
+        records = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+        timed = records[args.warmup_steps:] or records[-1:]
+        step_s = float(np.mean([r["step_s"] for r in timed]))
+        trained_tokens = float(np.mean([r["trained_tokens"] for r in timed]))
+        result.update({
+            "steps": [{k: r.get(k) for k in ("step", "step_s", "trained_tokens", "response_length_mean", *PHASES)}
+                      for r in records],
+            "timed_steps": len(timed),
+            "step_s": step_s,
+            "phases_s": {phase: float(np.mean([r.get(phase, 0.0) for r in timed])) for phase in PHASES},
+            "generated_tokens_per_step": float(np.mean([r["tokens_per_s"] * r["step_s"] for r in timed])),
+            "trained_tokens_per_step": trained_tokens,
+            "trained_tokens_per_s_per_gpu": trained_tokens / step_s,  # one GPU
+            "summary": {k: summary.get(k) for k in ("ledger_balanced", "produced", "consumed", "dropped", "queued",
+                                                    "in_flight", "rollout_weights_identical", "generation_errors",
+                                                    "reward_failures", "version")},
+        })
+    alone_peaks: dict[str, float] = {}
+    if "alone" in args.parts:
+        if "run" not in args.parts:  # the run's first step would have compiled and captured the decode step
+            warm_engine(trainer, workload)
+        alone_generation, trajectories = engine_alone(trainer, workload, seed=7)
+        alone_peaks = trainer.enter_memory_phase("training")  # the KV pool makes room for the learner, as in the run
+        alone_training = learner_alone(trainer, trajectories)
+        alone_peaks |= trainer.enter_memory_phase("generation")
+        result.update(engine_alone=alone_generation, learner_alone=alone_training)
+    if "run" in args.parts and "alone" in args.parts:
         # the engine alone generated a workload of the same distribution, not the same tokens: scale its time to
         # the run's token count, and the learner's to the run's trained tokens
-        "engine_alone_s_scaled": alone_generation["seconds"] * generated / max(1, alone_generation["tokens"]),
-        "learner_alone_s_scaled": alone_training["seconds"] * trained_tokens / max(1.0, alone_training["trained_tokens"]),
-        "summary": {k: summary.get(k) for k in ("ledger_balanced", "produced", "consumed", "dropped", "queued",
-                                                "in_flight", "rollout_weights_identical", "generation_errors",
-                                                "reward_failures", "version")},
-        "peak_gib": peak,
-    }
-    result["overhead_ratio"] = step_s / (result["engine_alone_s_scaled"] + result["learner_alone_s_scaled"])
-    result["overhead_ratio_unscaled"] = step_s / (alone_generation["seconds"] + alone_training["seconds"])
+        result["engine_alone_s_scaled"] = (alone_generation["seconds"] * result["generated_tokens_per_step"]
+                                           / max(1, alone_generation["tokens"]))
+        result["learner_alone_s_scaled"] = (alone_training["seconds"] * result["trained_tokens_per_step"]
+                                            / max(1.0, alone_training["trained_tokens"]))
+        result["overhead_ratio"] = result["step_s"] / (result["engine_alone_s_scaled"] + result["learner_alone_s_scaled"])
+        result["overhead_ratio_unscaled"] = result["step_s"] / (alone_generation["seconds"] + alone_training["seconds"])
+    result["memory"] = memory_report(trainer.memory_plan, records, alone_peaks)
     del trainer
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+def warm_engine(trainer: Trainer, workload: dict) -> None:
+    """What a run's first step does to the engine, so that the engine alone is timed warm: prefills of two
+    shapes (compiled, then recompiled with dynamic shapes), and the decode step captured at every batch size for
+    the workload's longest request."""
+    engine, config = trainer.worker.engine, trainer.config
+    stop = (trainer.tokenizer.eos_token_id,)
+    for count, length in ((8, workload["prompt_tokens"]), (24, workload["prompt_tokens"] // 2)):
+        engine.generate([[5 + i] * length for i in range(count)],
+                        SamplingParams(max_new_tokens=8, temperature=config.generation.temperature, stop_token_ids=stop))
+    longest = workload["prompt_tokens"] + 1 + workload["max_new_tokens"]  # one token of slack for a BOS
+    params = SamplingParams(max_new_tokens=workload["max_new_tokens"], temperature=config.generation.temperature,
+                            stop_token_ids=stop)
+    engine.reserve(longest, workload["max_new_tokens"], params)
+
+
+def memory_report(plan, records: list[dict], alone_peaks: dict[str, float]) -> dict | None:
+    """One GPU: each phase's planned peak of allocated memory (the reserve left out: torch does not allocate it)
+    against the largest measured in any step of the run and in the engine and learner alone, and the ratio of the
+    two peaks over all phases (the plan must not be below the measured, and at most 10% above it)."""
+    if plan is None:
+        return None
+    planned = {phase: (value - plan.reserve) / 2**30 for phase, value in plan.phases.items()}
+    measured = {phase: max([r[f"peak_gib_{phase}"] for r in records if f"peak_gib_{phase}" in r]
+                           + [alone_peaks.get(f"peak_gib_{phase}", 0.0)]) for phase in planned}
+    return {"plan_gib": planned, "measured_gib": measured, "plan_peak_gib": max(planned.values()),
+            "measured_peak_gib": max(measured.values()),
+            "plan_over_measured": max(planned.values()) / max(measured.values()),
+            "micro_batch_tokens": plan.micro_batch_tokens, "kv_pool_gib": plan.kv_cache / 2**30,
+            "planned_sequences": plan.sequences}
 
 
 def print_table(results: dict) -> None:
@@ -245,13 +281,14 @@ def main() -> int:
     parser.add_argument("--workloads", nargs="+", default=["i", "ii"], choices=list(WORKLOADS))
     parser.add_argument("--steps", type=int, default=3, help="RL steps per run (the first --warmup-steps untimed)")
     parser.add_argument("--warmup-steps", type=int, default=1)
+    parser.add_argument("--parts", nargs="+", default=["run", "alone"], choices=["run", "alone"],
+                        help="the run, the engine and learner alone, or both (default; the overhead needs both)")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on the CPU")
     parser.add_argument("--tiny", action="store_true", help="a tiny shape and workload on the CPU (smoke test)")
     parser.add_argument("--work-dir", default=None, help="checkpoint and run folders (default: a temporary folder)")
     parser.add_argument("--out", default="results/bench_end_to_end.json", help="JSON file; default: %(default)s")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="train overrides applied after the workload's own (e.g. ppo.micro_batch_tokens=8192 "
-                             "where the one-GPU plan does not fit)")
+                        help="train overrides applied after the workload's own (e.g. engine.max_slots=512)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
@@ -270,8 +307,11 @@ def main() -> int:
         for name in args.workloads:
             try:
                 report["results"][name] = bench_workload(name, workloads[name], args, device, checkpoint, work)
-                log(f"[{name}] {json.dumps(report['results'][name]['phases_s'])} overhead "
-                    f"{report['results'][name]['overhead_ratio']:.3f}")
+                result = report["results"][name]
+                if "overhead_ratio" in result:
+                    log(f"[{name}] {json.dumps(result['phases_s'])} overhead {result['overhead_ratio']:.3f}")
+                if result["memory"]:
+                    log(f"[{name}] memory GiB, plan / measured: {json.dumps(result['memory'])}")
             except Exception as error:  # noqa: BLE001 - one failing workload must not lose the other
                 traceback.print_exc()
                 sys.stdout.flush()
@@ -279,8 +319,9 @@ def main() -> int:
             # after every workload: a run cut short keeps what it measured
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(report, indent=2))
-    if report["results"]:
-        print_table(report["results"])
+    complete = {name: r for name, r in report["results"].items() if "overhead_ratio" in r}
+    if complete:
+        print_table(complete)
     log(f"written to {args.out}")
     return 1 if report["errors"] else 0
 

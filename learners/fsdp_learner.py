@@ -403,6 +403,8 @@ class FSDPLearner:
             agreement = agreement_stats(total, largest, tokens)
         prepared = time.perf_counter()
         stats = combine_update_stats([self.update(micro_batches) for micro_batches in minibatches]) | agreement
+        # generation and publication never read them: on one GPU their memory goes to the KV pool between steps
+        self.optimizer.zero_grad(set_to_none=True)
         self.ppo.version += 1
         (stats["trained_tokens"],) = self._all_reduce_floats(  # prompt + output, placeholders excluded
             [sum(t.num_tokens for t in trajectories)], dist.ReduceOp.SUM

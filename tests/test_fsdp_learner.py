@@ -90,9 +90,17 @@ def full_gradient(param: torch.nn.Parameter) -> torch.Tensor:
 
 
 def sharded_step(learner: FSDPLearner, share: RankShare) -> dict:
-    """The same after one sharded train_step; every rank calls it, the full weights are on rank 0 only."""
+    """The same after one sharded train_step; every rank calls it, the full weights are on rank 0 only. The
+    gradient is read right after the optimizer step (train_step drops it before returning)."""
+    gradients = {}
+
+    def read_gradients(*_) -> None:
+        gradients.update({n: full_gradient(p).numpy().copy() for n, p in learner.model.named_parameters()})
+
+    hook = learner.optimizer.register_step_post_hook(read_gradients)
     stats = learner.train_step(share.trajectories, share.advantages)
-    gradients = {n: full_gradient(p).numpy().copy() for n, p in learner.model.named_parameters()}
+    hook.remove()
+    assert all(p.grad is None for p in learner.model.parameters())  # nothing held between steps
     weights = {n: t.numpy().copy() for n, t in learner.full_state_dict().items()}
     return {"stats": stats, "gradients": gradients, "weights": weights}
 
@@ -367,7 +375,8 @@ def test_plain_one_rank_learner_autocasts_with_fp32_master_weights(one_rank_grou
     assert learner.ppo.autocast_dtype == torch.bfloat16
     assert all(p.dtype == torch.bfloat16 for p in learner.ppo.reference.parameters())
     bf16 = sharded_step(learner, RankShare(list(trajectories), trajectory_advantages(trajectories, "group")))
-    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in learner.model.parameters())
+    assert all(p.dtype == torch.float32 for p in learner.model.parameters())
+    assert all(gradient.dtype == np.float32 for gradient in bf16["gradients"].values())
     assert bf16["stats"]["loss"] == pytest.approx(fp32["stats"]["loss"], rel=0.05, abs=1e-3)
     gradient_diff = relative_diff(bf16["gradients"], fp32["gradients"])
     assert 0 < gradient_diff < 0.1, gradient_diff

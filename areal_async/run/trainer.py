@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import json
 import math
 import shutil
@@ -21,6 +22,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from actors.engine import TorchEngine
 from actors.engine_factory import EngineWeights, build_engine
 from actors.rollout import RolloutWorker
 from areal_async.config import EngineKind, Objective, Placement, SFTConfig, TrainConfig
@@ -39,7 +41,7 @@ from areal_async.data import load_train_and_heldout
 from areal_async.errors import InputError
 from areal_async.ledger import Ledger
 from areal_async.replay_queue import ShardedReplayQueue
-from areal_async.memory_plan import GIB
+from areal_async.memory_plan import GIB, MemoryPlan
 from areal_async.model import load_config, load_pretrained, load_tokenizer, save_weights_pretrained
 from areal_async.objective import trajectory_advantages
 from areal_async.placement import inline_gpu_plan
@@ -130,16 +132,24 @@ def inert_clip_warning(config: TrainConfig) -> str | None:
     return None
 
 
-def plan_inline_gpu_memory(config: TrainConfig, model_path: Path) -> float | None:
-    """engine.kv_memory_gib for an inline run on one GPU: as set, or what the learner and the weights leave;
-    fails (ValueError with the numbers) when the run cannot fit. None elsewhere (no budget)."""
-    device = torch.device(config.device)
-    if device.type != "cuda" or config.cluster.placement is not Placement.inline:
-        return config.engine.kv_memory_gib
-    plan = inline_gpu_plan(config, load_config(model_path), torch.cuda.get_device_properties(device).total_memory,
-                           prompt_tokens=1)
-    print(f"memory plan of one GPU (engine and learner in one process):\n{plan.describe()}")
-    return plan.kv_cache / GIB
+class SharedGpuMemory:
+    """An inline run on one GPU: generation, training and publication take turns with its memory, as the plan
+    counts them (areal_async/memory_plan.py). Entering a phase frees what the last one cached (the engine's KV
+    pool and decode graphs after generation, rebuilt by its next call) and returns the last phase's peak."""
+
+    def __init__(self, engine: TorchEngine, device: torch.device) -> None:
+        self.engine, self.device = engine, device
+        self.phase = "generation"
+
+    def enter(self, phase: str) -> tuple[str, float]:
+        """Starts `phase`; returns the phase that ended and its peak of allocated memory (GiB)."""
+        ended, peak = self.phase, torch.cuda.max_memory_allocated(self.device) / GIB
+        if ended == "generation":
+            self.engine.release()
+        torch.cuda.empty_cache()  # the cached blocks of the phase that ended go back for the next one's
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.phase = phase
+        return ended, peak
 
 
 class MetricsLog:
@@ -202,12 +212,32 @@ class Trainer:
         """Everything a run holds: the data, the engine, the learner, the queue and (Ray) the actors; resumes
         from the run checkpoint with resume=true."""
         config = self.config
-        OmegaConf.save(OmegaConf.structured(config), self.run_dir / "config.yaml")
         self.model_path = resolve_model_path(config)
         self.tokenizer = load_tokenizer(self.model_path)
         dtype = getattr(torch, config.model.dtype)
-        engine_settings = dataclasses.replace(config.engine, kv_memory_gib=plan_inline_gpu_memory(config, self.model_path))
         self.train_records, self.heldout_records = load_train_and_heldout(config.data)
+        engine_settings = config.engine
+        self.memory_plan = None
+        if torch.device(config.device).type == "cuda" and config.cluster.placement is Placement.inline:
+            longest_prompt = max(len(encode_prompt(self.tokenizer, r.prompt))
+                                 for r in self.train_records + self.heldout_records)
+            # what is free now: another process, or an earlier run in this one, may hold part of the GPU
+            gc.collect()
+            torch.cuda.empty_cache()
+            total, _ = torch.cuda.mem_get_info(torch.device(config.device))
+            self.memory_plan = plan = inline_gpu_plan(config, load_config(self.model_path), total, longest_prompt)
+            print(f"memory plan of one GPU (engine and learner in one process, taking turns):\n{plan.describe()}")
+            write_text_atomically(self.run_dir / "memory_plan.txt", plan.describe() + "\n")
+            if plan.micro_batch_tokens != config.ppo.micro_batch_tokens:
+                print(f"ppo.micro_batch_tokens lowered from {config.ppo.micro_batch_tokens:,} to "
+                      f"{plan.micro_batch_tokens:,}: the training phase fits this GPU with it (the gradient is the same)")
+                config.ppo.micro_batch_tokens = plan.micro_batch_tokens
+            engine_settings = dataclasses.replace(config.engine, kv_memory_gib=plan.kv_cache / GIB)
+            # before the first allocation: the phases hand memory to each other, and a page of an expandable segment
+            # goes back when freed whatever its neighbours hold (a fixed segment with one live block stays reserved:
+            # 5.4 GiB of them kept the KV pool from being allocated again on an H100)
+            torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+        OmegaConf.save(OmegaConf.structured(config), self.run_dir / "config.yaml")
 
         rollout = config.rollout
         self.error_log = self.run_dir / "generation_errors.jsonl"
@@ -225,6 +255,8 @@ class Trainer:
         # the driver's engine: the rollout engine when inline, the evaluation engine in both placements
         engine = build_engine("torch", self.model_path, dtype, config.device, pad_token_id=self.tokenizer.pad_token_id,
                               settings=engine_settings)
+        self.shared_memory = (SharedGpuMemory(engine, torch.device(config.device)) if self.memory_plan is not None
+                              else None)
         decode = lambda tokens: self.tokenizer.decode(tokens, skip_special_tokens=True)  # noqa: E731
         self.worker = RolloutWorker(engine, decode, self.verifier, [self.tokenizer.eos_token_id])
         self.engine_weights = EngineWeights(engine, self.model_path, dtype)  # what publication writes, in place
@@ -270,7 +302,16 @@ class Trainer:
             self.ray_cluster.start()
         else:
             self.publish_inline(self.learner.version)
+        self.enter_memory_phase("generation")  # the first step's peaks count from here, not from loading
         self.metrics = MetricsLog(self.run_dir, config)
+
+    def enter_memory_phase(self, phase: str) -> dict[str, float]:
+        """One GPU, inline: `phase` takes its turn with the memory (SharedGpuMemory); the phase that ended gives
+        its peak as metric peak_gib_<phase>. Nothing elsewhere."""
+        if self.shared_memory is None:
+            return {}
+        ended, peak = self.shared_memory.enter(phase)
+        return {f"peak_gib_{ended}": peak}
 
     def publish_inline(self, version: int) -> None:
         self.publisher.publish(self.learner.policy_state(), version)
@@ -380,6 +421,7 @@ class Trainer:
         started = time.perf_counter()
         before = self.controller.counts()
         batch = self.gather_batch(step)
+        peaks = self.enter_memory_phase("training")
         gathered = time.perf_counter()
         trajectories = [t for group in batch for t in group]
         scored = [t for t in trajectories if not math.isnan(t.reward)]  # NaN: the verifier could not judge it
@@ -388,12 +430,14 @@ class Trainer:
                              "(metrics.jsonl's reward_failures_by_reason says why)")
         # one advantage stage for both placements: over the whole batch, before any split across ranks
         stats = self.learner.train_step(scored, trajectory_advantages(scored, config.ppo.advantage_norm.value))
+        peaks |= self.enter_memory_phase("publication")
         trained = time.perf_counter()
         if self.ray_cluster is not None:
             self.ray_cluster.publish(self.learner.version)
         else:
             self.publish_inline(self.learner.version)
             self.controller.set_version(self.learner.version)
+        peaks |= self.enter_memory_phase("generation")  # the evaluations after this step and the next rollout
         published = time.perf_counter()
 
         staleness = [step - t.oldest_version for t in trajectories]
@@ -431,6 +475,7 @@ class Trainer:
             "generation_s": generate_s,
             "reward_s": reward_s,
             **stats,
+            **peaks,
         }
         if self.ray_cluster is None:
             timings = self.learner.last_step_timings
@@ -558,6 +603,12 @@ class Trainer:
             "workers": worker_results,
             "worker_restarts": self.ray_cluster.restarts if self.ray_cluster is not None else 0,
             "rollout_weights_identical": all(checksum == learner_checksum for checksum in rollout_checksums),
+            # one GPU, inline: each phase's planned peak of allocated memory (beside metrics.jsonl's measured ones)
+            # and the reserve, which covers what torch allocates beyond the plan's parts (cuBLAS workspaces)
+            "memory_plan_gib": None if self.memory_plan is None else {
+                "phases": {phase: (value - self.memory_plan.reserve) / GIB
+                           for phase, value in self.memory_plan.phases.items()},
+                "reserve": self.memory_plan.reserve / GIB},
         }
         write_json_atomically(self.run_dir / "summary.json", summary)
         plot_training_curves(self.run_dir)
