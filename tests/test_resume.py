@@ -91,6 +91,8 @@ def test_next_context_stage_continues_with_longer_generations(tmp_path):
     lines = _metrics(tmp_path / "staged")
     assert [line["version"] for line in lines] == list(range(1, 7)) and summary["ledger_balanced"]
     assert max(line["response_length_mean"] for line in lines[:4]) <= 8
+    # the second stage's limit takes effect: its answers (which the first stage cut at 8 tokens) grow past 8
+    assert 8 < max(line["response_length_mean"] for line in lines[4:]) <= 12
 
 
 RAY_RUN = [*RUN, "cluster.placement=ray", "cluster.num_rollout_workers=1", "cluster.num_learner_ranks=2",

@@ -250,7 +250,9 @@ class RayCluster:
                 f"cluster.worker_restart_window_s={cluster.worker_restart_window_s:g} exceed "
                 f"cluster.max_worker_restarts={cluster.max_worker_restarts}"
             )
-        settled = self.controller.release_worker(index, self.queue.receipts_for(self.controller.held_by(index)))
+        held = self.controller.held_by(index)
+        settled = self.controller.release_worker(index, self.queue.receipts_for(held))
+        settled.update(held=len(held), unsettled=len(self.controller.held_by(index)))  # unsettled: 0 by design
         self.sync_epoch += 1
         self.controller.set_sync_epoch(self.sync_epoch)  # live workers join the new epoch at their next look
         for actor in [self.learner.ranks[0], *(w for i, w in enumerate(self.workers) if i != index)]:
