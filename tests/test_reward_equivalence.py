@@ -399,6 +399,40 @@ def test_graders_families(prediction, gold, expected):
     _check(prediction, gold, expected)
 
 
+@pytest.mark.parametrize(
+    "prediction,gold,expected",
+    [
+        # a bracketed array against a pmatrix: the brackets are the matrix's own
+        (r"\left[\begin{array}{cc}1&2\\3&4\end{array}\right]", r"\begin{pmatrix}1&2\\3&4\end{pmatrix}", True),
+        (r"\left(\begin{array}{c}1\\3\end{array}\right)", r"\begin{pmatrix}1\\3\end{pmatrix}", True),
+        (r"\left[\begin{array}{cc}1&2\\3&5\end{array}\right]", r"\begin{pmatrix}1&2\\3&4\end{pmatrix}", False),
+        (r"\left[\begin{array}{cc}1&2\\3&4\end{array}\right)", r"\begin{pmatrix}1&2\\3&4\end{pmatrix}", False),
+        # a set against a tuple: in order against a gold tuple, in any order against a gold set (math-verify)
+        (r"\{1,3\}", "(1,3)", True),
+        (r"\{3,1\}", "(1,3)", False),
+        ("(3,1)", r"\{1,3\}", True),
+        (r"\{1,3\}", "[1,3]", False),  # an interval
+        ("(1,4)", r"\{1,3\}", False),
+        # a gold equation whose other side names a quantity without digits stands for its value
+        (r"\frac{1}{\sqrt{6}}", r"NO/BO = \frac{1}{\sqrt{6}}", True),
+        (r"\frac{\sqrt6}{6}", r"\frac{NO}{BO} = \frac{1}{\sqrt{6}}", True),
+        ("5", "AB+BC=5", True),
+        (r"\frac{1}{6}", r"NO/BO = \frac{1}{\sqrt{6}}", False),
+        # an inequality on |z| against its union of intervals; either way round, as Conventions'
+        # interval_equals_inequality has it for one variable (math-verify only when the gold is the inequality)
+        (r"(-\infty,-2)\cup(2,\infty)", "|z| > 2", True),
+        (r"(-\infty,-2]\cup[2,\infty)", r"|z| \ge 2", True),
+        ("[-2,2]", r"|z| \le 2", True),
+        ("(-2,2)", "2 > |x|", True),
+        ("(-2,2)", "|z| > 2", False),
+        (r"(-\infty,-2)\cup(2,\infty)", r"|z| \ge 2", False),
+        ("|z| > 2", r"(-\infty,-2)\cup(2,\infty)", True),
+    ],
+)
+def test_the_graders_last_families_as_math_verify_decides_them(prediction, gold, expected):
+    _check(prediction, gold, expected)
+
+
 def test_each_convention_decides_its_case():
     from areal_async.config import Conventions
 

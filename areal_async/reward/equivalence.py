@@ -10,13 +10,15 @@ After :func:`normalize_answer`, two answers are equal if, in this order:
 4. both are matrices of one shape with equal entries;
 5. both are unions (``\\cup``) of pairwise equal parts;
 6. both are collections with equal elements: tuples and intervals in order (the bracket types
-   must match), sets and bare comma lists in any order (``a \\pm b`` counts as two elements);
+   must match), sets and bare comma lists in any order (``a \\pm b`` counts as two elements), a set against a
+   tuple in the gold's way (in order against a tuple, in any order against a set, as math-verify);
 7. both are relations (``=``, ``<``, ``\\le``, ``>``, ``\\ge``, ``\\ne``, chains too) that say the same: for each
    link, the sides' differences agree up to a positive factor (``-x > -1`` is ``x < 1``, ``5 \\ge x`` is
    ``x \\le 5``), or any nonzero one for ``=`` and ``\\ne`` (``y=-\\frac12x+\\frac34`` is ``2x+4y-3=0``);
    when only one answer is a relation, an equation stands for its right side (a labelled answer:
-   ``x=3``, ``f(x)=1``, ``(p,q)=(3,2)``, ``V_1:V_2=11:21``) and an inequality in one variable for its
-   interval (``x \\ge 5`` is ``[5,\\infty)``; see Conventions);
+   ``x=3``, ``f(x)=1``, ``(p,q)=(3,2)``, ``V_1:V_2=11:21``, ``NO/BO=\\frac1{\\sqrt6}``) and an inequality in one
+   variable or its absolute value for its interval or union (``x \\ge 5`` is ``[5,\\infty)``, ``|z|>2`` is
+   ``(-\\infty,-2)\\cup(2,\\infty)``; see Conventions);
 8. both parse (:mod:`latex_parser`) to sympy expressions that are identical, numerically close
    (constants), or whose difference expands or simplifies to zero.
 
@@ -48,6 +50,10 @@ _MIXED_NUMBER = re.compile(
 )
 _VARIABLE = r"(?:[a-zA-Z]|\\(?:%s))(?:_\{?[a-zA-Z0-9]+\}?)?" % "|".join(sorted(GREEK_LETTERS, key=len, reverse=True))
 _LONE_VARIABLE = re.compile(_VARIABLE)
+_ABSOLUTE_VARIABLE = re.compile(rf"\|{_VARIABLE}\|")
+_FLIPPED = {"<": ">", ">": "<", "\\le": "\\ge", "\\ge": "\\le", "=": "=", "\\ne": "\\ne"}
+# a quantity named without digits (NO/BO, \\frac{NO}{BO}, AB+BC): a gold equation's other side stands for it
+_NAMED_QUANTITY = re.compile(r"[^0-9]*[a-zA-Z][^0-9]*")
 # what names a value: x, f(x), |AB|, (p,q), V_1:V_2, \\angle ABC (an equation "label = value")
 _LABEL = re.compile(rf"{_VARIABLE}(?:\([^()]*\))?|\|[^|]+\||\([^()]*\)|{_VARIABLE}(?::{_VARIABLE})+|\\angle[a-zA-Z]+")
 _RATIO = re.compile(r"(\d+(?:\.\d+)?):(\d+(?:\.\d+)?)")
@@ -57,7 +63,9 @@ _RELATION = re.compile(r"\\(?:le|ge|ne)(?![a-zA-Z])|[<>=]")
 _RELATION_KINDS = {"<": ("positive", -1), "\\le": ("nonnegative", -1), ">": ("positive", 1),
                    "\\ge": ("nonnegative", 1), "=": ("zero", 1), "\\ne": ("nonzero", 1)}
 _WORD = re.compile(r"[a-zA-Z]{3,}")  # a name such as "Evelyn": compared as text, never as a product
-_MATRIX = re.compile(r"\\begin\{pmatrix\}(?P<body>.*)\\end\{pmatrix\}", re.DOTALL)
+# a pmatrix, bare or inside the brackets of a normalized \\left[\\begin{array}...\\end{array}\\right]
+_MATRIX = re.compile(r"(?P<open>[\[(]?)\\begin\{pmatrix\}(?P<body>.*)\\end\{pmatrix\}(?P<close>[\])]?)", re.DOTALL)
+_MATRIX_BRACKETS = {("", ""), ("[", "]"), ("(", ")")}
 _OPENERS = "([{"
 _CLOSERS = ")]}"
 
@@ -139,7 +147,9 @@ def _normalized_equal(prediction: str, gold: str, how: _How, depth: int) -> bool
         return _matrices_equal(prediction_matrix, gold_matrix, how, depth)
     prediction_union, gold_union = _top_level_split(prediction, "\\cup"), _top_level_split(gold, "\\cup")
     if len(prediction_union) > 1 or len(gold_union) > 1:
-        return _sequences_equal(prediction_union, gold_union, how, depth)
+        single = gold if len(gold_union) == 1 else prediction if len(prediction_union) == 1 else None
+        if single is None or _relation(single) is None:  # against an inequality: its set, below
+            return _sequences_equal(prediction_union, gold_union, how, depth)
     prediction_relation, gold_relation = _relation(prediction), _relation(gold)
     if prediction_relation is None and gold_relation is None or _top_level_split(prediction)[1:] \
             or _top_level_split(gold)[1:]:  # a list of relations ("a=1, b=2") is a collection
@@ -285,12 +295,18 @@ def _expand_plus_minus(items: list[str]) -> list[str]:
 
 def _collections_equal(prediction: _Collection | None, gold: _Collection | None, how: _How, depth: int) -> bool:
     """Tuples/intervals compare in order with matching brackets; a tuple against a bare list in
-    order (Qwen strips the brackets); sets and bare lists in any order."""
+    order (Qwen strips the brackets); sets and bare lists in any order; a set against a tuple in the gold's way
+    (math-verify: in order against a gold tuple, in any order against a gold set)."""
     if prediction is None or gold is None:
         return False
-    if prediction.kind == "sequence" or gold.kind == "sequence":
-        if {prediction.kind, gold.kind} == {"sequence", "set"}:
+    if {prediction.kind, gold.kind} == {"sequence", "set"}:  # as math-verify: a tuple's order counts, a set's not
+        sequence = prediction if prediction.kind == "sequence" else gold
+        if sequence.brackets != "()":  # [1,3] is an interval
             return False
+        if gold.kind == "set":
+            return _unordered_equal(prediction.items, gold.items, how, depth)
+        return _sequences_equal(prediction.items, gold.items, how, depth)
+    if prediction.kind == "sequence" or gold.kind == "sequence":
         if prediction.kind == gold.kind and prediction.brackets != gold.brackets:
             return False
         return _sequences_equal(prediction.items, gold.items, how, depth)
@@ -320,7 +336,7 @@ def _unordered_equal(prediction: list[str], gold: list[str], how: _How, depth: i
 def _matrix_cells(answer: str) -> list[list[str]] | None:
     """Rows of cells of a ``pmatrix`` (bmatrix/array were renamed by normalization), else None."""
     match = _MATRIX.fullmatch(answer)
-    if match is None or "\\begin" in match.group("body"):
+    if match is None or "\\begin" in match.group("body") or (match["open"], match["close"]) not in _MATRIX_BRACKETS:
         return None
     rows = [row for row in match.group("body").split("\\\\") if row.strip()]
     return [row.split("&") for row in rows]
@@ -394,22 +410,34 @@ def _proportional(difference: sympy.Expr, gold: sympy.Expr, kind: str) -> bool:
 def _relation_value(relation: tuple[list[str], list[str]], conventions: Conventions, is_gold: bool) -> str | None:
     """What a relation stands for next to an answer that is none: an equation its right side (``x=3`` ->
     ``3``; a lone variable on the right takes the left) - a gold equation only when its other side is a label
-    (``x=3``, ``f(x)=1``, not ``x^2+y^2=25``, whose right side alone does not answer it) -, an inequality in
-    one variable its interval (when conventions.interval_equals_inequality); else None."""
+    (``x=3``, ``f(x)=1``) or, as math-verify, a quantity named without digits (``NO/BO=\\frac1{\\sqrt6}``,
+    ``AB+BC=5``; not ``x^2+y^2=25``, whose right side alone does not answer it) -, an inequality in one
+    variable or its absolute value its interval or union (when conventions.interval_equals_inequality); else
+    None."""
     sides, relations = relation
     if relations == ["="]:
         left, right = sides
         if _LONE_VARIABLE.fullmatch(right) and not _LONE_VARIABLE.fullmatch(left):
             left, right = right, left
-        return right if not is_gold or _LABEL.fullmatch(left) else None
+        return right if not is_gold or _LABEL.fullmatch(left) or _NAMED_QUANTITY.fullmatch(left) else None
     if "=" in relations or "\\ne" in relations or not conventions.interval_equals_inequality:
         return None
     return _interval(sides, relations)
 
 
 def _interval(sides: list[str], relations: list[str]) -> str | None:
-    """``x \\ge 5`` -> ``[5,\\infty)``, ``1 < x \\le 3`` -> ``(1,3]``, ``5 > x`` -> ``(-\\infty,5)``; None unless
-    one lone variable is bounded by the other sides."""
+    """``x \\ge 5`` -> ``[5,\\infty)``, ``1 < x \\le 3`` -> ``(1,3]``, ``5 > x`` -> ``(-\\infty,5)``,
+    ``|z| > 2`` -> ``(-\\infty,-2)\\cup(2,\\infty)``; None unless one lone variable (or its absolute value) is
+    bounded by the other sides."""
+    absolute = [index for index, side in enumerate(sides) if _ABSOLUTE_VARIABLE.fullmatch(side)]
+    if len(sides) == 2 and len(absolute) == 1:
+        bound = sides[1 - absolute[0]]
+        symbol = relations[0] if absolute[0] == 0 else _FLIPPED[relations[0]]  # as |v| OP bound
+        negated = f"-{bound}" if _PLAIN_NUMBER.fullmatch(bound) else f"-({bound})"
+        opener, closer = ("(", ")") if symbol in ("<", ">") else ("[", "]")
+        if symbol in ("<", "\\le"):
+            return f"{opener}{negated},{bound}{closer}"
+        return f"(-\\infty,{negated}{closer}\\cup{opener}{bound},\\infty)"
     if all(symbol in (">", "\\ge") for symbol in relations):  # read it the other way round: a < ... < b
         sides, relations = sides[::-1], ["<" if symbol == ">" else "\\le" for symbol in relations]
     if not all(symbol in ("<", "\\le") for symbol in relations):
