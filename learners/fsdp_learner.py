@@ -60,12 +60,13 @@ def split_step_across_ranks(trajectories: Sequence[Trajectory], advantages: Sequ
     ]
 
 
-def mixed_precision_policy(device_type: str) -> MixedPrecisionPolicy:
-    """bf16 compute with fp32 gradient reduction on GPU; fp32 everywhere on CPU. The sharded master weights
-    (what the optimizer updates) stay fp32 either way."""
-    if device_type == "cuda":
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    return MixedPrecisionPolicy()
+def mixed_precision_policy(device_type: str, compute_dtype: torch.dtype | None = None) -> MixedPrecisionPolicy:
+    """Compute in `compute_dtype` (default: bf16 on GPU, fp32 on CPU) with fp32 gradient reduction; fp32
+    compute casts nothing. The sharded master weights (what the optimizer updates) stay fp32 either way."""
+    dtype = compute_dtype or plain_autocast_dtype(device_type) or torch.float32
+    if dtype == torch.float32:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
 
 
 def checkpoint_activations(layer: torch.nn.Module) -> None:
@@ -90,18 +91,20 @@ def sum_gradients_over_ranks(model: torch.nn.Module) -> None:
 
 
 def shard_policy(
-    model: CausalLM, mesh: DeviceMesh, activation_checkpointing: bool = False, compile_layers: bool = False
+    model: CausalLM, mesh: DeviceMesh, activation_checkpointing: bool = False, compile_layers: bool = False,
+    compute_dtype: torch.dtype | None = None,
 ) -> CausalLM:
     """Shards `model` in place with FSDP2 over `mesh`: one unit per DecoderLayer, then the root (embeddings,
-    final norm, lm_head). Gradients reduce by sum over ranks. `compile_layers` compiles each DecoderLayer in
-    place (torch.compile; parameter names unchanged). Returns the same object, now an FSDPModule.
+    final norm, lm_head), computing in `compute_dtype` (`mixed_precision_policy`). Gradients reduce by sum over
+    ranks. `compile_layers` compiles each DecoderLayer in place (torch.compile; parameter names unchanged).
+    Returns the same object, now an FSDPModule.
 
     On a one-rank mesh nothing is sharded, so the layers keep their gathered (bf16) parameters from forward to
     backward instead of casting and copying them again for backward (reshard_after_forward=False), and the
     gradients keep FSDP's default reduction, which on one rank is a plain copy (the sum over one rank; forcing
     a divide factor would add a division pass over every gradient)."""
     model.to(torch.float32)  # fp32 master weights; the mixed-precision policy casts for compute
-    policy = mixed_precision_policy(mesh.device_type)
+    policy = mixed_precision_policy(mesh.device_type, compute_dtype)
     single_rank = mesh.size() == 1
     for layer in model.model.layers:
         if compile_layers:
@@ -212,8 +215,9 @@ class FSDPLearner:
     Construct on every rank with the same initial `model` (on GPU: after torch.cuda.set_device(local rank),
     with `device` that GPU). `group`: the learner ranks' process group (default: the whole world, or, with no
     torch.distributed world, this learner on its own); the world may hold other processes too, such as rollout
-    workers that only share the weight-sync group. compute_dtype: the plain one-rank path's autocast dtype
-    (default: bf16 on CUDA, fp32 elsewhere; float32 turns autocast off). publish_dtype: the dtype of
+    workers that only share the weight-sync group. compute_dtype: the dtype the forward and backward compute in,
+    sharded (FSDP's mixed-precision policy) or not (the plain one-rank path's autocast) (default: bf16 on CUDA,
+    fp32 elsewhere; float32 casts nothing). publish_dtype: the dtype of
     `policy_state` (what the engines hold; default: the parameters' fp32). learner_config: how it computes
     (default LearnerConfig()).
     """
@@ -242,19 +246,19 @@ class FSDPLearner:
         self.sharded = group_size(self.group) > 1 or one_rank_fsdp
 
         def place(ppo: PPOLearner) -> None:  # before PPOLearner builds its optimizer over the parameters
-            if self.sharded:
+            if self.sharded:  # from where the weights were loaded: fully_shard moves each unit's shard to the GPU
                 self.mesh = DeviceMesh.from_group(self.group, ppo.device.type)
-                shard_policy(ppo.model, self.mesh, config.activation_checkpointing, compile_layers)
+                shard_policy(ppo.model, self.mesh, config.activation_checkpointing, compile_layers, compute_dtype)
                 if ppo.reference is not None:
-                    shard_policy(ppo.reference, self.mesh)
+                    shard_policy(ppo.reference, self.mesh, compute_dtype=compute_dtype)
                 return
             # The fp32 parameters stay the module's own (checkpoints and published weights see them as
             # they are); the forward passes run under autocast, which casts each weight for its matmul.
-            plain_policy(ppo.model, config.activation_checkpointing, compile_layers)
+            plain_policy(ppo.model.to(ppo.device), config.activation_checkpointing, compile_layers)
             autocast = plain_autocast_dtype(ppo.device.type) if compute_dtype is None else compute_dtype
             ppo.autocast_dtype = None if autocast == torch.float32 else autocast
             if ppo.reference is not None:  # frozen: kept in the compute dtype, as FSDP would compute it
-                ppo.reference.to(ppo.autocast_dtype or torch.float32)
+                ppo.reference.to(ppo.device, ppo.autocast_dtype or torch.float32)
 
         self.ppo = PPOLearner(model, config, pad_token_id, temperature, device, version, self.learner_config, place)
         self.optimizer = self.ppo.optimizer

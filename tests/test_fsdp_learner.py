@@ -271,6 +271,20 @@ def gradient_and_mlp_calls(model: CausalLM, trajectories, activation_checkpointi
     return {n: full_gradient(p).numpy() for n, p in learner.model.named_parameters()}, len(calls)
 
 
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
+def test_the_sharded_learner_computes_in_the_dtype_it_is_given(one_rank_group, batch, compute_dtype):
+    """model.dtype reaches FSDP's mixed-precision policy (it was bf16 on CUDA and fp32 on a CPU, whatever was
+    asked); the sharded master weights stay fp32."""
+    model, trajectories = batch
+    learner = FSDPLearner(copy.deepcopy(model), PPOConfig(micro_batch_tokens=40), pad_token_id=0, temperature=1.0,
+                          compute_dtype=compute_dtype, learner_config=LearnerConfig(one_rank_mode=OneRankMode.fsdp))
+    mlp, seen = learner.model.model.layers[0].mlp, []
+    mlp.register_forward_pre_hook(lambda module, args: seen.append((args[0].dtype, next(module.parameters()).dtype)))
+    learner.prepare(trajectories, trajectory_advantages(trajectories, "group"))
+    assert seen and all(pair == (compute_dtype, compute_dtype) for pair in seen)
+    assert all(p.dtype == torch.float32 for p in learner.model.parameters())
+
+
 @pytest.mark.parametrize("mode", list(OneRankMode))
 def test_activation_checkpointing_keeps_the_gradient(one_rank_group, batch, mode):
     model, trajectories = batch
