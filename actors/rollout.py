@@ -97,6 +97,11 @@ class RolloutWorker:
             for (group, index), generation, reward in zip(requests, generations, rewards)
         ]
 
+    def solved(self, group: list[Trajectory]) -> float | None:
+        """The fraction of the group's scored answers that were correct (None: the verifier judged none)."""
+        scored = [t.reward for t in group if not math.isnan(t.reward)]
+        return sum(r == self.verifier.correct_reward for r in scored) / len(scored) if scored else None
+
     def produce(
         self,
         controller,
@@ -136,7 +141,7 @@ class RolloutWorker:
                 if weight_update is not None:
                     weight_update()
                 time.sleep(QUEUE_FULL_BACKOFF_S)
-            controller.delivered(group.group_id, dropped=outcome != "queued")
+            controller.delivered(group.group_id, dropped=outcome != "queued", solved=self.solved(by_group[group.group_id]))
         result = {
             "groups": len(groups),
             "tokens": sum(len(t.output_tokens) for t in trajectories),
@@ -144,6 +149,7 @@ class RolloutWorker:
             "reward_s": self.last_round["reward_s"],
             "errors": 0,
         }
+        rewards = [t.reward for t in trajectories if not math.isnan(t.reward)]  # NaN: the verifier could not judge
         controller.report_generation(result["tokens"], result["generate_s"], result["reward_s"],
-                                     dict(self.last_round["reward_failures"]))
+                                     dict(self.last_round["reward_failures"]), sum(rewards), len(rewards))
         return result

@@ -19,6 +19,15 @@ class Objective(enum.Enum):
     naive = "naive"  # proximal := behaviour (standard PPO on off-policy data), for ablations
 
 
+class KLMode(enum.Enum):
+    """How ppo.kl_coef keeps the policy near its reference (the initial policy: resumed stages keep it)."""
+
+    loss = "loss"  # a k3 estimate of KL(pi_theta || pi_ref) added to the loss
+    # AReaL v0.1's kl_ctl: -kl_coef (log pi_prox - log pi_ref) on every output token, summed to the end of its
+    # sequence and added to the token's advantage (after ppo.advantage_norm: AReaL normalises the sum; ours)
+    reward = "reward"
+
+
 class AdvantageNorm(enum.Enum):
     """How rewards become advantages (gamma = lambda = 1, no critic: every token of a sample gets its sample's)."""
 
@@ -149,11 +158,17 @@ class DataConfig:
     num_heldout: int = 200
     num_train: int = 20000  # synthetic only
     seed: int = 0
+    # [lo, hi]: a prompt whose last group solved a fraction of its answers outside it is skipped when the data
+    # order comes to it again (AReaL v0.3's success-rate filter is 0.05-0.95). null: every prompt, every epoch.
+    success_rate_range: list[float] | None = None
     arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
 
     def __post_init__(self) -> None:  # composing the config fails here, before a run starts
         if self.prompt_type is not None and self.prompt_template is not None:
             raise ValueError("set data.prompt_type or data.prompt_template, not both")
+        bounds = self.success_rate_range
+        if bounds is not None and (len(bounds) != 2 or not 0.0 <= bounds[0] <= bounds[1] <= 1.0):
+            raise ValueError(f"data.success_rate_range must be [lo, hi] with 0 <= lo <= hi <= 1, got {list(bounds)}")
 
 
 @dataclass
@@ -282,6 +297,7 @@ class PPOConfig:
     behaviour_weight_cap: float | None = None
     behaviour_weight_mode: BehaviourWeightMode = BehaviourWeightMode.clip
     kl_coef: float = 0.0  # against the initial policy; > 0 keeps a frozen reference copy
+    kl_mode: KLMode = KLMode.loss
     advantage_norm: AdvantageNorm = AdvantageNorm.group
     # optimizer updates per training step (AReaL v0.1: ppo_n_minibatches=4). With 1, the only update runs at the
     # proximal weights, where the ratio is 1 and eps_clip cannot act (the run warns).

@@ -20,7 +20,13 @@ class RolloutController:
     Admission slots are counted as groups admitted minus groups dropped after generation (stale, zero
     variance, bad frame): a dropped group frees its slot, so the learner still receives groups_per_step
     trainable groups per step. A group whose generation failed is handed out again (counted in
-    `readmitted`), keeping its place in the ledger. `cursor` is all that is needed to resume the data order.
+    `readmitted`), keeping its place in the ledger. `cursor` counts the groups admitted, `position` walks the
+    data order (they differ by the prompts skipped).
+
+    success_rate_range (lo, hi): a prompt whose last group solved a fraction of its answers outside [lo, hi]
+    (`delivered(..., solved=)`) is skipped when the data order comes to it again (`skipped` counts them): the
+    policy always or never solves it, so its group would teach nothing. After a whole pass of skipped prompts
+    the next is admitted anyway.
     """
 
     def __init__(
@@ -31,6 +37,7 @@ class RolloutController:
         groups_per_step: int,
         max_staleness: int | None,
         seed: int,
+        success_rate_range: tuple[float, float] | None = None,
     ) -> None:
         if not records:
             raise ValueError("the prompt set is empty")
@@ -40,6 +47,10 @@ class RolloutController:
         self.groups_per_step = groups_per_step
         self.max_staleness = max_staleness
         self.seed = seed
+        self.success_rate_range = success_rate_range
+        self.success_rates: dict[str, float] = {}  # query id -> the fraction its last group solved
+        self.skipped = 0
+        self.position = 0
         self.cursor = 0
         self.delivered_groups = 0
         self.dropped: Counter = Counter()  # groups given up on here (generation kept failing)
@@ -57,6 +68,18 @@ class RolloutController:
             self._epoch_order = (epoch, order)
         return self.records[self._epoch_order[1][offset]]
 
+    def _next_record(self) -> PromptRecord:
+        """The next prompt of the data order that success_rate_range lets through."""
+        for _ in range(len(self.records)):
+            record = self._record_at(self.position)
+            self.position += 1
+            rate = self.success_rates.get(record.query_id)
+            if self.success_rate_range is None or rate is None or \
+                    self.success_rate_range[0] <= rate <= self.success_rate_range[1]:
+                return record
+            self.skipped += 1
+        return record  # a whole pass skipped: this one goes anyway
+
     @property
     def occupied_slots(self) -> int:
         return self.cursor - self.freed_slots
@@ -67,7 +90,7 @@ class RolloutController:
             return replace(self._retry.popleft(), admitted_at_version=current_version)
         if not may_admit(self.occupied_slots, current_version, self.max_staleness, self.groups_per_step):
             return None
-        record = self._record_at(self.cursor)
+        record = self._next_record()
         group = PromptGroup(
             group_id=f"g{self.cursor}",
             query_id=record.query_id,
@@ -93,10 +116,13 @@ class RolloutController:
         """The groups admitted and neither delivered nor given up (those waiting to be handed out again too)."""
         return list(self._in_flight.values())
 
-    def delivered(self, group_id: str, dropped: bool = False) -> None:
+    def delivered(self, group_id: str, dropped: bool = False, solved: float | None = None) -> None:
         """A worker handed a finished group to the queue; `dropped`: the queue dropped it on arrival, which
-        frees its admission slot in the same call (a checkpoint never sees the one without the other)."""
-        del self._in_flight[group_id]
+        frees its admission slot in the same call (a checkpoint never sees the one without the other);
+        `solved`: the fraction of its scored answers that were correct (None: none was scored)."""
+        group = self._in_flight.pop(group_id)
+        if solved is not None:
+            self.success_rates[group.query_id] = solved
         self.delivered_groups += 1
         self.freed_slots += int(dropped)
 
@@ -119,6 +145,9 @@ class RolloutController:
         """Everything needed to continue the data order and the counts after a restart."""
         return {
             "cursor": self.cursor,
+            "position": self.position,
+            "skipped": self.skipped,
+            "success_rates": dict(self.success_rates),
             "delivered_groups": self.delivered_groups,
             "freed_slots": self.freed_slots,
             "readmitted": self.readmitted,
@@ -130,6 +159,9 @@ class RolloutController:
         """Restores a checkpoint. Groups that were in flight then are handed out again first (their
         generation was lost with the crash), so no admitted prompt is skipped."""
         self.cursor = state["cursor"]
+        self.position = state.get("position", self.cursor)  # run checkpoints from before the filter: no skips
+        self.skipped = state.get("skipped", 0)
+        self.success_rates = dict(state.get("success_rates", {}))
         self.delivered_groups = state["delivered_groups"]
         self.freed_slots = state["freed_slots"]
         self.readmitted = state["readmitted"]

@@ -139,3 +139,21 @@ def kl_penalty(logprobs: torch.Tensor, reference_logprobs: torch.Tensor, loss_ma
     """
     log_ratio = (reference_logprobs - logprobs).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
     return masked_mean(torch.exp(log_ratio) - log_ratio - 1.0, loss_mask)
+
+
+def kl_reward_to_go(proximal_logprobs: torch.Tensor, reference_logprobs: torch.Tensor, output_mask: torch.Tensor,
+                    document_ids: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """The KL penalty as a per-token reward (AReaL's kl_ctl): r_t = -kl_coef (proximal_t - reference_t) on each
+    output token, summed from each token to the end of its own sequence (gamma = lambda = 1, no critic: the
+    return-to-go that the token's advantage gains). All [N] over one packed row; document_ids [N] number its
+    sequences in order (PackedBatch). 0 where output_mask is False."""
+    rewards = torch.where(output_mask, -kl_coef * (proximal_logprobs - reference_logprobs), 0.0)
+    before = torch.cumsum(rewards, 0) - rewards  # the row's rewards before each token
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[1:] = document_ids[1:] != document_ids[:-1]
+    start_index = torch.cummax(torch.where(starts, torch.arange(len(rewards), device=rewards.device), 0), 0).values
+    totals = torch.zeros(int(document_ids.max()) + 1, dtype=rewards.dtype, device=rewards.device)
+    totals.index_add_(0, document_ids, rewards)
+    # the sequence's total less what came before the token within it
+    to_go = totals[document_ids] - (before - before[start_index])
+    return torch.where(output_mask, to_go, 0.0)

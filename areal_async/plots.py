@@ -75,7 +75,14 @@ def plot_runs(run_dirs: Sequence[Path], out: Path, window: int = 1) -> Path | No
         summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
         steps = [r["step"] + 1 for r in records]
         label = run_dir.name
-        axes[0].plot(steps, moving_average([r["reward_mean"] for r in records], window), color=colour, label=label)
+        generated = [(r["step"] + 1, r["reward_mean_generated"]) for r in records
+                     if r.get("reward_mean_generated") is not None]
+        if generated:  # every generated answer: what the policy does; the trained batch is what survived the filter
+            axes[0].plot([step for step, _ in generated], moving_average([v for _, v in generated], window),
+                         color=colour, label=f"{label}: generated" if len(runs) > 1 else "generated")
+        axes[0].plot(steps, moving_average([r["reward_mean"] for r in records], window), color=colour,
+                     linestyle="--" if generated else "-",
+                     label=(f"{label}: trained" if len(runs) > 1 else "trained") if generated else label)
         axes[1].plot(steps, moving_average([r["response_length_mean"] for r in records], window), color=colour)
         if heldout := heldout_points(records, summary):
             axes[2].plot(*zip(*heldout), marker="o", color=colour)
@@ -89,7 +96,7 @@ def plot_runs(run_dirs: Sequence[Path], out: Path, window: int = 1) -> Path | No
             if points := benchmark_points(records).get(name):
                 axes[3].plot(*zip(*points), linestyle=style, marker=".", color=colour,
                              label=f"{label}: {name}" if len(runs) > 1 else name)
-    axes[0].set(title=f"reward (training batch){smoothed}", xlabel="step", ylabel="mean reward")
+    axes[0].set(title=f"reward{smoothed}", xlabel="step", ylabel="mean reward")
     axes[1].set(title=f"response length{smoothed}", xlabel="step", ylabel="mean tokens")
     axes[2].set(title="held-out accuracy (averaged pass@1)", xlabel="step", ylabel="accuracy")
     if benchmarks:
@@ -100,9 +107,9 @@ def plot_runs(run_dirs: Sequence[Path], out: Path, window: int = 1) -> Path | No
                            ylabel="|behaviour - proximal logprob|, current version")
         agreement_axes.set_yscale("symlog", linthresh=1e-8)  # mean and max lie decades apart; 0 stays drawable
         agreement_axes.legend(fontsize="small")
-    if len(runs) > 1:
+    if len(runs) > 1 or any(r.get("reward_mean_generated") is not None for _, records in runs for r in records):
         axes[0].legend(fontsize="small")
-    else:
+    if len(runs) == 1:
         figure.suptitle(runs[0][0].name)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

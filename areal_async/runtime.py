@@ -40,6 +40,8 @@ class ControllerService:
         self.generation_seconds = 0.0
         self.reward_seconds = 0.0
         self.reward_failures: Counter = Counter()
+        self.generated_reward_sum = 0.0
+        self.generated_scored = 0
         self.readmitted_by_reason: Counter = Counter()
         self.holders: dict[str, int] = {}  # group id -> the worker generating it
         self.sync_epoch = 0
@@ -55,8 +57,8 @@ class ControllerService:
                 self.holders[group.group_id] = worker
         return groups
 
-    def delivered(self, group_id: str, dropped: bool = False) -> None:
-        self.controller.delivered(group_id, dropped)
+    def delivered(self, group_id: str, dropped: bool = False, solved: float | None = None) -> None:
+        self.controller.delivered(group_id, dropped, solved)
         self.holders.pop(group_id, None)
         self.repeated = 0
 
@@ -108,11 +110,16 @@ class ControllerService:
         return self.version, self.sync_epoch
 
     def report_generation(self, tokens: int, generate_s: float, reward_s: float = 0.0,
-                          reward_failures: dict[str, int] | None = None) -> None:
+                          reward_failures: dict[str, int] | None = None, reward_sum: float = 0.0,
+                          scored: int = 0) -> None:
+        """A round's generated tokens and seconds, the verifier's failures, and the sum of the rewards of its
+        `scored` answers (every generated group's, before the queue filters any)."""
         self.generated_tokens += tokens
         self.generation_seconds += generate_s
         self.reward_seconds += reward_s
         self.reward_failures.update(reward_failures or {})
+        self.generated_reward_sum += reward_sum
+        self.generated_scored += scored
 
     def errors_since(self, index: int) -> list[dict]:
         """The kept generation errors numbered `index` and later."""
@@ -147,6 +154,8 @@ class ControllerService:
             "generation_seconds": self.generation_seconds,
             "reward_seconds": self.reward_seconds,
             "reward_failures": dict(self.reward_failures),
+            "generated_reward_sum": self.generated_reward_sum,
+            "generated_scored": self.generated_scored,
             "readmitted_by_reason": dict(self.readmitted_by_reason),
         }
 
@@ -169,10 +178,13 @@ class ControllerService:
         self.reward_seconds = state["reward_seconds"]
         self.reward_failures = Counter(state["reward_failures"])
         self.readmitted_by_reason = Counter(state.get("readmitted_by_reason", {}))
+        self.generated_reward_sum = state.get("generated_reward_sum", 0.0)  # run checkpoints from before it: 0
+        self.generated_scored = state.get("generated_scored", 0)
 
     def counts(self) -> dict:
         return {
             "produced": self.controller.produced,
+            "prompts_skipped": self.controller.skipped,
             "in_flight": self.controller.in_flight,
             "readmitted": self.controller.readmitted,
             "occupied_slots": self.controller.occupied_slots,
@@ -182,6 +194,8 @@ class ControllerService:
             "generation_seconds": self.generation_seconds,
             "reward_seconds": self.reward_seconds,
             "reward_failures": dict(self.reward_failures),
+            "generated_reward_sum": self.generated_reward_sum,
+            "generated_scored": self.generated_scored,
             "readmitted_by_reason": dict(self.readmitted_by_reason),
             "version": self.version,
         }

@@ -13,9 +13,9 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from areal_async.checkpointing import load_learner_state, save_learner_state
-from areal_async.config import LearnerConfig, Objective, PPOConfig
+from areal_async.config import KLMode, LearnerConfig, Objective, PPOConfig
 from areal_async.model import CausalLM, packed_sequence_logprobs
-from areal_async.objective import decoupled_ppo_loss, kl_penalty, logprob_agreement
+from areal_async.objective import decoupled_ppo_loss, kl_penalty, kl_reward_to_go, logprob_agreement
 from areal_async.packing import PackedBatch, pack_prompt_output_batch, split_into_minibatches, split_into_packs
 from areal_async.types import Trajectory
 
@@ -90,8 +90,9 @@ class PPOLearner:
     """Owns the trained policy and its optimizer; `version` counts the updates published so far.
 
     learner_config: how it computes (packed attention kernel, kept logits; default LearnerConfig()). place:
-    called with the learner once its model and frozen reference exist and before the optimizer is built over
-    the model's parameters (FSDPLearner shards them there)."""
+    called with the learner once its model and frozen reference exist, still where `model` was given, and before
+    the optimizer is built over the model's parameters; it puts them on `device` (FSDPLearner shards them on the
+    way, so a rank never holds the full weights there). Without it the learner moves them itself."""
 
     def __init__(
         self,
@@ -104,7 +105,7 @@ class PPOLearner:
         learner_config: LearnerConfig | None = None,
         place: Callable[[PPOLearner], None] | None = None,
     ) -> None:
-        self.model = model.to(device).train()
+        self.model = (model if place is not None else model.to(device)).train()
         self.config = config
         self.learner_config = learner_config or LearnerConfig()
         self.pad_token_id = pad_token_id
@@ -173,6 +174,12 @@ class PPOLearner:
                 batch.values["proximal_logprobs"] = batch.values["behaviour_logprobs"]
             if self.reference is not None:
                 batch.values["reference_logprobs"] = self._logprobs(self.reference, batch)
+                if self.config.kl_mode is KLMode.reward:
+                    values = batch.values
+                    values["advantages"] = values["advantages"] + kl_reward_to_go(
+                        values["proximal_logprobs"].to(values["advantages"].device),
+                        values["reference_logprobs"].to(values["advantages"].device), batch.output_mask,
+                        batch.document_ids[0], self.config.kl_coef)
         self.model.train()
         return micro_batches
 
@@ -223,7 +230,8 @@ class PPOLearner:
             )
             if self.reference is not None:
                 kl = kl_penalty(logprobs, batch.values["reference_logprobs"], mask)
-                loss = loss + config.kl_coef * kl
+                if config.kl_mode is KLMode.loss:  # else it is in the advantages (prepare)
+                    loss = loss + config.kl_coef * kl
                 add("kl_reference", kl, share)
             (loss * (share * loss_scale)).backward()
             add("loss", loss, share)

@@ -36,6 +36,8 @@ def test_recipe_script_dry_run_resolves(script, nodes, shape):
     assert (config["reward"]["correct_reward"], config["reward"]["incorrect_reward"]) == (5.0, -5.0)
     # AReaL's scripts: KL 0.001 for the 1.5B, none for the 7B zero-RL run; advantages over the batch, 4 minibatches
     assert config["ppo"]["kl_coef"] == (0.0 if shape == "qwen2_5_7b" else 0.001)
+    if shape != "qwen2_5_7b":
+        assert config["ppo"]["kl_mode"] == "reward"  # a per-token KL reward (kl_ctl), not a loss term
     assert config["ppo"]["advantage_norm"] == "batch" and config["ppo"]["minibatches_per_step"] == 4
     # the four arguments, the run name and an extra override
     assert config["model"]["path"] == "/ckpt/model" and config["model"]["shape"] == shape

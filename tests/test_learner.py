@@ -142,6 +142,37 @@ def test_step_raises_logprob_of_rewarded_samples(tiny_model, objective):
     assert stats["kl_reference"] == pytest.approx(0.0, abs=1e-8)
 
 
+def test_kl_as_a_reward_moves_the_advantages_not_the_loss(tiny_model):
+    """ppo.kl_mode=reward (AReaL's kl_ctl): each output token's advantage gains the KL reward summed to the end
+    of its sequence, -kl_coef (log pi_prox - log pi_ref); the loss then holds no KL term."""
+    from areal_async.config import KLMode
+    from areal_async.objective import kl_reward_to_go
+
+    trajectories = _trajectories(tiny_model, [[1, 2, 3], [4, 5]], group_size=4, seed=2)
+    advantages = _advantages(trajectories)
+    learners = {}
+    for mode in KLMode:
+        config = PPOConfig(lr=1e-2, kl_coef=0.5, kl_mode=mode, minibatches_per_step=1)
+        learner = PPOLearner(copy.deepcopy(tiny_model), config, pad_token_id=0, temperature=1.0)
+        torch.manual_seed(7)  # the same move for both learners
+        with torch.no_grad():  # the policy moves off its reference, so the two differ
+            for param in learner.model.parameters():
+                param.add_(0.05 * torch.randn_like(param))
+        learners[mode] = learner
+    by_loss, by_reward = (learners[mode].prepare(trajectories, advantages) for mode in (KLMode.loss, KLMode.reward))
+    for plain, rewarded in zip(by_loss, by_reward):
+        values = rewarded.values
+        expected = plain.values["advantages"] + kl_reward_to_go(
+            values["proximal_logprobs"], values["reference_logprobs"], rewarded.output_mask, rewarded.document_ids[0],
+            0.5)
+        assert torch.allclose(values["advantages"], expected)
+        assert not torch.allclose(values["advantages"], plain.values["advantages"])
+    # on the same packs and weights the two losses differ by exactly the KL term, which only the loss mode adds
+    stats = {mode: learners[mode].backward(by_reward) for mode in KLMode}
+    kl = stats[KLMode.reward]["kl_reference"]
+    assert kl > 0 and stats[KLMode.loss]["loss"] == pytest.approx(stats[KLMode.reward]["loss"] + 0.5 * kl)
+
+
 def _changed_fraction(before: dict, after: dict) -> float:
     changed = sum(int((before[n] != after[n]).sum()) for n in before)
     return changed / sum(t.numel() for t in before.values())

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from areal_async.objective import decoupled_ppo_loss, group_advantages, kl_penalty, logprob_agreement
+from areal_async.objective import decoupled_ppo_loss, group_advantages, kl_penalty, kl_reward_to_go, logprob_agreement
 
 LOG = math.log
 
@@ -112,3 +112,14 @@ def test_logprob_agreement_counts_only_the_current_versions_output_tokens():
     assert {name: float(value) for name, value in got.items()} == {"sum": 0.5, "max": 0.25, "tokens": 3.0}
     assert {name: float(value) for name, value in logprob_agreement(
         behaviour, proximal, versions, mask, version=4).items()} == {"sum": 0.0, "max": 0.0, "tokens": 0.0}
+
+
+def test_kl_reward_to_go_by_hand():
+    # one packed row, two sequences: prompt tokens (mask False), then outputs
+    proximal = torch.tensor([0.0, -1.0, -2.0, 0.0, 0.0, -1.0, -3.0])
+    reference = torch.tensor([0.0, -2.0, -2.0, 0.0, 0.0, -2.0, -1.0])
+    mask = torch.tensor([False, True, True, False, False, True, True])
+    documents = torch.tensor([0, 0, 0, 1, 1, 1, 1])
+    # rewards -0.5 (prox - ref): -0.5, 0 | -0.5, +1.0; summed to the end of each sequence, never across it
+    assert kl_reward_to_go(proximal, reference, mask, documents, 0.5).tolist() == [0.0, -0.5, 0.0, 0.0, 0.0, 0.5, 1.0]
+    assert kl_reward_to_go(proximal, proximal, mask, documents, 0.5).abs().sum() == 0  # at the reference: nothing

@@ -20,7 +20,8 @@ def _run(folder, steps, evaluated_every=2):
     folder.mkdir()
     records = []
     for step in range(steps):
-        record = {"step": step, "reward_mean": step * 0.5, "response_length_mean": 10 + step}
+        record = {"step": step, "reward_mean": step * 0.5, "response_length_mean": 10 + step,
+                  "reward_mean_generated": step * 0.25 if step else None}  # None: no answer was scored
         if (step + 1) % evaluated_every == 0:
             record |= {"heldout_accuracy": 0.5 + 0.01 * step, "eval/gsm8k/pass@1": 0.1 * step,
                        "eval/gsm8k/pass@1_stderr": 0.01}

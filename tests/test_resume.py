@@ -95,6 +95,28 @@ def test_next_context_stage_continues_with_longer_generations(tmp_path):
     assert 8 < max(line["response_length_mean"] for line in lines[4:]) <= 12
 
 
+def test_the_kl_reference_stays_the_starting_policy_across_a_resumed_stage(tmp_path):
+    """kl_mode=reward against the base model through context stages: the resumed learner's reference is the
+    policy the run started from, not the checkpoint it resumed."""
+    import torch
+
+    from areal_async.model import load_pretrained
+    from areal_async.run.sft import BUNDLED_WARMSTART
+    from areal_async.run.trainer import Trainer
+
+    stage = [*RUN, f"output_dir={tmp_path}", "run_name=kl", "ppo.kl_coef=0.01", "ppo.kl_mode=reward"]
+    run_training(compose_config("train", [*stage, "total_steps=2", "generation.max_new_tokens=8"]), show_progress=False)
+    trainer = Trainer(compose_config("train", [*stage, "total_steps=4", "generation.max_new_tokens=12", "resume=true"]))
+    try:
+        base = load_pretrained(BUNDLED_WARMSTART).state_dict()
+        reference = trainer.learner.ppo.reference.state_dict()
+        policy = trainer.learner.model.state_dict()
+        assert all(torch.equal(reference[name].float(), base[name].float()) for name in base)
+        assert any(not torch.equal(policy[name].float(), base[name].float()) for name in base)  # it trained
+    finally:
+        trainer.run(show_progress=False)  # finishes the stage (and stops its reward workers)
+
+
 RAY_RUN = [*RUN, "cluster.placement=ray", "cluster.num_rollout_workers=1", "cluster.num_learner_ranks=2",
            "cluster.cpus_per_learner_rank=0.5", "cluster.cpus_per_rollout_worker=0.5", "rollout.max_staleness=1"]
 

@@ -42,6 +42,11 @@ def test_short_run_writes_run_folder_and_is_deterministic(tmp_path):
     for key in ("reward_mean", "accuracy", "response_length_mean", "tokens_per_s", "gather_s", "train_s",
                 "staleness_max", "queue_depth", "weight_sync_seconds", "clip_fraction", "behaviour_weight_mean"):
         assert key in lines[0], key
+    # the reward of every generated answer, beside the trained batch's (the filter dropped the zero-variance groups)
+    assert all(-5.0 <= line["reward_mean_generated"] <= 5.0 for line in lines)
+    assert sum(line["groups_dropped"] for line in lines) == sum(summary["dropped"].values()) > 0
+    assert all(0.0 <= line["groups_dropped_fraction"] < 1.0 for line in lines)
+    assert any(line["reward_mean_generated"] != line["reward_mean"] for line in lines)
     assert (run_dir / "config.yaml").is_file()
     final = load_pretrained(run_dir / "checkpoints" / "final")
     assert (run_dir / "checkpoints" / "final" / "tokenizer.json").is_file()

@@ -249,6 +249,7 @@ class Trainer:
             groups_per_step=rollout.groups_per_step,
             max_staleness=rollout.max_staleness,
             seed=config.seed,
+            success_rate_range=None if config.data.success_rate_range is None else tuple(config.data.success_rate_range),
         )
         log_dir = str(self.run_dir / "trajectories") if rollout.log_trajectories else None
         self.verifier = RewardVerifier.from_config(config.reward)
@@ -445,6 +446,8 @@ class Trainer:
         generated_tokens = after["generated_tokens"] - before["generated_tokens"]
         generate_s = after["generation_seconds"] - before["generation_seconds"]
         reward_s = after["reward_seconds"] - before["reward_seconds"]
+        scored_generated = after["generated_scored"] - before["generated_scored"]
+        produced = after["produced"] - before["produced"]
         reward_failures = Counter(after["reward_failures"])
         reward_failures.subtract(before["reward_failures"])
         step_s = published - started
@@ -453,7 +456,10 @@ class Trainer:
         record = {
             "step": step,
             "version": self.learner.version,
-            "reward_mean": sum(t.reward for t in scored) / len(scored),
+            "reward_mean": sum(t.reward for t in scored) / len(scored),  # the trained batch, after the queue's filter
+            # every answer generated during the step, filtered or not (None: none was scored in it)
+            "reward_mean_generated": ((after["generated_reward_sum"] - before["generated_reward_sum"])
+                                      / scored_generated if scored_generated else None),
             "accuracy": sum(t.reward == config.reward.correct_reward for t in scored) / len(scored),
             "reward_unscored": len(trajectories) - len(scored),  # left out of the loss
             "response_length_mean": sum(len(t.output_tokens) for t in trajectories) / len(trajectories),
@@ -461,6 +467,8 @@ class Trainer:
             "staleness_mean": sum(staleness) / len(staleness),
             "queue_depth": self.queue.depth,
             "groups_dropped": dropped - self.dropped_before,
+            "groups_dropped_fraction": (dropped - self.dropped_before) / produced if produced else None,
+            "prompts_skipped": after["prompts_skipped"] - before["prompts_skipped"],  # data.success_rate_range
             "tokens_per_s": generated_tokens / step_s,  # generated tokens per second of wall time
             "trained_tokens_per_s": stats["trained_tokens"] / step_s,
             "generation_tokens_per_s": generated_tokens / max(generate_s, 1e-9),  # per worker
