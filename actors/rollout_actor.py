@@ -14,7 +14,7 @@ from areal_async.config import TrainConfig
 from areal_async.model import load_tokenizer
 from areal_async.process_groups import close_sync_group, open_sync_group, sync_rank
 from areal_async.reward import RewardVerifier
-from areal_async.weight_sync import TorchDistributedTransport, WeightReceiver, WeightSyncError, state_checksum
+from areal_async.weight_sync import WeightReceiver, WeightSyncError, state_checksum
 
 VERSION_POLL_INTERVAL_S = 0.02  # how often a decoding worker asks whether a newer version exists
 IDLE_SLEEP_S = 0.01
@@ -76,7 +76,7 @@ class RolloutActor:
         group = open_sync_group(self.store_address, epoch, sync_rank(self.worker_index), self.sync_size,
                                 self.backend, self.config.cluster.sync_timeout_s)
         self.sync_epoch, self.sync_group = epoch, group  # the epoch first: see abort_sync
-        self.receiver.transport = TorchDistributedTransport(group)
+        self.receiver.transport = group.transport()
         self._sync()
 
     def _sync(self) -> None:

@@ -15,9 +15,12 @@ wake a waiting thread, nor tell the peers); an NCCL group is aborted, which make
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch.distributed as dist
+
+from areal_async.weight_sync import TorchDistributedTransport
 
 
 def join_learner_world(store_address: tuple[str, int], world_size: int, rank: int, backend: str,
@@ -43,8 +46,21 @@ def sync_rank(worker_index: int) -> int:
     return worker_index + 1
 
 
+@dataclass(frozen=True)
+class SyncGroup:
+    """One epoch's weight-sync group: `data` moves the bucket bytes, `control` the versions, headers and
+    acknowledgements (gloo: with NCCL a wait does not raise, and a control value read after an abort can be
+    garbage; with gloo both are the same group)."""
+
+    data: dist.ProcessGroup
+    control: dist.ProcessGroup
+
+    def transport(self) -> TorchDistributedTransport:
+        return TorchDistributedTransport(self.data, control=self.control if self.control is not self.data else None)
+
+
 def open_sync_group(store_address: tuple[str, int], epoch: int, rank: int, size: int, backend: str,
-                    timeout_s: float) -> dist.ProcessGroup:
+                    timeout_s: float) -> SyncGroup:
     """Epoch `epoch`'s weight-sync group of `size` members (every member calls this; it returns once all have).
     Operations on it fail after `timeout_s` (gloo fails at once when a member's process is gone)."""
     host, port = store_address
@@ -53,12 +69,14 @@ def open_sync_group(store_address: tuple[str, int], epoch: int, rank: int, size:
     if backend == "nccl":
         options = dist.ProcessGroupNCCL.Options()
         options._timeout = timeout
-        return dist.ProcessGroupNCCL(store, rank, size, options)
-    return dist.ProcessGroupGloo(store, rank, size, timeout)
+        control = dist.ProcessGroupGloo(dist.PrefixStore("control/", store), rank, size, timeout)
+        return SyncGroup(dist.ProcessGroupNCCL(store, rank, size, options), control)
+    group = dist.ProcessGroupGloo(store, rank, size, timeout)
+    return SyncGroup(group, group)
 
 
-def close_sync_group(group: dist.ProcessGroup) -> None:
+def close_sync_group(group: SyncGroup) -> None:
     """Makes `group`'s pending operations fail (NCCL: abort); the caller then drops its last reference, which
-    closes a gloo group's connections."""
-    if "nccl" in group.name().lower():
-        group.abort()
+    closes the gloo groups' connections."""
+    if "nccl" in group.data.name().lower():
+        group.data.abort()

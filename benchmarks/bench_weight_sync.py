@@ -59,7 +59,6 @@ from areal_async.process_groups import host_store, open_sync_group
 from areal_async.weight_sync import (
     DEFAULT_BUCKET_BYTES,
     InProcessTransport,
-    TorchDistributedTransport,
     WeightPublisher,
     WeightReceiver,
     bits_checksum,
@@ -273,8 +272,8 @@ def distributed_member(rank: int, size: int, store_port: int, backend: str, shap
         dtype = getattr(torch, args.dtype)
         state = random_state(shapes, dtype, device) if rank == 0 else zero_state(shapes, dtype, device)
         group = open_sync_group((STORE_HOST, store_port), 0, rank, size, backend, args.timeout_s)
-        raw = broadcast_gb_per_s(group, raw_buffer_bytes(state_bytes(state), args.bucket_bytes), device)
-        transport = TorchDistributedTransport(group, device)
+        raw = broadcast_gb_per_s(group.data, raw_buffer_bytes(state_bytes(state), args.bucket_bytes), device)
+        transport = group.transport()  # buckets over the group's backend, control messages over gloo
         report = {"rank": rank, "raw_gb_per_s": raw}
         if rank == 0:
             publisher = WeightPublisher(state, transport, args.bucket_bytes)

@@ -16,9 +16,9 @@ import torch.distributed as dist
 
 from areal_async.config import TrainConfig
 from areal_async.model import load_pretrained, load_tokenizer
-from areal_async.process_groups import close_sync_group, join_learner_world, open_sync_group
+from areal_async.process_groups import SyncGroup, close_sync_group, join_learner_world, open_sync_group
 from areal_async.types import Trajectory
-from areal_async.weight_sync import TorchDistributedTransport, WeightPublisher
+from areal_async.weight_sync import WeightPublisher
 from learners.fsdp_learner import FSDPLearner, compiles_layers
 
 # train_step/publish, abort_sync while a publish round waits for a dead worker, the liveness sentinel, pid
@@ -34,7 +34,7 @@ class LearnerRank:
         self.rank = rank
         self.config = config
         self.model_path = model_path
-        self.sync_group: dist.ProcessGroup | None = None
+        self.sync_group: SyncGroup | None = None
         self.sync_epoch = -1
         self.sync_lock = threading.Lock()  # one round (or group change) at a time; abort_sync does not wait
         self.closed = threading.Event()
@@ -70,7 +70,7 @@ class LearnerRank:
         if self.rank == 0:
             self.sync_group = open_sync_group(self.store_address, 0, 0, sync_size, backend, cluster.sync_timeout_s)
             self.sync_epoch = 0
-            self.publisher = WeightPublisher(state, TorchDistributedTransport(self.sync_group))
+            self.publisher = WeightPublisher(state, self.sync_group.transport())
         self.publish(version, state)
         return dist.get_world_size(self.group)
 
@@ -123,7 +123,7 @@ class LearnerRank:
             group = open_sync_group(self.store_address, epoch, 0, self.sync_size, self.backend,
                                     self.config.cluster.sync_timeout_s)
             self.sync_epoch, self.sync_group = epoch, group
-            self.publisher.transport = TorchDistributedTransport(group)
+            self.publisher.transport = group.transport()
             return self._offer()
 
     def full_state(self) -> dict[str, torch.Tensor]:

@@ -17,14 +17,14 @@ from areal_async.weight_sync.layout import (
     DEFAULT_BUCKET_BYTES, ParamSpec, gather_bucket, param_specs, plan_buckets, scatter_bucket,
 )
 from areal_async.weight_sync.protocol import (
-    MAX_SNAPSHOT_REFETCHES, Ack, MessageKind, WeightSyncError, decode_header, encode_header,
+    MAX_SNAPSHOT_REFETCHES, Ack, BrokenRound, MessageKind, WeightSyncError, decode_header, encode_header,
 )
 from areal_async.weight_sync.transports import (
     InProcessTransport, TorchDistributedTransport, WeightTransport, should_broadcast,
 )
 
 __all__ = [
-    "DEFAULT_BUCKET_BYTES", "MAX_SNAPSHOT_REFETCHES", "Ack", "InProcessTransport", "MessageKind", "ParamSpec",
+    "DEFAULT_BUCKET_BYTES", "MAX_SNAPSHOT_REFETCHES", "Ack", "BrokenRound", "InProcessTransport", "MessageKind", "ParamSpec",
     "TorchDistributedTransport", "WeightPublisher", "WeightReceiver", "WeightSyncError", "WeightTransport",
     "bits_checksum", "bits_of", "decode_header", "encode_header", "gather_bucket", "param_specs", "plan_buckets",
     "scatter_bucket", "should_broadcast", "splitmix64", "state_checksum",

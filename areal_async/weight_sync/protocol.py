@@ -25,6 +25,11 @@ class WeightSyncError(RuntimeError):
     """A weight update that cannot reproduce the publisher's bits, or a broken protocol."""
 
 
+class BrokenRound(RuntimeError):
+    """A control value no peer in a working round sends (a version, header length, header or acknowledgement
+    out of range): the round broke, as when a member dies, and the run opens the next weight-sync epoch."""
+
+
 class MessageKind(str, Enum):
     """What a receiver gets: a delta over v - 1, a full snapshot, or nothing (it already holds v)."""
 

@@ -21,8 +21,12 @@ iterator as fetch does. Deciding delta vs snapshot, headers, checksums and verif
     4. each listed receiver sends its acknowledgement (int64[1]), in rank order; after SNAPSHOT rank 0
        sends it a snapshot (header and buckets, point-to-point) and reads its next acknowledgement.
   A receiver that missed rounds simply takes part in a later one: it reports an old version and gets a
-  snapshot while the others get deltas (point-to-point that round). Control messages travel as tensors on
-  the group's device (CUDA for NCCL) over the same group, so no second group is needed.
+  snapshot while the others get deltas (point-to-point that round). Control messages (steps 1, 2's header
+  and 4) travel over a `control` group when one is given (gloo, on the CPU: the run's NCCL weight-sync groups
+  get one, areal_async/process_groups.py), else over the group itself on its device. Under NCCL a wait does
+  not raise and an aborted group may leave garbage in a control tensor; over gloo a broken round raises, and
+  every control value is checked (a version out of range, a header length above MAX_HEADER_BYTES, an
+  unreadable header, an unknown acknowledgement raise BrokenRound, never a wrong decision).
 """
 
 from __future__ import annotations
@@ -34,10 +38,11 @@ import torch
 import torch.distributed as dist
 
 from areal_async.weight_sync.protocol import (
-    Ack, BucketBuffer, Message, MessageKind, Release, WeightSyncError, decode_header, encode_header,
+    Ack, BrokenRound, BucketBuffer, Message, MessageKind, Release, WeightSyncError, decode_header, encode_header,
 )
 
 PUBLISHER_RANK = 0
+MAX_HEADER_BYTES = 64 << 20  # a header lists bucket checksums and, for snapshots, the parameters: far less
 
 
 @runtime_checkable
@@ -103,11 +108,14 @@ class TorchDistributedTransport(WeightTransport):
 
     `group` is a process group object, registered in the process's world (default: the world) or standalone
     (built from a store, as the run's weight-sync groups are: areal_async/process_groups.py); ranks are the
-    group's own. `device` carries control messages and must suit the backend: CUDA for NCCL, CPU for gloo (the
-    default follows the group's backend). Bucket tensors travel as uint8 views, which every backend moves.
+    group's own. `control`: a gloo group of the same members for the control messages (default: `group`).
+    `device` carries the control messages sent over `group` and must suit the backend: CUDA for NCCL, CPU for
+    gloo (the default follows the group's backend). Bucket tensors travel as uint8 views, which every backend
+    moves.
     """
 
-    def __init__(self, group: dist.ProcessGroup | None = None, device: torch.device | None = None) -> None:
+    def __init__(self, group: dist.ProcessGroup | None = None, device: torch.device | None = None,
+                 control: dist.ProcessGroup | None = None) -> None:
         self.group = group if group is not None else dist.group.WORLD
         self.rank = self.group.rank()
         self.size = self.group.size()
@@ -115,12 +123,14 @@ class TorchDistributedTransport(WeightTransport):
             uses_nccl = "nccl" in self.group.name().lower()
             device = torch.device("cuda", torch.cuda.current_device()) if uses_nccl else torch.device("cpu")
         self.device = device
+        self.control = control if control is not None else self.group
+        self.control_device = torch.device("cpu") if control is not None else device
 
-    def _send(self, tensor: torch.Tensor, dst: int) -> None:
-        self.group.send([tensor], dst, 0).wait()
+    def _send(self, tensor: torch.Tensor, dst: int, group: dist.ProcessGroup | None = None) -> None:
+        (group or self.group).send([tensor], dst, 0).wait()
 
-    def _recv(self, tensor: torch.Tensor, src: int) -> None:
-        self.group.recv([tensor], src, 0).wait()
+    def _recv(self, tensor: torch.Tensor, src: int, group: dist.ProcessGroup | None = None) -> None:
+        (group or self.group).recv([tensor], src, 0).wait()
 
     def _broadcast(self, tensor: torch.Tensor) -> None:
         options = dist.BroadcastOptions()
@@ -128,22 +138,36 @@ class TorchDistributedTransport(WeightTransport):
         self.group.broadcast([tensor], options).wait()
 
     def _send_int(self, value: int, dst: int) -> None:
-        self._send(torch.tensor([value], dtype=torch.int64, device=self.device), dst)
+        self._send(torch.tensor([value], dtype=torch.int64, device=self.control_device), dst, self.control)
 
-    def _recv_int(self, src: int) -> int:
-        value = torch.empty(1, dtype=torch.int64, device=self.device)
-        self._recv(value, src)
-        return int(value.item())
+    def _recv_int(self, src: int, low: int, high: int, what: str) -> int:
+        """A control integer from `src`, checked to lie in [low, high]."""
+        value = torch.empty(1, dtype=torch.int64, device=self.control_device)
+        self._recv(value, src, self.control)
+        number = int(value.item())
+        if not low <= number <= high:
+            raise BrokenRound(f"rank {src} sent {what} {number}, outside [{low}, {high}]: the round broke")
+        return number
+
+    def _recv_ack(self, src: int) -> Ack:
+        return Ack(self._recv_int(src, min(Ack), max(Ack), "an acknowledgement"))
 
     def _send_header(self, header: Mapping[str, Any], dst: int) -> None:
-        payload = encode_header(header).to(self.device)
+        payload = encode_header(header).to(self.control_device)
         self._send_int(payload.numel(), dst)
-        self._send(payload, dst)
+        self._send(payload, dst, self.control)
 
     def _recv_header(self) -> dict[str, Any]:
-        payload = torch.empty(self._recv_int(PUBLISHER_RANK), dtype=torch.uint8, device=self.device)
-        self._recv(payload, PUBLISHER_RANK)
-        return decode_header(payload)
+        length = self._recv_int(PUBLISHER_RANK, 1, MAX_HEADER_BYTES, "a header length")
+        payload = torch.empty(length, dtype=torch.uint8, device=self.control_device)
+        self._recv(payload, PUBLISHER_RANK, self.control)
+        try:
+            header = decode_header(payload)
+        except Exception as error:  # msgpack's many error types on bytes it cannot read
+            raise BrokenRound(f"the publisher's header did not decode ({type(error).__name__}): the round broke")
+        if not isinstance(header, dict) or not isinstance(header.get("buckets"), list):
+            raise BrokenRound("the publisher's header is not a header: the round broke")
+        return header
 
     def _receivers(self, receivers: Sequence[int] | None) -> list[int]:
         ranks = sorted(set(range(1, self.size) if receivers is None else receivers))
@@ -153,7 +177,8 @@ class TorchDistributedTransport(WeightTransport):
 
     def offer(self, release: Release, receivers: Sequence[int] | None = None) -> dict[MessageKind, int]:
         ranks = self._receivers(receivers)
-        messages = {rank: release.message_for(self._recv_int(rank)) for rank in ranks}
+        messages = {rank: release.message_for(self._recv_int(rank, -1, release.version, "a held version"))
+                    for rank in ranks}
         broadcast = should_broadcast({rank: m.kind for rank, m in messages.items()}, self.size)
         for rank, message in messages.items():
             self._send_header({**message.header, "broadcast": broadcast}, rank)
@@ -167,7 +192,7 @@ class TorchDistributedTransport(WeightTransport):
                 self._send_buckets(message, rank)
             sent = _bytes_by_kind(list(messages.values()))
         for rank in ranks:  # a receiver whose buckets failed their checksums gets a snapshot in this round
-            while Ack(self._recv_int(rank)) is Ack.SNAPSHOT:
+            while self._recv_ack(rank) is Ack.SNAPSHOT:
                 snapshot = release.message_for(-1)
                 self._send_header({**snapshot.header, "broadcast": False}, rank)
                 self._send_buckets(snapshot, rank)
