@@ -271,6 +271,27 @@ def gradient_and_mlp_calls(model: CausalLM, trajectories, activation_checkpointi
     return {n: full_gradient(p).numpy() for n, p in learner.model.named_parameters()}, len(calls)
 
 
+def test_the_sharded_learner_never_moves_the_whole_model_to_its_device(one_rank_group, batch, monkeypatch):
+    """A rank shards from where the weights were loaded (fully_shard moves each unit's shard): the whole policy
+    and its KL reference copy never sit on the device at once, as they did when PPOLearner moved the model first."""
+    model, _ = batch
+    moved = []
+    to = torch.nn.Module.to
+
+    def recording_to(module, *args, **kwargs):
+        if isinstance(module, CausalLM) and (args and not isinstance(args[0], torch.dtype) or "device" in kwargs):
+            moved.append((args, kwargs))
+        return to(module, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", recording_to)
+    FSDPLearner(copy.deepcopy(model), PPOConfig(kl_coef=0.1), pad_token_id=0, temperature=1.0,
+                learner_config=LearnerConfig(one_rank_mode=OneRankMode.fsdp))
+    assert moved == []
+    FSDPLearner(copy.deepcopy(model), PPOConfig(kl_coef=0.1), pad_token_id=0, temperature=1.0,
+                learner_config=LearnerConfig(one_rank_mode=OneRankMode.plain))
+    assert moved  # the plain one-rank learner does move its model (and reference) to the device
+
+
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
 def test_the_sharded_learner_computes_in_the_dtype_it_is_given(one_rank_group, batch, compute_dtype):
     """model.dtype reaches FSDP's mixed-precision policy (it was bf16 on CUDA and fp32 on a CPU, whatever was
