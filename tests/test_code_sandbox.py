@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from areal_async.reward.code_sandbox import UID_BASE, CodeSandbox, SandboxLimits, _processes_of
+from areal_async.reward.code_sandbox import CodeSandbox, SandboxLimits, _processes_of
 
 LIMITS = SandboxLimits(wall_s=2.0, cpu_s=2, memory_bytes=512 << 20, output_bytes=1 << 16, processes=16)
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="a uid of its own per execution needs root")
@@ -29,8 +29,8 @@ def _run(sandbox, code: str, stdin: bytes = b""):
     return result
 
 
-def _no_leftovers() -> None:
-    assert all(not _processes_of(UID_BASE + slot) for slot in range(2))
+def _no_leftovers(sandbox) -> None:
+    assert len(sandbox.uids) == 2 and all(not _processes_of(uid) for uid in sandbox.uids)
     assert not [name for name in os.listdir("/tmp") if name.startswith("sandbox-escape")]
 
 
@@ -62,7 +62,7 @@ def test_hostile_programs_fail_within_their_limit_and_the_pool_serves_on(sandbox
 def test_a_fork_bomb_is_stopped_and_leaves_no_process(sandbox):
     result = _run(sandbox, "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass")
     assert result.status == "timeout"
-    _no_leftovers()
+    _no_leftovers(sandbox)
     assert _run(sandbox, "import os\nos.fork() or print('forks again')").stdout == b"forks again\n"
 
 
@@ -71,7 +71,7 @@ def test_a_daemon_does_not_outlive_the_call_nor_leave_files(sandbox):
     code = ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    open('/tmp/sandbox-escape-daemon', 'w')\n"
             "    time.sleep(60)\n    open('/tmp/sandbox-escape-late', 'w')\nelse:\n    time.sleep(0.2)\n    print('left it')")
     assert _run(sandbox, code).stdout == b"left it\n"
-    _no_leftovers()
+    _no_leftovers(sandbox)
 
 
 @needs_root
@@ -84,7 +84,7 @@ def test_the_host_is_untouched(sandbox, tmp_path):
                  "import os, signal\nos.kill(1, signal.SIGKILL)"):
         assert _run(sandbox, code).status == "error"
     assert kept.read_text() == "mine" and not (tmp_path / "written.txt").exists()
-    _no_leftovers()
+    _no_leftovers(sandbox)
 
 
 @needs_root
@@ -106,3 +106,12 @@ def test_its_working_directory_is_its_own_and_goes_away(sandbox):
     result = _run(sandbox, "import os\nopen('scratch.txt', 'w').write('x')\nprint(os.getcwd())")
     workdir = Path(result.stdout.decode().strip())
     assert result.status == "ok" and workdir.name.startswith("areal-sandbox-") and not workdir.exists()
+
+
+@needs_root
+def test_pools_never_share_a_uid(sandbox):
+    other = CodeSandbox(slots=2, limits=LIMITS)
+    try:
+        assert not set(other.uids) & set(sandbox.uids)
+    finally:
+        other.close()

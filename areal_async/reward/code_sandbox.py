@@ -4,7 +4,8 @@ Each execution, in `CodeSandbox.run`:
 - a fresh temporary directory holding the code as `main.py`, deleted afterwards; `python -I` (isolated mode: no
   user site-packages, no PYTHON* variables) in an empty environment, started in a session of its own;
 - as root (CI and the GPU machines run as root, where RLIMIT_NPROC does not bind), an unprivileged uid of its own
-  (`UID_BASE` + the slot), so the process limit binds (a fork bomb stops) and every process the code leaves,
+  (each pool slot claims one from `UID_BASE` up, through a lock file, so pools in several processes never share
+  one), so the process limit binds (a fork bomb stops) and every process the code leaves,
   also one that started a session of its own, is killed after the call by a process of that uid signalling
   all of them (kill(-1));
 - limits: CPU seconds, address space, file size, open files, processes, no core files;
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import fcntl
 import os
 import resource
 import shutil
@@ -38,7 +40,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-UID_BASE = 61000  # slot k runs as uid UID_BASE + k (no passwd entry needed)
+UID_BASE = 61000  # slots run as uids from here up (no passwd entry needed), each claimed by a lock file
+UID_COUNT = 4096
 CLONE_NEWNET = 0x40000000
 WORLD_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm")
 READ_CHUNK = 65536
@@ -167,6 +170,20 @@ def _remove_files_of(uid: int, roots: tuple[str, ...] = WORLD_WRITABLE) -> None:
                 continue
 
 
+def _claim_uid() -> tuple[int, int]:
+    """A uid no other slot of any process on this machine holds, and the lock file's descriptor that holds it
+    (closed with the sandbox: the lock goes with it, also when the process dies)."""
+    for uid in range(UID_BASE, UID_BASE + UID_COUNT):
+        descriptor = os.open(os.path.join(tempfile.gettempdir(), f"areal-sandbox-uid-{uid}.lock"),
+                             os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return uid, descriptor
+        except BlockingIOError:
+            os.close(descriptor)
+    raise RuntimeError(f"every sandbox uid from {UID_BASE} to {UID_BASE + UID_COUNT - 1} is taken")
+
+
 class _Capture(threading.Thread):
     """Reads a pipe until it closes, keeping at most `limit` bytes; `exceeded` once more arrived."""
 
@@ -203,7 +220,10 @@ class CodeSandbox:
                   "one): executions share the host's network", file=sys.stderr)
         if self.as_root:  # orphaned processes of an execution come back here to be reaped (prctl 36: subreaper)
             _libc().prctl(36, 1, 0, 0, 0)
-        self._slots: list[int | None] = [UID_BASE + k if self.as_root else None for k in range(slots)]
+        claims = [_claim_uid() for _ in range(slots)] if self.as_root else []
+        self._locks = [descriptor for _, descriptor in claims]
+        self.uids = tuple(uid for uid, _ in claims)  # the slots' uids (none without root)
+        self._slots: list[int | None] = list(self.uids) or [None] * slots
         self._free = threading.Semaphore(slots)
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=slots)
@@ -225,6 +245,9 @@ class CodeSandbox:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        for descriptor in self._locks:
+            os.close(descriptor)
+        self._locks = []
 
     def _execute(self, code: str, stdin: bytes, uid: int | None) -> Execution:
         limits = self.limits

@@ -1,0 +1,82 @@
+"""Rewards for model-written code, judged outside the code's process.
+
+`extract_code` takes the program from a response: the last fenced block marked python/py (else the last unmarked
+fenced block). `stdio_verdict` runs it once per test case of AReaL's `input_output` format in stdin/stdout mode
+(`{"inputs": [...], "outputs": [...]}`, no `fn_name`) in the code sandbox and compares what it printed with the
+expected output here, in the parent: the program never judges itself, so an early `sys.exit(0)` or a printed
+"passed" marker scores as what it printed. Outputs compare line by line with trailing whitespace removed (as
+AReaL's harness does for stdin/stdout problems).
+
+Not built yet: the call-based mode (`fn_name`), HumanEval and MBPP test formats.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from areal_async.reward.code_sandbox import CodeSandbox
+
+_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
+
+
+def extract_code(response: str) -> str | None:
+    """The last fenced block marked python or py, else the last fenced block without a language; None when the
+    response has neither."""
+    blocks = [(language.lower(), body) for language, body in _FENCE.findall(response)]
+    for wanted in (("python", "py", "python3"), ("",)):
+        chosen = [body for language, body in blocks if language in wanted]
+        if chosen:
+            return chosen[-1]
+    return None
+
+
+def normalise_output(text: str) -> list[str]:
+    """Lines with trailing whitespace removed and trailing empty lines dropped."""
+    lines = [line.rstrip() for line in text.replace("\r\n", "\n").split("\n")]
+    while lines and not lines[-1]:
+        lines.pop()
+    return lines
+
+
+@dataclass(frozen=True)
+class CodeVerdict:
+    """passed: test cases whose output matched, of `total`; reason: "passed", "wrong_output", "no_code",
+    "runtime_error", "timeout", "output_limit" (the first failing case's)."""
+
+    passed: int
+    total: int
+    reason: str
+
+    @property
+    def all_passed(self) -> bool:
+        return self.total > 0 and self.passed == self.total
+
+
+def stdio_verdict(response: str, inputs: Sequence[str], outputs: Sequence[str], sandbox: CodeSandbox) -> CodeVerdict:
+    """Runs the response's program on each input (stdin) and compares its stdout with the expected output."""
+    if len(inputs) != len(outputs) or not inputs:
+        raise ValueError(f"input_output needs as many outputs as inputs, at least one: got {len(inputs)} and "
+                         f"{len(outputs)}")
+    code = extract_code(response)
+    if code is None:
+        return CodeVerdict(0, len(inputs), "no_code")
+    executions = sandbox.run_many([(code, text.encode()) for text in inputs])
+    passed, reason = 0, "passed"
+    for execution, expected in zip(executions, outputs):
+        if execution.status == "ok" and normalise_output(execution.stdout.decode(errors="replace")) == \
+                normalise_output(expected):
+            passed += 1
+        elif reason == "passed":
+            reason = {"ok": "wrong_output", "error": "runtime_error"}.get(execution.status, execution.status)
+    return CodeVerdict(passed, len(inputs), reason)
+
+
+def code_reward(verdict: CodeVerdict, correct_reward: float = 5.0, incorrect_reward: float = -5.0,
+                partial_credit: bool = False) -> float:
+    """+correct when every test passed, else incorrect (AReaL's scoring); with `partial_credit`, the fraction
+    passed interpolates between the two."""
+    if partial_credit:
+        return incorrect_reward + (correct_reward - incorrect_reward) * verdict.passed / max(1, verdict.total)
+    return correct_reward if verdict.all_passed else incorrect_reward
