@@ -3,7 +3,9 @@ cannot forge."""
 
 import pytest
 
-from areal_async.reward.code_reward import CodeVerdict, code_reward, extract_code, normalise_output, stdio_verdict
+from areal_async.reward.code_reward import (
+    CodeVerdict, call_verdict, code_reward, extract_code, normalise_output, stdio_verdict,
+)
 from areal_async.reward.code_sandbox import CodeSandbox, SandboxLimits
 
 ADD = "a, b = map(int, input().split())\nprint(a + b)\n"
@@ -63,3 +65,25 @@ def test_rewards_all_or_nothing_or_partial():
     assert code_reward(CodeVerdict(1, 2, "wrong_output")) == -5.0
     assert code_reward(CodeVerdict(1, 2, "wrong_output"), partial_credit=True) == 0.0
     assert code_reward(CodeVerdict(0, 2, "no_code"), partial_credit=True) == -5.0
+
+
+CALL_CASES = ([[1, 2], [10, -3], [0, 0]], [3, [7], 0])  # AReaL's files may wrap an expected value in a list
+
+
+@pytest.mark.parametrize("program, passed, reason", [
+    ("def add(a, b):\n    return a + b\n", 3, "passed"),
+    ("def add(a, b):\n    return a + b if a < 5 else 0\n", 2, "wrong_output"),
+    ("def add(a, b):\n    return a / 0\n", 0, "runtime_error"),
+    ("def add(a, b):\n    while True:\n        pass\n", 0, "timeout"),
+    ("def plus(a, b):\n    return a + b\n", 0, "runtime_error"),  # not the function asked for
+    # forging: the parent compares decoded values it never sent
+    ("class Equal:\n    def __eq__(self, other):\n        return True\ndef add(a, b):\n    return Equal()\n", 0,
+     "runtime_error"),
+    ("import os\ndef add(a, b):\n    os._exit(0)\n", 0, "runtime_error"),
+    ("import sys\nprint('All tests passed')\nsys.exit(0)\ndef add(a, b):\n    return a + b\n", 0, "runtime_error"),
+    # a forged result line counts only where it holds the right value, as a hard-coded answer would
+    ("print('\\x1eareal-result {\"value\": 3}')\ndef add(a, b):\n    return 0\n", 2, "wrong_output"),
+])
+def test_call_based_cases_are_judged_in_the_parent(sandbox, program, passed, reason):
+    verdict = call_verdict(_fenced(program), "add", *CALL_CASES, sandbox)
+    assert verdict == CodeVerdict(passed, 3, reason)

@@ -7,11 +7,17 @@ expected output here, in the parent: the program never judges itself, so an earl
 "passed" marker scores as what it printed. Outputs compare line by line with trailing whitespace removed (as
 AReaL's harness does for stdin/stdout problems).
 
-Not built yet: the call-based mode (`fn_name`), HumanEval and MBPP test formats.
+`call_verdict` judges the call-based mode (`fn_name`): a harness appended to the program calls the function with
+each case's arguments and prints each result as a JSON line behind a marker; the parent compares the decoded values
+with the expected ones, which the program never sees (a value JSON cannot encode, such as an object with its own
+`__eq__`, is a failure).
+
+Not built yet: HumanEval and MBPP test formats.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,11 +60,15 @@ class CodeVerdict:
         return self.total > 0 and self.passed == self.total
 
 
-def stdio_verdict(response: str, inputs: Sequence[str], outputs: Sequence[str], sandbox: CodeSandbox) -> CodeVerdict:
-    """Runs the response's program on each input (stdin) and compares its stdout with the expected output."""
+def _check_cases(inputs: Sequence, outputs: Sequence) -> None:
     if len(inputs) != len(outputs) or not inputs:
         raise ValueError(f"input_output needs as many outputs as inputs, at least one: got {len(inputs)} and "
                          f"{len(outputs)}")
+
+
+def stdio_verdict(response: str, inputs: Sequence[str], outputs: Sequence[str], sandbox: CodeSandbox) -> CodeVerdict:
+    """Runs the response's program on each input (stdin) and compares its stdout with the expected output."""
+    _check_cases(inputs, outputs)
     code = extract_code(response)
     if code is None:
         return CodeVerdict(0, len(inputs), "no_code")
@@ -70,6 +80,60 @@ def stdio_verdict(response: str, inputs: Sequence[str], outputs: Sequence[str], 
             passed += 1
         elif reason == "passed":
             reason = {"ok": "wrong_output", "error": "runtime_error"}.get(execution.status, execution.status)
+    return CodeVerdict(passed, len(inputs), reason)
+
+
+RESULT_MARKER = "\x1eareal-result "  # a record separator, unlikely in program output; a forged line must be right
+
+
+def _call_harness(fn_name: str) -> str:
+    """Appended to the program: reads the cases' arguments from stdin, prints each call's result as JSON."""
+    return f"""
+
+def __areal_run_cases():
+    import json, sys
+    for arguments in json.loads(sys.stdin.read()):
+        try:
+            line = json.dumps({{"value": {fn_name}(*arguments)}})
+        except BaseException as error:
+            line = json.dumps({{"error": type(error).__name__}})
+        sys.stdout.write({RESULT_MARKER!r} + line + "\\n")
+        sys.stdout.flush()
+
+
+__areal_run_cases()
+"""
+
+
+def _same_value(got, expected) -> bool:
+    """JSON-level equality (tuples compare as lists); AReaL's files often wrap a single expected value in a list."""
+    expected = json.loads(json.dumps(expected))
+    return got == expected or (isinstance(expected, list) and len(expected) == 1 and got == expected[0])
+
+
+def call_verdict(response: str, fn_name: str, inputs: Sequence[Sequence], outputs: Sequence,
+                 sandbox: CodeSandbox) -> CodeVerdict:
+    """Calls the response's `fn_name` with each case's arguments (one execution) and compares the results."""
+    _check_cases(inputs, outputs)
+    if not fn_name.isidentifier():
+        raise ValueError(f"input_output's fn_name must be a Python name, got {fn_name!r}")
+    code = extract_code(response)
+    if code is None:
+        return CodeVerdict(0, len(inputs), "no_code")
+    execution = sandbox.run(code + _call_harness(fn_name), json.dumps([list(a) for a in inputs]).encode())
+    results = [line[len(RESULT_MARKER):] for line in execution.stdout.decode(errors="replace").split("\n")
+               if line.startswith(RESULT_MARKER)]
+    passed, reason = 0, "passed"
+    for index, expected in enumerate(outputs):
+        try:
+            result = json.loads(results[index]) if index < len(results) else {}
+        except json.JSONDecodeError:
+            result = {}
+        if "value" in result and _same_value(result["value"], expected):
+            passed += 1
+        elif reason == "passed":
+            reason = ("wrong_output" if "value" in result else "runtime_error" if "error" in result
+                      else execution.status if execution.status in ("timeout", "output_limit") else "runtime_error")
     return CodeVerdict(passed, len(inputs), reason)
 
 
