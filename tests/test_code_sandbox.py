@@ -115,3 +115,8 @@ def test_pools_never_share_a_uid(sandbox):
         assert not set(other.uids) & set(sandbox.uids)
     finally:
         other.close()
+
+
+def test_a_program_that_never_reads_a_large_stdin_still_times_out(sandbox):
+    result = _run(sandbox, "import time\ntime.sleep(3600)", b"x" * (4 << 20))  # far more than a pipe holds
+    assert result.status == "timeout"

@@ -28,6 +28,7 @@ import ctypes
 import ctypes.util
 import fcntl
 import os
+import queue
 import resource
 import shutil
 import signal
@@ -184,6 +185,15 @@ def _claim_uid() -> tuple[int, int]:
     raise RuntimeError(f"every sandbox uid from {UID_BASE} to {UID_BASE + UID_COUNT - 1} is taken")
 
 
+def _feed(stream, data: bytes) -> None:
+    """Writes `data` to the program's stdin and closes it; a program that exits (or closes it) first ends this."""
+    try:
+        stream.write(data)
+        stream.close()
+    except OSError:
+        pass
+
+
 class _Capture(threading.Thread):
     """Reads a pipe until it closes, keeping at most `limit` bytes; `exceeded` once more arrived."""
 
@@ -223,21 +233,18 @@ class CodeSandbox:
         claims = [_claim_uid() for _ in range(slots)] if self.as_root else []
         self._locks = [descriptor for _, descriptor in claims]
         self.uids = tuple(uid for uid, _ in claims)  # the slots' uids (none without root)
-        self._slots: list[int | None] = list(self.uids) or [None] * slots
-        self._free = threading.Semaphore(slots)
-        self._lock = threading.Lock()
+        self._slots: queue.SimpleQueue[int | None] = queue.SimpleQueue()  # the free ones; a call waits for one
+        for uid in self.uids or [None] * slots:
+            self._slots.put(uid)
         self._pool = ThreadPoolExecutor(max_workers=slots)
 
     def run(self, code: str, stdin: bytes = b"") -> Execution:
         """Runs `code` as a script with `stdin`; returns how it ended."""
-        with self._free:
-            with self._lock:
-                uid = self._slots.pop()
-            try:
-                return self._execute(code, stdin, uid)
-            finally:
-                with self._lock:
-                    self._slots.append(uid)
+        uid = self._slots.get()
+        try:
+            return self._execute(code, stdin, uid)
+        finally:
+            self._slots.put(uid)
 
     def run_many(self, jobs: list[tuple[str, bytes]]) -> list[Execution]:
         """`run` for each (code, stdin), `slots` at a time, in order."""
@@ -266,11 +273,8 @@ class CodeSandbox:
             captures = [_Capture(process.stdout, limits.output_bytes), _Capture(process.stderr, limits.output_bytes)]
             for capture in captures:
                 capture.start()
-            try:
-                process.stdin.write(stdin)
-                process.stdin.close()
-            except OSError:  # the code exited (or closed stdin) before reading it
-                pass
+            # fed from a thread: a program that never reads a stdin larger than the pipe must still time out
+            threading.Thread(target=_feed, args=(process.stdin, stdin), daemon=True).start()
             status = None
             deadline = started + limits.wall_s
             while process.poll() is None:
@@ -283,15 +287,14 @@ class CodeSandbox:
                 time.sleep(0.005)
             if status is None and any(capture.exceeded.is_set() for capture in captures):
                 status = "output_limit"
-            killed = status is not None
+            exit_code = process.returncode if status is None else None  # None: killed here
             self._end(process, uid)
             for capture in captures:
                 capture.join(timeout=1.0)
             seconds = time.perf_counter() - started
-            code_ = None if killed else process.returncode
             if status is None:
-                status = "ok" if code_ == 0 else "error"
-            return Execution(status, code_, bytes(captures[0].data), bytes(captures[1].data), seconds)
+                status = "ok" if exit_code == 0 else "error"
+            return Execution(status, exit_code, bytes(captures[0].data), bytes(captures[1].data), seconds)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
             if uid is not None:
