@@ -194,21 +194,25 @@ class MemoryPlan:
             return 0
         return int(min(self.max_slots, usable // blocks_for(self.expected_sequence, self.block_size)))
 
+    def parts(self) -> tuple[Part, ...]:
+        """The plan's parts, each with the phase that holds it (what `describe` and `areal-async plan` list)."""
+        return (Part("engine weights", self.engine_weights),
+                Part("learner: fp32 weights, AdamW moments (and KL reference)", self.learner_resident),
+                Part("weight publisher: this and the previous version", self.publication_resident),
+                Part("reserve (context, workspaces, fragmentation)", self.reserve),
+                Part("engine KV pool", self.kv_cache, Phase.generation, kv_cache=True),
+                Part("engine working memory (prefill, logits)", self.engine_working, Phase.generation),
+                Part(f"gradients, autocast copies, activations of {self.micro_batch_tokens:,} tokens (est.)",
+                     self.learner_training, Phase.training),
+                Part("the weights, cast, and the receiver's scratch", self.publication_cast, Phase.publishing))
+
     def describe(self) -> str:
-        rows = [("held in every phase:", None),
-                ("  engine weights", self.engine_weights),
-                ("  learner: fp32 weights, AdamW moments (and KL reference)", self.learner_resident),
-                ("  weight publisher: this and the previous version", self.publication_resident),
-                ("  reserve (context, workspaces, fragmentation)", self.reserve),
-                ("generation adds:", None),
-                ("  engine KV pool", self.kv_cache),
-                ("  engine working memory (prefill, logits)", self.engine_working),
-                ("training adds (the KV pool released):", None),
-                (f"  gradients, autocast copies, activations of {self.micro_batch_tokens:,} tokens (est.)",
-                 self.learner_training),
-                ("publication adds:", None),
-                ("  the weights, cast, and the receiver's scratch", self.publication_cast)]
-        lines = [f"  {name:<72}" + ("" if value is None else f"{value / GIB:8.2f} GiB") for name, value in rows]
+        headings = {Phase.always: "held in every phase:", Phase.generation: "generation adds:",
+                    Phase.training: "training adds (the KV pool released):", Phase.publishing: "publication adds:"}
+        lines, parts = [], self.parts()
+        for phase, heading in headings.items():
+            lines.append(f"  {heading}")
+            lines += [f"    {part.name:<70}{part.size / GIB:8.2f} GiB" for part in parts if part.phase is phase]
         phases = ", ".join(f"{name} {value / GIB:.2f}" for name, value in self.phases.items())
         lines.append(f"  peak by phase: {phases} GiB of {self.total / GIB:.2f} GiB")
         lines.append(f"  KV pool: {max(0, self.blocks - 1):,} blocks of {self.block_size} tokens; about "

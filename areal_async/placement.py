@@ -432,16 +432,7 @@ def _inline_plan(config: TrainConfig, shape: DecoderConfig, header: list[str], t
         one = inline_gpu_plan(config, shape, total, prompt_tokens)
     except ValueError as error:
         return Plan(header, [seat], failures=[f"does not fit: {error}"])
-    parts = (Part("engine weights", one.engine_weights),
-             Part("learner: fp32 weights, AdamW moments", one.learner_resident),
-             Part("weight publisher: this and the previous version", one.publication_resident),
-             Part("reserve", one.reserve),
-             Part("engine KV pool", one.kv_cache, Phase.generation, kv_cache=True),
-             Part("engine working memory", one.engine_working, Phase.generation),
-             Part(f"learner training: gradients, autocast copies, activations of {one.micro_batch_tokens:,} tokens",
-                  one.learner_training, Phase.training),
-             Part("publication: the weights, cast", one.publication_cast, Phase.publishing))
-    gpu = GpuBudget(0, seat.gpu, total, (Process(seat, parts),))
+    gpu = GpuBudget(0, seat.gpu, total, (Process(seat, one.parts()),))
     return Plan(header, [seat], gpus=[gpu], summary=f"fits: the engine decodes {one.sequences} sequences at once "
                                                      f"({one.expected_sequence:,} tokens expected each, up to "
                                                      f"{one.longest_sequence:,}) from a KV pool of "
