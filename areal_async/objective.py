@@ -152,8 +152,7 @@ def kl_reward_to_go(proximal_logprobs: torch.Tensor, reference_logprobs: torch.T
     starts = torch.ones_like(document_ids, dtype=torch.bool)
     starts[1:] = document_ids[1:] != document_ids[:-1]
     start_index = torch.cummax(torch.where(starts, torch.arange(len(rewards), device=rewards.device), 0), 0).values
-    totals = torch.zeros(int(document_ids.max()) + 1, dtype=rewards.dtype, device=rewards.device)
-    totals.index_add_(0, document_ids, rewards)
+    totals = torch.zeros_like(rewards).index_add_(0, document_ids, rewards)  # per sequence (ids < N: no host read)
     # the sequence's total less what came before the token within it
     to_go = totals[document_ids] - (before - before[start_index])
     return torch.where(output_mask, to_go, 0.0)

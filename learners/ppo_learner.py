@@ -174,12 +174,11 @@ class PPOLearner:
                 batch.values["proximal_logprobs"] = batch.values["behaviour_logprobs"]
             if self.reference is not None:
                 batch.values["reference_logprobs"] = self._logprobs(self.reference, batch)
-                if self.config.kl_mode is KLMode.reward:
-                    values = batch.values
-                    values["advantages"] = values["advantages"] + kl_reward_to_go(
-                        values["proximal_logprobs"].to(values["advantages"].device),
-                        values["reference_logprobs"].to(values["advantages"].device), batch.output_mask,
-                        batch.document_ids[0], self.config.kl_coef)
+                if self.config.kl_mode is KLMode.reward:  # on the logprobs' device: no copy back to the host
+                    values, device = batch.values, batch.values["proximal_logprobs"].device
+                    values["advantages"] = values["advantages"].to(device) + kl_reward_to_go(
+                        values["proximal_logprobs"], values["reference_logprobs"], batch.output_mask.to(device),
+                        batch.document_ids[0].to(device), self.config.kl_coef)
         self.model.train()
         return micro_batches
 
