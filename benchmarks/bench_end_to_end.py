@@ -225,18 +225,20 @@ def bench_workload(name: str, workload: dict, args, device: torch.device, checkp
 
 
 def warm_engine(trainer: Trainer, workload: dict) -> None:
-    """What a run's first step does to the engine, so that the engine alone is timed warm: prefills of two
-    shapes (compiled, then recompiled with dynamic shapes), and the decode step captured at every batch size for
-    the workload's longest request."""
+    """What a run's first step does to the engine, so that the engine alone is timed warm: the decode step captured
+    at every batch size for the workload's longest request, and prefills of two shapes (compiled, then recompiled
+    with dynamic shapes)."""
     engine, config = trainer.worker.engine, trainer.config
     stop = (trainer.tokenizer.eos_token_id,)
-    for count, length in ((8, workload["prompt_tokens"]), (24, workload["prompt_tokens"] // 2)):
-        engine.generate([[5 + i] * length for i in range(count)],
-                        SamplingParams(max_new_tokens=8, temperature=config.generation.temperature, stop_token_ids=stop))
     longest = workload["prompt_tokens"] + 1 + workload["max_new_tokens"]  # one token of slack for a BOS
     params = SamplingParams(max_new_tokens=workload["max_new_tokens"], temperature=config.generation.temperature,
                             stop_token_ids=stop)
+    # the buffers for the whole workload first: the smaller calls below then never regrow them (on an H100 a
+    # regrowth after an 8-slot call found the old 44.6 GiB pool still allocated and ran out of memory)
     engine.reserve(longest, workload["max_new_tokens"], params)
+    for count, length in ((8, workload["prompt_tokens"]), (24, workload["prompt_tokens"] // 2)):
+        engine.generate([[5 + i] * length for i in range(count)],
+                        SamplingParams(max_new_tokens=8, temperature=config.generation.temperature, stop_token_ids=stop))
 
 
 def memory_report(plan, records: list[dict], alone_peaks: dict[str, float]) -> dict | None:

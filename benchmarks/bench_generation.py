@@ -25,7 +25,8 @@ Each timed run follows a warm-up: `TorchEngine.reserve` sizes the buffers and KV
 captures the decode step of every batch size (compiling it first), then one call on the same prompts with
 token limits cut to 32 runs the prefill paths; the timed call neither reallocates nor captures a graph.
 cold_start_s: building a system's engine plus its first warm-up (a fresh process's first system is cold:
-nothing compiled or cached yet). tokens/s = output tokens / wall time of the
+nothing compiled or cached yet), split into the build, `reserve` (compiling, capturing) and the first call, with
+dynamo's table of compile times. tokens/s = output tokens / wall time of the
 timed generate call, prefills included.
 
 Floor: a decode step must read the weights (all but the embedding table) and the KV cache of every running
@@ -189,6 +190,8 @@ def run_ours(engine: TorchEngine, prompts, limits, label: str) -> dict:
     device = engine.device
     started = time.perf_counter()
     engine.reserve(max(len(p) + n for p, n in zip(prompts, limits)), max(limits), params)
+    synchronize(device)
+    reserve_s = time.perf_counter() - started
     engine.generate(prompts, params, max_new_tokens=[min(n, WARMUP_TOKENS) for n in limits])
     synchronize(device)
     warmup_s = time.perf_counter() - started
@@ -201,7 +204,7 @@ def run_ours(engine: TorchEngine, prompts, limits, label: str) -> dict:
     stats = dict(engine.stats)
     result = {
         "requests": len(prompts), "slots": stats["slots"], "tokens": tokens, "seconds": seconds,
-        "tokens_per_s": tokens / seconds, "warmup_s": warmup_s, "stats": stats, "warmup_stats": warmup_stats,
+        "tokens_per_s": tokens / seconds, "warmup_s": warmup_s, "warmup_reserve_s": reserve_s, "stats": stats, "warmup_stats": warmup_stats,
         "decode_ms_per_step": 1e3 * seconds / max(1, stats["decode_steps"]), "peak_kv_gib": stats["peak_kv_gib"],
         "in_flight_mean": stats["in_flight_mean"], "in_flight_max": stats["in_flight_max"],
         "preemptions": stats["preemptions"],
@@ -638,7 +641,11 @@ def main() -> None:
             row = section(f"{label}_{name}", lambda: run_ours(engine, prompts, limits, f"{label} {name}"))
             if row is not None and index == 0:
                 results[f"cold_start_s_{label}"] = build_s + row["warmup_s"]
-                log(f"[{label}] cold start {results[f'cold_start_s_{label}']:.1f} s ({name})")
+                log(f"[{label}] cold start {results[f'cold_start_s_{label}']:.1f} s ({name}: build {build_s:.1f}, "
+                    f"reserve {row['warmup_reserve_s']:.1f}, first call {row['warmup_s'] - row['warmup_reserve_s']:.1f})")
+                # where compiling spent the cold start: dynamo's per-function table (seconds per phase)
+                results[f"compile_times_{label}"] = torch._dynamo.utils.compile_times(repr="str", aggregate=True)
+                log(results[f"compile_times_{label}"])
         if args.step_times:
             section(f"step_ms_{label}", lambda: {key: value for batch in sorted({args.max_slots, 64, 16})
                                                  for key, value in step_times(engine, batch).items()})
