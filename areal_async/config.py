@@ -325,6 +325,11 @@ class RolloutConfig:
     groups_per_step: int = 32  # prompts per training step
     max_staleness: int | None = 0  # 0 = synchronous; null = unbounded
     groups_per_request: int = 32  # groups a rollout worker generates in one batch
+    # admission counts a group in flight as the recent fraction of groups kept on arrival, down to
+    # 1 / max_oversample of a slot: when zero-variance filtering drops most groups, an inline round generates up to
+    # max_oversample x groups_per_request of them (what the queue has room for) instead of a round per remainder.
+    # 1 (off): every admitted group takes a whole slot
+    max_oversample: float = 1.0
     queue_capacity_per_shard: int = 256  # groups; a full shard makes workers wait (backpressure)
     num_queue_shards: int = 1
     log_trajectories: bool = True  # zarr log of every consumed trajectory in the run folder
@@ -337,6 +342,8 @@ class RolloutConfig:
                   num_queue_shards=(self.num_queue_shards, 1))
         if self.max_staleness is not None and self.max_staleness < 0:
             raise ValueError(f"rollout.max_staleness must be >= 0 or null, got {self.max_staleness}")
+        if self.max_oversample < 1:
+            raise ValueError(f"rollout.max_oversample must be >= 1, got {self.max_oversample}")
 
 
 class Placement(enum.Enum):

@@ -27,6 +27,11 @@ class RolloutController:
     (`delivered(..., solved=)`) is skipped when the data order comes to it again (`skipped` counts them): the
     policy always or never solves it, so its group would teach nothing. After a whole pass of skipped prompts
     the next is admitted anyway.
+
+    max_oversample: a group in flight takes `1 / oversample` of an admission slot, `oversample` being the inverse
+    of the recent fraction of groups kept on arrival (`keep_rate`, a moving average over about one step of
+    deliveries), at most max_oversample. When zero-variance filtering drops most groups, one round then admits
+    enough to fill the step. 1: every group in flight takes a whole slot.
     """
 
     def __init__(
@@ -38,6 +43,7 @@ class RolloutController:
         max_staleness: int | None,
         seed: int,
         success_rate_range: tuple[float, float] | None = None,
+        max_oversample: float = 1.0,
     ) -> None:
         if not records:
             raise ValueError("the prompt set is empty")
@@ -48,6 +54,8 @@ class RolloutController:
         self.max_staleness = max_staleness
         self.seed = seed
         self.success_rate_range = success_rate_range
+        self.max_oversample = max_oversample
+        self.keep_rate = 1.0  # moving average of the groups kept on arrival (1) or dropped (0)
         self.success_rates: dict[str, float] = {}  # query id -> the fraction its last group solved
         self.skipped = 0
         self.position = 0
@@ -84,11 +92,17 @@ class RolloutController:
     def occupied_slots(self) -> int:
         return self.cursor - self.freed_slots
 
+    @property
+    def oversample(self) -> float:
+        """Groups admitted per group expected to be kept: 1 / keep_rate, at most max_oversample."""
+        return min(self.max_oversample, 1.0 / max(self.keep_rate, 1e-9))
+
     def admit(self, current_version: int) -> PromptGroup | None:
         """The next group (a failed one first), or None while the staleness rule forbids a new one."""
         if self._retry:
             return replace(self._retry.popleft(), admitted_at_version=current_version)
-        if not may_admit(self.occupied_slots, current_version, self.max_staleness, self.groups_per_step):
+        if not may_admit(self.occupied_slots, current_version, self.max_staleness, self.groups_per_step,
+                         in_flight=self.in_flight, keep_rate=1.0 / self.oversample):
             return None
         record = self._next_record()
         group = PromptGroup(
@@ -125,6 +139,7 @@ class RolloutController:
             self.success_rates[group.query_id] = solved
         self.delivered_groups += 1
         self.freed_slots += int(dropped)
+        self.keep_rate += (float(not dropped) - self.keep_rate) / self.groups_per_step
 
     def readmit(self, group: PromptGroup) -> None:
         """Generation of `group` failed: it stays in flight and is handed out again."""
@@ -152,6 +167,7 @@ class RolloutController:
             "freed_slots": self.freed_slots,
             "readmitted": self.readmitted,
             "dropped": dict(self.dropped),
+            "keep_rate": self.keep_rate,
             "in_flight": [group_to_dict(group) for group in self._in_flight.values()],
         }
 
@@ -166,6 +182,7 @@ class RolloutController:
         self.freed_slots = state["freed_slots"]
         self.readmitted = state["readmitted"]
         self.dropped = Counter(state["dropped"])
+        self.keep_rate = state.get("keep_rate", 1.0)  # checkpoints from before oversampling: none yet
         groups = [group_from_dict(entry) for entry in state["in_flight"]]
         self._in_flight = {group.group_id: group for group in groups}
         self._retry = deque(groups)

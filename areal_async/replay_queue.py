@@ -269,6 +269,11 @@ class ShardedReplayQueue:
     def depth(self) -> int:
         return sum(shard.current_depth() for shard in self.shards)
 
+    def room(self) -> int:
+        """Groups one round may still put without meeting a full shard, were they all routed to one (local
+        shards)."""
+        return min(shard.capacity_groups - shard.current_depth() for shard in self.shards)
+
     def put(self, group_id: str, frame: bytes) -> str:
         """Hand a group frame to its shard; returns the shard's outcome ("full", "queued" or a drop reason)."""
         return self.shards[shard_for(group_id, len(self.shards))].put(frame, group_id)

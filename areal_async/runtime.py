@@ -188,6 +188,7 @@ class ControllerService:
             "in_flight": self.controller.in_flight,
             "readmitted": self.controller.readmitted,
             "occupied_slots": self.controller.occupied_slots,
+            "oversample": self.controller.oversample,
             "generation_errors": self.error_count,
             "controller_dropped": dict(self.controller.dropped),
             "generated_tokens": self.generated_tokens,

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 
-def may_admit(groups_admitted: int, current_version: int, max_staleness: int | None, groups_per_step: int) -> bool:
+def may_admit(groups_admitted: int, current_version: int, max_staleness: int | None, groups_per_step: int,
+              in_flight: int = 0, keep_rate: float = 1.0) -> bool:
     """True while another prompt group may be admitted for generation.
 
-    Admission stops once `groups_admitted` reaches (current_version + max_staleness + 1) * groups_per_step:
+    Admission stops once the expected occupancy reaches (current_version + max_staleness + 1) * groups_per_step:
     the groups needed by every training step that may still use data from version `current_version`.
-    max_staleness None = unbounded; 0 = synchronous (exactly the next step's groups).
+    `groups_admitted` counts the admitted groups not dropped; of them the `in_flight` ones (not yet delivered)
+    count `keep_rate` each, the fraction of recent groups that arrived and were kept: when most groups are dropped
+    on arrival (zero variance), one round admits enough of them to fill the step, instead of a round for each
+    shrinking remainder. keep_rate 1: every admitted group counts whole.
+    max_staleness None = unbounded; 0 = synchronous (exactly the next step's groups, in expectation).
     """
     if max_staleness is None:
         return True
-    return groups_admitted < (current_version + max_staleness + 1) * groups_per_step
+    expected = groups_admitted - in_flight + keep_rate * in_flight
+    return expected < (current_version + max_staleness + 1) * groups_per_step
 
 
 def is_too_stale(oldest_token_version: int, training_step: int, max_staleness: int | None) -> bool:

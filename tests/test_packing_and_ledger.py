@@ -37,6 +37,45 @@ def test_staleness_rule():
     assert not is_too_stale(0, 100, None)
 
 
+def test_admission_counts_a_group_in_flight_at_the_keep_rate():
+    # window 4; a quarter of recent groups kept: 1 kept + 12 in flight expect 1 + 3 = 4 slots, full
+    assert may_admit(12, current_version=0, max_staleness=0, groups_per_step=4, in_flight=12, keep_rate=0.25)
+    assert not may_admit(13, current_version=0, max_staleness=0, groups_per_step=4, in_flight=12, keep_rate=0.25)
+    # every group kept: the plain rule, in flight or not
+    assert not may_admit(4, current_version=0, max_staleness=0, groups_per_step=4, in_flight=4, keep_rate=1.0)
+
+
+def test_controller_oversamples_by_the_recent_keep_rate():
+    from areal_async.controller import RolloutController
+    from areal_async.data.records import PromptRecord
+
+    records = [PromptRecord(f"q{i}", "p", ("1",)) for i in range(100)]
+
+    def controller(max_oversample):
+        return RolloutController(records, lambda text: [1], group_size=2, groups_per_step=4, max_staleness=0, seed=0,
+                                 max_oversample=max_oversample)
+
+    def admit_all(c):
+        groups = []
+        while (group := c.admit(current_version=0)) is not None:
+            groups.append(group)
+        return groups
+
+    plain, oversampling = controller(1.0), controller(4.0)
+    for c in (plain, oversampling):
+        assert len(admit_all(c)) == 4 and c.oversample == 1.0  # nothing delivered yet: the plain window
+    for c in (plain, oversampling):
+        for group in list(c.in_flight_groups()):
+            c.delivered(group.group_id, dropped=True)  # all four dropped on arrival (zero variance)
+    # keep rate (3/4)^4 = 0.316 after four drops at a step of 4 groups: 1 / 0.316 = 3.16 groups per slot
+    assert oversampling.keep_rate == pytest.approx(0.75**4)
+    assert len(admit_all(plain)) == 4
+    assert len(admit_all(oversampling)) == 13  # 12 in flight expect 3.8 < 4 slots: a 13th; 13 expect 4.1
+    restored = controller(4.0)
+    restored.load_state_dict(oversampling.state_dict())
+    assert restored.keep_rate == oversampling.keep_rate
+
+
 def test_ledger_combines_owners_counts_and_refuses_impossible_moves():
     shard_a, shard_b = ShardCounts(), ShardCounts()
     for outcome in ("queued", "queued", "zero_variance"):

@@ -339,3 +339,14 @@ def test_settle_deliveries_counts_received_groups_as_delivered():
     assert settle_deliveries(state, {}) == state
     with pytest.raises(ValueError, match="receipts name groups"):
         settle_deliveries(state, {"g9": "queued"})
+
+
+def test_room_is_what_the_fullest_shard_can_still_take():
+    queue = ShardedReplayQueue(num_shards=2, capacity_per_shard=3, max_staleness=None)
+    assert queue.room() == 3
+    routed = {}
+    for index in range(20):  # two groups of shard 0, none of shard 1
+        routed.setdefault(shard_for(f"g{index}", 2), []).append(f"g{index}")
+    for name in routed[0][:2]:
+        assert queue.put(name, frame(name)) == "queued"
+    assert queue.room() == 1 and queue.depth == 2

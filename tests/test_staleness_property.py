@@ -73,14 +73,17 @@ class ActorLearnerLoop(RuleBasedStateMachine):
         num_shards=st.integers(1, 3),
         capacity=st.integers(1, 8),
         num_workers=st.integers(1, MAX_WORKERS),
+        max_oversample=st.sampled_from([1.0, 3.0]),
     )
-    def start(self, groups_per_step, group_size, max_staleness, num_shards, capacity, num_workers):
+    def start(self, groups_per_step, group_size, max_staleness, num_shards, capacity, num_workers, max_oversample):
         self.groups_per_step = groups_per_step
         self.max_staleness = max_staleness
+        self.max_oversample = max_oversample
         # With G = 1 every group has zero reward variance: the filter must be off or nothing ever trains.
         self.filter_zero_variance = group_size > 1
         self.controller = RolloutController(RECORDS, encode=lambda s: [1, 2, 3], group_size=group_size,
-                                            groups_per_step=groups_per_step, max_staleness=max_staleness, seed=0)
+                                            groups_per_step=groups_per_step, max_staleness=max_staleness, seed=0,
+                                            max_oversample=max_oversample)
         self.queue = ShardedReplayQueue(num_shards, capacity, max_staleness,
                                         filter_zero_variance=self.filter_zero_variance)
         self.workers = [Worker() for _ in range(num_workers)]
@@ -199,9 +202,9 @@ class ActorLearnerLoop(RuleBasedStateMachine):
         assert {r: ledger.dropped[r] for r in DROP_REASONS} == {r: self.expected_drops[r] for r in DROP_REASONS}
         # every drop gave its admission slot back
         assert controller.occupied_slots == controller.produced - sum(ledger.dropped.values())
-        if self.max_staleness is not None:  # the admission bound
+        if self.max_staleness is not None:  # the admission bound: a group in flight takes at least 1/max_oversample
             assert controller.occupied_slots <= (
-                (self.learner_version + self.max_staleness + 1) * self.groups_per_step)
+                (self.learner_version + self.max_staleness + 1) * self.groups_per_step * self.max_oversample)
         assert all(w.version <= self.learner_version for w in self.workers)
 
     def teardown(self):

@@ -250,6 +250,7 @@ class Trainer:
             max_staleness=rollout.max_staleness,
             seed=config.seed,
             success_rate_range=None if config.data.success_rate_range is None else tuple(config.data.success_rate_range),
+            max_oversample=rollout.max_oversample,
         )
         log_dir = str(self.run_dir / "trajectories") if rollout.log_trajectories else None
         self.verifier = RewardVerifier.from_config(config.reward)
@@ -379,9 +380,13 @@ class Trainer:
                 self.check_generation_errors(step)
                 time.sleep(RAY_POLL_S)
                 continue
+            counts = self.controller.counts()
+            # more groups when most are dropped on arrival, as many as the queue has room for should all be kept
+            per_request = self.config.rollout.groups_per_request
+            request = max(per_request, min(math.ceil(per_request * counts["oversample"]), self.queue.room()))
             produced = self.worker.produce(
-                self.controller, self.queue, self.config.generation, self.config.rollout.groups_per_request,
-                seed=self.config.seed * 100_003 + self.controller.counts()["produced"], wait_when_full=False,
+                self.controller, self.queue, self.config.generation, request,
+                seed=self.config.seed * 100_003 + counts["produced"], wait_when_full=False,
             )
             self.check_generation_errors(step)
             rounds_without_progress = 0 if groups or produced["groups"] else rounds_without_progress + 1
