@@ -12,7 +12,7 @@ each case's arguments and prints each result as a JSON line behind a marker; the
 with the expected ones, which the program never sees (a value JSON cannot encode, such as an object with its own
 `__eq__`, is a failure).
 
-Not built yet: HumanEval and MBPP test formats.
+HumanEval's and MBPP's assertion tests are judged in `areal_async/reward/code_tests.py`.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ session is killed after the call, so a process that starts a session of its own 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import fcntl
@@ -37,15 +38,18 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 UID_BASE = 61000  # slots run as uids from here up (no passwd entry needed), each claimed by a lock file
 UID_COUNT = 4096
 CLONE_NEWNET = 0x40000000
 WORLD_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm")
 READ_CHUNK = 65536
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -257,26 +261,15 @@ class CodeSandbox:
         self._locks = []
 
     def _execute(self, code: str, stdin: bytes, uid: int | None) -> Execution:
-        limits = self.limits
-        workdir = Path(tempfile.mkdtemp(prefix="areal-sandbox-"))
-        try:
-            (workdir / "main.py").write_text(code, encoding="utf-8")
-            if uid is not None:
-                os.chown(workdir, uid, uid)
-                os.chown(workdir / "main.py", uid, uid)
-            started = time.perf_counter()
-            process = subprocess.Popen(
-                [self.interpreter, "-I", "-B", "main.py"], cwd=workdir, env={}, stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                preexec_fn=lambda: _child_setup(limits, uid, self.network_isolated),
-            )
-            captures = [_Capture(process.stdout, limits.output_bytes), _Capture(process.stderr, limits.output_bytes)]
+        with self._started(code, uid) as (process, started, end):
+            captures = [_Capture(process.stdout, self.limits.output_bytes),
+                        _Capture(process.stderr, self.limits.output_bytes)]
             for capture in captures:
                 capture.start()
             # fed from a thread: a program that never reads a stdin larger than the pipe must still time out
             threading.Thread(target=_feed, args=(process.stdin, stdin), daemon=True).start()
             status = None
-            deadline = started + limits.wall_s
+            deadline = started + self.limits.wall_s
             while process.poll() is None:
                 if any(capture.exceeded.is_set() for capture in captures):
                     status = "output_limit"
@@ -288,13 +281,66 @@ class CodeSandbox:
             if status is None and any(capture.exceeded.is_set() for capture in captures):
                 status = "output_limit"
             exit_code = process.returncode if status is None else None  # None: killed here
-            self._end(process, uid)
+            end()
             for capture in captures:
                 capture.join(timeout=1.0)
-            seconds = time.perf_counter() - started
             if status is None:
                 status = "ok" if exit_code == 0 else "error"
-            return Execution(status, exit_code, bytes(captures[0].data), bytes(captures[1].data), seconds)
+            return Execution(status, exit_code, bytes(captures[0].data), bytes(captures[1].data),
+                             time.perf_counter() - started)
+
+    def converse(self, code: str, dialogue: Callable[[Channel], T]) -> tuple[T | None, Execution]:
+        """Runs `code` and `dialogue(channel)` here, which talks to it over its stdin and stdout (`Channel`) until
+        it returns; then the code is killed. Returns the dialogue's result (None when it raised ChannelClosed:
+        the program ended, timed out or printed too much) and how the execution ended (stdout: the lines the
+        channel skipped)."""
+        uid = self._slots.get()
+        try:
+            with self._started(code, uid) as (process, started, end):
+                stderr = _Capture(process.stderr, self.limits.output_bytes)
+                stderr.start()
+                channel = Channel(process, started + self.limits.wall_s, self.limits.output_bytes)
+                try:
+                    result = dialogue(channel)
+                except ChannelClosed:
+                    result = None
+                exit_code = process.poll()
+                end()
+                stderr.join(timeout=1.0)
+                status = channel.status or ("ok" if exit_code in (0, None) else "error")
+                return result, Execution(status, exit_code, bytes(channel.skipped), bytes(stderr.data),
+                                         time.perf_counter() - started)
+        finally:
+            self._slots.put(uid)
+
+    @contextlib.contextmanager
+    def _started(self, code: str, uid: int | None):
+        """The program's process (as `main.py` in a fresh directory, deleted with what the uid left), its start
+        time and the call that kills what it left (once; on leaving too)."""
+        workdir = Path(tempfile.mkdtemp(prefix="areal-sandbox-"))
+        try:
+            (workdir / "main.py").write_text(code, encoding="utf-8")
+            if uid is not None:
+                os.chown(workdir, uid, uid)
+                os.chown(workdir / "main.py", uid, uid)
+            started = time.perf_counter()
+            process = subprocess.Popen(
+                [self.interpreter, "-I", "-B", "main.py"], cwd=workdir, env={}, stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                preexec_fn=lambda: _child_setup(self.limits, uid, self.network_isolated),
+            )
+            ended = False
+
+            def end() -> None:
+                nonlocal ended
+                if not ended:
+                    ended = True
+                    self._end(process, uid)
+
+            try:
+                yield process, started, end
+            finally:
+                end()
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
             if uid is not None:
@@ -310,3 +356,66 @@ class CodeSandbox:
         if uid is not None:
             _kill_uid(uid)
         process.wait()
+
+
+class ChannelClosed(Exception):
+    """The program's side of a Channel is gone: it exited, timed out or printed more than its limit."""
+
+
+class Channel:
+    """Line messages with a program run by `CodeSandbox.converse`: `send` writes a line to its stdin, `receive`
+    returns the next stdout line that starts with `MESSAGE_MARKER` (without it); other lines are kept in
+    `skipped`. Both raise ChannelClosed once the program ended, the wall-clock deadline passed (status
+    "timeout") or its stdout passed `output_bytes` (status "output_limit")."""
+
+    def __init__(self, process: subprocess.Popen, deadline: float, output_bytes: int) -> None:
+        self.process, self.deadline, self.output_bytes = process, deadline, output_bytes
+        self.status: str | None = None
+        self.skipped = bytearray()
+        self._lines: queue.Queue[bytes | None] = queue.Queue()
+        self._received = 0
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self._received += len(line)
+            if self._received > self.output_bytes:
+                break
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def send(self, text: str) -> None:
+        if self.status is not None:
+            raise ChannelClosed(self.status)
+        # from a thread: a program that never reads must still meet the deadline in receive
+        threading.Thread(target=_write_line, args=(self.process.stdin, (text + "\n").encode()), daemon=True).start()
+
+    def receive(self) -> str:
+        while self.status is None:
+            remaining = self.deadline - time.perf_counter()
+            if remaining <= 0:
+                self.status = "timeout"
+                break
+            try:
+                line = self._lines.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if line is None:
+                self.status = "output_limit" if self._received > self.output_bytes else "closed"
+                break
+            text = line.decode("utf-8", errors="replace")
+            if text.startswith(MESSAGE_MARKER):
+                return text[len(MESSAGE_MARKER):].rstrip("\n")
+            self.skipped += line[: max(0, self.output_bytes - len(self.skipped))]
+        raise ChannelClosed(self.status)
+
+
+MESSAGE_MARKER = "\x1eareal-message "  # starts the program's reply lines; anything else it prints is skipped
+
+
+def _write_line(stream, data: bytes) -> None:
+    try:
+        stream.write(data)
+        stream.flush()
+    except (OSError, ValueError):
+        pass

@@ -33,6 +33,7 @@ options are hydra overrides, for example:
   areal-async plan --config recipe_1.5B cluster=n4 generation.max_new_tokens=24000   # see areal-async plan --help
   areal-async simulate --config recipe_1.5B --clusters n1 n4 n16    # see areal-async simulate --help
   areal-async ablate --staleness 0 4 --seeds 1     # staleness x objective grid; see areal-async ablate --help
+  areal-async verify --kind code responses.jsonl   # each response's reward and why; see areal-async verify --help
 """
 
 PLAN_EPILOG = """
@@ -269,13 +270,17 @@ def main(argv: list[str] | None = None) -> int:
         return simulate_main(argv[:command_at] + argv[command_at + 1 :])
     if command_at is not None and argv[command_at] == "ablate":
         return ablate_main(argv[:command_at] + argv[command_at + 1 :])
+    if command_at is not None and argv[command_at] == "verify":
+        from areal_async.run.verify import verify_main
+
+        return verify_main(argv[:command_at] + argv[command_at + 1 :])
     parser = argparse.ArgumentParser(
         prog="areal-async", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("command", choices=["train", "sft", "eval", "plot", "plan", "simulate", "ablate"],
-                        help="what to run (eval, plot, plan, simulate, ablate: see areal-async eval --help, "
+    parser.add_argument("command", choices=["train", "sft", "eval", "plot", "plan", "simulate", "ablate", "verify"],
+                        help="what to run (eval, plot, plan, simulate, ablate, verify: see areal-async eval --help, "
                              "areal-async plot --help, areal-async plan --help, areal-async simulate --help, "
-                             "areal-async ablate --help)")
+                             "areal-async ablate --help, areal-async verify --help)")
     parser.add_argument("overrides", nargs="*", help="hydra overrides key=value (see configs/<command>.yaml)")
     parser.add_argument("--config", help="config file in configs/ to start from (default: the command's name), "
                         "e.g. async_cpu")
