@@ -13,7 +13,7 @@ from actors.rollout import RolloutWorker
 from areal_async.config import TrainConfig
 from areal_async.model import load_tokenizer
 from areal_async.process_groups import close_sync_group, open_sync_group, sync_rank
-from areal_async.reward import RewardVerifier
+from areal_async.reward import build_verifier
 from areal_async.weight_sync import WeightReceiver, WeightSyncError, state_checksum
 
 VERSION_POLL_INTERVAL_S = 0.02  # how often a decoding worker asks whether a newer version exists
@@ -55,7 +55,7 @@ class RolloutActor:
         engine = build_engine(kind, self.model_path, dtype, cluster.rollout_device,
                               pad_token_id=tokenizer.pad_token_id, seed=self.config.seed + self.worker_index, **options)
         self.weights = EngineWeights(engine, self.model_path, dtype)
-        self.verifier = RewardVerifier.from_config(self.config.reward, num_workers=1)
+        self.verifier = build_verifier(self.config.reward, num_workers=1)
         decode = lambda tokens: tokenizer.decode(tokens, skip_special_tokens=True)  # noqa: E731
         self.worker = RolloutWorker(engine, decode, self.verifier, [tokenizer.eos_token_id],
                                     worker_id=self.worker_index)

@@ -12,6 +12,7 @@ class DataKind(enum.Enum):
     areal_prompts = "areal_prompts"  # prompts JSONL + id2info.json
     areal_jsonl = "areal_jsonl"  # one JSONL with query_id, prompt, task, solutions
     jsonl = "jsonl"  # generic prompt/problem + answer/solution JSONL
+    code_jsonl = "code_jsonl"  # HumanEval, MBPP or AReaL input_output code problems (with reward.kind=code)
 
 
 class Objective(enum.Enum):
@@ -45,6 +46,13 @@ class BehaviourWeightMode(enum.Enum):
 class EngineKind(enum.Enum):
     torch = "torch"  # the built-in engine (continuous batching; CUDA graphs on GPU)
     vllm = "vllm"  # actors/vllm_engine.py; needs vLLM installed (the `vllm` extra)
+
+
+class RewardKind(enum.Enum):
+    """What the prompts' gold answers are: math answers, or a code problem's tests (run in the code sandbox)."""
+
+    math = "math"
+    code = "code"
 
 
 class ExtractMode(enum.Enum):
@@ -275,6 +283,7 @@ class Conventions:
 
 @dataclass
 class RewardConfig:
+    kind: RewardKind = RewardKind.math  # code: each prompt's tests run in the code sandbox (reward/code_verifier.py)
     correct_reward: float = 5.0
     incorrect_reward: float = -5.0
     timeout_s: float = 5.0

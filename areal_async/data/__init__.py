@@ -9,6 +9,7 @@ from areal_async.data.loaders import (
     PROMPT_LOADERS,
     VALID_TASKS,
     load_areal_jsonl,
+    load_code_jsonl,
     load_areal_prompts,
     load_jsonl,
     load_prompts,
@@ -25,6 +26,7 @@ __all__ = [
     "PromptRecord",
     "arithmetic_problems",
     "load_areal_jsonl",
+    "load_code_jsonl",
     "load_areal_prompts",
     "load_jsonl",
     "load_prompts",
@@ -53,6 +55,8 @@ def _load_file(config, path: str) -> list[PromptRecord]:
         records = load_areal_prompts(path, config.id2info_path)
     elif kind == "areal_jsonl":
         records = load_areal_jsonl(path)
+    elif kind == "code_jsonl":
+        records = load_code_jsonl(path)
     else:
         records = load_jsonl(path)
     template = prompt_template(config)

@@ -317,10 +317,53 @@ def load_jsonl(
     return _collect_records(file_path, parse_line)
 
 
+CODE_ID_KEYS = ("task_id", "id", "query_id", "problem_id")
+CODE_PROBLEM_KEYS = ("question", "problem", "prompt", "text")
+
+
+def code_prompt(obj: dict[str, Any]) -> str | None:
+    """The text a model is given for a code problem: HumanEval's function to complete, MBPP's description with
+    its first assertion (which names the function and its arguments, as the MBPP paper prompts), or the problem
+    text of an `input_output` problem (its `fn_name` named); None when the object has none."""
+    if "entry_point" in obj and isinstance(obj.get("prompt"), str):
+        return ("Complete the following Python function. Answer with the whole function in a ```python block.\n\n"
+                f"```python\n{obj['prompt']}```")
+    text = next((obj[key] for key in CODE_PROBLEM_KEYS if isinstance(obj.get(key), str) and obj[key].strip()), None)
+    if text is None:
+        return None
+    if isinstance(obj.get("test_list"), list) and obj["test_list"]:
+        return f"{text}\nYour code should pass this test:\n{obj['test_list'][0]}\nAnswer in a ```python block."
+    return f"{text}\nAnswer with a Python program in a ```python block."
+
+
+def load_code_jsonl(path: PathLike) -> list[PromptRecord]:
+    """Load code problems: HumanEval lines (`task_id`, `prompt`, `entry_point`, `test`), MBPP lines (`task_id`,
+    `prompt` or `text`, `test_list`, optional `test_imports` and `code`) or AReaL's code lines (`query_id`,
+    `question` or `prompt`, `input_output`, as JSON text or an object). Each becomes a record of task "code" whose
+    one solution is its tests (`encoded_tests`): the code verifier runs them (reward.kind=code)."""
+    from areal_async.reward.code_verifier import encoded_tests
+
+    def parse_line(obj: dict[str, Any], where: _Location) -> PromptRecord:
+        id_key = _first_present_key(obj, CODE_ID_KEYS, "id", where)
+        prompt = code_prompt(obj)
+        if prompt is None:
+            raise where.error(f"missing the problem: none of 'prompt' with 'entry_point', "
+                              f"{', '.join(repr(k) for k in CODE_PROBLEM_KEYS)} is a non-empty string")
+        try:
+            spec = encoded_tests(obj)
+        except ValueError as error:
+            raise where.error(str(error)) from None
+        return PromptRecord(query_id=_query_id(obj[id_key], id_key, where), prompt=prompt, solutions=(spec,),
+                            task="code")
+
+    return _collect_records(_existing_file(path), parse_line)
+
+
 PROMPT_LOADERS: dict[str, Callable[..., list[PromptRecord]]] = {
     "areal_prompts": load_areal_prompts,
     "areal_jsonl": load_areal_jsonl,
     "jsonl": load_jsonl,
+    "code_jsonl": load_code_jsonl,
 }
 
 

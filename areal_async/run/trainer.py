@@ -25,7 +25,7 @@ from tqdm import tqdm
 from actors.engine import TorchEngine
 from actors.engine_factory import EngineWeights, build_engine
 from actors.rollout import RolloutWorker
-from areal_async.config import EngineKind, Objective, Placement, SFTConfig, TrainConfig
+from areal_async.config import DataKind, EngineKind, Objective, Placement, RewardKind, SFTConfig, TrainConfig
 from areal_async.checkpointing import (
     commit_checkpoint,
     latest_run_checkpoint,
@@ -47,7 +47,7 @@ from areal_async.objective import trajectory_advantages
 from areal_async.placement import inline_gpu_plan
 from areal_async.prompts import encode_prompt
 from areal_async.plots import plot_training_curves
-from areal_async.reward import RewardVerifier
+from areal_async.reward import build_verifier
 from areal_async.run.ray_cluster import RayCluster
 from areal_async.run.sft import BUNDLED_WARMSTART, run_sft
 from areal_async.runtime import ActorDied, ControllerService, WorkerKeepsDying
@@ -89,6 +89,9 @@ def validate(config: TrainConfig) -> None:
     """Errors that would otherwise surface deep inside a run."""
     if config.reward.correct_reward <= config.reward.incorrect_reward:
         raise ValueError("reward.correct_reward must be greater than reward.incorrect_reward")
+    if (config.data.kind is DataKind.code_jsonl) != (config.reward.kind is RewardKind.code):
+        raise ValueError(f"data.kind={config.data.kind.value} with reward.kind={config.reward.kind.value}: code problems "
+                         "(data.kind=code_jsonl) are judged by their tests (reward.kind=code), and only they")
     rollout = config.rollout
     if config.resume and not config.run_name:
         raise ValueError("resume=true needs run_name=<the run to continue>")
@@ -253,7 +256,7 @@ class Trainer:
             max_oversample=rollout.max_oversample,
         )
         log_dir = str(self.run_dir / "trajectories") if rollout.log_trajectories else None
-        self.verifier = RewardVerifier.from_config(config.reward)
+        self.verifier = build_verifier(config.reward)
         # the driver's engine: the rollout engine when inline, the evaluation engine in both placements
         engine = build_engine("torch", self.model_path, dtype, config.device, pad_token_id=self.tokenizer.pad_token_id,
                               settings=engine_settings)
