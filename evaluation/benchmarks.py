@@ -21,7 +21,7 @@ from typing import Any
 DATA_DIR_ENV = "AREAL_EVAL_DATA"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONVENIENCE_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "eval"
-ANSWER_FORMATS = ("plain", "after_hashes")
+ANSWER_FORMATS = ("plain", "after_hashes", "code_tests")
 PUBLIC_SOURCES = (
     "MATH-500: openai/prm800k (prm800k/math_splits/test.jsonl; the same file is inclusionAI/AReaL "
     "evaluation/data/math_500/test.jsonl); AIME 2024 and AMC 2023: QwenLM/Qwen2.5-Math evaluation/data/"
@@ -83,6 +83,11 @@ class BenchmarkSpec:
     def title(self) -> str:
         return self.display_name or self.name
 
+    @property
+    def task(self) -> str:
+        """Which verifier judges it: "code" (its tests) or "math" (its gold answers)."""
+        return "code" if self.answer_format == "code_tests" else "math"
+
 
 KNOWN_BENCHMARKS: dict[str, BenchmarkSpec] = {
     spec.name: spec
@@ -93,6 +98,11 @@ KNOWN_BENCHMARKS: dict[str, BenchmarkSpec] = {
         BenchmarkSpec("gsm8k", "gsm8k_test.jsonl", problem_field="question", answer_format="after_hashes",
                       display_name="GSM8K"),
         BenchmarkSpec("synthetic", "synthetic.jsonl", id_field="id", display_name="Synthetic"),
+        # code: in the data directory, or in the `code` folder beside it (../shared/data/code)
+        BenchmarkSpec("humaneval", "humaneval.jsonl", id_field="task_id", answer_format="code_tests",
+                      display_name="HumanEval"),
+        BenchmarkSpec("mbpp", "mbpp_sanitized.jsonl", id_field="task_id", answer_format="code_tests",
+                      display_name="MBPP"),
     )
 }
 _SPEC_OPTIONS = {"problem": "problem_field", "answer": "answer_field", "id": "id_field",
@@ -192,6 +202,8 @@ def resolve_benchmark_path(spec: BenchmarkSpec, explicit: bool, data_dir: str | 
             f"{spec.file}. The public files come from: {PUBLIC_SOURCES} (see README, 'Evaluation')"
         )
     path = Path(data_dir) / spec.file
+    if not path.is_file() and spec.task == "code" and (Path(data_dir).parent / "code" / spec.file).is_file():
+        path = Path(data_dir).parent / "code" / spec.file
     if not path.is_file():
         hint = (" Write one with `areal-async eval --write-synthetic 200 PATH` and pass synthetic=PATH."
                 if spec.name == "synthetic" else f" The public files come from: {PUBLIC_SOURCES}.")
@@ -266,6 +278,8 @@ def _problem_from_object(spec: BenchmarkSpec, path: Path, line: int, obj: dict[s
                                        f"the line has {sorted(obj)})")
         return obj[key]
 
+    if spec.task == "code":
+        return _code_problem(spec, path, line, obj, index)
     text = field(spec.problem_field, "problem")
     if not isinstance(text, str) or not text.strip():
         raise BenchmarkFormatError(path, line, f"problem field {spec.problem_field!r} must be a non-empty string, "
@@ -280,6 +294,24 @@ def _problem_from_object(spec: BenchmarkSpec, path: Path, line: int, obj: dict[s
                                        f"got {value!r}")
         problem_id = str(value)
     return Problem(problem_id, index, line, text, golds)
+
+
+def _code_problem(spec: BenchmarkSpec, path: Path, line: int, obj: dict[str, Any], index: int) -> Problem:
+    """A code problem: the text a model is given and its tests (encoded as its one gold answer)."""
+    from areal_async.data.loaders import code_prompt
+    from areal_async.reward.code_verifier import encoded_tests
+
+    text = code_prompt(obj)
+    if text is None:
+        raise BenchmarkFormatError(path, line, f"no problem text for a code problem (benchmark {spec.name}; the line "
+                                   f"has {sorted(obj)})")
+    try:
+        tests = encoded_tests(obj)
+    except ValueError as error:
+        raise BenchmarkFormatError(path, line, f"{error} (benchmark {spec.name})") from None
+    key = spec.id_field or "task_id"
+    problem_id = str(obj[key]) if key in obj else f"{spec.name}-{line}"
+    return Problem(problem_id, index, line, text, (tests,))
 
 
 def _gold_answers(spec: BenchmarkSpec, path: Path, line: int, value: Any) -> tuple[str, ...]:

@@ -183,7 +183,14 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                           extract_mode=ExtractMode(args.extract_mode))
     results: dict[str, dict] = {}
     started = time.perf_counter()
-    with RewardVerifier.from_config(reward) as verifier:
+    tasks = {benchmark.spec.task for benchmark in benchmarks}
+    code_verifier = None
+    if "code" in tasks:  # the code benchmarks' tests run in the code sandbox
+        from areal_async.reward.code_verifier import CodeVerifier
+
+        code_verifier = CodeVerifier(num_workers=args.verifier_workers, timeout_s=max(args.verifier_timeout, 10.0))
+    with RewardVerifier.from_config(reward) as math_verifier:
+        verifier = {"math": math_verifier, **({"code": code_verifier} if code_verifier else {})}
         for label, checkpoint in zip(labels, args.checkpoints):
             folder = run_dir if len(labels) == 1 else run_dir / label
             tokenizer = load_tokenizer(checkpoint)
@@ -199,6 +206,8 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                                  show_progress=not args.no_progress, identity=identity, max_context=max_context)
             results[label] = {"path": str(checkpoint), "folder": str(folder), "benchmarks": summaries}
             del engine
+    if code_verifier is not None:
+        code_verifier.close()
     names = [b.name for b in benchmarks]
     table = markdown_table({label: r["benchmarks"] for label, r in results.items()}, names,
                            {b.name: b.spec.title for b in benchmarks}, caption=settings_caption(settings))

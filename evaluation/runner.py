@@ -27,6 +27,7 @@ from tqdm import tqdm
 from areal_async.types import SamplingParams
 from areal_async.files import write_json_atomically
 from areal_async.reward.extraction import extract_answer
+from areal_async.reward.code_reward import extract_code
 from evaluation.benchmarks import Benchmark
 from evaluation.metrics import summarize_samples
 from areal_async.prompts import encode_prompt, judged_text, prompt_format
@@ -96,7 +97,8 @@ def evaluate(
         tokenizer: Has ``encode(text, add_special_tokens=...)``, ``decode(ids, skip_special_tokens=True)``
             and ``eos_token_id`` (generation stops at EOS).
         verifier: Has ``check_batch(responses, gold_lists) -> list[bool]`` and ``extract_mode`` (a
-            RewardVerifier: judging runs in its sandboxed pool).
+            RewardVerifier: judging runs in its sandboxed pool), or a mapping from task ("math", "code") to
+            one (a code benchmark's responses go to a CodeVerifier, which runs its tests).
         benchmarks: Loaded benchmarks (see evaluation.benchmarks.load_benchmark).
         settings: Sampling settings.
         out_dir: If given, ``samples/<benchmark>.jsonl`` (one line per sample), ``summary/<benchmark>.json``
@@ -126,7 +128,14 @@ def evaluate(
 def _evaluate_benchmark(engine, tokenizer, verifier, benchmark, settings, folder, show_progress, identity,
                         max_context) -> dict[str, Any]:
     started = time.perf_counter()
-    prompt_type = prompt_format(settings.prompt_type)
+    task = benchmark.spec.task
+    if isinstance(verifier, Mapping):  # one verifier per task: a code benchmark's tests, a math one's answers
+        if task not in verifier:
+            raise ValueError(f"benchmark {benchmark.name} needs a {task} verifier; this evaluation has "
+                             f"{sorted(verifier)}")
+        verifier = verifier[task]
+    # a code problem's text says how to answer (a fenced program): no math template around it
+    prompt_type = prompt_format("none" if task == "code" else settings.prompt_type)
     extract_mode = getattr(verifier, "extract_mode", "auto")
     eos = getattr(tokenizer, "eos_token_id", None)
     params = dict(max_new_tokens=settings.max_gen_tokens, temperature=settings.temperature, top_p=settings.top_p,
@@ -170,7 +179,7 @@ def _evaluate_benchmark(engine, tokenizer, verifier, benchmark, settings, folder
                     "problem_index": p,
                     "sample_index": s,
                     "response": response,
-                    "extracted_answer": extract_answer(view, extract_mode),
+                    "extracted_answer": extract_code(view) if task == "code" else extract_answer(view, extract_mode),
                     "gold": list(problems[p].golds),
                     "correct": bool(ok),
                     "num_tokens": len(output.tokens),

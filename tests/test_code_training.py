@@ -69,3 +69,35 @@ def test_a_run_trains_on_code_problems(tmp_path):
     with pytest.raises(ValueError, match="reward.kind=code"):
         run_training(compose_config("train", ["data.kind=code_jsonl", f"data.path={data}", f"output_dir={tmp_path}",
                                               "run_name=mismatch"]), show_progress=False)
+
+
+def test_code_benchmarks_load_and_evaluate_with_the_code_verifier(tmp_path):
+    from evaluation import EvalSettings, evaluate, load_benchmarks
+
+    path = _write(tmp_path / "he.jsonl", [HUMANEVAL, {**HUMANEVAL, "task_id": "HumanEval/y"}])
+    (benchmark,) = load_benchmarks([f"humaneval={path}"])
+    assert benchmark.spec.task == "code" and benchmark.problems[0].problem_id == "HumanEval/x"
+    assert "Complete the following Python function" in benchmark.problems[0].text
+
+    class Engine:  # answers every prompt with the right function, then a wrong one
+        def generate(self, prompts, params):
+            from types import SimpleNamespace
+            bodies = ["return a + b", "return a - b"]
+            return [SimpleNamespace(tokens=list(f"```python\ndef add(a, b):\n    {bodies[i % 2]}\n```".encode()),
+                                    finish_reason="stop") for i in range(len(prompts))]
+
+    class Tokenizer:
+        eos_token_id = None
+
+        def encode(self, text, add_special_tokens=True):
+            return list(text.encode())
+
+        def decode(self, ids, skip_special_tokens=True):
+            return bytes(ids).decode()
+
+    with CodeVerifier(num_workers=2, timeout_s=3.0) as verifier:
+        settings = EvalSettings(num_samples=2, temperature=1.0, max_gen_tokens=64, prompt_type="none", batch_size=4)
+        summary = evaluate(Engine(), Tokenizer(), {"code": verifier}, [benchmark], settings)["humaneval"]
+    assert summary["pass@1"] == 0.5 and summary["pass@k"]["2"] == 1.0
+    with pytest.raises(ValueError, match="needs a code verifier"):
+        evaluate(Engine(), Tokenizer(), {"math": verifier}, [benchmark], settings)

@@ -298,6 +298,10 @@ class Trainer:
         self.benchmarks = []  # read now: a bad benchmark file fails before training starts
         if config.eval.benchmarks:
             self.benchmarks = load_benchmarks(config.eval.benchmarks, config.eval.data_dir)
+            other = [b.name for b in self.benchmarks if b.spec.task != config.reward.kind.value]
+            if other:
+                raise InputError(f"eval.benchmarks {other} need another verifier than reward.kind="
+                                 f"{config.reward.kind.value}: evaluate them with areal-async eval")
         self.start_step = 0
         self.accuracy_before: float | None = None
         self.dropped_before = 0
@@ -358,7 +362,8 @@ class Trainer:
             top_k=config.generation.top_k, max_gen_tokens=config.eval.max_gen_tokens or config.generation.max_new_tokens,
             prompt_type=config.eval.prompt_type.value, seed=config.seed + step,
         )
-        summaries = evaluate(self.worker.engine, self.tokenizer, self.verifier, self.benchmarks, settings,
+        summaries = evaluate(self.worker.engine, self.tokenizer, {config.reward.kind.value: self.verifier},
+                             self.benchmarks, settings,
                              out_dir=self.run_dir / "eval" / f"step{step + 1}",
                              identity={"run": str(self.run_dir), "version": self.learner.version})
         record = {}
