@@ -13,6 +13,7 @@ class DataKind(enum.Enum):
     areal_jsonl = "areal_jsonl"  # one JSONL with query_id, prompt, task, solutions
     jsonl = "jsonl"  # generic prompt/problem + answer/solution JSONL
     code_jsonl = "code_jsonl"  # HumanEval, MBPP or AReaL input_output code problems (with reward.kind=code)
+    synthetic_code = "synthetic_code"  # complete def f(x) to match a table (data/synthetic_code.py; reward.kind=code)
 
 
 class Objective(enum.Enum):
@@ -53,6 +54,13 @@ class RewardKind(enum.Enum):
 
     math = "math"
     code = "code"
+
+
+class SFTTask(enum.Enum):
+    """What the warm start is trained to answer."""
+
+    arithmetic = "arithmetic"  # the synthetic arithmetic task
+    code_table = "code_table"  # the synthetic coding task: complete def f(x) to match a table
 
 
 class ExtractMode(enum.Enum):
@@ -444,11 +452,12 @@ class SFTConfig:
     """Supervised warm start for the synthetic task: a tiny model trained from scratch on noisy demonstrations."""
 
     output: str | None = None  # default: the bundled warm-start folder
+    task: SFTTask = SFTTask.arithmetic  # code_table: data/synthetic_code.py's completions (configs/sft_code_cpu.yaml)
     steps: int = 1500
     batch_size: int = 128
     lr: float = 3e-3
     warmup_steps: int = 100
-    error_rate: float = 0.4  # share of demonstrations with a near-miss answer
+    error_rate: float = 0.4  # share of demonstrations with a near-miss answer (code_table: a slope or offset off by one)
     worked_steps: bool = False  # demonstrations show running totals before the answer (operators '+-' only)
     device: str = "cpu"
     seed: int = 0

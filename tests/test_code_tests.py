@@ -65,7 +65,10 @@ def test_humaneval_and_mbpp_shapes_pass_and_fail(sandbox):
     assert humaneval_verdict(_fenced(right), ADD_TASK, sandbox).all_passed
     assert humaneval_verdict(_fenced("    return a + b"), ADD_TASK, sandbox).all_passed  # a completion
     assert humaneval_verdict(_fenced("def add(a, b):\n    return a - b"), ADD_TASK, sandbox).reason == "wrong_output"
-    assert humaneval_verdict("no code here", ADD_TASK, sandbox).reason == "no_code"
+    assert humaneval_verdict("  ", ADD_TASK, sandbox).reason == "no_code"
+    # without a fence a response is a raw completion of the prompt (HumanEval's protocol): prose does not run
+    assert humaneval_verdict("the sum, of course", ADD_TASK, sandbox).reason == "runtime_error"
+    assert humaneval_verdict("    return a + b", ADD_TASK, sandbox).all_passed
     verdict = mbpp_verdict(_fenced(SORT_TASK["code"]), SORT_TASK, sandbox)
     assert (verdict.passed, verdict.total) == (3, 3)  # the in-place change came back; the match's truth value
     wrong = "def sort_in_place(items):\n    return sorted(items)\ndef starts_with_a(text):\n    return True"

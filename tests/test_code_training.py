@@ -101,3 +101,22 @@ def test_code_benchmarks_load_and_evaluate_with_the_code_verifier(tmp_path):
     assert summary["pass@1"] == 0.5 and summary["pass@k"]["2"] == 1.0
     with pytest.raises(ValueError, match="needs a code verifier"):
         evaluate(Engine(), Tokenizer(), {"math": verifier}, [benchmark], settings)
+
+
+def test_the_synthetic_coding_task_checks_every_input():
+    import random
+
+    from areal_async.data.synthetic_code import code_demonstration, code_table_problems, table_of
+
+    train, heldout = code_table_problems(300, seed=0, held_out=False), code_table_problems(30, seed=0, held_out=True)
+    assert not {r.prompt for r in train} & {r.prompt for r in heldout}
+    record = train[0]
+    slope, offset = table_of(record)
+    assert record.prompt.endswith("\ndef f(x): return ") and record.prompt.count("=") == 3
+    assert code_demonstration(record, random.Random(0), error_rate=0.0) == f"{slope}*x+{offset}"
+    shown = {int(pair[2]): int(pair.split("=")[1]) for pair in record.prompt.split("\n")[0].split()}
+    lookup = "{" + ", ".join(f"{x}: {y}" for x, y in shown.items()) + "}[x]"  # right on the shown inputs only
+    with CodeVerifier(num_workers=2, timeout_s=3.0) as verifier:
+        right, lookup_only, slipped = verifier.check_batch(
+            [f"{slope}*x+{offset}", lookup, f"{slope}*x+{offset + 1}"], [record.solutions] * 3)
+    assert (right, lookup_only, slipped) == (True, False, False)

@@ -33,7 +33,7 @@ def test_code_verdicts_in_every_test_format(tmp_path, capsys):
     verdicts, summary = _verdicts(capsys)
     assert {key: (v["reward"], v["reason"]) for key, v in verdicts.items()} == {
         "humaneval": (5.0, "passed"), "humaneval-wrong": (-5.0, "wrong_output"), "7": (-5.0, "wrong_output"),
-        "stdio": (5.0, "passed"), "call": (5.0, "passed"), "prose": (-5.0, "no_code")}
+        "stdio": (5.0, "passed"), "call": (5.0, "passed"), "prose": (-5.0, "runtime_error")}
     assert verdicts["7"]["passed"] == 2 and verdicts["7"]["total"] == 3
     assert summary["summary"] and summary["responses"] == 6 and summary["reasons"]["passed"] == 3
 

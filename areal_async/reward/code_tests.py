@@ -231,8 +231,11 @@ def humaneval_program(code: str, task: dict) -> str:
 
 def humaneval_verdict(response: str, task: dict, sandbox: CodeSandbox) -> CodeVerdict:
     """One test case: the task's `check(candidate)` with its entry point called in the sandbox. The prompt's
-    other functions, which some checks call, are defined here from the prompt."""
+    other functions, which some checks call, are defined here from the prompt. A response without a fenced block
+    is a raw completion of the prompt (HumanEval's own protocol)."""
     code = extract_code(response)
+    if code is None:
+        code = response if response.strip() else None
     if code is None:
         return CodeVerdict(0, 1, "no_code")
 

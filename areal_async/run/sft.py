@@ -11,8 +11,9 @@ import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from areal_async.config import SFTConfig
+from areal_async.config import SFTConfig, SFTTask
 from areal_async.data.synthetic import arithmetic_problems, noisy_demonstration
+from areal_async.data.synthetic_code import code_demonstration, code_table_problems
 from areal_async.model import CausalLM, DecoderConfig, save_pretrained, sequence_logprobs
 from areal_async.model.tokenizer import build_byte_tokenizer
 from areal_async.packing import pad_prompt_output_batch
@@ -53,7 +54,13 @@ def run_sft(config: SFTConfig, show_progress: bool = True) -> Path:
             )
         )
         model.to(config.device)
-        problems = arithmetic_problems(10000, config.arithmetic, seed=config.seed, held_out=False)
+        if config.task is SFTTask.code_table:
+            problems = code_table_problems(10000, seed=config.seed, held_out=False)
+            demonstrate = lambda record: code_demonstration(record, rng, config.error_rate)  # noqa: E731
+        else:
+            problems = arithmetic_problems(10000, config.arithmetic, seed=config.seed, held_out=False)
+            demonstrate = lambda record: noisy_demonstration(record, rng, config.error_rate,  # noqa: E731
+                                                             config.worked_steps)
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01, betas=(0.9, 0.98))
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: warmup_cosine(s, config.warmup_steps, config.steps)
@@ -63,8 +70,7 @@ def run_sft(config: SFTConfig, show_progress: bool = True) -> Path:
             batch = rng.sample(problems, config.batch_size)
             prompts = [tokenizer.encode(r.prompt) for r in batch]
             responses = [
-                tokenizer.encode(noisy_demonstration(r, rng, config.error_rate, config.worked_steps))
-                + [tokenizer.eos_token_id]
+                tokenizer.encode(demonstrate(r)) + [tokenizer.eos_token_id]
                 for r in batch
             ]
             padded = pad_prompt_output_batch(prompts, responses, tokenizer.pad_token_id).to(config.device)

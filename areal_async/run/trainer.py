@@ -89,9 +89,10 @@ def validate(config: TrainConfig) -> None:
     """Errors that would otherwise surface deep inside a run."""
     if config.reward.correct_reward <= config.reward.incorrect_reward:
         raise ValueError("reward.correct_reward must be greater than reward.incorrect_reward")
-    if (config.data.kind is DataKind.code_jsonl) != (config.reward.kind is RewardKind.code):
+    if (config.data.kind in (DataKind.code_jsonl, DataKind.synthetic_code)) != (config.reward.kind is RewardKind.code):
         raise ValueError(f"data.kind={config.data.kind.value} with reward.kind={config.reward.kind.value}: code problems "
-                         "(data.kind=code_jsonl) are judged by their tests (reward.kind=code), and only they")
+                         "(data.kind=code_jsonl or synthetic_code) are judged by their tests (reward.kind=code), and "
+                         "only they")
     rollout = config.rollout
     if config.resume and not config.run_name:
         raise ValueError("resume=true needs run_name=<the run to continue>")
