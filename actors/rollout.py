@@ -77,8 +77,8 @@ class RolloutWorker:
         verdicts = self.verifier.verify_batch(texts, [list(group.solutions) for group, _ in requests])
         # an answer the verifier could not judge gets no reward (NaN): the learner leaves it out, its group keeps
         # the others; scoring it wrong would push against the long answers that time out
-        rewards = [(self.verifier.correct_reward if v.value else self.verifier.incorrect_reward) if v.scored
-                   else math.nan for v in verdicts]
+        rewards = [v.reward(self.verifier.correct_reward, self.verifier.incorrect_reward) if v.scored else math.nan
+                   for v in verdicts]
         timings = {"generate_s": generated - started, "reward_s": time.perf_counter() - generated}
         self.last_round = {**timings, "reward_failures": Counter(v.failure for v in verdicts if v.failure)}
         return [

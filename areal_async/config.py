@@ -292,6 +292,7 @@ class Conventions:
 @dataclass
 class RewardConfig:
     kind: RewardKind = RewardKind.math  # code: each prompt's tests run in the code sandbox (reward/code_verifier.py)
+    partial_credit: bool = False  # code: the reward moves from incorrect to correct with the share of tests passed
     correct_reward: float = 5.0
     incorrect_reward: float = -5.0
     timeout_s: float = 5.0

@@ -120,3 +120,13 @@ def test_the_synthetic_coding_task_checks_every_input():
         right, lookup_only, slipped = verifier.check_batch(
             [f"{slope}*x+{offset}", lookup, f"{slope}*x+{offset + 1}"], [record.solutions] * 3)
     assert (right, lookup_only, slipped) == (True, False, False)
+
+
+def test_partial_credit_rewards_the_share_of_tests_passed():
+    verifier = build_verifier(RewardConfig(kind=RewardKind.code, num_workers=2, timeout_s=3.0, partial_credit=True))
+    with verifier:
+        half = "```python\ndef double(x):\n    return 4 if x == 2 else 0\n```"  # double(2) right, double(5) wrong
+        whole = "```python\ndef double(x):\n    return 2 * x\n```"
+        verdicts = verifier.verify_batch([half, whole], [[encoded_tests(MBPP)]] * 2)
+    assert [(v.value, v.credit) for v in verdicts] == [(False, 0.5), (True, 1.0)]
+    assert [v.reward(5.0, -5.0) for v in verdicts] == [0.0, 5.0]

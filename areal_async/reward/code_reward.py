@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from areal_async.reward.code_sandbox import CodeSandbox
+from areal_async.reward.sandbox import Verdict
 
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
 
@@ -141,6 +142,5 @@ def code_reward(verdict: CodeVerdict, correct_reward: float = 5.0, incorrect_rew
                 partial_credit: bool = False) -> float:
     """+correct when every test passed, else incorrect (AReaL's scoring); with `partial_credit`, the fraction
     passed interpolates between the two."""
-    if partial_credit:
-        return incorrect_reward + (correct_reward - incorrect_reward) * verdict.passed / max(1, verdict.total)
-    return correct_reward if verdict.all_passed else incorrect_reward
+    credit = verdict.passed / max(1, verdict.total) if partial_credit else None
+    return Verdict(verdict.all_passed, credit=credit).reward(correct_reward, incorrect_reward)

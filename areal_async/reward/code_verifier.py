@@ -33,13 +33,15 @@ def encoded_tests(problem: dict) -> str:
 
 class CodeVerifier:
     """`num_workers` sandbox slots; each program gets `timeout_s` of wall-clock time and its CPU seconds, and
-    `memory_limit_mb` of address space."""
+    `memory_limit_mb` of address space. With `partial_credit` a verdict's credit is the share of tests passed (its
+    reward lies between the two), else every test must pass (+correct) or the answer is wrong (AReaL's rule)."""
 
     extract_mode = "code"
 
     def __init__(self, num_workers: int = 2, timeout_s: float = 10.0, memory_limit_mb: int = 1024,
-                 correct_reward: float = 5.0, incorrect_reward: float = -5.0) -> None:
+                 correct_reward: float = 5.0, incorrect_reward: float = -5.0, partial_credit: bool = False) -> None:
         self.correct_reward, self.incorrect_reward = correct_reward, incorrect_reward
+        self.partial_credit = partial_credit
         limits = SandboxLimits(wall_s=timeout_s, cpu_s=max(1, int(timeout_s)), memory_bytes=memory_limit_mb << 20)
         self.sandbox = CodeSandbox(slots=num_workers, limits=limits)
         self._threads = ThreadPoolExecutor(max_workers=num_workers)
@@ -50,7 +52,8 @@ class CodeVerifier:
     def from_config(cls, reward, num_workers: int | None = None) -> CodeVerifier:
         return cls(num_workers=reward.num_workers if num_workers is None else num_workers,
                    timeout_s=reward.timeout_s, memory_limit_mb=reward.memory_limit_mb,
-                   correct_reward=reward.correct_reward, incorrect_reward=reward.incorrect_reward)
+                   correct_reward=reward.correct_reward, incorrect_reward=reward.incorrect_reward,
+                   partial_credit=reward.partial_credit)
 
     def verify_batch(self, responses: Sequence[str], gold_answers: Sequence[Sequence[str]]) -> list[Verdict]:
         """Per response, in input order: whether it passed every test of its problem (gold_answers[i][0], a
@@ -64,7 +67,9 @@ class CodeVerifier:
     def _verify(self, response: str, golds: Sequence[str]) -> Verdict:
         try:
             spec = json.loads(golds[0] if not isinstance(golds, str) else golds)
-            return Verdict(code_verdict(str(response), spec, self.sandbox).all_passed)
+            verdict = code_verdict(str(response), spec, self.sandbox)
+            credit = verdict.passed / max(1, verdict.total) if self.partial_credit else None
+            return Verdict(verdict.all_passed, credit=credit)
         except Exception as error:  # noqa: BLE001 - a judge that could not run is a failure, not a wrong answer
             return Verdict(False, f"error:{type(error).__name__}")
 

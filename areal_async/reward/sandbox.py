@@ -54,10 +54,18 @@ Task = tuple[str, object]  # (kind, payload)
 class Verdict(NamedTuple):
     """A task's result: `value` (False whenever the task failed) and why no verdict could be computed, if so:
     "timeout", "out_of_memory", "worker_died", "recursion", "error:<exception type>", or "unparsed" (an answer
-    or gold the parser could not read, so the answer is not known to be wrong); None for a computed verdict."""
+    or gold the parser could not read, so the answer is not known to be wrong); None for a computed verdict.
+    `credit`: the share of the answer that is right, for verifiers that give partial credit (else None)."""
 
     value: bool
     failure: str | None = None
+    credit: float | None = None  # partial credit in [0, 1] (code: the tests passed), where the verifier gives it
+
+    def reward(self, correct: float, incorrect: float) -> float:
+        """`correct` or `incorrect` by the value, or between them by the credit when there is one."""
+        if self.credit is not None:
+            return incorrect + (correct - incorrect) * self.credit
+        return correct if self.value else incorrect
 
     @property
     def scored(self) -> bool:

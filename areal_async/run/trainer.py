@@ -89,6 +89,8 @@ def validate(config: TrainConfig) -> None:
     """Errors that would otherwise surface deep inside a run."""
     if config.reward.correct_reward <= config.reward.incorrect_reward:
         raise ValueError("reward.correct_reward must be greater than reward.incorrect_reward")
+    if config.reward.partial_credit and config.reward.kind is not RewardKind.code:
+        raise ValueError("reward.partial_credit counts the tests passed: it needs reward.kind=code")
     if (config.data.kind in (DataKind.code_jsonl, DataKind.synthetic_code)) != (config.reward.kind is RewardKind.code):
         raise ValueError(f"data.kind={config.data.kind.value} with reward.kind={config.reward.kind.value}: code problems "
                          "(data.kind=code_jsonl or synthetic_code) are judged by their tests (reward.kind=code), and "
