@@ -12,10 +12,11 @@ again resumes: finished samples are not generated again.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from actors.engine_factory import ENGINE_KINDS, build_engine
@@ -172,9 +173,9 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     )
     benchmarks = load_benchmarks(args.benchmarks, args.data_dir, args.limit)
 
-    from areal_async.config import ExtractMode, RewardConfig
+    from areal_async.config import ExtractMode, RewardConfig, RewardKind
     from areal_async.model import load_config, load_tokenizer
-    from areal_async.reward import RewardVerifier
+    from areal_async.reward import build_verifier
 
     device, dtype = resolve_device_and_dtype(args.device, args.dtype)
     labels = checkpoint_labels(args.checkpoints)
@@ -183,14 +184,13 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                           extract_mode=ExtractMode(args.extract_mode))
     results: dict[str, dict] = {}
     started = time.perf_counter()
-    tasks = {benchmark.spec.task for benchmark in benchmarks}
-    code_verifier = None
-    if "code" in tasks:  # the code benchmarks' tests run in the code sandbox
-        from areal_async.reward.code_verifier import CodeVerifier
-
-        code_verifier = CodeVerifier(num_workers=args.verifier_workers, timeout_s=max(args.verifier_timeout, 10.0))
-    with RewardVerifier.from_config(reward) as math_verifier:
-        verifier = {"math": math_verifier, **({"code": code_verifier} if code_verifier else {})}
+    # one verifier per task the benchmarks have: math answers, and code tests run in the code sandbox (a program
+    # gets at least 10 s)
+    configs = {"math": reward,
+               "code": replace(reward, kind=RewardKind.code, timeout_s=max(args.verifier_timeout, 10.0))}
+    with contextlib.ExitStack() as stack:
+        verifier = {task: stack.enter_context(build_verifier(configs[task]))
+                    for task in sorted({benchmark.spec.task for benchmark in benchmarks})}
         for label, checkpoint in zip(labels, args.checkpoints):
             folder = run_dir if len(labels) == 1 else run_dir / label
             tokenizer = load_tokenizer(checkpoint)
@@ -206,8 +206,6 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                                  show_progress=not args.no_progress, identity=identity, max_context=max_context)
             results[label] = {"path": str(checkpoint), "folder": str(folder), "benchmarks": summaries}
             del engine
-    if code_verifier is not None:
-        code_verifier.close()
     names = [b.name for b in benchmarks]
     table = markdown_table({label: r["benchmarks"] for label, r in results.items()}, names,
                            {b.name: b.spec.title for b in benchmarks}, caption=settings_caption(settings))

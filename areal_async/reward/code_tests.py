@@ -181,6 +181,11 @@ def _copy_into(target, source) -> None:
         target.update(source)
 
 
+def _ended_reason(channel: Channel) -> str:
+    """Why the program can answer no more: it exited (runtime_error), timed out or printed too much."""
+    return "runtime_error" if channel.status == "closed" else channel.status
+
+
 def _run_test(run, channel: Channel) -> str:
     """Runs one test (`run()`); its reason: passed, wrong_output (an assertion or another exception of the test),
     runtime_error (the function raised or answered no plain value), or how the program ended."""
@@ -188,7 +193,7 @@ def _run_test(run, channel: Channel) -> str:
         run()
         return "passed"
     except ChannelClosed:
-        return {"closed": "runtime_error"}.get(channel.status, channel.status)
+        return _ended_reason(channel)
     except CallFailed:
         return "runtime_error"
     except Exception:  # noqa: BLE001 - the dataset's assertions and whatever its checks raise on a wrong value
@@ -202,16 +207,13 @@ def _judged(program: str, tests, sandbox: CodeSandbox) -> CodeVerdict:
     def judge(channel: Channel) -> tuple[int, int, str]:
         passed, reason, cases = 0, "passed", list(tests(channel))
         for run in cases:
-            outcome = _run_test(run, channel) if channel.status is None else \
-                {"closed": "runtime_error"}.get(channel.status, channel.status)
+            outcome = _run_test(run, channel) if channel.status is None else _ended_reason(channel)
             passed += outcome == "passed"
             if outcome != "passed" and reason == "passed":
                 reason = outcome
         return passed, len(cases), reason
 
-    result, _ = sandbox.converse(program + CALL_SERVER, judge)
-    if result is None:  # the tests could not be set up
-        return CodeVerdict(0, 1, "runtime_error")
+    result, _ = sandbox.converse(program + CALL_SERVER, judge)  # judge catches ChannelClosed: never None
     return CodeVerdict(*result)
 
 

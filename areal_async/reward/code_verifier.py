@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+from areal_async.reward.code_reward import CodeVerdict
 from areal_async.reward.code_sandbox import CodeSandbox, SandboxLimits
 from areal_async.reward.code_tests import code_verdict
 from areal_async.reward.sandbox import Verdict
@@ -64,10 +65,14 @@ class CodeVerifier:
         self.failures.update(v.failure for v in verdicts if v.failure is not None)
         return verdicts
 
+    def judge(self, response: str, problem: dict) -> CodeVerdict:
+        """The response judged by the problem's tests (any format `code_verdict` reads); ValueError for a problem
+        without readable tests."""
+        return code_verdict(str(response), problem, self.sandbox)
+
     def _verify(self, response: str, golds: Sequence[str]) -> Verdict:
         try:
-            spec = json.loads(golds[0] if not isinstance(golds, str) else golds)
-            verdict = code_verdict(str(response), spec, self.sandbox)
+            verdict = self.judge(response, json.loads(golds[0] if not isinstance(golds, str) else golds))
             credit = verdict.passed / max(1, verdict.total) if self.partial_credit else None
             return Verdict(verdict.all_passed, credit=credit)
         except Exception as error:  # noqa: BLE001 - a judge that could not run is a failure, not a wrong answer

@@ -79,26 +79,20 @@ def verify_code(path: Path, rows: list[tuple[int, dict]], workers: int, timeout_
     from concurrent.futures import ThreadPoolExecutor
 
     from areal_async.reward.code_reward import code_reward
-    from areal_async.reward.code_sandbox import CodeSandbox, SandboxLimits
-    from areal_async.reward.code_tests import code_verdict
-
-    sandbox = CodeSandbox(slots=workers, limits=SandboxLimits(wall_s=timeout_s, cpu_s=max(1, int(timeout_s))))
+    from areal_async.reward.code_verifier import CodeVerifier
 
     def one(entry: tuple[int, dict]) -> dict:
         number, row = entry
         started = time.perf_counter()
         try:
-            verdict = code_verdict(row["response"], row, sandbox)
+            verdict = verifier.judge(row["response"], row)
         except (ValueError, TypeError) as error:
             raise InputError(f"{path}:{number}: {error}") from None
         return {"id": line_id(number, row), "reward": code_reward(verdict), "reason": verdict.reason,
                 "passed": verdict.passed, "total": verdict.total, "seconds": round(time.perf_counter() - started, 4)}
 
-    try:
-        with ThreadPoolExecutor(workers) as pool:
-            return list(pool.map(one, rows))
-    finally:
-        sandbox.close()
+    with CodeVerifier(num_workers=workers, timeout_s=timeout_s) as verifier, ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(one, rows))
 
 
 def verify_main(argv: list[str]) -> int:
