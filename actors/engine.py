@@ -61,10 +61,11 @@ class _State:
     addresses). `width`: block-table columns, enough for the longest sequence."""
 
     def __init__(self, model: CausalLM, slots: int, width: int, max_new: int, num_blocks: int, block_size: int,
-                 dtype, device, decode_kernel: str, split_tokens: int) -> None:
+                 dtype, device, decode_kernel: str, split_tokens: int, rope_kernel: bool) -> None:
         self.slots, self.width, self.max_new, self.block_size = slots, width, max_new, block_size
         self.max_len = width * block_size
-        self.cache = PagedKVCache(model.config, num_blocks, block_size, dtype, device, decode_kernel, split_tokens)
+        self.cache = PagedKVCache(model.config, num_blocks, block_size, dtype, device, decode_kernel, split_tokens,
+                                  rope_kernel)
 
         def rows(*tail: int, dtype=torch.long) -> torch.Tensor:
             # one spare row: a batch's view never spans a whole buffer, so compiled code sees one kind of view
@@ -181,7 +182,8 @@ class TorchEngine:
     positions one kernel program reads before the partial softmaxes are combined. fused_sampling: draw with one
     Triton kernel over the logits when no top-k/top-p truncation applies (default: on CUDA).
     fuse_projections: run q/k/v and gate/up as one matrix product each (`CausalLM.fuse_projections`; default:
-    on CUDA). share_prompts: consecutive requests with the same prompt share its full KV blocks (one prefill).
+    on CUDA). elementwise_kernels: the norms, residual adds, SiLU x up and a prefill's RoPE of the eager
+    forwards as Triton kernels (`CausalLM.use_elementwise_kernels`; default: on CUDA). share_prompts: consecutive requests with the same prompt share its full KV blocks (one prefill).
     """
 
     def __init__(
@@ -204,6 +206,7 @@ class TorchEngine:
         kv_memory_gib: float | None = None,
         fused_sampling: bool | None = None,
         fuse_projections: bool | None = None,
+        elementwise_kernels: bool | None = None,
         share_prompts: bool = True,
     ) -> None:
         if decode_attention not in DECODE_ATTENTION:
@@ -213,6 +216,8 @@ class TorchEngine:
         self.model = model.to(device).eval()
         if cuda if fuse_projections is None else fuse_projections:
             self.model.fuse_projections()
+        self.elementwise_kernels = cuda if elementwise_kernels is None else elementwise_kernels
+        self.model.use_elementwise_kernels(self.elementwise_kernels)
         self.pad_token_id = pad_token_id
         self.version = 0
         self.max_slots, self.sync_every, self.block_size = max_slots, max(1, sync_every), kv_block_size
@@ -415,7 +420,7 @@ class TorchEngine:
             self.release()
             state = None  # the old pool goes before the new one is allocated, not after
             state = _State(self.model, slots, width, max_new, blocks, self.block_size, self._dtype, self.device,
-                           self.decode_kernel, self.split_tokens)
+                           self.decode_kernel, self.split_tokens, self.elementwise_kernels)
             if stops > state.stop_ids.numel():
                 state.stop_ids = torch.full((stops,), -1, dtype=torch.long, device=self.device)
             self._state = state

@@ -51,6 +51,7 @@ def torch_engine_options(settings: EngineConfig) -> dict[str, Any]:
         "compile_prefill": settings.compile_prefill,
         "decode_attention": settings.decode_attention.value, "decode_split_tokens": settings.decode_split_tokens,
         "fused_sampling": settings.fused_sampling, "fuse_projections": settings.fuse_projections,
+        "elementwise_kernels": settings.elementwise_kernels,
     }
 
 

@@ -212,6 +212,8 @@ class EngineConfig:
     decode_split_tokens: int = 1024  # positions one decode-kernel program reads (benchmarks/NOTES.md: the sweep)
     fused_sampling: bool | None = None  # one Triton kernel draws the token (no top-k/top-p); null: on CUDA
     fuse_projections: bool | None = None  # q/k/v and gate/up as one matrix product each; null: on CUDA
+    # norms, residual adds, SiLU x up and a prefill's RoPE as Triton kernels in eager forwards; null: on CUDA
+    elementwise_kernels: bool | None = None
 
     def __post_init__(self) -> None:
         if self.kv_block_size < 1 or self.max_slots < 1 or self.decode_split_tokens < 1:

@@ -83,9 +83,10 @@ WARMUP_TOKENS = 32
 STAGES = {"stage1": (16, 256, 2048, 8192), "stage3": (8, 256, 6000, 24000)}
 VARIANTS = ("fixed", "fixed_hf", "longtail", "stage1", "stage3")
 SYSTEMS = {  # engine options per system; "hf" is transformers' generate
-    "ours": dict(compile_decode=False),
-    "ours_compiled": dict(compile_decode=True),
-    "ours_compiled_plain": dict(compile_decode=True, fused_sampling=False, fuse_projections=False),
+    "ours": dict(compile_decode=False, compile_prefill=False),  # no torch.compile: the elementwise Triton kernels
+    "ours_compiled": dict(compile_decode=True, compile_prefill=True),
+    "ours_compiled_plain": dict(compile_decode=True, compile_prefill=True, fused_sampling=False,
+                                fuse_projections=False),
     "hf": None,
 }
 

@@ -115,6 +115,12 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[
     return angles.cos(), angles.sin()
 
 
+def eager_inference() -> bool:
+    """A no-grad forward outside torch.compile: where the elementwise Triton kernels may stand in for the ops
+    (compiled code fuses the ops itself, and training needs their autograd)."""
+    return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [B, H, T, D] with cos, sin [B, 1, T, D] (or [B, T, H, D] with [B, T, 1, D]); rotates pairs
     (i, i + D/2)."""
@@ -188,11 +194,14 @@ class MLP(nn.Module):
         self.fused = None
         return super()._apply(fn, recurse)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def gate_and_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.fused is not None:
-            gate, up = F.linear(x, self.fused).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return F.linear(x, self.fused).chunk(2, dim=-1)
+        return self.gate_proj(x), self.up_proj(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_and_up(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -206,6 +215,19 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, mask, layer_index, kv_cache):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, layer_index, kv_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_with_kernels(self, x, update, cos, sin, mask, layer_index, kv_cache):
+        """forward of x + update (update None: of x), with the norms, residual adds and SiLU x up as Triton
+        kernels: (the residual stream after attention, the MLP's output still to be added to it). The pending add
+        goes into the next norm's kernel (see CausalLM.use_elementwise_kernels)."""
+        from areal_async.model.elementwise_triton import rms_norm, silu_mul
+
+        first, second = self.input_layernorm, self.post_attention_layernorm
+        normed, x = rms_norm(x if update is None else update, first.weight, first.eps, residual=None if update is None
+                             else x)
+        attended = self.self_attn(normed, cos, sin, mask, layer_index, kv_cache)
+        normed, x = rms_norm(attended, second.weight, second.eps, residual=x)
+        return x, self.mlp.down_proj(silu_mul(*self.mlp.gate_and_up(normed)))
 
 
 class DecoderBody(nn.Module):
@@ -237,6 +259,14 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.elementwise_kernels = False
+
+    def use_elementwise_kernels(self, on: bool = True) -> None:
+        """Runs the norms, residual adds and SiLU x up of no-grad forwards outside torch.compile as Triton kernels
+        (areal_async/model/elementwise_triton.py; CUDA): the engine's eager decode steps and prefills, where each
+        eager op is a kernel launch of its own. Each layer's last residual add goes into the next norm's kernel.
+        Values are the eager ones up to the order of the norms' sums."""
+        self.elementwise_kernels = on
 
     def hidden_states(
         self,
@@ -276,6 +306,15 @@ class CausalLM(nn.Module):
             dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
             mask = packed_attention_mask(document_ids, dtype, self.config.head_dim, document_lengths,
                                          packed_attention)
+        if self.elementwise_kernels and eager_inference():
+            from areal_async.model.elementwise_triton import rms_norm
+
+            update = None
+            for index, layer in enumerate(self.model.layers):
+                x, update = layer.forward_with_kernels(x, update, cos, sin, mask, index, kv_cache)
+            if kv_cache is not None:
+                kv_cache.advance(input_ids.shape[1])
+            return rms_norm(update, self.model.norm.weight, self.model.norm.eps, residual=x)[0]
         for index, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, mask, index, kv_cache)
         if kv_cache is not None:

@@ -98,10 +98,11 @@ def paged_decode_reference(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Te
 
 
 class PagedKVCache:
-    """keys, values: [layers, blocks, block_size, kv_heads, head_dim] (block 0 is the null block)."""
+    """keys, values: [layers, blocks, block_size, kv_heads, head_dim] (block 0 is the null block).
+    rope_kernel: a prefill rotates q and k with the Triton kernel of elementwise_triton (CUDA)."""
 
     def __init__(self, config: DecoderConfig, num_blocks: int, block_size: int, dtype, device,
-                 decode_kernel: str = "gather", split_tokens: int = 1024) -> None:
+                 decode_kernel: str = "gather", split_tokens: int = 1024, rope_kernel: bool = False) -> None:
         if decode_kernel not in DECODE_KERNELS:
             raise ValueError(f"decode_kernel must be one of {DECODE_KERNELS}, got {decode_kernel!r}")
         if num_blocks < 2 or block_size < 1:
@@ -124,6 +125,11 @@ class PagedKVCache:
         self._write_slots = self._gather_table = self._visible = None  # a prefill forward's layout
         self._split = (1, 1)  # (split_blocks, spread) of the bound decode batch
         self._kernel = None
+        self._rope = apply_rope
+        if rope_kernel:  # a prefill's RoPE as one Triton kernel for q and one for k
+            from areal_async.model.elementwise_triton import rope
+
+            self._rope = rope
         if decode_kernel == "triton":
             from areal_async.model.paged_decode_triton import paged_decode_attention
 
@@ -175,7 +181,7 @@ class PagedKVCache:
         [B, H, T, D]."""
         if self._mode == "decode":
             return self._decode(layer_index, q, k, v, cos, sin)
-        return self._prefill(layer_index, apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+        return self._prefill(layer_index, q, k, v, cos, sin)
 
     @torch.compiler.disable
     def _decode(self, layer_index: int, q, k, v, cos, sin) -> torch.Tensor:
@@ -207,7 +213,8 @@ class PagedKVCache:
             self._visible = (span[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, T, span]
 
     @torch.compiler.disable
-    def _prefill(self, layer_index: int, q, k, v) -> torch.Tensor:
+    def _prefill(self, layer_index: int, q, k, v, cos, sin) -> torch.Tensor:
+        q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
         batch, heads, seq, head_dim = q.shape
         kv_heads = k.shape[1]
         for cache, new in ((self.keys, k), (self.values, v)):
