@@ -43,7 +43,7 @@ def trajectory_advantages(trajectories: Sequence[Trajectory], norm: str = "group
     if norm == "none":
         return rewards.tolist()
     if norm == "batch":
-        lengths = torch.tensor([len(t.output_tokens) for t in trajectories], dtype=torch.float64)
+        lengths = torch.tensor([t.num_model_tokens for t in trajectories], dtype=torch.float64)
         return batch_advantages(rewards, lengths).tolist()
     if norm not in ("group", "group_std"):
         raise ValueError(f"advantage norm must be group, group_std, batch or none, got {norm!r}")

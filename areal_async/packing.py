@@ -74,8 +74,9 @@ class PackedBatch:
 
     input_ids, positions (restarting at 0 per sequence), document_ids (the sequence's index): [1, N];
     targets: [N], the next token of the same sequence (meaningless at a sequence's last token);
-    output_mask: [N] bool, True where the target is an output token, i.e. where a next-token logprob is trained
-    on; `values[name]`: [N] per-output-token arrays placed where output_mask is True (0 elsewhere).
+    output_mask: [N] bool, True where the target is an output token the model sampled (its loss mask is 1),
+    i.e. where a next-token logprob is trained on; `values[name]`: [N] per-output-token arrays placed where the
+    target is an output token (0 elsewhere).
     """
 
     input_ids: torch.Tensor
@@ -113,8 +114,10 @@ def pack_prompt_output_batch(
     prompts: Sequence[Sequence[int]],
     outputs: Sequence[Sequence[int]],
     per_token: dict[str, Sequence[Sequence[float]]] | None = None,
+    loss_masks: Sequence[Sequence[int]] | None = None,
 ) -> PackedBatch:
-    """prompts[b] + outputs[b] for every b, concatenated in order; per_token[name][b] has len(outputs[b]) entries."""
+    """prompts[b] + outputs[b] for every b, concatenated in order; per_token[name][b] and loss_masks[b] (1: trained
+    on, 0: a token a multi-turn episode put in; default all 1) have len(outputs[b]) entries."""
     per_token = per_token or {}
     lengths = np.asarray(prompt_output_lengths(prompts, outputs))
     tokens = np.concatenate([np.asarray(part, dtype=np.int64) for pair in zip(prompts, outputs) for part in pair])
@@ -125,11 +128,15 @@ def pack_prompt_output_batch(
     # Shifting by one pairs each token with the next one in the row. Across a boundary that is the next
     # sequence's first token (or, at the end, the row's first token): a prompt token, so never trained on.
     targets = np.roll(tokens, -1)
-    output_mask = np.roll(is_output_token, -1)
+    output_target = np.roll(is_output_token, -1)
+    trained = is_output_token.copy()
+    if loss_masks is not None:
+        trained[is_output_token] = np.concatenate([np.asarray(m, dtype=bool) for m in loss_masks])
+    output_mask = np.roll(trained, -1)
     values = {}
     for name, arrays in per_token.items():
         placed = np.zeros(len(tokens), dtype=np.float32)
-        placed[output_mask] = np.concatenate([np.asarray(a, dtype=np.float32) for a in arrays])
+        placed[output_target] = np.concatenate([np.asarray(a, dtype=np.float32) for a in arrays])
         values[name] = torch.from_numpy(placed)
     return PackedBatch(
         input_ids=torch.as_tensor(tokens, dtype=torch.long)[None],

@@ -2,7 +2,8 @@
 
 Layout of the zarr group (N trajectories, O output tokens, P prompt tokens in total):
 
-    output_tokens [O] int32, behaviour_logprobs [O] float32, versions [O] int32   ragged, concatenated
+    output_tokens [O] int32, behaviour_logprobs [O] float32, versions [O] int32,
+    loss_mask [O] uint8                                                           ragged, concatenated
     prompt_tokens [P] int32                                                       ragged, concatenated
     output_offsets [N] int64, prompt_offsets [N] int64     cumulative END offsets into the ragged arrays
     reward [N] float32, sample_index [N] int32, consumed_at_step [N] int32
@@ -34,6 +35,7 @@ _ARRAYS = {
     "output_tokens": ("int32", "output"),
     "behaviour_logprobs": ("float32", "output"),
     "versions": ("int32", "output"),
+    "loss_mask": ("uint8", "output"),
     "prompt_tokens": ("int32", "prompt"),
     "output_offsets": ("int64", "rows"),
     "prompt_offsets": ("int64", "rows"),
@@ -46,6 +48,7 @@ _ARRAYS = {
     "timings": (str, "rows"),
 }
 _LENGTH_ATTRS = {"rows": "num_trajectories", "output": "num_output_tokens", "prompt": "num_prompt_tokens"}
+ADDED_LATER = {"loss_mask": 1}  # arrays a log written before them lacks, with the value they stand for
 
 
 class TrajectoryLog:
@@ -57,6 +60,11 @@ class TrajectoryLog:
         self._group: zarr.Group | None = group
         if _LENGTH_ATTRS["rows"] in group.attrs:
             self._lengths = _committed_lengths(group)
+            for name, value in ADDED_LATER.items():
+                if name not in group:
+                    dtype, length = _ARRAYS[name]
+                    group.create_array(name, shape=(self._lengths[length],), dtype=dtype, fill_value=value,
+                                       chunks=(TOKEN_CHUNK,))
             self._arrays = {name: group[name] for name in _ARRAYS}
             for name, (_, length) in _ARRAYS.items():  # cut off a torn, uncommitted append
                 self._arrays[name].resize((self._lengths[length],))
@@ -119,6 +127,7 @@ def _columns(trajectories: Sequence[Trajectory], consumed_at_step: int, lengths:
         "output_tokens": _concatenate([t.output_tokens for t in trajectories], np.int32),
         "behaviour_logprobs": _concatenate([t.behaviour_logprobs for t in trajectories], np.float32),
         "versions": _concatenate([t.versions for t in trajectories], np.int32),
+        "loss_mask": _concatenate([t.loss_mask for t in trajectories], np.uint8),
         "prompt_tokens": _concatenate([t.prompt_tokens for t in trajectories], np.int32),
         "output_offsets": lengths["output"] + np.cumsum(output_lengths, dtype=np.int64),
         "prompt_offsets": lengths["prompt"] + np.cumsum(prompt_lengths, dtype=np.int64),
@@ -146,7 +155,8 @@ def read_trajectory_log(path: str | Path) -> Iterator[dict]:
     numpy arrays [n] of the stored dtype, strings as str, timings as a dict) plus consumed_at_step."""
     group = zarr.open_group(str(path), mode="r")
     lengths = _committed_lengths(group)
-    columns = {name: group[name][: lengths[length]] for name, (_, length) in _ARRAYS.items()}
+    columns = {name: group[name][: lengths[length]] if name in group else
+               np.full(lengths[length], ADDED_LATER[name], dtype=dtype) for name, (dtype, length) in _ARRAYS.items()}
     output_starts = np.concatenate([[0], columns["output_offsets"][:-1]]).astype(np.int64)
     prompt_starts = np.concatenate([[0], columns["prompt_offsets"][:-1]]).astype(np.int64)
     for row in range(lengths["rows"]):
@@ -160,6 +170,7 @@ def read_trajectory_log(path: str | Path) -> Iterator[dict]:
             "output_tokens": columns["output_tokens"][output],
             "behaviour_logprobs": columns["behaviour_logprobs"][output],
             "versions": columns["versions"][output],
+            "loss_mask": columns["loss_mask"][output],
             "reward": float(columns["reward"][row]),
             "finish_reason": str(columns["finish_reason"][row]),
             "timings": json.loads(str(columns["timings"][row])),

@@ -16,6 +16,9 @@ class Trajectory:
     prompt_tokens: [P] int32; output_tokens, behaviour_logprobs, versions: [O] (int32, float32, int32):
     the logprob of each output token under the temperature-scaled sampling distribution and the policy
     version that produced it (an interrupted trajectory carries several versions).
+    loss_mask: [O] uint8, 1 where the model sampled the token (trained on), 0 where a multi-turn episode put it
+    in (a tool's or user's message and its template: no logprob, carried version of the model token before it);
+    default all 1.
     """
 
     query_id: str
@@ -28,13 +31,17 @@ class Trajectory:
     reward: float
     finish_reason: str
     timings: dict[str, float] = field(default_factory=dict)
+    loss_mask: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.output_tokens)
-        if len(self.behaviour_logprobs) != n or len(self.versions) != n:
+        if self.loss_mask is None:
+            self.loss_mask = np.ones(n, dtype=np.uint8)
+        if len(self.behaviour_logprobs) != n or len(self.versions) != n or len(self.loss_mask) != n:
             raise ValueError(
                 f"trajectory {self.group_id}/{self.sample_index}: output_tokens ({n}), behaviour_logprobs "
-                f"({len(self.behaviour_logprobs)}) and versions ({len(self.versions)}) must have equal length"
+                f"({len(self.behaviour_logprobs)}), versions ({len(self.versions)}) and loss_mask "
+                f"({len(self.loss_mask)}) must have equal length"
             )
         if self.finish_reason not in FINISH_REASONS:
             raise ValueError(f"finish_reason {self.finish_reason!r} is not one of {FINISH_REASONS}")
@@ -42,6 +49,11 @@ class Trajectory:
     @property
     def oldest_version(self) -> int:
         return int(self.versions.min()) if len(self.versions) else -1
+
+    @property
+    def num_model_tokens(self) -> int:
+        """Output tokens the model sampled (the ones trained on)."""
+        return int(np.count_nonzero(self.loss_mask))
 
     @property
     def num_tokens(self) -> int:

@@ -2,10 +2,10 @@
 
 One frame carries one finished group:
 
-    {"schema": 1, "kind": "group", "group_id": str, "trajectories": [trajectory map, ...]}
+    {"schema": 2, "kind": "group", "group_id": str, "trajectories": [trajectory map, ...]}
 
 A trajectory map carries every `Trajectory` field. Its arrays travel as
-`{"dtype": "<i4" | "<f4", "shape": [n], "data": <n * itemsize raw little-endian bytes>}`, never as lists.
+`{"dtype": "<i4" | "<f4" | "|u1", "shape": [n], "data": <n * itemsize raw little-endian bytes>}`, never as lists.
 Frames come from other processes and machines, so `decode_group` trusts nothing: whatever is wrong with a
 frame, it raises `FrameError` naming the problem and where it is, and never any other exception.
 """
@@ -19,12 +19,13 @@ import numpy as np
 
 from areal_async.types import Trajectory
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: loss_mask
 FRAME_KIND = "group"
 
 # The wire dtype of each array field of a Trajectory.
-ARRAY_DTYPES = {"prompt_tokens": "<i4", "output_tokens": "<i4", "behaviour_logprobs": "<f4", "versions": "<i4"}
-ALLOWED_DTYPES = ("<i4", "<f4")
+ARRAY_DTYPES = {"prompt_tokens": "<i4", "output_tokens": "<i4", "behaviour_logprobs": "<f4", "versions": "<i4",
+                "loss_mask": "|u1"}
+ALLOWED_DTYPES = ("<i4", "<f4", "|u1")
 
 _FRAME_KEYS = ("schema", "kind", "group_id", "trajectories")
 _ARRAY_KEYS = ("dtype", "shape", "data")
@@ -83,7 +84,7 @@ def _array_to_map(values: np.ndarray, dtype: str, name: str) -> dict:
         raise ValueError(f"encode_group: {name} must be 1-D, got shape {array.shape}")
     wire = array.astype(dtype)
     # Integers must survive the cast exactly; float64 logprobs are rounded to float32 on purpose.
-    if wire.dtype.kind == "i" and not np.array_equal(wire, array):
+    if wire.dtype.kind in "iu" and not np.array_equal(wire, array):
         raise ValueError(f"encode_group: {name} values do not fit the wire dtype {dtype}")
     return {"dtype": dtype, "shape": [len(wire)], "data": wire.tobytes()}
 

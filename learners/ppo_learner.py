@@ -149,6 +149,7 @@ class PPOLearner:
                 "versions": [t.versions for t in trajectories],
                 "advantages": [np.full(len(t.output_tokens), a, dtype=np.float32) for t, a in zip(trajectories, advantages)],
             },
+            loss_masks=[t.loss_mask for t in trajectories],
         )
 
     @torch.no_grad()

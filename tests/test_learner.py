@@ -76,6 +76,33 @@ def test_packed_gradient_equals_the_padded_full_batch_gradient(tiny_model):
     assert _max_relative_difference(padded, packed) < 1e-5
 
 
+def test_tokens_an_episode_put_in_are_left_out_of_the_loss_and_its_token_count(tiny_model):
+    """A multi-turn trajectory's tool and user tokens (loss mask 0) are context only: the gradient equals the
+    padded full-batch loss over the model's tokens alone, with the token mean over those."""
+    trajectories = _trajectories(tiny_model, [[1, 2, 3], [4, 5, 6, 7, 8, 9]], seed=2)
+    rng = np.random.default_rng(0)
+    for t in trajectories:
+        t.loss_mask = (rng.random(len(t.output_tokens)) < 0.6).astype(np.uint8)
+        t.loss_mask[0] = 1
+    learner = PPOLearner(copy.deepcopy(tiny_model), PPOConfig(micro_batch_tokens=20), pad_token_id=0, temperature=1.0)
+    packs = learner.prepare(trajectories, _advantages(trajectories))
+    assert sum(p.num_output_tokens for p in packs) == sum(int(t.loss_mask.sum()) for t in trajectories)
+    packed = _gradients(learner, trajectories)
+
+    model = copy.deepcopy(tiny_model)
+    advantages = trajectory_advantages(trajectories, "group")
+    batch = pad_prompt_output_batch(
+        [t.prompt_tokens for t in trajectories], [t.output_tokens for t in trajectories], pad_token_id=0,
+        per_token={"behaviour": [t.behaviour_logprobs for t in trajectories], "model": [t.loss_mask for t in trajectories],
+                   "advantages": [np.full(len(t.output_tokens), a) for t, a in zip(trajectories, advantages)]},
+    )
+    logprobs = sequence_logprobs(model, batch.input_ids, batch.valid)
+    loss, _ = decoupled_ppo_loss(logprobs, logprobs.detach(), batch.values["behaviour"], batch.values["advantages"],
+                                 batch.output_mask & (batch.values["model"] > 0))
+    loss.backward()
+    assert _max_relative_difference({n: p.grad for n, p in model.named_parameters()}, packed) < 1e-5
+
+
 def test_rank_gradients_add_up_to_the_one_rank_gradient(tiny_model):
     """Two data-parallel ranks, each with part of the groups' samples: with the global token count as the
     normaliser and loss_scale = 2 (a reduction that averages), the mean of their gradients is the whole one."""

@@ -27,6 +27,18 @@ def test_packed_batch_layout():
     assert batch.num_output_tokens == 5
 
 
+def test_a_loss_mask_leaves_the_tokens_an_episode_put_in_out_of_the_loss():
+    """[1, 2] then output [5, 6, 7, 8] where 6 and 7 were a tool's message: only 5 and 8 are trained on; the values
+    stay placed at every output position."""
+    batch = pack_prompt_output_batch([[1, 2], [4]], [[5, 6, 7, 8], [9]],
+                                     per_token={"lp": [[-0.5, 0.0, 0.0, -0.8], [-0.9]]},
+                                     loss_masks=[[1, 0, 0, 1], [1]])
+    assert batch.input_ids.tolist() == [[1, 2, 5, 6, 7, 8, 4, 9]]
+    assert batch.output_mask.tolist() == [False, True, False, False, True, False, True, False]
+    assert batch.values["lp"].tolist() == pytest.approx([0, -0.5, 0, 0, -0.8, 0, -0.9, 0])
+    assert batch.num_output_tokens == 3
+
+
 def test_packing_rejects_an_empty_prompt():
     with pytest.raises(ValueError, match="sequence 1 has an empty prompt"):
         pack_prompt_output_batch([[1], []], [[2], [3]])

@@ -6,6 +6,7 @@ import logging
 
 import numpy as np
 import pytest
+import zarr
 
 from areal_async.ledger import DROP_REASONS
 from areal_async.replay_queue import (
@@ -247,7 +248,7 @@ def assert_rows_equal(rows, expected):
         assert row["consumed_at_step"] == step
         for name in ("query_id", "group_id", "sample_index", "reward", "finish_reason", "timings"):
             assert row[name] == getattr(trajectory, name), name
-        for name in ("prompt_tokens", "output_tokens", "behaviour_logprobs", "versions"):
+        for name in ("prompt_tokens", "output_tokens", "behaviour_logprobs", "versions", "loss_mask"):
             assert row[name].dtype == getattr(trajectory, name).dtype, name
             assert np.array_equal(row[name], getattr(trajectory, name)), name
 
@@ -280,6 +281,21 @@ def test_trajectory_log_drops_a_torn_append_on_reopen(tmp_path):
     resumed.append(make_group("b"), consumed_at_step=1)
     expected = [(t, 0) for t in make_group("a")] + [(t, 1) for t in make_group("b")]
     assert_rows_equal(list(read_trajectory_log(path)), expected)
+
+
+def test_a_log_written_before_loss_masks_reads_and_resumes_with_every_token_trained(tmp_path):
+    path = tmp_path / "log"
+    log = TrajectoryLog(path)
+    log.append(make_group("a"), consumed_at_step=0)
+    log.close()
+    del zarr.open_group(str(path), mode="a")["loss_mask"]  # as an older version wrote it
+    assert [row["loss_mask"].tolist() for row in read_trajectory_log(path)] == [[1] * len(t.output_tokens)
+                                                                             for t in make_group("a")]
+    resumed = TrajectoryLog(path)
+    second = make_group("b")
+    second[0].loss_mask[:] = 0
+    resumed.append(second, consumed_at_step=1)
+    assert_rows_equal(list(read_trajectory_log(path)), [(t, 0) for t in make_group("a")] + [(t, 1) for t in second])
 
 
 def test_queue_logs_what_it_hands_out(tmp_path):

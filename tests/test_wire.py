@@ -24,6 +24,7 @@ def make_group(group_id="g7", sizes=(3, 0, 5)):
             reward=(5.0, -5.0, 0.1)[index % 3],
             finish_reason=("stop", "length", "aborted")[index % 3],
             timings={"generate_s": 1.25, "reward_s": 1e-7} if index == 0 else {},
+            loss_mask=np.array([1, 0, 0, 1, 1][:size], dtype=np.uint8) if index == 2 else None,
         )
         for index, size in enumerate(sizes)
     ]
@@ -54,7 +55,7 @@ def test_round_trip_preserves_every_field_bit_for_bit():
     for before, after in zip(group, decoded):
         for name in ("query_id", "group_id", "sample_index", "reward", "finish_reason", "timings"):
             assert getattr(after, name) == getattr(before, name), name
-        for name in ("prompt_tokens", "output_tokens", "behaviour_logprobs", "versions"):
+        for name in ("prompt_tokens", "output_tokens", "behaviour_logprobs", "versions", "loss_mask"):
             array = getattr(after, name)
             assert array.dtype == getattr(before, name).dtype, name
             assert array.tobytes() == getattr(before, name).tobytes(), name  # bit-for-bit, -0.0 and -inf too
@@ -119,7 +120,7 @@ def test_missing_schema():
     assert_frame_error(message, "missing key 'schema'")
 
 
-@pytest.mark.parametrize("schema", [2, 0, "1", True, None])
+@pytest.mark.parametrize("schema", [1, 3, 0, "2", True, None])
 def test_wrong_schema_version_says_expected_and_got(schema):
     message = valid_message()
     message["schema"] = schema
