@@ -173,10 +173,9 @@ class TorchEngine:
     run on a smaller batch (the tail of a call runs on a small batch; a move copies a row of buffers, not its KV).
     lookahead: runs of decode steps kept queued ahead of the host's reads (default 1 on CUDA, 0 elsewhere).
     compile_decode: run the decode step's forward through torch.compile (dynamic shapes, `compile_backend`;
-    default: on CUDA), which fuses the layers' elementwise work (norms, RoPE, SiLU, residuals); the attention
-    stays eager inside it (a graph break per layer). compile_prefill: run prefill and recompute forwards through
-    torch.compile too (dynamic shapes; default: on CUDA): an eager prefill spends as long on its elementwise
-    kernels as on its matrix products. decode_attention: "triton" (the paged split-KV kernel),
+    default off), which fuses the layers' elementwise work as the elementwise kernels do, at the price of compiling
+    (the attention stays eager inside it: a graph break per layer). compile_prefill: run prefill and recompute
+    forwards through torch.compile too (default off). decode_attention: "triton" (the paged split-KV kernel),
     "gather" (the reference: blocks gathered, then one softmax) or "auto" (triton on CUDA where the shapes suit
     it, else gather, whose steps are not captured). decode_split_tokens:
     positions one kernel program reads before the partial softmaxes are combined. fused_sampling: draw with one
@@ -198,9 +197,9 @@ class TorchEngine:
         kv_block_size: int = 64,
         prefill_tokens: int = 16384,
         lookahead: int | None = None,
-        compile_decode: bool | None = None,
+        compile_decode: bool = False,
         compile_backend: str = "inductor",
-        compile_prefill: bool | None = None,
+        compile_prefill: bool = False,
         decode_attention: str = "auto",
         decode_split_tokens: int = 1024,
         kv_memory_gib: float | None = None,
@@ -249,8 +248,8 @@ class TorchEngine:
 
             self._sample_fused = fused_sample
         self._logits_and_sample = self._decode_forward
-        self.compile_decode = cuda if compile_decode is None else compile_decode
-        if self.compile_decode:  # dynamic shapes: one compilation serves every batch size
+        self.compile_decode = compile_decode
+        if compile_decode:  # dynamic shapes: one compilation serves every batch size
             config = torch._dynamo.config  # a graph per sampling setting, and resumes after graph breaks
             for name in ("recompile_limit", "cache_size_limit"):
                 if hasattr(config, name):
@@ -264,7 +263,7 @@ class TorchEngine:
 
             self._logits_and_sample = logits_and_sample
         self._prefill_forward = self.model.hidden_states
-        if cuda if compile_prefill is None else compile_prefill:
+        if compile_prefill:
             compiled_prefill = torch.compile(self.model.hidden_states, dynamic=True, backend=compile_backend)
 
             def prefill_forward(ids: torch.Tensor, kv_cache: PagedKVCache) -> torch.Tensor:

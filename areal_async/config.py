@@ -206,8 +206,10 @@ class EngineConfig:
     prefill_tokens: int = 16384  # padded tokens per prefill forward
     share_prompts: bool = True  # the samples of one prompt share its full KV blocks, prefilled once
     cuda_graphs: bool | None = None  # null: on CUDA
-    compile_decode: bool | None = None  # torch.compile of the decode forward; null: on CUDA
-    compile_prefill: bool | None = None  # torch.compile of the prefill and recompute forwards; null: on CUDA
+    # torch.compile of the decode forward, and of the prefill and recompute forwards: off, since the elementwise
+    # kernels do the same fusions without compiling (the same tokens/s, a cold start of 7 s: benchmarks/NOTES.md)
+    compile_decode: bool = False
+    compile_prefill: bool = False
     decode_attention: DecodeAttention = DecodeAttention.auto
     decode_split_tokens: int = 1024  # positions one decode-kernel program reads (benchmarks/NOTES.md: the sweep)
     fused_sampling: bool | None = None  # one Triton kernel draws the token (no top-k/top-p); null: on CUDA
