@@ -9,7 +9,7 @@ import time
 import torch
 
 from actors.engine_factory import EngineWeights, build_engine
-from actors.rollout import RolloutWorker
+from actors.rollout import build_rollout_worker
 from areal_async.config import TrainConfig
 from areal_async.model import load_tokenizer
 from areal_async.process_groups import close_sync_group, open_sync_group, sync_rank
@@ -56,9 +56,7 @@ class RolloutActor:
                               pad_token_id=tokenizer.pad_token_id, seed=self.config.seed + self.worker_index, **options)
         self.weights = EngineWeights(engine, self.model_path, dtype)
         self.verifier = build_verifier(self.config.reward, num_workers=1)
-        decode = lambda tokens: tokenizer.decode(tokens, skip_special_tokens=True)  # noqa: E731
-        self.worker = RolloutWorker(engine, decode, self.verifier, [tokenizer.eos_token_id],
-                                    worker_id=self.worker_index)
+        self.worker = build_rollout_worker(self.config, engine, tokenizer, self.verifier, worker_id=self.worker_index)
         self.receiver = WeightReceiver(self.weights.tensors, transport=None)
         self._join_epoch(epoch)
         return engine.version
@@ -142,6 +140,7 @@ class RolloutActor:
                 time.sleep(IDLE_SLEEP_S)
         self.weight_update(force=True)  # the last published version's round includes this worker
         self.verifier.close()
+        self.worker.close()
         return {
             "worker": self.worker_index, "groups": groups, "tokens": tokens, "errors": errors,
             "version": self.worker.engine.version, "weight_sync_seconds": self.weight_sync_seconds,

@@ -342,6 +342,37 @@ class PPOConfig:
             raise ValueError(f"ppo.behaviour_weight_cap must be >= 1 or null, got {self.behaviour_weight_cap}")
 
 
+class ChatTemplateKind(enum.Enum):
+    prompt_type = "prompt_type"  # the role template of data.prompt_type (boxed when unset): areal_async/agents/chat.py
+    tokenizer = "tokenizer"  # the tokenizer's own Jinja chat_template
+
+
+class ToolName(enum.Enum):
+    calculator = "calculator"  # exact arithmetic with sympy (no code runs)
+    python = "python"  # a script in the code sandbox, under reward.sandbox's limits
+
+
+@dataclass
+class AgentConfig:
+    """Multi-turn workflows' settings (rollout.workflow); single-turn math uses none of them."""
+
+    tools: list[ToolName] = field(default_factory=list)  # the tools a workflow's context offers
+    chat_template: ChatTemplateKind = ChatTemplateKind.prompt_type
+    max_turns: int = 8  # model turns per episode
+    max_tool_calls: int = 8
+    max_total_tokens: int | None = None  # the conversation's tokens; null: only generation.max_new_tokens a turn
+    max_wall_s: float = 600.0  # seconds per episode
+    max_attempts: int = 3  # MultiTurnRetry: answers per episode
+    # MultiTurnRetry: the k-th answer's reward counts discount^(k-1); rewards per completion are discounted alike
+    discount: float = 0.9
+
+    def __post_init__(self) -> None:
+        _at_least("rollout.agent", max_turns=(self.max_turns, 1), max_tool_calls=(self.max_tool_calls, 0),
+                  max_attempts=(self.max_attempts, 1))
+        if not 0.0 < self.discount <= 1.0:
+            raise ValueError(f"rollout.agent.discount must be in (0, 1], got {self.discount}")
+
+
 @dataclass
 class RolloutConfig:
     groups_per_step: int = 32  # prompts per training step
@@ -356,6 +387,9 @@ class RolloutConfig:
     num_queue_shards: int = 1
     log_trajectories: bool = True  # zarr log of every consumed trajectory in the run folder
     engine: EngineKind = EngineKind.torch  # the rollout workers' engine (vllm: cluster.placement=ray only)
+    # the agent workflow by import path, "package.module:Class" (areal_async/agents/workflows.py says what one is)
+    workflow: str = "areal_async.agents.workflows:SingleTurnMath"
+    agent: AgentConfig = field(default_factory=AgentConfig)
 
     def __post_init__(self) -> None:
         _at_least("rollout", groups_per_step=(self.groups_per_step, 1),

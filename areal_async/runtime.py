@@ -40,6 +40,7 @@ class ControllerService:
         self.generation_seconds = 0.0
         self.reward_seconds = 0.0
         self.reward_failures: Counter = Counter()
+        self.episode_counts: Counter = Counter()  # agent episodes by end reason, and their tool calls
         self.generated_reward_sum = 0.0
         self.generated_scored = 0
         self.readmitted_by_reason: Counter = Counter()
@@ -111,13 +112,15 @@ class ControllerService:
 
     def report_generation(self, tokens: int, generate_s: float, reward_s: float = 0.0,
                           reward_failures: dict[str, int] | None = None, reward_sum: float = 0.0,
-                          scored: int = 0) -> None:
-        """A round's generated tokens and seconds, the verifier's failures, and the sum of the rewards of its
-        `scored` answers (every generated group's, before the queue filters any)."""
+                          scored: int = 0, episodes: dict[str, int] | None = None) -> None:
+        """A round's generated tokens and seconds, the verifier's failures, the sum of the rewards of its
+        `scored` answers (every generated group's, before the queue filters any), and its episodes' counts (by
+        end reason, tool calls, malformed calls)."""
         self.generated_tokens += tokens
         self.generation_seconds += generate_s
         self.reward_seconds += reward_s
         self.reward_failures.update(reward_failures or {})
+        self.episode_counts.update(episodes or {})
         self.generated_reward_sum += reward_sum
         self.generated_scored += scored
 
@@ -154,6 +157,7 @@ class ControllerService:
             "generation_seconds": self.generation_seconds,
             "reward_seconds": self.reward_seconds,
             "reward_failures": dict(self.reward_failures),
+            "episode_counts": dict(self.episode_counts),
             "generated_reward_sum": self.generated_reward_sum,
             "generated_scored": self.generated_scored,
             "readmitted_by_reason": dict(self.readmitted_by_reason),
@@ -177,6 +181,7 @@ class ControllerService:
         self.generation_seconds = state["generation_seconds"]
         self.reward_seconds = state["reward_seconds"]
         self.reward_failures = Counter(state["reward_failures"])
+        self.episode_counts = Counter(state.get("episode_counts", {}))  # run checkpoints from before it: none
         self.readmitted_by_reason = Counter(state.get("readmitted_by_reason", {}))
         self.generated_reward_sum = state.get("generated_reward_sum", 0.0)  # run checkpoints from before it: 0
         self.generated_scored = state.get("generated_scored", 0)
@@ -195,6 +200,7 @@ class ControllerService:
             "generation_seconds": self.generation_seconds,
             "reward_seconds": self.reward_seconds,
             "reward_failures": dict(self.reward_failures),
+            "episode_counts": dict(self.episode_counts),
             "generated_reward_sum": self.generated_reward_sum,
             "generated_scored": self.generated_scored,
             "readmitted_by_reason": dict(self.readmitted_by_reason),

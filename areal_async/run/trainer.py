@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from actors.engine import TorchEngine
 from actors.engine_factory import EngineWeights, build_engine
-from actors.rollout import RolloutWorker
+from actors.rollout import build_rollout_worker
 from areal_async.config import DataKind, EngineKind, Objective, Placement, RewardKind, SFTConfig, TrainConfig
 from areal_async.checkpointing import (
     commit_checkpoint,
@@ -265,8 +265,7 @@ class Trainer:
                               settings=engine_settings)
         self.shared_memory = (SharedGpuMemory(engine, torch.device(config.device)) if self.memory_plan is not None
                               else None)
-        decode = lambda tokens: self.tokenizer.decode(tokens, skip_special_tokens=True)  # noqa: E731
-        self.worker = RolloutWorker(engine, decode, self.verifier, [self.tokenizer.eos_token_id])
+        self.worker = build_rollout_worker(config, engine, self.tokenizer, self.verifier)
         self.engine_weights = EngineWeights(engine, self.model_path, dtype)  # what publication writes, in place
         self.ray_cluster = None
         # the parts, in process or behind Ray, as the run sees them (areal_async/contracts.py)
@@ -466,6 +465,8 @@ class Trainer:
         produced = after["produced"] - before["produced"]
         reward_failures = Counter(after["reward_failures"])
         reward_failures.subtract(before["reward_failures"])
+        episodes = Counter(after["episode_counts"])
+        episodes.subtract(before["episode_counts"])
         step_s = published - started
         ledger = self.ledger()
         dropped = sum(ledger.dropped.values())
@@ -491,6 +492,8 @@ class Trainer:
             "training_tokens_per_s": stats["trained_tokens"] / (trained - gathered),
             "reward_failures": sum(reward_failures.values()),
             "reward_failures_by_reason": {reason: n for reason, n in reward_failures.items() if n},
+            # agent episodes: by end reason (episodes_done, episodes_turns, ...), tool calls, malformed tool calls
+            "episodes": {name: n for name, n in sorted(episodes.items()) if n},
             "gather_s": gathered - started,
             "train_s": trained - gathered,
             "weight_sync_seconds": published - trained,
@@ -608,6 +611,7 @@ class Trainer:
                 self.queue.close()
             self.metrics.close()
             self.verifier.close()
+            self.worker.close()
         ledger = self.ledger()
         rollout_checksums = [r["weights_checksum"] for r in worker_results] or [
             state_checksum(self.engine_weights.tensors)  # inline: the driver's engine
