@@ -17,7 +17,7 @@ from areal_async.ledger import ShardCounts
 from areal_async.types import Generation, PromptGroup, SamplingParams, Trajectory
 from areal_async.weight_sync import WeightTransport
 
-__all__ = ["Controller", "GenerationEngine", "Learner", "ReplayQueue", "WeightTransport"]
+__all__ = ["Controller", "GenerationEngine", "Learner", "ReplayQueue", "WeightTransport", "Workflow"]
 
 
 @runtime_checkable
@@ -77,6 +77,14 @@ class Controller(Protocol):
     def counts(self) -> dict: ...
 
     def stop(self) -> None: ...
+
+
+@runtime_checkable
+class Workflow(Protocol):
+    """An agent (areal_async/agents/workflows.py), built as cls(WorkflowContext): plays one episode with `client`
+    (OpenAI-shaped, backed by the run's engine) and returns its reward, or {completion id: reward}."""
+
+    async def run(self, data: dict, client) -> float | dict[str, float]: ...
 
 
 @runtime_checkable

@@ -5,7 +5,8 @@ import copy
 import pytest
 
 from areal_async.config import PPOConfig
-from areal_async.contracts import Controller, Learner, ReplayQueue
+from areal_async.agents.workflows import MultiTurnRetry, SingleTurnMath, ToolIntegratedReasoning, WorkflowContext
+from areal_async.contracts import Controller, Learner, ReplayQueue, Workflow
 from areal_async.controller import RolloutController
 from areal_async.data.records import PromptRecord
 from areal_async.replay_queue import ShardedReplayQueue
@@ -28,7 +29,13 @@ def test_controller_and_queue():
     assert isinstance(ShardedReplayQueue(1, 4, 0), ReplayQueue)
 
 
-@pytest.mark.parametrize("protocol", [Learner, Controller, ReplayQueue])
+def test_workflows():
+    context = WorkflowContext(judge=None, correct_reward=5.0, incorrect_reward=-5.0)
+    for workflow in (SingleTurnMath, ToolIntegratedReasoning, MultiTurnRetry):
+        assert isinstance(workflow(context), Workflow), workflow
+
+
+@pytest.mark.parametrize("protocol", [Learner, Controller, ReplayQueue, Workflow])
 def test_a_part_without_the_contract_is_refused(protocol):
     assert not isinstance(object(), protocol)
 
