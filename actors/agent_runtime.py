@@ -150,6 +150,8 @@ class AgentClient:
         self._rendezvous, self._conversation, self._episode = rendezvous, conversation, episode
         self._defaults, self._limits, self._decode = defaults, limits, decode
         self._name = name
+        self.base_url: str | None = None  # this episode's OpenAI-compatible endpoint, when the run serves one
+        self.limit_reason: str | None = None  # the episode limit a request ran into
         self._started = time.monotonic()
         self._turns = 0
         self.completion_ids: list[str] = []  # in the order the completions were made
@@ -188,17 +190,21 @@ class AgentClient:
         return SimpleNamespace(id=self.completion_ids[-1], choices=[SimpleNamespace(index=0, text=self._text(generation),
                                                         finish_reason=generation.finish_reason)])
 
-    async def _generate(self, prompt: list[int], temperature, max_tokens, top_p) -> Generation:
+    def _check_limits(self, prompt: list[int]) -> float:
+        """Raises EpisodeLimit for the first limit this request would pass; returns the tokens left for it."""
         limits = self._limits
-        if self._turns >= limits.max_turns:
-            raise EpisodeLimit("turns")
-        if self._episode.counts["tool_calls"] > limits.max_tool_calls:
-            raise EpisodeLimit("tool_calls")
-        if time.monotonic() - self._started > limits.max_wall_s:
-            raise EpisodeLimit("wall_time")
         room = math.inf if limits.max_total_tokens is None else limits.max_total_tokens - len(prompt)
-        if room < 1:
-            raise EpisodeLimit("tokens")
+        for reason, reached in (("turns", self._turns >= limits.max_turns),
+                                ("tool_calls", self._episode.counts["tool_calls"] > limits.max_tool_calls),
+                                ("wall_time", time.monotonic() - self._started > limits.max_wall_s),
+                                ("tokens", room < 1)):
+            if reached:
+                self.limit_reason = reason
+                raise EpisodeLimit(reason)
+        return room
+
+    async def _generate(self, prompt: list[int], temperature, max_tokens, top_p) -> Generation:
+        room = self._check_limits(prompt)
         defaults = self._defaults
         params = replace(defaults, temperature=defaults.temperature if temperature is None else temperature,
                          top_p=defaults.top_p if top_p is None else top_p)
@@ -238,11 +244,12 @@ async def judge(response: str, solutions: Sequence[str]):
 async def run_episodes(workflow, items: Sequence[dict], make_conversation: Callable[[], Conversation],
                        engine_requests: EngineRequests, judge: Callable[[list], list] | None,
                        defaults: SamplingParams, limits: EpisodeLimits, decode: Callable[[list[int]], str],
-                       limit_reward: float = math.nan, discount: float = 1.0) -> list[Episode]:
+                       limit_reward: float = math.nan, discount: float = 1.0, server=None) -> list[Episode]:
     """Runs `workflow.run(item, client)` for every item concurrently; returns their episodes in item order. A
     workflow's "judge" requests (its context's `judge`) are served in batches like completions. An episode ended
     by a limit gets `limit_reward`; a workflow's rewards per completion count discount^k for the k-th completion
-    (the episode's return from its start)."""
+    (the episode's return from its start). With `server` (an AgentServer), each episode's client is also served
+    over HTTP at `client.base_url` for the round."""
     handlers = {"generate": engine_requests}
     if judge is not None:
         handlers["judge"] = judge
@@ -253,14 +260,30 @@ async def run_episodes(workflow, items: Sequence[dict], make_conversation: Calla
     async def one(index: int, item: dict) -> None:
         episode = episodes[index]
         client = AgentClient(rendezvous, episode.conversation, episode, defaults, limits, decode, name=f"e{index}")
+        if server is not None:
+            server.clients[f"e{index}"], client.base_url = client, server.base_url(f"e{index}")
         try:
-            episode.reward = _episode_reward(await workflow.run(item, client), client.completion_ids, discount)
-        except EpisodeLimit as limit:
-            episode.end_reason, episode.reward = limit.reason, limit_reward
+            try:
+                value = await workflow.run(item, client)
+            except Exception:  # noqa: BLE001 - a limit reached over HTTP comes back as the agent's own error
+                if client.limit_reason is None:
+                    raise
+            if client.limit_reason is not None:
+                episode.end_reason, episode.reward = client.limit_reason, limit_reward
+            else:
+                episode.reward = _episode_reward(value, client.completion_ids, discount)
         finally:
             rendezvous.finished()
+            if server is not None:
+                server.clients.pop(f"e{index}", None)
 
-    await asyncio.gather(rendezvous.serve(), *(one(i, item) for i, item in enumerate(items)))
+    if server is not None:
+        await server.start()
+    try:
+        await asyncio.gather(rendezvous.serve(), *(one(i, item) for i, item in enumerate(items)))
+    finally:
+        if server is not None:
+            await server.stop()
     return episodes
 
 

@@ -15,6 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from actors.agent_runtime import EngineRequests, EpisodeLimits, JudgeRequests, judge, run_episodes
+from actors.agent_server import AgentServer
 from actors.sampling import long_tailed_limit
 from areal_async.agents.chat import ChatTemplate, Conversation, TokenizerTemplate, role_template
 from areal_async.agents.tools import Calculator, PythonTool
@@ -42,7 +43,8 @@ class RolloutWorker:
     `incorrect_reward`); `decode` maps output token ids to text (the tokenizer's decode without special
     tokens). `workflow(context)` builds the agent workflow (areal_async/agents/workflows.py; default
     SingleTurnMath) with a WorkflowContext of this worker's verifier, `tools` and `retry` settings (max_attempts,
-    discount); chat workflows need `tokenizer` and `chat_template`. `limits`: each episode's (an episode past
+    discount); chat workflows need `tokenizer` and `chat_template`. `http_address` (host, port): each round serves
+    every episode's client over HTTP too (actors/agent_server.py). `limits`: each episode's (an episode past
     one is scored as incorrect). `last_round` holds the reward failures (verdicts that could not be computed, by
     reason), the episodes' tool counts and end reasons, and the generation and reward seconds of the last
     `rollout`. `worker_id` names the worker to the controller, which knows which groups a dead worker held.
@@ -51,14 +53,15 @@ class RolloutWorker:
     def __init__(self, engine: GenerationEngine, decode, verifier, stop_token_ids: Sequence[int],
                  worker_id: int | None = None, workflow: Callable = SingleTurnMath, tokenizer=None,
                  chat_template: ChatTemplate | None = None, limits: EpisodeLimits = EpisodeLimits(),
-                 tools: Sequence = (), max_attempts: int = 3, discount: float = 0.9) -> None:
+                 tools: Sequence = (), max_attempts: int = 3, discount: float = 0.9,
+                 http_address: tuple[str, int] | None = None) -> None:
         self.engine = engine
         self.worker_id = worker_id
         self.decode = decode
         self.verifier = verifier
         self.stop_token_ids = tuple(stop_token_ids)
         self.tokenizer, self.chat_template, self.limits = tokenizer, chat_template, limits
-        self.discount = discount
+        self.discount, self.http_address = discount, http_address
         self.tools = list(tools)
         self.workflow = workflow(WorkflowContext(judge, verifier.correct_reward, verifier.incorrect_reward,
                                                  self.tools, max_attempts, discount))
@@ -102,7 +105,8 @@ class RolloutWorker:
         try:
             episodes = asyncio.run(run_episodes(
                 self.workflow, items, lambda: Conversation(self.chat_template, self.tokenizer), engine_requests,
-                judge_requests, params, self.limits, self.decode, self.verifier.incorrect_reward, self.discount))
+                judge_requests, params, self.limits, self.decode, self.verifier.incorrect_reward, self.discount,
+                None if self.http_address is None else AgentServer(*self.http_address)))
         finally:
             if collecting:
                 gc.enable()
@@ -221,4 +225,5 @@ def build_rollout_worker(config: TrainConfig, engine: GenerationEngine, tokenize
     return RolloutWorker(engine, lambda tokens: tokenizer.decode(tokens, skip_special_tokens=True), verifier,
                          [tokenizer.eos_token_id], worker_id=worker_id, workflow=load_workflow(config.rollout.workflow),
                          tokenizer=tokenizer, chat_template=template, limits=limits, tools=tools,
-                         max_attempts=agent.max_attempts, discount=agent.discount)
+                         max_attempts=agent.max_attempts, discount=agent.discount,
+                         http_address=(agent.http_host, agent.http_port) if agent.serve_http else None)

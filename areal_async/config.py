@@ -365,6 +365,10 @@ class AgentConfig:
     max_attempts: int = 3  # MultiTurnRetry: answers per episode
     # MultiTurnRetry: the k-th answer's reward counts discount^(k-1); rewards per completion are discounted alike
     discount: float = 0.9
+    # an OpenAI-compatible endpoint per episode (client.base_url) for agents in other processes
+    serve_http: bool = False
+    http_host: str = "127.0.0.1"
+    http_port: int = 0  # 0: any free port, a new one each round
 
     def __post_init__(self) -> None:
         _at_least("rollout.agent", max_turns=(self.max_turns, 1), max_tool_calls=(self.max_tool_calls, 0),

@@ -1,6 +1,7 @@
 """Agent workflows: chat templates and token-in/token-out conversations, the episodes' runtime (batched requests,
 limits, rewards), the shipped workflows over a scripted engine, and a workflow named by import path."""
 
+import json
 import math
 from collections import Counter
 
@@ -231,3 +232,82 @@ def test_the_run_builds_its_worker_from_config(tokenizer):
     [trajectory] = worker.rollout([group("6*7", "42", 1)], GenerationConfig(max_new_tokens=200), seed=0)
     assert trajectory.reward == 5.0 and not math.isnan(trajectory.reward)
     worker.close()
+
+
+class OpenAIPackageAgent:
+    """An agent written against the official openai package, talking to its episode's endpoint over HTTP."""
+
+    def __init__(self, context) -> None:
+        self.context = context
+
+    async def run(self, data, client):
+        import openai
+
+        remote = openai.AsyncOpenAI(base_url=client.base_url, api_key="unused", max_retries=0)
+        messages = [{"role": "user", "content": data["prompt"]}]
+        tools = [Calculator.schema]
+        while True:
+            completion = await remote.chat.completions.create(model="policy", messages=messages, tools=tools)
+            message = completion.choices[0].message
+            messages.append(message.model_dump(include={"role", "content", "tool_calls"}))
+            if not message.tool_calls:
+                await remote.close()
+                return await self.context.reward(message.content, data["solutions"])
+            for call in message.tool_calls:
+                result = Calculator()(json.loads(call.function.arguments))
+                messages.append({"role": "tool", "tool_call_id": call.id, "content": result})
+
+
+def test_an_agent_on_the_openai_package_is_recorded_as_one_in_process(tokenizer):
+    pytest.importorskip("openai")
+    problems = [group("123*45", "5535", 2, 0), group("6*7", "42", 1, 1)]
+    over_http = worker_for(tokenizer, ScriptedEngine(tokenizer, calculator_agent), OpenAIPackageAgent)
+    over_http.http_address = ("127.0.0.1", 0)
+    in_process = worker_for(tokenizer, ScriptedEngine(tokenizer, calculator_agent), ToolIntegratedReasoning,
+                            tools=[Calculator()])
+    remote = over_http.rollout(problems, GenerationConfig(max_new_tokens=200), seed=0)
+    local = in_process.rollout(problems, GenerationConfig(max_new_tokens=200), seed=0)
+    for theirs, ours in zip(remote, local):
+        assert theirs.reward == ours.reward == 5.0
+        for name in ("prompt_tokens", "output_tokens", "behaviour_logprobs", "versions", "loss_mask"):
+            assert np.array_equal(getattr(theirs, name), getattr(ours, name)), name
+
+
+def test_the_endpoint_answers_bad_requests_in_the_apis_shape(tokenizer):
+    import asyncio
+    import urllib.error
+    import urllib.request
+
+    class Probe:
+        def __init__(self, context) -> None:
+            self.context = context
+
+        async def run(self, data, client):
+            def post(path: str, body: bytes) -> tuple[int, dict]:
+                request = urllib.request.Request(client.base_url + path, data=body, method="POST")
+                try:
+                    with urllib.request.urlopen(request) as response:
+                        return response.status, json.loads(response.read())
+                except urllib.error.HTTPError as error:
+                    return error.code, json.loads(error.read())
+
+            answers = []
+            for path, body in (("/chat/completions", b"not json"), ("/chat/completions", b'{"messages": 3}'),
+                               ("/chat/completions", b'{"messages": [], "stream": true}'), ("/embeddings", b"{}")):
+                answers.append(await asyncio.to_thread(post, path, body))
+            return answers
+
+    worker = worker_for(tokenizer, ScriptedEngine(tokenizer, calculator_agent), Probe)
+    worker.http_address = ("127.0.0.1", 0)
+    captured = {}
+
+    async def keep(data, client, run=worker.workflow.run):
+        captured["answers"] = await run(data, client)
+        return 0.0
+
+    worker.workflow.run = keep
+    worker.rollout([group("1", "1", 1)], GenerationConfig(max_new_tokens=10), seed=0)
+    assert [(status, body["error"]["type"]) for status, body in captured["answers"]] == [
+        (400, "invalid_request_error"), (400, "invalid_request_error"), (400, "invalid_request_error"),
+        (404, "not_found")]
+    assert "streaming is not supported" in captured["answers"][2][1]["error"]["message"]

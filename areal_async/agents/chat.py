@@ -18,6 +18,7 @@ Two kinds of template:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -215,5 +216,14 @@ class Conversation:
 
 
 def _comparable(message: dict) -> tuple:
-    return (message.get("role"), message.get("content") or "", str(message.get("tool_calls") or ""),
-            message.get("tool_call_id") or "")
+    """What identifies a message in a history, whatever client wrote it (key order, None or "" content)."""
+    calls = tuple((call.get("id"), call["function"]["name"], _canonical_json(call["function"]["arguments"]))
+                  for call in message.get("tool_calls") or [])
+    return message.get("role"), message.get("content") or "", calls, message.get("tool_call_id") or ""
+
+
+def _canonical_json(text: str) -> str:
+    try:
+        return json.dumps(json.loads(text), sort_keys=True)
+    except (TypeError, json.JSONDecodeError):
+        return str(text)
