@@ -272,6 +272,12 @@ async def run_episodes(workflow, items: Sequence[dict], make_conversation: Calla
                 episode.end_reason, episode.reward = client.limit_reason, limit_reward
             else:
                 episode.reward = _episode_reward(value, client.completion_ids, discount)
+            conversation, counts = episode.conversation, episode.counts
+            model_tokens = sum(conversation.mask)
+            counts.update(episodes=1, turns=len(client.completion_ids), model_tokens=model_tokens,
+                          environment_tokens=len(conversation.mask) - model_tokens,
+                          episodes_with_tool_calls=int(counts["tool_calls"] > 0))
+            counts[f"ended_{episode.end_reason}"] += 1
         finally:
             rendezvous.finished()
             if server is not None:

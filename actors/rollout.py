@@ -63,8 +63,9 @@ class RolloutWorker:
         self.tokenizer, self.chat_template, self.limits = tokenizer, chat_template, limits
         self.discount, self.http_address = discount, http_address
         self.tools = list(tools)
+        self.workflow_counts: Counter = Counter()
         self.workflow = workflow(WorkflowContext(judge, verifier.correct_reward, verifier.incorrect_reward,
-                                                 self.tools, max_attempts, discount))
+                                                 self.tools, max_attempts, discount, self.workflow_counts))
         self.last_round: dict = {}
 
     def close(self) -> None:
@@ -111,9 +112,11 @@ class RolloutWorker:
             if collecting:
                 gc.enable()
         timings = {"generate_s": engine_requests.seconds, "reward_s": judge_requests.seconds}
-        episode_counts = Counter(f"episodes_{e.end_reason}" for e in episodes)
+        episode_counts = Counter()
         for episode in episodes:
             episode_counts.update(episode.counts)
+        episode_counts.update(self.workflow_counts)  # the tools' outcomes (ToolBox), this round's
+        self.workflow_counts.clear()
         self.last_round = {**timings, "reward_failures": judge_requests.failures, "episodes": episode_counts}
         trajectories = []
         for (group, index), episode in zip(requests, episodes):

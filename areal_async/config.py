@@ -14,6 +14,7 @@ class DataKind(enum.Enum):
     jsonl = "jsonl"  # generic prompt/problem + answer/solution JSONL
     code_jsonl = "code_jsonl"  # HumanEval, MBPP or AReaL input_output code problems (with reward.kind=code)
     synthetic_code = "synthetic_code"  # complete def f(x) to match a table (data/synthetic_code.py; reward.kind=code)
+    synthetic_products = "synthetic_products"  # a 3- by 4-digit product, for a calculator (data/synthetic_products.py)
 
 
 class Objective(enum.Enum):
@@ -61,6 +62,7 @@ class SFTTask(enum.Enum):
 
     arithmetic = "arithmetic"  # the synthetic arithmetic task
     code_table = "code_table"  # the synthetic coding task: complete def f(x) to match a table
+    tool_products = "tool_products"  # chats that call the calculator on a product, or guess it (agents' task)
 
 
 class ExtractMode(enum.Enum):
@@ -501,6 +503,7 @@ class SFTConfig:
     lr: float = 3e-3
     warmup_steps: int = 100
     error_rate: float = 0.4  # share of demonstrations with a near-miss answer (code_table: a slope or offset off by one)
+    tool_rate: float = 0.3  # tool_products: share of demonstrations that call the calculator (the rest guess)
     worked_steps: bool = False  # demonstrations show running totals before the answer (operators '+-' only)
     device: str = "cpu"
     seed: int = 0

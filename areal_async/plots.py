@@ -66,9 +66,11 @@ def plot_runs(run_dirs: Sequence[Path], out: Path, window: int = 1) -> Path | No
         return None
     benchmarks = sorted({name for _, records in runs for name in benchmark_points(records)})
     agreement = any("agreement_max" in r for _, records in runs for r in records)
-    panels = 3 + bool(benchmarks) + agreement
+    agents = any(r.get("tool_call_rate") is not None for _, records in runs for r in records)
+    panels = 3 + bool(benchmarks) + agreement + agents
     figure, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), constrained_layout=True)
-    agreement_axes = axes[-1] if agreement else None
+    agreement_axes = axes[-1 - agents] if agreement else None
+    agent_axes = axes[-1] if agents else None
     smoothed = f" (moving average of {window})" if window > 1 else ""
     for colour, (run_dir, records) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 8, runs):
         summary_path = run_dir / "summary.json"
@@ -92,6 +94,14 @@ def plot_runs(run_dirs: Sequence[Path], out: Path, window: int = 1) -> Path | No
                 if points:
                     agreement_axes.plot(*zip(*points), linestyle=style, color=colour,
                                         label=f"{label}: {key[10:]}" if len(runs) > 1 else key[10:])
+        if agent_axes is not None:
+            for key, style in (("tool_call_rate", "-"), ("turns_per_episode", "--"),
+                               ("malformed_tool_calls_per_episode", ":")):
+                points = [(r["step"] + 1, r[key]) for r in records if r.get(key) is not None]
+                if points:
+                    agent_axes.plot([p for p, _ in points], moving_average([v for _, v in points], window),
+                                    linestyle=style, color=colour,
+                                    label=f"{label}: {key}" if len(runs) > 1 else key.replace("_", " "))
         for style, name in zip(("-", "--", ":", "-."), benchmarks):
             if points := benchmark_points(records).get(name):
                 axes[3].plot(*zip(*points), linestyle=style, marker=".", color=colour,
@@ -107,6 +117,9 @@ def plot_runs(run_dirs: Sequence[Path], out: Path, window: int = 1) -> Path | No
                            ylabel="|behaviour - proximal logprob|, current version")
         agreement_axes.set_yscale("symlog", linthresh=1e-8)  # mean and max lie decades apart; 0 stays drawable
         agreement_axes.legend(fontsize="small")
+    if agent_axes is not None:
+        agent_axes.set(title=f"agent episodes{smoothed}", xlabel="step", ylabel="per episode")
+        agent_axes.legend(fontsize="small")
     if len(runs) > 1 or any(r.get("reward_mean_generated") is not None for _, records in runs for r in records):
         axes[0].legend(fontsize="small")
     if len(runs) == 1:

@@ -109,4 +109,4 @@ def test_the_toolbox_answers_every_call_and_counts_errors(sandbox):
     assert [(m["tool_call_id"], m["content"]) for m in messages] == [
         ("call-0", "42"), ("call-1", "error: division by zero"),
         ("", "error: there is no tool 'nope' (tools: calculator, python)")]
-    assert box.counts == {"tool_calls": 2, "tool_errors": 1, "malformed_tool_calls": 1}
+    assert box.counts == {"tool_calculator_ok": 1, "tool_calculator_error": 1, "malformed_answered": 1}

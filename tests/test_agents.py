@@ -97,7 +97,7 @@ def test_a_tool_episode_is_one_token_sequence_with_the_models_tokens_masked_in(t
     [trajectory] = worker.rollout([group("123*45", "5535", 1)], GenerationConfig(max_new_tokens=200), seed=0)
     assert trajectory.reward == 5.0 and trajectory.finish_reason == "stop"
     text = tokenizer.decode(np.concatenate([trajectory.prompt_tokens, trajectory.output_tokens]))
-    assert text.startswith("You may call tools.") and "Q: 123*45\nA: <tool_call>" in text
+    assert text.startswith("Tools: calculator\nQ: 123*45\nA: <tool_call>")
     assert text.endswith("</tool_call><|eos|>\nR: 5535\nA: \\boxed{5535}<|eos|>")
     # the mask is 1 on exactly the engine's tokens of both turns, and 0 on the template's "\nR: 5535\nA: "
     mask = trajectory.loss_mask
@@ -108,7 +108,9 @@ def test_a_tool_episode_is_one_token_sequence_with_the_models_tokens_masked_in(t
     assert np.all(trajectory.behaviour_logprobs[mask == 0] == 0.0)
     # versions: each model turn its own; the appended tokens carry the version of the model token before them
     assert sorted(set(trajectory.versions.tolist())) == [1, 2] and trajectory.oldest_version == 1
-    assert worker.last_round["episodes"] == Counter(episodes_done=1, tool_calls=1)
+    assert worker.last_round["episodes"] == Counter(
+        episodes=1, ended_done=1, tool_calls=1, tool_calculator_ok=1, episodes_with_tool_calls=1, turns=2,
+        model_tokens=int(mask.sum()), environment_tokens=int((mask == 0).sum()))
 
 
 def runs(mask: np.ndarray, value: int) -> list[tuple[int, int]]:
@@ -133,7 +135,8 @@ def test_a_malformed_call_gets_a_tool_message_saying_what_was_wrong(tokenizer):
     worker = worker_for(tokenizer, ScriptedEngine(tokenizer, agent), ToolIntegratedReasoning, tools=[Calculator()])
     [trajectory] = worker.rollout([group("1", "1", 1)], GenerationConfig(max_new_tokens=200), seed=0)
     assert "R: error: the tool call is not valid JSON" in tokenizer.decode(trajectory.output_tokens)
-    assert worker.last_round["episodes"]["malformed_tool_calls"] == 1 and trajectory.reward == 5.0
+    counts = worker.last_round["episodes"]
+    assert counts["malformed_tool_calls"] == counts["malformed_answered"] == 1 and trajectory.reward == 5.0
 
 
 def test_a_limit_ends_the_episode_with_its_reason_and_the_incorrect_reward(tokenizer):
@@ -142,7 +145,7 @@ def test_a_limit_ends_the_episode_with_its_reason_and_the_incorrect_reward(token
     worker = worker_for(tokenizer, engine, ToolIntegratedReasoning, tools=[Calculator()],
                         limits=EpisodeLimits(max_turns=3))
     [trajectory] = worker.rollout([group("1+1", "2", 1)], GenerationConfig(max_new_tokens=200), seed=0)
-    assert trajectory.reward == -5.0 and worker.last_round["episodes"]["episodes_turns"] == 1
+    assert trajectory.reward == -5.0 and worker.last_round["episodes"]["ended_turns"] == 1
     assert engine.calls == [1, 1, 1]
 
 

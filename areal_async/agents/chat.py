@@ -44,7 +44,8 @@ class ChatTemplate(Protocol):
 class RoleTemplate:
     """Text around each message: `begin` once, then each role's `{content}` pattern; an assistant turn is
     `assistant` + its reply (content, then its tool calls) + `end_of_turn` (the stop token's text first, where
-    the model ends its turn with one). Tools go into a system message (added first when there is none)."""
+    the model ends its turn with one). Tools go into a system message (added first when there is none) as
+    `tools`, where {block} is the tools block of tool_calls.render_tools and {names} their names."""
 
     begin: str = ""
     system: str = "System: {content}\n"
@@ -52,9 +53,10 @@ class RoleTemplate:
     tool: str = "Tool: {content}\n"
     assistant: str = "Assistant: "
     end_of_turn: str = "\n"
+    tools: str = "{block}"
 
     def render(self, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool) -> str:
-        messages = with_tools_in_system(messages, tools)
+        messages = with_tools_in_system(messages, tools, self.tools)
         parts = [self.begin]
         for index, message in enumerate(messages):
             role = message.get("role")
@@ -70,11 +72,13 @@ class RoleTemplate:
         return "".join(parts)
 
 
-def with_tools_in_system(messages: list[dict], tools: list[dict] | None) -> list[dict]:
-    """`messages` with the tools block at the end of the system message (a system message first if none)."""
+def with_tools_in_system(messages: list[dict], tools: list[dict] | None, pattern: str = "{block}") -> list[dict]:
+    """`messages` with the tools (`pattern`: {block}, the tools block; {names}, their names) at the end of the
+    system message (a system message first if none)."""
     if not tools:
         return list(messages)
-    block = render_tools(tools)
+    names = ", ".join(tool["function"]["name"] for tool in tools)
+    block = pattern.replace("{names}", names).replace("{block}", render_tools(tools) if "{block}" in pattern else "")
     if messages and messages[0].get("role") == "system":
         return [{**messages[0], "content": f"{messages[0].get('content') or ''}\n\n{block}".lstrip()}, *messages[1:]]
     return [{"role": "system", "content": block}, *messages]
@@ -109,7 +113,7 @@ def role_template(prompt_type: PromptType | str, eos_text: str) -> RoleTemplate:
                             tool="Tool: {content}\n", assistant="Assistant: <think>", end_of_turn=eos_text + "\n")
     if prompt_type is PromptType.boxed:
         return RoleTemplate(system="{content}\n", user="Q: {content}\n", tool="R: {content}\n", assistant="A: ",
-                            end_of_turn=eos_text + "\n")
+                            end_of_turn=eos_text + "\n", tools="Tools: {names}")  # short: tiny models
     return RoleTemplate(system="{content}\n", user="{content}", tool="{content}\n", assistant="",
                         end_of_turn=eos_text)
 

@@ -125,12 +125,13 @@ class PythonTool:
 
 class ToolBox:
     """Answers a parsed reply's calls with tool messages, in order: each well-formed call with its tool's text
-    (or what the tool said was wrong), then each malformed call with what was wrong. `counts` adds up calls,
-    malformed calls and tool errors over everything this toolbox answered."""
+    (or what the tool said was wrong), then each malformed call with what was wrong. `counts` (a Counter of its
+    own unless given) adds up calls by tool and outcome (`tool_<name>_ok`, `tool_<name>_error`) and malformed
+    calls answered."""
 
-    def __init__(self, tools: list[Tool]) -> None:
+    def __init__(self, tools: list[Tool], counts: Counter | None = None) -> None:
         self.tools = {tool.name: tool for tool in tools}
-        self.counts: Counter = Counter()
+        self.counts: Counter = Counter() if counts is None else counts
 
     @property
     def schemas(self) -> list[dict]:
@@ -140,14 +141,14 @@ class ToolBox:
         """Tool messages ({"role": "tool", "tool_call_id", "name", "content"}) for `reply`'s calls."""
         messages = []
         for call in reply.calls:
-            self.counts["tool_calls"] += 1
             try:
                 content = self.tools[call.name](call.parsed_arguments())
+                self.counts[f"tool_{call.name}_ok"] += 1
             except ToolError as error:
-                self.counts["tool_errors"] += 1
+                self.counts[f"tool_{call.name}_error"] += 1
                 content = f"error: {error}"
             messages.append({"role": "tool", "tool_call_id": call.id, "name": call.name, "content": content})
         for problem in reply.malformed:
-            self.counts["malformed_tool_calls"] += 1
+            self.counts["malformed_answered"] += 1
             messages.append({"role": "tool", "tool_call_id": "", "name": "", "content": f"error: {problem}"})
         return messages

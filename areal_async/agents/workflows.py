@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -31,7 +32,8 @@ from areal_async.agents.tool_calls import ParsedReply, ToolCall
 class WorkflowContext:
     """What a run gives its workflow. judge(response, solutions) -> a Verdict of the run's verifier (batched
     with the other episodes' judgements); correct_reward / incorrect_reward: the verifier's rewards; tools: the
-    run's tools (`rollout.agent.tools`); max_attempts and discount: the multi-turn retry's settings."""
+    run's tools (`rollout.agent.tools`); max_attempts and discount: the multi-turn retry's settings; counts: where
+    a workflow's tools count their calls by outcome (the run reports it per step)."""
 
     judge: Callable[[str, Sequence[str]], Awaitable]
     correct_reward: float
@@ -39,6 +41,7 @@ class WorkflowContext:
     tools: list[Tool] = field(default_factory=list)
     max_attempts: int = 3
     discount: float = 0.9
+    counts: Counter = field(default_factory=Counter)
 
     async def reward(self, response: str, solutions: Sequence[str]) -> float:
         """The verifier's reward for `response` (NaN when it could not judge it: the learner leaves it out)."""
@@ -61,7 +64,7 @@ class ToolIntegratedReasoning:
 
     def __init__(self, context: WorkflowContext) -> None:
         self.context = context
-        self.toolbox = ToolBox(context.tools)
+        self.toolbox = ToolBox(context.tools, context.counts)
 
     async def run(self, data: dict, client) -> float:
         messages = [{"role": "user", "content": data["prompt"]}]

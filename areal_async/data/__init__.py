@@ -18,6 +18,7 @@ from areal_async.data.records import DatasetError, PromptRecord
 from areal_async.errors import InputError
 from areal_async.data.synthetic import arithmetic_problems
 from areal_async.data.synthetic_code import code_table_problems
+from areal_async.data.synthetic_products import product_problems
 from areal_async.prompts import PLACEHOLDER, prompt_format, wrap
 
 __all__ = [
@@ -79,6 +80,9 @@ def load_train_and_heldout(config) -> tuple[list[PromptRecord], list[PromptRecor
         train = arithmetic_problems(config.num_train, config.arithmetic, seed=config.seed, held_out=False)
         heldout = arithmetic_problems(config.num_heldout, config.arithmetic, seed=config.seed + 1, held_out=True)
         return train, heldout
+    if config.kind.value == "synthetic_products":
+        return (product_problems(config.num_train, seed=config.seed, held_out=False),
+                product_problems(config.num_heldout, seed=config.seed + 1, held_out=True))
     if config.kind.value == "synthetic_code":
         if config.prompt_type is not None or config.prompt_template is not None:
             raise ValueError("data.kind=synthetic_code writes its own prompts: unset data.prompt_type and "

@@ -11,9 +11,12 @@ import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from areal_async.config import SFTConfig, SFTTask
+from areal_async.agents.chat import Conversation, role_template
+from areal_async.agents.tools import Calculator
+from areal_async.config import PromptType, SFTConfig, SFTTask
 from areal_async.data.synthetic import arithmetic_problems, noisy_demonstration
 from areal_async.data.synthetic_code import code_demonstration, code_table_problems
+from areal_async.data.synthetic_products import product_problems, tool_demonstration
 from areal_async.model import CausalLM, DecoderConfig, save_pretrained, sequence_logprobs
 from areal_async.model.tokenizer import build_byte_tokenizer
 from areal_async.packing import pad_prompt_output_batch
@@ -54,7 +57,10 @@ def run_sft(config: SFTConfig, show_progress: bool = True) -> Path:
             )
         )
         model.to(config.device)
-        if config.task is SFTTask.code_table:
+        if config.task is SFTTask.tool_products:
+            problems = product_problems(10000, seed=config.seed, held_out=False)
+            template = role_template(PromptType.boxed, tokenizer.eos_token)
+        elif config.task is SFTTask.code_table:
             problems = code_table_problems(10000, seed=config.seed, held_out=False)
             demonstrate = lambda record: code_demonstration(record, rng, config.error_rate)  # noqa: E731
         else:
@@ -68,14 +74,22 @@ def run_sft(config: SFTConfig, show_progress: bool = True) -> Path:
         progress = tqdm(range(config.steps), desc="sft", disable=not show_progress)
         for _ in progress:
             batch = rng.sample(problems, config.batch_size)
-            prompts = [tokenizer.encode(r.prompt) for r in batch]
-            responses = [
-                tokenizer.encode(demonstrate(r)) + [tokenizer.eos_token_id]
-                for r in batch
-            ]
-            padded = pad_prompt_output_batch(prompts, responses, tokenizer.pad_token_id).to(config.device)
+            if config.task is SFTTask.tool_products:  # chats as a rollout writes them; only model turns trained
+                chats = [Conversation(template, tokenizer) for _ in batch]
+                for record, chat in zip(batch, chats):
+                    tool_demonstration(record, chat, rng, config.tool_rate, [Calculator.schema])
+                prompts = [chat.tokens[:chat.prompt_length] for chat in chats]
+                responses = [chat.tokens[chat.prompt_length:] for chat in chats]
+                masks = [chat.mask for chat in chats]
+            else:
+                prompts = [tokenizer.encode(r.prompt) for r in batch]
+                responses = [tokenizer.encode(demonstrate(r)) + [tokenizer.eos_token_id] for r in batch]
+                masks = [[1] * len(response) for response in responses]
+            padded = pad_prompt_output_batch(prompts, responses, tokenizer.pad_token_id,
+                                             per_token={"trained": masks}).to(config.device)
+            trained = padded.output_mask & (padded.values["trained"] > 0)
             logprobs = sequence_logprobs(model, padded.input_ids, padded.valid)
-            loss = -(logprobs * padded.output_mask).sum() / padded.num_output_tokens
+            loss = -(logprobs * trained).sum() / trained.sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -492,8 +492,10 @@ class Trainer:
             "training_tokens_per_s": stats["trained_tokens"] / (trained - gathered),
             "reward_failures": sum(reward_failures.values()),
             "reward_failures_by_reason": {reason: n for reason, n in reward_failures.items() if n},
-            # agent episodes: by end reason (episodes_done, episodes_turns, ...), tool calls, malformed tool calls
+            # the step's episodes: how they ended (ended_done, ended_turns, ...), turns, tool calls (by tool and
+            # outcome), malformed calls, the model's and the environment's tokens
             "episodes": {name: n for name, n in sorted(episodes.items()) if n},
+            **agent_rates(episodes),
             "gather_s": gathered - started,
             "train_s": trained - gathered,
             "weight_sync_seconds": published - trained,
@@ -656,3 +658,15 @@ def keep_metrics_before(path: Path, step: int) -> None:
 
 def run_training(config: TrainConfig, show_progress: bool = True) -> dict:
     return Trainer(config).run(show_progress)
+
+
+def agent_rates(episodes: Counter) -> dict:
+    """Per-episode rates of a step's episode counts (none for a step without episodes)."""
+    count = episodes["episodes"]
+    if not count:
+        return {}
+    tokens = episodes["model_tokens"] + episodes["environment_tokens"]
+    return {"tool_call_rate": episodes["episodes_with_tool_calls"] / count,
+            "turns_per_episode": episodes["turns"] / count,
+            "malformed_tool_calls_per_episode": episodes["malformed_tool_calls"] / count,
+            "environment_token_fraction": episodes["environment_tokens"] / tokens if tokens else 0.0}
