@@ -51,12 +51,14 @@ class ScriptedEngine:
         self.calls.append(len(prompts))
         self.version += 1
         out = []
+        self.outputs = getattr(self, "outputs", [])  # every generation, in call order
         for prompt, limit in zip(prompts, max_new_tokens or [params.max_new_tokens] * len(prompts)):
             text = self.reply_for(self.tokenizer.decode(prompt))
             tokens = self.tokenizer.encode(text, add_special_tokens=False)[:limit]
             finish = "length" if len(tokens) == limit else "stop"
             tokens += [self.tokenizer.eos_token_id] if finish == "stop" else []
             out.append(Generation(tokens, [-0.25] * len(tokens), [self.version] * len(tokens), finish))
+        self.outputs += out
         return out
 
 
@@ -270,6 +272,11 @@ def test_an_agent_on_the_openai_package_is_recorded_as_one_in_process(tokenizer)
                             tools=[Calculator()])
     remote = over_http.rollout(problems, GenerationConfig(max_new_tokens=200), seed=0)
     local = in_process.rollout(problems, GenerationConfig(max_new_tokens=200), seed=0)
+    # no re-tokenisation: the masked-in tokens are exactly the engine's, turn after turn
+    engine_tokens = sorted(tuple(g.tokens) for g in over_http.engine.outputs)
+    recorded = sorted(tuple(int(t) for t in trajectory.output_tokens[start:end]) for trajectory in remote
+                      for start, end in runs(trajectory.loss_mask, 1))
+    assert recorded == engine_tokens and len(recorded) == 2 * len(remote)
     for theirs, ours in zip(remote, local):
         assert theirs.reward == ours.reward == 5.0
         for name in ("prompt_tokens", "output_tokens", "behaviour_logprobs", "versions", "loss_mask"):
