@@ -138,7 +138,7 @@ def _at_least(section: str, **values: tuple[float, float]) -> None:
 class ModelConfig:
     # A Hugging Face checkpoint folder; null = the project's own warm start for the synthetic task.
     path: str | None = None
-    dtype: str = "float32"
+    dtype: str = "float32"  # the weights' dtype for engine and learner compute (bfloat16 on GPUs)
     # The shape `areal-async plan` uses when `path` holds no config.json (training always reads `path`).
     shape: ModelShape | None = None
 
@@ -164,7 +164,7 @@ class ArithmeticConfig:
 
 @dataclass
 class DataConfig:
-    kind: DataKind = DataKind.synthetic
+    kind: DataKind = DataKind.synthetic  # where the prompts come from (data.path for the file kinds)
     path: str | None = None  # prompts file (areal_prompts, areal_jsonl, jsonl)
     id2info_path: str | None = None  # areal_prompts only
     heldout_path: str | None = None  # optional held-out file of the same kind (else a split of `path`)
@@ -172,8 +172,8 @@ class DataConfig:
     # a prompt type's template (as eval.prompt_type), or a template of your own, e.g.
     # "{problem}\nPlease put your final answer within \\boxed{}." (not both).
     prompt_type: PromptType | None = None
-    prompt_template: str | None = None
-    num_heldout: int = 200
+    prompt_template: str | None = None  # a template with {problem} for every prompt (or data.prompt_type)
+    num_heldout: int = 200  # prompts kept out of training for the held-out evaluation
     num_train: int = 20000  # synthetic only
     seed: int = 0
     # [lo, hi]: a prompt whose last group solved a fraction of its answers outside it is skipped when the data
@@ -261,10 +261,10 @@ class LearnerConfig:
 @dataclass
 class GenerationConfig:
     group_size: int = 8  # samples per prompt (G)
-    max_new_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
+    max_new_tokens: int = 16  # the most tokens one answer (one model turn) may have
+    temperature: float = 1.0  # sampling temperature of training rollouts (<= 0: greedy)
+    top_p: float = 1.0  # nucleus truncation (1: none; behaviour logprobs are taken before it)
+    top_k: int = 0  # top-k truncation (0: none)
     # Benchmarks with random weights (which never sample the stop token): each request's token limit is drawn
     # log-normal (sigma 1) with this mean, clipped to [16, max_new_tokens], seeded by its group and sample index.
     # null: every request may use max_new_tokens.
@@ -299,36 +299,36 @@ class Conventions:
 class RewardConfig:
     kind: RewardKind = RewardKind.math  # code: each prompt's tests run in the code sandbox (reward/code_verifier.py)
     partial_credit: bool = False  # code: the reward moves from incorrect to correct with the share of tests passed
-    correct_reward: float = 5.0
-    incorrect_reward: float = -5.0
-    timeout_s: float = 5.0
-    memory_limit_mb: int = 1024
-    num_workers: int = 2
-    extract_mode: ExtractMode = ExtractMode.auto
+    correct_reward: float = 5.0  # reward of a correct answer (AReaL v0.1: +5)
+    incorrect_reward: float = -5.0  # reward of a wrong answer (AReaL v0.1: -5)
+    timeout_s: float = 5.0  # seconds a judgement (or a sandboxed program) may take
+    memory_limit_mb: int = 1024  # memory of each verifier worker or sandboxed program
+    num_workers: int = 2  # verifier worker processes (code: concurrent sandboxed programs)
+    extract_mode: ExtractMode = ExtractMode.auto  # where the answer is read from a response
     conventions: Conventions = field(default_factory=Conventions)  # where graders differ (reward/conventions.py)
 
 
 @dataclass
 class PPOConfig:
-    objective: Objective = Objective.decoupled
-    lr: float = 1e-4
+    objective: Objective = Objective.decoupled  # decoupled PPO (proximal policy, behaviour weights) or naive PPO
+    lr: float = 1e-4  # AdamW learning rate
     lr_warmup_steps: int = 0  # optimizer updates of linear warm-up from 0 to lr
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    grad_clip: float = 1.0
-    eps_clip: float = 0.2
-    behaviour_weight_cap: float | None = None
-    behaviour_weight_mode: BehaviourWeightMode = BehaviourWeightMode.clip
+    weight_decay: float = 0.0  # AdamW weight decay
+    adam_beta1: float = 0.9  # AdamW beta1
+    adam_beta2: float = 0.999  # AdamW beta2
+    grad_clip: float = 1.0  # gradient norm clip per optimizer update
+    eps_clip: float = 0.2  # PPO clip range of the ratio to the proximal policy
+    behaviour_weight_cap: float | None = None  # cap on the behaviour importance weight (null: none)
+    behaviour_weight_mode: BehaviourWeightMode = BehaviourWeightMode.clip  # what a weight above the cap does
     kl_coef: float = 0.0  # against the initial policy; > 0 keeps a frozen reference copy
-    kl_mode: KLMode = KLMode.loss
-    advantage_norm: AdvantageNorm = AdvantageNorm.group
+    kl_mode: KLMode = KLMode.loss  # the KL term in the loss, or in the reward
+    advantage_norm: AdvantageNorm = AdvantageNorm.group  # advantages: reward minus the group mean, and so on
     # optimizer updates per training step (AReaL v0.1: ppo_n_minibatches=4). With 1, the only update runs at the
     # proximal weights, where the ratio is 1 and eps_clip cannot act (the run warns).
     minibatches_per_step: int = 4
     activation_checkpointing: bool = False  # recompute each decoder layer in backward (learner ranks)
     micro_batch_tokens: int = 16384  # token budget per forward/backward (gradient is budget-invariant)
-    filter_zero_variance_groups: bool = True
+    filter_zero_variance_groups: bool = True  # drop groups whose samples all got the same reward
     compile_layers: bool | None = None  # torch.compile each decoder layer of the trained policy; null: on CUDA
 
     def __post_init__(self) -> None:
@@ -359,9 +359,9 @@ class AgentConfig:
     """Multi-turn workflows' settings (rollout.workflow); single-turn math uses none of them."""
 
     tools: list[ToolName] = field(default_factory=list)  # the tools a workflow's context offers
-    chat_template: ChatTemplateKind = ChatTemplateKind.prompt_type
+    chat_template: ChatTemplateKind = ChatTemplateKind.prompt_type  # how chats are rendered to tokens
     max_turns: int = 8  # model turns per episode
-    max_tool_calls: int = 8
+    max_tool_calls: int = 8  # tool calls per episode
     max_total_tokens: int | None = None  # the conversation's tokens; null: only generation.max_new_tokens a turn
     max_wall_s: float = 600.0  # seconds per episode
     max_attempts: int = 3  # MultiTurnRetry: answers per episode
@@ -369,7 +369,7 @@ class AgentConfig:
     discount: float = 0.9
     # an OpenAI-compatible endpoint per episode (client.base_url) for agents in other processes
     serve_http: bool = False
-    http_host: str = "127.0.0.1"
+    http_host: str = "127.0.0.1"  # the address the endpoint listens on
     http_port: int = 0  # 0: any free port, a new one each round
 
     def __post_init__(self) -> None:
@@ -390,7 +390,7 @@ class RolloutConfig:
     # 1 (off): every admitted group takes a whole slot
     max_oversample: float = 1.0
     queue_capacity_per_shard: int = 256  # groups; a full shard makes workers wait (backpressure)
-    num_queue_shards: int = 1
+    num_queue_shards: int = 1  # replay-queue shards (Ray actors under cluster.placement=ray)
     log_trajectories: bool = True  # zarr log of every consumed trajectory in the run folder
     engine: EngineKind = EngineKind.torch  # the rollout workers' engine (vllm: cluster.placement=ray only)
     # the agent workflow by import path, "package.module:Class" (areal_async/agents/workflows.py says what one is)
@@ -415,12 +415,12 @@ class Placement(enum.Enum):
 
 @dataclass
 class ClusterConfig:
-    placement: Placement = Placement.inline
+    placement: Placement = Placement.inline  # one process, or Ray actors
     address: str | None = None  # Ray: null starts a local instance; "auto" or host:port joins a cluster
     num_learner_ranks: int = 1  # FSDP ranks (Ray actors) training the policy together
     cpus_per_learner_rank: float = 1.0
     gpus_per_learner_rank: float = 0.0  # 1 on GPU nodes; the learner uses `device` (cuda = its Ray GPU)
-    num_rollout_workers: int = 1
+    num_rollout_workers: int = 1  # rollout workers (Ray actors)
     cpus_per_rollout_worker: float = 1.0
     gpus_per_rollout_worker: float = 0.0
     rollout_device: str = "cpu"
@@ -462,13 +462,13 @@ class WandbConfig:
 @dataclass
 class TrainConfig:
     run_name: str | None = None  # default: a timestamp
-    output_dir: str = "outputs"
-    total_steps: int = 60
-    seed: int = 1
-    device: str = "cpu"
+    output_dir: str = "outputs"  # where run folders are made
+    total_steps: int = 60  # training steps (each makes one policy version)
+    seed: int = 1  # the run's seed (data order, sampling, initialisation)
+    device: str = "cpu"  # cpu or cuda
     save_every: int = 0  # HF checkpoint every N steps (0 = only the final one)
     checkpoint_every: int = 10  # resumable run checkpoint every N steps (0 = none; inline placement)
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # run checkpoints kept (older ones are deleted)
     resume: bool = False  # continue run_name from its latest run checkpoint
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -498,10 +498,10 @@ class SFTConfig:
 
     output: str | None = None  # default: the bundled warm-start folder
     task: SFTTask = SFTTask.arithmetic  # code_table: data/synthetic_code.py's completions (configs/sft_code_cpu.yaml)
-    steps: int = 1500
-    batch_size: int = 128
-    lr: float = 3e-3
-    warmup_steps: int = 100
+    steps: int = 1500  # optimizer steps
+    batch_size: int = 128  # demonstrations per step
+    lr: float = 3e-3  # AdamW learning rate (warm-up, then cosine decay to a tenth)
+    warmup_steps: int = 100  # steps of linear learning-rate warm-up
     error_rate: float = 0.4  # share of demonstrations with a near-miss answer (code_table: a slope or offset off by one)
     tool_rate: float = 0.3  # tool_products: share of demonstrations that call the calculator (the rest guess)
     worked_steps: bool = False  # demonstrations show running totals before the answer (operators '+-' only)

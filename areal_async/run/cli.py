@@ -34,6 +34,7 @@ options are hydra overrides, for example:
   areal-async simulate --config recipe_1.5B --clusters n1 n4 n16    # see areal-async simulate --help
   areal-async ablate --staleness 0 4 --seeds 1     # staleness x objective grid; see areal-async ablate --help
   areal-async verify --kind code responses.jsonl   # each response's reward and why; see areal-async verify --help
+  areal-async config --list        # every key with its type, default and comment (docs/configuration.md)
 """
 
 PLAN_EPILOG = """
@@ -226,6 +227,20 @@ def ablate_main(argv: list[str]) -> int:
     return 0
 
 
+def config_main(argv: list[str]) -> int:
+    """`areal-async config --list [--sft]`: every key with its type, default and comment."""
+    from areal_async.config import SFTConfig, TrainConfig
+    from areal_async.config_reference import as_text, config_keys
+
+    parser = argparse.ArgumentParser(prog="areal-async config", description=config_main.__doc__,
+                                     epilog="The same keys as tables: docs/configuration.md.")
+    parser.add_argument("--list", action="store_true", required=True, help="print every key of the train config")
+    parser.add_argument("--sft", action="store_true", help="the sft config's keys instead")
+    args = parser.parse_args(argv)
+    print(as_text(config_keys(SFTConfig if args.sft else TrainConfig)))
+    return 0
+
+
 def command_help(command: str) -> str:
     """`areal-async train --help` / `sft --help`: the config files it can start from, the sections and groups of
     its config, and how to see every key."""
@@ -274,13 +289,16 @@ def main(argv: list[str] | None = None) -> int:
         from areal_async.run.verify import verify_main
 
         return verify_main(argv[:command_at] + argv[command_at + 1 :])
+    if command_at is not None and argv[command_at] == "config":
+        return config_main(argv[:command_at] + argv[command_at + 1 :])
     parser = argparse.ArgumentParser(
         prog="areal-async", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("command", choices=["train", "sft", "eval", "plot", "plan", "simulate", "ablate", "verify"],
-                        help="what to run (eval, plot, plan, simulate, ablate, verify: see areal-async eval --help, "
-                             "areal-async plot --help, areal-async plan --help, areal-async simulate --help, "
-                             "areal-async ablate --help, areal-async verify --help)")
+    parser.add_argument("command", choices=["train", "sft", "eval", "plot", "plan", "simulate", "ablate", "verify",
+                                            "config"],
+                        help="what to run (eval, plot, plan, simulate, ablate, verify, config: see areal-async eval "
+                             "--help, areal-async plot --help, areal-async plan --help, areal-async simulate --help, "
+                             "areal-async ablate --help, areal-async verify --help, areal-async config --help)")
     parser.add_argument("overrides", nargs="*", help="hydra overrides key=value (see configs/<command>.yaml)")
     parser.add_argument("--config", help="config file in configs/ to start from (default: the command's name), "
                         "e.g. async_cpu")
