@@ -148,10 +148,10 @@ class ArithmeticConfig:
     """The synthetic task's difficulty: `min_operands`..`max_operands` integers in [0, max_operand] joined by
     `operators` (a subset of '+-*')."""
 
-    min_operands: int = 2
-    max_operands: int = 2
-    max_operand: int = 99
-    operators: str = "+-"
+    min_operands: int = 2  # operands per problem, at least
+    max_operands: int = 2  # operands per problem, at most
+    max_operand: int = 99  # the largest operand
+    operators: str = "+-"  # operators to draw from
 
     def __post_init__(self) -> None:
         if not 2 <= self.min_operands <= self.max_operands:
@@ -175,7 +175,7 @@ class DataConfig:
     prompt_template: str | None = None  # a template with {problem} for every prompt (or data.prompt_type)
     num_heldout: int = 200  # prompts kept out of training for the held-out evaluation
     num_train: int = 20000  # synthetic only
-    seed: int = 0
+    seed: int = 0  # the seed of the held-out split and the data order
     # [lo, hi]: a prompt whose last group solved a fraction of its answers outside it is skipped when the data
     # order comes to it again (AReaL v0.3's success-rate filter is 0.05-0.95). null: every prompt, every epoch.
     success_rate_range: list[float] | None = None
@@ -211,8 +211,8 @@ class EngineConfig:
     # torch.compile of the decode forward, and of the prefill and recompute forwards: off, since the elementwise
     # kernels do the same fusions without compiling (the same tokens/s, a cold start of 7 s: benchmarks/NOTES.md)
     compile_decode: bool = False
-    compile_prefill: bool = False
-    decode_attention: DecodeAttention = DecodeAttention.auto
+    compile_prefill: bool = False  # see compile_decode
+    decode_attention: DecodeAttention = DecodeAttention.auto  # triton where it suits, else gather
     decode_split_tokens: int = 1024  # positions one decode-kernel program reads (benchmarks/NOTES.md: the sweep)
     fused_sampling: bool | None = None  # one Triton kernel draws the token (no top-k/top-p); null: on CUDA
     fuse_projections: bool | None = None  # q/k/v and gate/up as one matrix product each; null: on CUDA
@@ -228,12 +228,12 @@ class EngineConfig:
 
 @dataclass
 class PackedAttentionConfig:
-    kernel: PackedAttentionKernel = PackedAttentionKernel.auto
+    kernel: PackedAttentionKernel = PackedAttentionKernel.auto  # packed attention on CUDA (auto: per pack)
     # "auto" takes cudnn for a pack whose documents come in at most this many distinct lengths, none shorter
     # than cudnn_min_length (equal-length sequences, say). One length needs no permutation of the pack and adds
     # one compiled variant of the layers; each further count of length groups would add another.
     cudnn_max_lengths: int = 1
-    cudnn_min_length: int = 512
+    cudnn_min_length: int = 512  # see cudnn_max_lengths
     # repeat the key/value heads to the query heads before cuDNN (for a cuDNN build that rejects grouped-query
     # shapes)
     cudnn_repeat_kv: bool = False
@@ -244,7 +244,7 @@ class LearnerConfig:
     """How the learner computes (its kernels and modes); what it optimises is PPOConfig."""
 
     packed_attention: PackedAttentionConfig = field(default_factory=PackedAttentionConfig)
-    one_rank_mode: OneRankMode = OneRankMode.plain
+    one_rank_mode: OneRankMode = OneRankMode.plain  # how a single learner rank runs (no FSDP in plain)
     # With the fused (CUDA) AdamW of the plain one-rank path, the clipping factor goes into the optimizer kernel
     # (as its grad_scale divisor) instead of a pass of its own over the gradients.
     fused_clip: bool = True
@@ -418,45 +418,45 @@ class ClusterConfig:
     placement: Placement = Placement.inline  # one process, or Ray actors
     address: str | None = None  # Ray: null starts a local instance; "auto" or host:port joins a cluster
     num_learner_ranks: int = 1  # FSDP ranks (Ray actors) training the policy together
-    cpus_per_learner_rank: float = 1.0
+    cpus_per_learner_rank: float = 1.0  # Ray CPUs per learner rank
     gpus_per_learner_rank: float = 0.0  # 1 on GPU nodes; the learner uses `device` (cuda = its Ray GPU)
     num_rollout_workers: int = 1  # rollout workers (Ray actors)
-    cpus_per_rollout_worker: float = 1.0
-    gpus_per_rollout_worker: float = 0.0
-    rollout_device: str = "cpu"
-    torch_threads_per_worker: int = 1
+    cpus_per_rollout_worker: float = 1.0  # Ray CPUs per rollout worker
+    gpus_per_rollout_worker: float = 0.0  # Ray GPUs per rollout worker
+    rollout_device: str = "cpu"  # the rollout workers' device
+    torch_threads_per_worker: int = 1  # torch threads in each rollout worker
     # A dead rollout worker is replaced; this many deaths within worker_restart_window_s stop the run.
     max_worker_restarts: int = 3
-    worker_restart_window_s: float = 600.0
+    worker_restart_window_s: float = 600.0  # see max_worker_restarts
     # Weight-sync operations fail after this long (a member that never answers); gloo fails at once on a dead one.
     sync_timeout_s: float = 300.0
     # The machines, for `areal-async plan` (areal_async/placement.py): `nodes` nodes of `gpus_per_node` GPUs with
     # `gpu_memory_gib` each (an 80 GB H100 reports 79.2 GiB). Every node gets the same share of the learner
     # ranks and rollout workers. Ray itself places the actors by their resources.
     nodes: int = 1
-    gpus_per_node: int = 8
-    gpu_memory_gib: float = 80.0
+    gpus_per_node: int = 8  # GPUs per node (plan and placement)
+    gpu_memory_gib: float = 80.0  # memory of each GPU (plan)
 
 
 @dataclass
 class EvalConfig:
     num_samples: int = 4  # samples per held-out problem (averaged pass@1)
-    temperature: float = 1.0
+    temperature: float = 1.0  # sampling temperature of held-out evaluation
     every_steps: int = 0  # 0 = only before and after training
     # Benchmarks evaluated every benchmark_every_steps steps with the same samples and temperature, named as
     # for `areal-async eval --benchmarks` and quoted for hydra: eval.benchmarks="['gsm8k,limit=20']". Logged to
     # metrics.jsonl and wandb as eval/<benchmark>/pass@1; every sample is kept under <run>/eval/step<N>/.
     benchmarks: list[str] = field(default_factory=list)
-    benchmark_every_steps: int = 0
+    benchmark_every_steps: int = 0  # benchmark evaluation every N steps (0: never)
     data_dir: str | None = None  # benchmark files (default: $AREAL_EVAL_DATA or ../shared/data/eval)
-    prompt_type: PromptType = PromptType.boxed
+    prompt_type: PromptType = PromptType.boxed  # the prompt format of benchmark evaluation
     max_gen_tokens: int | None = None  # default: generation.max_new_tokens
 
 
 @dataclass
 class WandbConfig:
-    mode: WandbMode = WandbMode.disabled
-    project: str = "areal-async"
+    mode: WandbMode = WandbMode.disabled  # wandb logging: disabled, offline or online
+    project: str = "areal-async"  # the wandb project
 
 
 @dataclass
@@ -485,11 +485,11 @@ class TrainConfig:
 
 @dataclass
 class TinyModelShape:
-    hidden_size: int = 128
-    intermediate_size: int = 384
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
+    hidden_size: int = 128  # the tiny model's width
+    intermediate_size: int = 384  # its MLP width
+    num_hidden_layers: int = 4  # its layers
+    num_attention_heads: int = 4  # its query heads
+    num_key_value_heads: int = 2  # its key/value heads
 
 
 @dataclass
@@ -505,8 +505,8 @@ class SFTConfig:
     error_rate: float = 0.4  # share of demonstrations with a near-miss answer (code_table: a slope or offset off by one)
     tool_rate: float = 0.3  # tool_products: share of demonstrations that call the calculator (the rest guess)
     worked_steps: bool = False  # demonstrations show running totals before the answer (operators '+-' only)
-    device: str = "cpu"
-    seed: int = 0
+    device: str = "cpu"  # cpu or cuda
+    seed: int = 0  # the seed of data and initialisation
     shape: TinyModelShape = field(default_factory=TinyModelShape)
     arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
 
