@@ -89,15 +89,15 @@ class Rendezvous:
     async def serve(self) -> None:
         while self.live:
             if self.waiting and self.waiting >= self.live:
-                await self._serve_all()
+                self._serve_all()
                 continue
             self._changed.clear()
             try:
                 await asyncio.wait_for(self._changed.wait(), self.idle_s if self.waiting else None)
             except asyncio.TimeoutError:  # some wait while others work in threads: do not keep them waiting
-                await self._serve_all()
+                self._serve_all()
 
-    async def _serve_all(self) -> None:
+    def _serve_all(self) -> None:
         for kind, handler in self.handlers.items():
             batch, self.pending[kind] = self.pending[kind], []
             if not batch:

@@ -115,6 +115,8 @@ def _chat_arguments(request: dict) -> dict:
         raise ValueError("streaming is not supported")
     if request.get("n", 1) != 1:
         raise ValueError("n must be 1 (one episode, one completion at a time)")
+    if request.get("tool_choice", "auto") != "auto":
+        raise ValueError('tool_choice must be "auto": the model decides whether to call a tool')
     if not isinstance(request.get("messages"), list):
         raise ValueError('"messages" must be a list')
     return {"messages": request["messages"], "tools": request.get("tools"), "temperature": request.get("temperature"),

@@ -182,7 +182,8 @@ class TorchEngine:
     Triton kernel over the logits when no top-k/top-p truncation applies (default: on CUDA).
     fuse_projections: run q/k/v and gate/up as one matrix product each (`CausalLM.fuse_projections`; default:
     on CUDA). elementwise_kernels: the norms, residual adds, SiLU x up and a prefill's RoPE of the eager
-    forwards as Triton kernels (`CausalLM.use_elementwise_kernels`; default: on CUDA). share_prompts: consecutive requests with the same prompt share its full KV blocks (one prefill).
+    forwards as Triton kernels (`CausalLM.use_elementwise_kernels`; default: on CUDA). share_prompts:
+    consecutive requests with the same prompt share its full KV blocks (one prefill).
     """
 
     def __init__(

@@ -217,8 +217,7 @@ def build_rollout_worker(config: TrainConfig, engine: GenerationEngine, tokenize
         if name is ToolName.calculator:
             tools.append(Calculator())
         else:
-            limits = SandboxLimits(wall_s=config.reward.timeout_s, cpu_s=max(1, int(config.reward.timeout_s)),
-                                   memory_bytes=config.reward.memory_limit_mb << 20)
+            limits = SandboxLimits.of(config.reward.timeout_s, config.reward.memory_limit_mb)
             tools.append(PythonTool(CodeSandbox(slots=1, limits=limits)))
     if agent.chat_template is ChatTemplateKind.tokenizer:
         template = TokenizerTemplate(tokenizer)

@@ -303,7 +303,8 @@ def test_the_endpoint_answers_bad_requests_in_the_apis_shape(tokenizer):
 
             answers = []
             for path, body in (("/chat/completions", b"not json"), ("/chat/completions", b'{"messages": 3}'),
-                               ("/chat/completions", b'{"messages": [], "stream": true}'), ("/embeddings", b"{}")):
+                               ("/chat/completions", b'{"messages": [], "stream": true}'), ("/embeddings", b"{}"),
+                               ("/chat/completions", b'{"messages": [], "tool_choice": "required"}')):
                 answers.append(await asyncio.to_thread(post, path, body))
             return answers
 
@@ -319,5 +320,6 @@ def test_the_endpoint_answers_bad_requests_in_the_apis_shape(tokenizer):
     worker.rollout([group("1", "1", 1)], GenerationConfig(max_new_tokens=10), seed=0)
     assert [(status, body["error"]["type"]) for status, body in captured["answers"]] == [
         (400, "invalid_request_error"), (400, "invalid_request_error"), (400, "invalid_request_error"),
-        (404, "not_found")]
+        (404, "not_found"), (400, "invalid_request_error")]
     assert "streaming is not supported" in captured["answers"][2][1]["error"]["message"]
+    assert 'tool_choice must be "auto"' in captured["answers"][4][1]["error"]["message"]

@@ -70,10 +70,10 @@ def tool_demonstration(record: PromptRecord, conversation: Conversation, rng: ra
                 "function": {"name": Calculator.name, "arguments": json.dumps(arguments)}}
         message = {"role": "assistant", "content": "", "tool_calls": [call]}
         reply(render_tool_call(Calculator.name, arguments), message)
-        messages += [message, {"role": "tool", "tool_call_id": "call-0", "name": Calculator.name,
-                               "content": str(a * b)}]
+        result = Calculator()(arguments)  # what the tool answers in a rollout
+        messages += [message, {"role": "tool", "tool_call_id": "call-0", "name": Calculator.name, "content": result}]
         conversation.prompt_for(messages, tools)
-        answer = a * b
+        answer = result
     else:
         answer = guessed_product(a, b, rng)
     text = f"\\boxed{{{answer}}}"

@@ -65,6 +65,11 @@ class SandboxLimits:
     open_files: int = 64
     processes: int = 32
 
+    @classmethod
+    def of(cls, timeout_s: float, memory_limit_mb: int) -> "SandboxLimits":
+        """The limits a run's reward settings give (reward.timeout_s, reward.memory_limit_mb)."""
+        return cls(wall_s=timeout_s, cpu_s=max(1, int(timeout_s)), memory_bytes=memory_limit_mb << 20)
+
 
 @dataclass(frozen=True)
 class Execution:

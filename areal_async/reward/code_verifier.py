@@ -43,8 +43,7 @@ class CodeVerifier:
                  correct_reward: float = 5.0, incorrect_reward: float = -5.0, partial_credit: bool = False) -> None:
         self.correct_reward, self.incorrect_reward = correct_reward, incorrect_reward
         self.partial_credit = partial_credit
-        limits = SandboxLimits(wall_s=timeout_s, cpu_s=max(1, int(timeout_s)), memory_bytes=memory_limit_mb << 20)
-        self.sandbox = CodeSandbox(slots=num_workers, limits=limits)
+        self.sandbox = CodeSandbox(slots=num_workers, limits=SandboxLimits.of(timeout_s, memory_limit_mb))
         self._threads = ThreadPoolExecutor(max_workers=num_workers)
         self.failures: Counter = Counter()
         self.closed = False
