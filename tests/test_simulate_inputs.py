@@ -12,6 +12,7 @@ from areal_async.memory_plan import GIB, engine_sequences
 from areal_async.model.shapes import known_shape
 from areal_async.placement import inline_gpu_plan
 from areal_async.run.cli import compose_config, main
+from areal_async.run.simulation import GENERATION_REPORT, TRAINING_REPORT, VERIFIER_REPORT
 from areal_async.simulate import DecodeCost, EngineModel, LengthModel, Request, call_seconds
 from areal_async.simulate_inputs import (
     config_system,
@@ -132,6 +133,12 @@ def test_simulate_subcommand_writes_its_table_and_json(tmp_path, capsys):
     assert asynchronous["speedup"] == pytest.approx(sync["step_s"] / asynchronous["step_s"])
     assert sync["steps_for_epochs"] == 8334  # 10 epochs of 40,000 prompts, 48 a step
     assert "speed-up" in capsys.readouterr().out
+
+
+def test_the_default_reports_are_checked_in():
+    """`areal-async simulate` without rate options reads these; replacing a results file must not break it."""
+    for report in (GENERATION_REPORT, TRAINING_REPORT, VERIFIER_REPORT):
+        assert report.is_file(), report
 
 
 def test_simulate_subcommand_names_a_missing_report(tmp_path, capsys):

@@ -19,7 +19,7 @@ from areal_async.staleness import parse_staleness
 BENCHMARK_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 GENERATION_REPORT = BENCHMARK_RESULTS / "bench_generation_h100_2026-12-06_split.json"
 TRAINING_REPORT = BENCHMARK_RESULTS / "bench_training_h100_2026-11-25_v6.json"
-VERIFIER_REPORT = BENCHMARK_RESULTS / "bench_verifier_cpu2_2026-12-05.json"
+VERIFIER_REPORT = BENCHMARK_RESULTS / "bench_verifier_cpu2_2026-12-06.json"
 
 
 SIMULATE_EPILOG = """
