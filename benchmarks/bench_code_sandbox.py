@@ -13,7 +13,6 @@ Prints a table and writes JSON (default `results/bench_code_sandbox.json`, run f
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -25,13 +24,13 @@ from pathlib import Path
 from areal_async.reward.code_reward import CodeVerdict
 from areal_async.reward.code_sandbox import CodeSandbox
 from areal_async.reward.code_tests import code_verdict, with_bodies_emptied
+from harness import print_markdown_table, script_parser, write_report
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def fenced(code: str) -> str:
     return f"```python\n{code}\n```"
-
 
 
 def timed_pass(jobs: list[tuple[str, dict]], sandbox: CodeSandbox, workers: int) -> tuple[float, list[CodeVerdict]]:
@@ -42,7 +41,7 @@ def timed_pass(jobs: list[tuple[str, dict]], sandbox: CodeSandbox, workers: int)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the shared data folder (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=2, help="sandbox slots and concurrent verdicts")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per set (median)")
@@ -79,13 +78,11 @@ def main() -> int:
                   f"{row['responses_per_s']:.1f} responses/s, {row['tests_per_s']:.1f} tests/s", flush=True)
     finally:
         sandbox.close()
-    print(f"\n| set | responses | tests | all passed | responses/s ({args.workers} workers) | tests/s |")
-    print("|---|---|---|---|---|---|")
-    for name, row in report["sets"].items():
-        print(f"| {name} | {row['responses']} | {row['tests']} | {row['all_passed']} | {row['responses_per_s']:.1f} | "
-              f"{row['tests_per_s']:.1f} |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+    print_markdown_table(
+        ["set", "responses", "tests", "all passed", f"responses/s ({args.workers} workers)", "tests/s"],
+        [[name, row["responses"], row["tests"], row["all_passed"], f"{row['responses_per_s']:.1f}",
+          f"{row['tests_per_s']:.1f}"] for name, row in report["sets"].items()])
+    write_report(report, args.out)
     print(f"written to {args.out}")
     return 0
 

@@ -12,18 +12,15 @@ for each launch configuration (positions per split, warps, pipeline stages) as a
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
-import statistics
 import traceback
-from pathlib import Path
 
 import torch
 
 from areal_async.model.decoder import rope_cos_sin
 from areal_async.model.paged_cache import blocks_for
 from areal_async.model.paged_decode_triton import paged_decode_attention
+from harness import cuda_ms, script_parser, write_report
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 12, 2, 128, 64
 CASES = ((256, 640), (256, 4096), (32, 8192), (256, 2048))
@@ -37,15 +34,7 @@ def graph_time_ms(fn, repeats: int) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return cuda_ms(graph.replay, repeats)
 
 
 def case_inputs(batch: int, length: int, generator: torch.Generator) -> dict:
@@ -64,7 +53,7 @@ def case_inputs(batch: int, length: int, generator: torch.Generator) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", default="results/bench_decode_attention.json")
     args = parser.parse_args()
@@ -108,8 +97,7 @@ def main() -> None:
               flush=True)
         del inputs, dense_k, dense_v
         torch.cuda.empty_cache()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+    write_report(report, args.out)
     print(f"wrote {args.out}")
 
 

@@ -39,15 +39,12 @@ runs a tiny shape on the CPU (a smoke test of the script, not a measurement).
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import random
-import string
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import numpy as np
@@ -56,11 +53,12 @@ import torch
 from actors.sampling import long_tailed_limit
 from areal_async.types import SamplingParams, Trajectory
 from areal_async.run.cli import compose_config
-from areal_async.model import CausalLM, DecoderConfig, save_pretrained
 from areal_async.objective import trajectory_advantages
 from areal_async.model.shapes import R1_DISTILL_QWEN_1_5B, TINY_BENCHMARK
-from areal_async.model.tokenizer import build_byte_tokenizer, load_tokenizer
 from areal_async.run.trainer import Trainer
+from harness import (default_dtype, empty_cache, gpu_facts, keep_going, log, make_checkpoint, pick_device,
+                     print_markdown_table, random_letters, script_parser, synchronize, timed, write_prompts,
+                     write_report)
 
 SHAPE, TINY_SHAPE = R1_DISTILL_QWEN_1_5B, TINY_BENCHMARK
 # prompts, samples per prompt, prompt tokens, max new tokens, simulated length mean (None: every request runs to
@@ -74,36 +72,6 @@ TINY_WORKLOADS = {
     "ii": dict(prompts=4, group_size=4, prompt_tokens=24, max_new_tokens=64, length_mean=24),
 }
 PHASES = ("generation_s", "reward_s", "prepare_s", "update_s", "weight_sync_seconds", "other_s")
-
-
-def log(*parts) -> None:
-    print(*parts, flush=True)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def make_checkpoint(folder: Path, shape: dict, dtype: torch.dtype) -> Path:
-    """Random weights in `shape` with a byte tokenizer padded to its vocabulary."""
-    tokenizer_dir = folder / "tokenizer"
-    build_byte_tokenizer(tokenizer_dir, vocab_size=shape["vocab_size"])
-    tokenizer = load_tokenizer(tokenizer_dir)
-    torch.manual_seed(0)
-    model = CausalLM(DecoderConfig(**shape, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                   pad_token_id=tokenizer.pad_token_id)).to(dtype)
-    return save_pretrained(model, folder / "model", tokenizer_dir=tokenizer_dir)
-
-
-def write_prompts(path: Path, count: int, tokens: int, seed: int) -> Path:
-    """`count` prompts of `tokens` random letters (a token each with the byte tokenizer), gold answer 42."""
-    rng = random.Random(seed)
-    with open(path, "w", encoding="utf-8") as f:
-        for index in range(count):
-            prompt = "".join(rng.choice(string.ascii_letters) for _ in range(tokens))
-            f.write(json.dumps({"query_id": f"p{index}", "prompt": prompt, "answer": "42"}) + "\n")
-    return path
 
 
 def run_overrides(workload: dict, checkpoint: Path, prompts: Path, out_dir: Path, name: str, steps: int,
@@ -127,8 +95,7 @@ def engine_alone(trainer: Trainer, workload: dict, seed: int) -> tuple[dict, lis
     """The run's engine on the workload's shapes (new prompts, limits from the same distribution)."""
     engine, tokenizer, config = trainer.worker.engine, trainer.tokenizer, trainer.config
     rng = random.Random(seed)
-    prompts = [tokenizer.encode("".join(rng.choice(string.ascii_letters) for _ in range(workload["prompt_tokens"])))
-               for _ in range(workload["prompts"])]
+    prompts = [tokenizer.encode(random_letters(rng, workload["prompt_tokens"])) for _ in range(workload["prompts"])]
     requests = [(p, s) for p in range(len(prompts)) for s in range(workload["group_size"])]
     limit = workload["max_new_tokens"]
     limits = [limit if workload["length_mean"] is None else
@@ -136,11 +103,8 @@ def engine_alone(trainer: Trainer, workload: dict, seed: int) -> tuple[dict, lis
               for p, s in requests]
     params = SamplingParams(max_new_tokens=limit, temperature=config.generation.temperature,
                             stop_token_ids=(tokenizer.eos_token_id,), seed=seed)
-    synchronize(engine.device)
-    started = time.perf_counter()
-    generations = engine.generate([prompts[p] for p, _ in requests], params, max_new_tokens=limits)
-    synchronize(engine.device)
-    seconds = time.perf_counter() - started
+    generations, seconds = timed(lambda: engine.generate([prompts[p] for p, _ in requests], params,
+                                                         max_new_tokens=limits), engine.device)
     tokens = sum(len(g.tokens) for g in generations)
     rewards = np.random.default_rng(seed).choice([5.0, -5.0], size=len(requests))
     trajectories = [
@@ -219,8 +183,7 @@ def bench_workload(name: str, workload: dict, args, device: torch.device, checkp
     result["memory"] = memory_report(trainer.memory_plan, records, alone_peaks)
     del trainer
     gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    empty_cache(device)
     return result
 
 
@@ -258,18 +221,17 @@ def memory_report(plan, records: list[dict], alone_peaks: dict[str, float]) -> d
 
 
 def print_table(results: dict) -> None:
-    log("\n| workload | step s | gen | reward | recompute | update | publish | rest | engine alone | learner alone "
-        "| overhead | trained tok/s/GPU | ledger | checksums | gen err | verifier err | unparsed |")
-    log("|---" * 17 + "|")
+    rows = []
     for name, r in results.items():
-        p = r["phases_s"]
-        s = r["summary"]
-        log(f"| {name} | {r['step_s']:.2f} | {p['generation_s']:.2f} | {p['reward_s']:.2f} | {p['prepare_s']:.2f} | "
-            f"{p['update_s']:.2f} | {p['weight_sync_seconds']:.2f} | {p['other_s']:.2f} | "
-            f"{r['engine_alone_s_scaled']:.2f} | {r['learner_alone_s_scaled']:.2f} | {r['overhead_ratio']:.3f} | "
-            f"{r['trained_tokens_per_s_per_gpu']:,.0f} | {s['ledger_balanced']} | {s['rollout_weights_identical']} | "
-            f"{s['generation_errors']} | {verifier_errors(s['reward_failures'])} | "
-            f"{(s['reward_failures'] or {}).get('unparsed', 0)} |")
+        p, s = r["phases_s"], r["summary"]
+        rows.append([name, *(f"{v:.2f}" for v in (r["step_s"], *(p[phase] for phase in PHASES),
+                                                   r["engine_alone_s_scaled"], r["learner_alone_s_scaled"])),
+                     f"{r['overhead_ratio']:.3f}", f"{r['trained_tokens_per_s_per_gpu']:,.0f}", s["ledger_balanced"],
+                     s["rollout_weights_identical"], s["generation_errors"], verifier_errors(s["reward_failures"]),
+                     (s["reward_failures"] or {}).get("unparsed", 0)])
+    print_markdown_table(["workload", "step s", "gen", "reward", "recompute", "update", "publish", "rest",
+                          "engine alone", "learner alone", "overhead", "trained tok/s/GPU", "ledger", "checksums",
+                          "gen err", "verifier err", "unparsed"], rows)
 
 
 def verifier_errors(failures: dict | None) -> int:
@@ -279,7 +241,7 @@ def verifier_errors(failures: dict | None) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--workloads", nargs="+", default=["i", "ii"], choices=list(WORKLOADS))
     parser.add_argument("--steps", type=int, default=3, help="RL steps per run (the first --warmup-steps untimed)")
     parser.add_argument("--warmup-steps", type=int, default=1)
@@ -292,14 +254,12 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="train overrides applied after the workload's own (e.g. engine.max_slots=512)")
     args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
-    args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    device = pick_device(tiny=args.tiny)
+    args.dtype = args.dtype or default_dtype(device)
     shape, workloads = (TINY_SHAPE, TINY_WORKLOADS) if args.tiny else (SHAPE, WORKLOADS)
     report = {"args": vars(args), "device": str(device), "torch": torch.__version__, "results": {}, "errors": {}}
-    if device.type == "cuda":
-        report["device_name"] = torch.cuda.get_device_name(device)
-        # the memory the inline run's plan divides (its KV budget: benchmarks/validate_simulate_gpu.py models it)
-        report["gpu_total_bytes"] = torch.cuda.get_device_properties(device).total_memory
+    # gpu_total_bytes: the memory the inline run's plan divides (its KV budget: validate_simulate_gpu.py models it)
+    report |= gpu_facts(device)
     log(f"device {report.get('device_name', device)}, torch {torch.__version__}, dtype {args.dtype}")
     with tempfile.TemporaryDirectory() as temporary:
         work = Path(args.work_dir or temporary)
@@ -307,20 +267,14 @@ def main() -> int:
         checkpoint = make_checkpoint(work, shape, getattr(torch, args.dtype))
         report["checkpoint_s"] = time.perf_counter() - started
         for name in args.workloads:
-            try:
-                report["results"][name] = bench_workload(name, workloads[name], args, device, checkpoint, work)
-                result = report["results"][name]
+            with keep_going(report["errors"], name):  # one failing workload must not lose the other
+                result = report["results"][name] = bench_workload(
+                    name, workloads[name], args, device, checkpoint, work)
                 if "overhead_ratio" in result:
                     log(f"[{name}] {json.dumps(result['phases_s'])} overhead {result['overhead_ratio']:.3f}")
                 if result["memory"]:
                     log(f"[{name}] memory GiB, plan / measured: {json.dumps(result['memory'])}")
-            except Exception as error:  # noqa: BLE001 - one failing workload must not lose the other
-                traceback.print_exc()
-                sys.stdout.flush()
-                report["errors"][name] = f"{type(error).__name__}: {error}"
-            # after every workload: a run cut short keeps what it measured
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(report, indent=2))
+            write_report(report, args.out)  # after every workload: a run cut short keeps what it measured
     complete = {name: r for name, r in report["results"].items() if "overhead_ratio" in r}
     if complete:
         print_table(complete)

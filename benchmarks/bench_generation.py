@@ -59,22 +59,20 @@ requests):
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
 
 from actors.engine import TorchEngine
 from actors.sampling import long_tailed_limit
-from areal_async.model import CausalLM, DecoderConfig
+from areal_async.model import CausalLM
 from areal_async.model.paged_cache import blocks_for, kv_block_bytes
 from areal_async.model.shapes import R1_DISTILL_QWEN_1_5B, TINY_BENCHMARK
 from areal_async.types import SamplingParams
+from harness import (copy_bandwidth, default_dtype, empty_cache, gpu_facts, keep_going, log, pick_device,
+                     print_markdown_table, random_model, script_parser, synchronize, timed, write_report)
 
 SHAPE, TINY_SHAPE = R1_DISTILL_QWEN_1_5B, TINY_BENCHMARK
 BOUNDS = {"bf16": {"tie": 0.1, "logprob": 0.1}, "fp32": {"tie": 1e-4, "logprob": 1e-3}}
@@ -89,23 +87,6 @@ SYSTEMS = {  # engine options per system; "hf" is transformers' generate
                                 fuse_projections=False),
     "hf": None,
 }
-
-
-def log(*parts) -> None:
-    print(*parts, flush=True)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(device, fn):
-    synchronize(device)
-    start = time.perf_counter()
-    result = fn()
-    synchronize(device)
-    return result, time.perf_counter() - start
 
 
 # --- workloads -----------------------------------------------------------------------------------------------
@@ -150,18 +131,6 @@ def workload(name: str, args, vocab: int) -> tuple[list[list[int]], list[int]]:
 # --- bandwidth floor ----------------------------------------------------------------------------------------------
 
 
-def copy_bandwidth(device: torch.device) -> float:
-    """Bytes read + written per second by a large device-to-device copy."""
-    nbytes = (1 << 30) if device.type == "cuda" else (64 << 20)
-    source = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    target = torch.empty_like(source)
-    for _ in range(2):
-        target.copy_(source)
-    repeats = 10
-    _, seconds = timed(device, lambda: [target.copy_(source) for _ in range(repeats)])
-    return 2 * nbytes * repeats / seconds
-
-
 def floor_tokens_per_s(model: CausalLM, prompt_lens, limits, slots: int, bandwidth: float) -> dict:
     """Tokens over the summed floors of the steps, every slot busy: per step the non-embedding weights once,
     per token generated its own context's keys and values once."""
@@ -199,7 +168,7 @@ def run_ours(engine: TorchEngine, prompts, limits, label: str) -> dict:
     warmup_stats = dict(engine.stats)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    outputs, seconds = timed(device, lambda: engine.generate(prompts, params, max_new_tokens=limits))
+    outputs, seconds = timed(lambda: engine.generate(prompts, params, max_new_tokens=limits), device)
     tokens = sum(len(o.tokens) for o in outputs)
     assert tokens == sum(limits), (tokens, sum(limits))  # no stop tokens: every request runs to its limit
     stats = dict(engine.stats)
@@ -248,7 +217,7 @@ def step_times(engine: TorchEngine, batch: int, lengths=(128, 512, 1024, 2048, 4
         if not _fill_rows(engine, batch, length):
             continue
         graph.replay()
-        _, seconds = timed(device, lambda: [graph.replay() for _ in range(10)])
+        _, seconds = timed(lambda: [graph.replay() for _ in range(10)], device)
         out[f"graph_b{batch}_kv{length}"] = 1e3 * seconds / 10
     log("[step times ms] " + ", ".join(f"{k}: {v:.2f}" for k, v in out.items()))
     return out
@@ -290,12 +259,11 @@ def run_hf(model: CausalLM, prompts, new_tokens: int, device: torch.device) -> d
         with torch.no_grad():
             return hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
 
-    timed(device, lambda: generate(min(8, new_tokens)))
-    out, seconds = timed(device, lambda: generate(new_tokens))
+    timed(lambda: generate(min(8, new_tokens)), device)
+    out, seconds = timed(lambda: generate(new_tokens), device)
     tokens = (out.shape[1] - ids.shape[1]) * ids.shape[0]
     del hf
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    empty_cache(device)
     log(f"[hf generate] {tokens} tokens in {seconds:.2f} s = {tokens / seconds:,.0f} tokens/s")
     return {"requests": len(prompts), "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
 
@@ -493,8 +461,7 @@ def run_check(model: CausalLM, args, device: torch.device, vocab: int) -> dict:
         del engine
         if subject is not model:
             del subject
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        empty_cache(device)
     report["pass"] = all(v["pass"] for k, v in report.items() if isinstance(v, dict) and "pass" in v)
     return report
 
@@ -549,7 +516,7 @@ def default_kv_gib(device: torch.device) -> float | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--batch", type=int, default=256, help="requests of the fixed workloads")
     parser.add_argument("--max-slots", type=int, default=None, help="sequences decoded at once (default: --batch)")
     parser.add_argument("--prompt-len", type=int, default=128)
@@ -582,15 +549,12 @@ def main() -> None:
         args.stage1_requests, args.stage3_requests = 32, 16
         args.check_prompts, args.check_new_tokens, args.block_size = 8, 24, 4
     args.max_slots = args.max_slots or args.batch
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device = pick_device(args.device, args.tiny)
+    dtype = getattr(torch, default_dtype(device))
     if args.kv_gib is None:
         args.kv_gib = default_kv_gib(device)
     report: dict = {"args": vars(args), "device": str(device), "dtype": str(dtype), "torch": torch.__version__,
-                    "results": {}, "errors": {}}
-    if device.type == "cuda":
-        report["device_name"] = torch.cuda.get_device_name(device)
-        report["gpu_total_bytes"] = torch.cuda.get_device_properties(device).total_memory
+                    "results": {}, "errors": {}, **gpu_facts(device)}
     try:
         import transformers
 
@@ -600,10 +564,7 @@ def main() -> None:
     log(f"device {report.get('device_name', device)}, torch {torch.__version__}, dtype {dtype}, KV pool "
         f"{args.kv_gib} GiB")
 
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = CausalLM(DecoderConfig(**shape))
-    model = model.to(dtype).eval()
+    model = random_model(shape, device, dtype).eval()
     vocab = shape["vocab_size"]
     results, errors = report["results"], report["errors"]
 
@@ -612,17 +573,11 @@ def main() -> None:
             log(f"[{name}] skipped: past the {args.budget_s:.0f} s budget")
             errors[name] = "skipped (time budget)"
             return None
-        try:
-            value = fn()
-            results[name] = value
-            return value
-        except Exception as error:  # noqa: BLE001 - one failing section must not lose the others
-            traceback.print_exc()
-            sys.stdout.flush()
-            errors[name] = f"{type(error).__name__}: {error}"
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            return None
+        with keep_going(errors, name):  # one failing section must not lose the others
+            results[name] = fn()
+            return results[name]
+        empty_cache(device)
+        return None
 
     bandwidth = section("copy_bandwidth_gb_s", lambda: copy_bandwidth(device) / 1e9)
     log(f"[bandwidth] {bandwidth:,.0f} GB/s (read + write)" if bandwidth else "[bandwidth] failed")
@@ -654,8 +609,7 @@ def main() -> None:
             section("profile", lambda: profile_steps(engine, args.max_slots, Path(args.out).with_suffix(".profile.txt")))
         engine.release()
         del engine
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        empty_cache(device)
 
     for label in args.systems:
         if label == "hf":
@@ -674,9 +628,7 @@ def main() -> None:
             results[f"ratio_{label}_over_hf_same_workload"] = ours["tokens_per_s"] / hf["tokens_per_s"]
     report["wall_s"] = time.perf_counter() - started
 
-    log("\n| system | workload | tokens | seconds | tokens/s | floor tokens/s | of floor | peak KV GiB | in flight "
-        "mean / max | preemptions | warm-up s |")
-    log("|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
     for name in VARIANTS:
         floor = results.get(f"floor_{name}", {}).get("tokens_per_s")
         for system in SYSTEMS:
@@ -684,13 +636,13 @@ def main() -> None:
             if not row:
                 continue
             floor_text, share = (f"{floor:,.0f}", f"{row['tokens_per_s'] / floor:.2f}") if floor else ("-", "-")
-            if system == "hf":
-                log(f"| {system} | {name} ({row['requests']} requests) | {row['tokens']} | {row['seconds']:.2f} | "
-                    f"{row['tokens_per_s']:,.0f} | {floor_text} | {share} | - | - | - | - |")
-                continue
-            log(f"| {system} | {name} ({row['requests']} requests) | {row['tokens']} | {row['seconds']:.2f} | "
-                f"{row['tokens_per_s']:,.0f} | {floor_text} | {share} | {row['peak_kv_gib']:.1f} | "
-                f"{row['in_flight_mean']:.0f} / {row['in_flight_max']} | {row['preemptions']} | {row['warmup_s']:.1f} |")
+            engine_cells = ["-"] * 4 if system == "hf" else [
+                f"{row['peak_kv_gib']:.1f}", f"{row['in_flight_mean']:.0f} / {row['in_flight_max']}",
+                row["preemptions"], f"{row['warmup_s']:.1f}"]
+            rows.append([system, f"{name} ({row['requests']} requests)", row["tokens"], f"{row['seconds']:.2f}",
+                         f"{row['tokens_per_s']:,.0f}", floor_text, share, *engine_cells])
+    print_markdown_table(["system", "workload", "tokens", "seconds", "tokens/s", "floor tokens/s", "of floor",
+                          "peak KV GiB", "in flight mean / max", "preemptions", "warm-up s"], rows)
     for label in engines:
         if f"cold_start_s_{label}" in results:
             log(f"{label} cold start: {results[f'cold_start_s_{label}']:.1f} s")
@@ -703,8 +655,7 @@ def main() -> None:
         log(f"errors: {errors}")
     log(f"wall {report['wall_s']:.0f} s")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2, default=str))
+        write_report(report, args.out, default=str)
         log(f"wrote {args.out}")
 
 

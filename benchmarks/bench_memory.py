@@ -16,31 +16,28 @@ Prints each record and writes JSON (`--out`, default results/bench_memory.json).
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_training  # noqa: E402 - the learner benchmark's shape and synthetic trajectories
-
-from actors.engine import TorchEngine  # noqa: E402
-from areal_async.config import PPOConfig  # noqa: E402
-from areal_async.memory_plan import GIB, activation_bytes, head_gradient_bytes, parameter_count  # noqa: E402
-from areal_async.model import CausalLM, DecoderConfig  # noqa: E402
-from areal_async.objective import trajectory_advantages  # noqa: E402
-from areal_async.types import SamplingParams  # noqa: E402
-from areal_async.weight_sync import InProcessTransport, WeightPublisher  # noqa: E402
-from learners.fsdp_learner import FSDPLearner  # noqa: E402
+from actors.engine import TorchEngine
+from areal_async.config import PPOConfig
+from areal_async.memory_plan import GIB, activation_bytes, head_gradient_bytes, parameter_count
+from areal_async.model import CausalLM
+from areal_async.model.shapes import R1_DISTILL_QWEN_1_5B
+from areal_async.objective import trajectory_advantages
+from areal_async.types import SamplingParams
+from areal_async.weight_sync import InProcessTransport, WeightPublisher
+from harness import long_tailed_lengths, random_model, script_parser, synthetic_trajectories, write_report
+from learners.fsdp_learner import FSDPLearner
 
 LONGEST = 8448
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--out", default="results/bench_memory.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -48,25 +45,22 @@ def main() -> int:
         return 2
     report: dict = {"device_name": torch.cuda.get_device_name(), "torch": torch.__version__}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
 
     def record(name: str, **extra) -> None:
         torch.cuda.synchronize()
         report[name] = dict(alloc=torch.cuda.memory_allocated() / GIB, reserved=torch.cuda.memory_reserved() / GIB,
                             peak=torch.cuda.max_memory_allocated() / GIB, **extra)
         print(name, report[name], flush=True)
-        out.write_text(json.dumps(report, indent=1))
+        write_report(report, out, indent=1)
 
-    torch.manual_seed(0)
-    shape = DecoderConfig(**bench_training.SHAPE, tie_word_embeddings=False)
-    with torch.device("cuda"):
-        model = CausalLM(shape)
+    model = random_model(R1_DISTILL_QWEN_1_5B, "cuda")
+    shape = model.config
     record("model_fp32", params=parameter_count(shape))
     learner = FSDPLearner(model, PPOConfig(micro_batch_tokens=16384, minibatches_per_step=4), pad_token_id=0,
                           temperature=1.0, device="cuda", compile_layers=True, compute_dtype=torch.bfloat16,
                           publish_dtype=torch.bfloat16)
-    lengths = bench_training.long_tailed_lengths(150_000, 2304, LONGEST, seed=3)[:63] + [LONGEST]
-    trajectories = bench_training.synthetic_trajectories(lengths)
+    lengths = long_tailed_lengths(150_000, 2304, LONGEST, seed=3)[:63] + [LONGEST]
+    trajectories = synthetic_trajectories(lengths, shape.vocab_size)
     advantages = trajectory_advantages(trajectories, "batch")
     for index, micro_batch in enumerate((16384, 8192, 16384)):
         learner.ppo.config.micro_batch_tokens = micro_batch

@@ -30,14 +30,10 @@ Prints a table and writes JSON (default `results/bench_replay_queue.json`, run f
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import msgpack
@@ -48,6 +44,7 @@ from areal_async.replay_queue import ShardedReplayQueue
 from areal_async.trajectory_log import TrajectoryLog, read_trajectory_log
 from areal_async.types import Trajectory
 from areal_async.wire import decode_group, encode_group
+from harness import fill_unset, machine, print_markdown_table, script_parser, timed, write_report
 
 VOCAB_SIZE = 151936  # DeepSeek-R1-Distill-Qwen-1.5B's
 BYTES_PER_OUTPUT_TOKEN = 12  # token id, behaviour logprob, version: 4 bytes each
@@ -95,12 +92,6 @@ def batches(items: Sequence, size: int) -> list[Sequence]:
 # ------------------------------------------------------------------------------------------------- stages
 
 
-def timed(action: Callable[[], object]) -> tuple[float, object]:
-    started = time.perf_counter()
-    value = action()
-    return time.perf_counter() - started, value
-
-
 def check(condition: bool, what: str) -> None:
     """A stage that lost or changed data is a broken benchmark, not a slow one."""
     if not condition:
@@ -109,8 +100,8 @@ def check(condition: bool, what: str) -> None:
 
 def run_wire(groups: list) -> dict:
     """Seconds of encoding every group and of decoding every frame; the frames."""
-    encode_s, frames = timed(lambda: [encode_group(group) for group in groups])
-    decode_s, decoded = timed(lambda: [decode_group(frame) for frame in frames])
+    frames, encode_s = timed(lambda: [encode_group(group) for group in groups])
+    decoded, decode_s = timed(lambda: [decode_group(frame) for frame in frames])
     check(len(decoded) == len(frames), f"{len(decoded)} frames decoded of {len(frames)} encoded")
     check(np.array_equal(decoded[-1][-1].output_tokens, groups[-1][-1].output_tokens),
           "a decoded frame's output tokens differ from the encoded ones")
@@ -120,7 +111,7 @@ def run_wire(groups: list) -> dict:
 def run_queue(frames: list[bytes], group_ids: list[str], shards: int, groups_per_step: int) -> dict:
     """Seconds of putting every frame into a fresh in-process queue and of taking them all out again."""
     queue = ShardedReplayQueue(shards, capacity_per_shard=len(frames), max_staleness=None)
-    put_s, outcomes = timed(lambda: [queue.put(gid, frame) for gid, frame in zip(group_ids, frames)])
+    outcomes, put_s = timed(lambda: [queue.put(gid, frame) for gid, frame in zip(group_ids, frames)])
     check(outcomes.count("queued") == len(frames), f"queue outcomes {sorted(set(outcomes))}, expected 'queued'")
 
     def take_all() -> int:
@@ -132,7 +123,7 @@ def run_queue(frames: list[bytes], group_ids: list[str], shards: int, groups_per
             taken += len(groups)
         return taken
 
-    take_s, taken = timed(take_all)
+    taken, take_s = timed(take_all)
     check(taken == len(frames), f"{taken} groups taken of {len(frames)} put")
     return {"put": put_s, "take": take_s, "groups_taken": taken}
 
@@ -141,10 +132,10 @@ def run_log(groups: list, groups_per_step: int, directory: Path) -> dict:
     """Seconds of appending the groups to a fresh trajectory log, a step's groups at a time, and of reading it."""
     log = TrajectoryLog(directory)
     steps = batches(groups, groups_per_step)
-    append_s, _ = timed(lambda: [log.append([t for g in step for t in g], consumed_at_step=i)
+    _, append_s = timed(lambda: [log.append([t for g in step for t in g], consumed_at_step=i)
                                  for i, step in enumerate(steps)])
     log.close()
-    read_s, rows = timed(lambda: list(read_trajectory_log(directory)))
+    rows, read_s = timed(lambda: list(read_trajectory_log(directory)))
     written = sum(len(t.output_tokens) for g in groups for t in g)
     check(len(rows) == sum(len(g) for g in groups), f"{len(rows)} trajectories read of {log.num_trajectories}")
     check(sum(len(r["output_tokens"]) for r in rows) == written, "the log read back other output tokens")
@@ -189,12 +180,11 @@ def bench_length(response_tokens: int, args, work: Path) -> dict:
 
 
 def print_table(rows: list[dict]) -> None:
-    print("\n| response tokens | frame MB | stage | frames/s | MB/s | Mtokens/s |\n|---|---|---|---|---|---|")
-    for row in rows:
-        for stage in STAGES:
-            r = row[stage]
-            print(f"| {row['response_tokens']} | {row['frame_bytes_mean'] / MB:.3f} | {stage} | "
-                  f"{r['frames_per_s']:,.1f} | {r['mb_per_s']:,.1f} | {r['tokens_per_s'] / 1e6:,.2f} |", flush=True)
+    print_markdown_table(
+        ["response tokens", "frame MB", "stage", "frames/s", "MB/s", "Mtokens/s"],
+        [[row["response_tokens"], f"{row['frame_bytes_mean'] / MB:.3f}", stage, f"{row[stage]['frames_per_s']:,.1f}",
+          f"{row[stage]['mb_per_s']:,.1f}", f"{row[stage]['tokens_per_s'] / 1e6:,.2f}"]
+         for row in rows for stage in STAGES])
 
 
 def positive_int(text: str) -> int:
@@ -212,7 +202,7 @@ def defaults(quick: bool) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--response-lengths", nargs="+", type=positive_int,
                         help="output tokens per answer, one measurement each; default: 256 1024 4096 8192")
     parser.add_argument("--group-size", type=positive_int, default=8,
@@ -229,15 +219,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "2 groups per step, 1 repeat")
     parser.add_argument("--out", default="results/bench_replay_queue.json", help="JSON file; default: %(default)s")
     args = parser.parse_args(argv)
-    for option, value in defaults(args.quick).items():
-        if getattr(args, option) is None:
-            setattr(args, option, value)
+    fill_unset(args, defaults(args.quick))
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    report = {"args": vars(args), "machine": platform.platform(), "cpus": os.cpu_count(),
+    report = {"args": vars(args), **machine(),
               "versions": {"msgpack": ".".join(map(str, msgpack.version)), "zarr": zarr.__version__,
                            "numpy": np.__version__}, "results": []}
     with tempfile.TemporaryDirectory() as temporary:
@@ -248,9 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{response_tokens} tokens] encode {row['encode']['mb_per_s']:,.0f} MB/s, decode "
                   f"{row['decode']['mb_per_s']:,.0f} MB/s, put {row['put']['frames_per_s']:,.0f} frames/s, "
                   f"append {row['append']['mb_per_s']:,.0f} MB/s", flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    write_report(report, args.out)
     print_table(report["results"])
     print(f"written to {args.out}")
     return 0

@@ -12,15 +12,13 @@ Prints a table and writes JSON (default `results/bench_staleness.json`, run from
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
 from areal_async.run.cli import compose_config
 from areal_async.run.trainer import Trainer
+from harness import machine, print_columns, script_parser, write_report
 
 
 def run_config(max_staleness: int | None, steps: int, workers: int, extra: list[str]):
@@ -69,7 +67,7 @@ def run_one(max_staleness: int | None, args) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--staleness", nargs="+", default=["0", "4"], help="values of max_staleness ('null' = unbounded)")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--workers", type=int, default=2)
@@ -78,13 +76,12 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="extra config overrides for every run")
     args = parser.parse_args()
     results = [run_one(None if s == "null" else int(s), args) for s in args.staleness]
-    print(f"\n{'max_staleness':>13} {'traj/s':>8} {'loop s':>7} {'stale max':>9} {'acc before':>10} {'acc after':>9}")
-    for r in results:
-        print(f"{str(r['max_staleness']):>13} {r['trajectories_per_s']:8.1f} {r['train_loop_seconds']:7.1f} "
-              f"{r['staleness_max']:9d} {r['accuracy_before']:10.3f} {r['accuracy_after']:9.3f}")
-    report = {"machine": platform.platform(), "cpus": os.cpu_count(), "workers": args.workers, "results": results}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+    print_columns([("max_staleness", 13), ("traj/s", 8), ("loop s", 7), ("stale max", 9), ("acc before", 10),
+                   ("acc after", 9)],
+                  [[str(r["max_staleness"]), f"{r['trajectories_per_s']:.1f}", f"{r['train_loop_seconds']:.1f}",
+                    f"{r['staleness_max']:d}", f"{r['accuracy_before']:.3f}", f"{r['accuracy_after']:.3f}"]
+                   for r in results])
+    write_report({**machine(), "workers": args.workers, "results": results}, args.out)
     print(f"written to {args.out}")
 
 

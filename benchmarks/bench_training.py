@@ -41,7 +41,6 @@ no GPU): a smoke test of the script, not a measurement.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import dataclasses
@@ -59,6 +58,9 @@ import traceback
 from pathlib import Path
 
 import torch
+
+from harness import (cuda_ms, empty_cache, long_tailed_lengths, print_columns, random_model, script_parser,
+                     synchronize, synthetic_trajectories, write_report)
 
 PEAK_FLOPS = 989e12
 SHAPE = dict(
@@ -78,25 +80,6 @@ ABLATIONS = ("ours_fa2", "ours_flex", "ours_fsdp1", "ours_fsdp_reshard", "ours_r
              "ours_clip_pass", "ours_prev", "ours_syncs", "ours_devpacks", "ours_late_zero", "ours_expandable")
 # CUDA caching-allocator counters reported per timed step (a retry frees cached blocks: a device-wide sync).
 ALLOCATOR_COUNTERS = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")
-
-
-def synchronize() -> None:
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-
-
-def long_tailed_lengths(total_tokens: int, mean: int, max_len: int, seed: int) -> list[int]:
-    """Lengths from a log-normal with the given mean (sigma 1), clipped to [64, max_len], until total_tokens."""
-    generator = torch.Generator().manual_seed(seed)
-    sigma = 1.0
-    mu = math.log(mean) - sigma**2 / 2
-    lengths, total = [], 0
-    while total < total_tokens:
-        length = int(min(max_len, max(64, math.exp(mu + sigma * torch.randn((), generator=generator).item()))))
-        length = min(length, total_tokens - total) if total_tokens - total >= 64 else length
-        lengths.append(length)
-        total += length
-    return lengths
 
 
 def parameter_count() -> int:
@@ -126,13 +109,13 @@ def time_steps(step, warmup: int, steps: int, counters: dict | None = None) -> f
     increase per timed step."""
     for _ in range(warmup):
         step()
-    synchronize()
+    synchronize(DEVICE)
     before = allocator_counters()
     times = []
     for _ in range(steps):
         started = time.perf_counter()
         step()
-        synchronize()
+        synchronize(DEVICE)
         times.append(time.perf_counter() - started)
     if counters is not None:
         after = allocator_counters()
@@ -181,28 +164,6 @@ def hf_system(compiled: bool, checkpointing: bool):
         return step
 
     return make_step, lambda: free_parameters(model, optimizer)
-
-
-def synthetic_trajectories(lengths: list[int], group_size: int = 4) -> list:
-    """Trajectories of the given total lengths: 10% prompt (at least 32 tokens), the rest output, random tokens,
-    behaviour logprobs near the policy's, rewards +-5 alternating within groups."""
-    import numpy as np
-
-    from areal_async.types import Trajectory
-
-    rng = np.random.default_rng(0)
-    trajectories = []
-    for index, length in enumerate(lengths):
-        prompt = min(length - 1, max(32, length // 10))
-        tokens = rng.integers(0, SHAPE["vocab_size"], size=length, dtype=np.int32)
-        output = length - prompt
-        trajectories.append(Trajectory(
-            query_id=f"q{index // group_size}", group_id=f"g{index // group_size}", sample_index=index % group_size,
-            prompt_tokens=tokens[:prompt], output_tokens=tokens[prompt:],
-            behaviour_logprobs=np.full(output, -12.0, dtype=np.float32), versions=np.zeros(output, dtype=np.int32),
-            reward=5.0 if index % 2 else -5.0, finish_reason="length",
-        ))
-    return trajectories
 
 
 def plain_autograd_token_logprobs(hidden, lm_head_weight, targets, temperature=1.0, chunk_size=None):
@@ -334,13 +295,10 @@ def ours_system(compile_layers: bool, activation_checkpointing: bool, decoupled:
     proximal-logprob forward (behaviour logprobs stand in; the update costs the same), which spares the
     ablations the compilation of the no-grad forward."""
     from areal_async.config import Objective, PPOConfig
-    from areal_async.model import CausalLM, DecoderConfig
     from learners import fsdp_learner
 
     init_process_group()
-    torch.manual_seed(0)
-    with torch.device(DEVICE):
-        model = CausalLM(DecoderConfig(**SHAPE, tie_word_embeddings=False))
+    model = random_model(SHAPE, DEVICE, tie_word_embeddings=False)
     # one optimizer update a step: ppo_step is the references' step (recompute + one update), as measured before
     config = PPOConfig(lr=1e-6, micro_batch_tokens=SIZES["budget"], activation_checkpointing=activation_checkpointing,
                        objective=Objective.decoupled if decoupled else Objective.naive, minibatches_per_step=1)
@@ -350,7 +308,7 @@ def ours_system(compile_layers: bool, activation_checkpointing: bool, decoupled:
     def make_steps(sequences: list[torch.Tensor]):
         from areal_async.objective import trajectory_advantages
 
-        trajectories = synthetic_trajectories([len(s) for s in sequences])
+        trajectories = synthetic_trajectories([len(s) for s in sequences], SHAPE["vocab_size"])
         advantages = trajectory_advantages(trajectories, "group")
         prepared = {}
 
@@ -596,12 +554,12 @@ def profile_step(step, label: str, out_dir: Path, unprofiled_s: float | None = N
     from torch.profiler import ProfilerActivity, profile, record_function
 
     step()
-    synchronize()
+    synchronize(DEVICE)
     labels = phase_labels(learner) if learner is not None else contextlib.nullcontext()
     with labels, profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=False) as prof:
         with record_function(STEP_LABEL):
             step()
-            synchronize()
+            synchronize(DEVICE)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(path))
@@ -619,19 +577,6 @@ def profile_step(step, label: str, out_dir: Path, unprofiled_s: float | None = N
     (out_dir / f"profile_{label}.txt").write_text(text + "\n")
     print(text, flush=True)
     return summary
-
-
-def cuda_ms(fn, repeats: int = 5) -> float:
-    """Median milliseconds of fn() on the GPU (CUDA events)."""
-    times = []
-    for _ in range(repeats):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(stop))
-    return sorted(times)[len(times) // 2]
 
 
 def relative_diffs(got: list[torch.Tensor], expected: list[torch.Tensor], names=("out", "dq", "dk", "dv")) -> dict:
@@ -783,16 +728,13 @@ def check_one_rank_learner(checks: dict) -> None:
     gathered copies of fp32 shards) on a 2-layer model of the benchmark's widths: one update from the same
     weights on the same 2 x 1024-token batch (loss, gradient before clipping, the update)."""
     from areal_async.config import OneRankMode, PPOConfig
-    from areal_async.model import CausalLM, DecoderConfig
     from learners import fsdp_learner
     from areal_async.objective import trajectory_advantages
 
     init_process_group()
-    torch.manual_seed(0)
-    with torch.device(DEVICE):
-        model = CausalLM(DecoderConfig(**{**SHAPE, "num_hidden_layers": 2}, tie_word_embeddings=False))
+    model = random_model({**SHAPE, "num_hidden_layers": 2}, DEVICE, tie_word_embeddings=False)
     initial = {n: p.detach().float().clone() for n, p in model.named_parameters()}
-    trajectories = synthetic_trajectories([SIZES["seq"] // 4] * 2)
+    trajectories = synthetic_trajectories([SIZES["seq"] // 4] * 2, SHAPE["vocab_size"])
     advantages = trajectory_advantages(trajectories, "group")
     config = PPOConfig(lr=1e-5, micro_batch_tokens=SIZES["budget"], grad_clip=1.0)
     outcomes = {}
@@ -855,8 +797,7 @@ def selfcheck(report: dict) -> None:
         except Exception:  # noqa: BLE001
             checks[part.__name__] = {"error": traceback.format_exc()[-1500:]}
         gc.collect()
-        if DEVICE == "cuda":
-            torch.cuda.empty_cache()
+        empty_cache(DEVICE)
     print("selfcheck:", json.dumps(checks, indent=1), flush=True)
 
 
@@ -941,7 +882,7 @@ def jobs(args) -> list[tuple[str, str]]:
 
 def main() -> None:
     global DEVICE
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--systems", nargs="+", default=["ours", "hf_ckpt", "hf_compile"])
     parser.add_argument("--workloads", nargs="+", default=["a", "b"])
     parser.add_argument("--hf-workloads", nargs="+", default=["a"],
@@ -1000,11 +941,11 @@ def main() -> None:
               "shape": SHAPE, "sizes": SIZES, "parameters": parameter_count(), "peak_flops": PEAK_FLOPS,
               "results": []}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)  # the profiles are written there before the first report
     if args.selfcheck:
         selfcheck(report)
         report["selfcheck_s"] = time.perf_counter() - started
-        out.write_text(json.dumps(report, indent=2))
+        write_report(report, out)
     report["settings"] = settings(base_learner_config())  # after the selfcheck's fallbacks, if any
     for system, workload in jobs(args):
         if args.budget_s and time.perf_counter() - started > args.budget_s:
@@ -1037,15 +978,12 @@ def main() -> None:
                                               "error": traceback.format_exc()[-2000:]})
         report["results"][-1]["job_s"] = time.perf_counter() - job_started
         report["elapsed_s"] = time.perf_counter() - started
-        out.write_text(json.dumps(report, indent=2))  # after every measurement: a timeout keeps the rest
+        write_report(report, out)  # after every measurement: a timeout keeps the rest
         gc.collect()
-        if DEVICE == "cuda":
-            torch.cuda.empty_cache()
-    print(f"\n{'system':>19} {'load':>4} {'step':>8} {'tokens/s':>9} {'MFU':>6} {'peak GiB':>8}")
-    for r in report["results"]:
-        if "error" not in r:
-            print(f"{r['system']:>19} {r['workload']:>4} {r['step_kind']:>8} {r['tokens_per_s']:9.0f} {r['mfu']:6.3f} "
-                  f"{r['peak_memory_gib']:8.1f}")
+        empty_cache(DEVICE)
+    print_columns([("system", 19), ("load", 4), ("step", 8), ("tokens/s", 9), ("MFU", 6), ("peak GiB", 8)],
+                  [[r["system"], r["workload"], r["step_kind"], f"{r['tokens_per_s']:.0f}", f"{r['mfu']:.3f}",
+                    f"{r['peak_memory_gib']:.1f}"] for r in report["results"] if "error" not in r])
     print(f"written to {out} after {time.perf_counter() - started:.0f} s")
 
 

@@ -17,17 +17,16 @@ math-verify is a test-only dependency (the `dev` extra). Prints a table and writ
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
 from areal_async.reward import RewardVerifier
 from areal_async.reward.variants import answer_variants
+from harness import print_markdown_table, script_parser, timed, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLD_FILES = {
@@ -67,9 +66,7 @@ def math_verify_verdict(response: str, gold: str) -> bool | None:
 def agreement(golds: list[tuple[str, str]], verifier: RewardVerifier) -> dict:
     cases = [(source, gold, response, expected, rewrite)
              for source, gold in golds for response, expected, rewrite in answer_variants(gold)]
-    started = time.perf_counter()
-    ours = verifier.check_batch([c[2] for c in cases], [[c[1]] for c in cases])
-    ours_seconds = time.perf_counter() - started
+    ours, ours_seconds = timed(lambda: verifier.check_batch([c[2] for c in cases], [[c[1]] for c in cases]))
     judged = agreed = 0
     by_rewrite: Counter = Counter()
     disagreements = []
@@ -108,16 +105,14 @@ def throughput(verifier: RewardVerifier, count: int, characters: int, seed: int 
     responses = [long_response(rng, answer, characters) for answer in answers]
     golds = [[answer if i % 2 else str(int(answer) + 1)] for i, answer in enumerate(answers)]
     verifier.check_batch(responses[:50], golds[:50])  # warm
-    started = time.perf_counter()
-    verdicts = verifier.check_batch(responses, golds)
-    seconds = time.perf_counter() - started
+    verdicts, seconds = timed(lambda: verifier.check_batch(responses, golds))
     assert verdicts == [bool(i % 2) for i in range(count)], "throughput responses were scored wrongly"
     return {"responses": count, "characters": sum(map(len, responses)) / count, "seconds": seconds,
             "responses_per_s": count / seconds}
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--limit", type=int, default=None, help="golds per file (default: all)")
     parser.add_argument("--workers", type=int, default=2)
@@ -134,14 +129,13 @@ def main() -> int:
     for case in result["disagreements"][: args.show]:
         print(f"[{case['rewrite']}] gold {case['gold']!r} response {case['response'][-70:]!r}: ours {case['ours']}, "
               f"math-verify {case['math_verify']}")
-    print(f"\n| golds | cases | judged by math-verify | agreement | ours = expected | responses/s ({args.workers} "
-          f"workers, {speed['characters']:,.0f} chars) |\n|---|---|---|---|---|---|")
-    print(f"| {result['golds']} | {result['cases']} | {result['judged_by_math_verify']} | "
-          f"{100 * result['agreement']:.2f}% | {100 * result['ours_matches_expected']:.2f}% | "
-          f"{speed['responses_per_s']:,.0f} |")
+    print_markdown_table(
+        ["golds", "cases", "judged by math-verify", "agreement", "ours = expected",
+         f"responses/s ({args.workers} workers, {speed['characters']:,.0f} chars)"],
+        [[result["golds"], result["cases"], result["judged_by_math_verify"], f"{100 * result['agreement']:.2f}%",
+          f"{100 * result['ours_matches_expected']:.2f}%", f"{speed['responses_per_s']:,.0f}"]])
     print("disagreements by rewrite:", result["disagreements_by_rewrite"])
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+    write_report(report, args.out)
     print(f"written to {args.out}")
     return 0
 

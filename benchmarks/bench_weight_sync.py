@@ -41,15 +41,11 @@ Prints a table and writes JSON (default `results/bench_weight_sync.json`, run fr
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import queue
 import statistics
 import sys
 import time
 import traceback
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -68,6 +64,8 @@ from areal_async.weight_sync import (
     plan_buckets,
     state_checksum,
 )
+from harness import (best_seconds, fill_unset, keep_going, machine, print_markdown_table, script_parser, synchronize,
+                     write_report)
 
 # --models name -> its shape's name in areal_async.model.shapes
 MODELS = {"tiny": "TINY_BENCHMARK", "smollm-135m": "SMOLLM_135M", "qwen2.5-0.5b": "QWEN2_5_0_5B",
@@ -118,11 +116,6 @@ def set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # ------------------------------------------------------------------------------------------ measurements
 
 
@@ -151,14 +144,7 @@ def copy_gb_per_s(nbytes: int, device: torch.device) -> float:
     """Best of RAW_REPEATS copies of an `nbytes` buffer on `device` (the in-process transport's floor)."""
     source = torch.ones(nbytes, dtype=torch.uint8, device=device)
     target = torch.empty_like(source)
-    best = float("inf")
-    for _ in range(RAW_REPEATS):
-        synchronize(device)
-        started = time.perf_counter()
-        target.copy_(source)
-        synchronize(device)
-        best = min(best, time.perf_counter() - started)
-    return nbytes / best / GB
+    return nbytes / best_seconds(lambda: target.copy_(source), device, RAW_REPEATS) / GB
 
 
 def broadcast_gb_per_s(group: dist.ProcessGroup, nbytes: int, device: torch.device) -> float:
@@ -167,14 +153,7 @@ def broadcast_gb_per_s(group: dist.ProcessGroup, nbytes: int, device: torch.devi
     buffer = torch.ones(nbytes, dtype=torch.uint8, device=device)
     options = dist.BroadcastOptions()
     options.rootRank = 0
-    best = float("inf")
-    for _ in range(RAW_REPEATS):
-        synchronize(device)
-        started = time.perf_counter()
-        group.broadcast([buffer], options).wait()
-        synchronize(device)
-        best = min(best, time.perf_counter() - started)
-    return nbytes / best / GB
+    return nbytes / best_seconds(lambda: group.broadcast([buffer], options).wait(), device, RAW_REPEATS) / GB
 
 
 def summarize(setup: dict, rounds: list[dict], raw_gb_per_s: float, check_seconds: float, identical: bool) -> dict:
@@ -348,14 +327,14 @@ def bench_distributed(backend: str, model: str, receivers: int, args) -> dict:
 
 
 def print_table(rows: list[dict]) -> None:
-    print("\n| path | model | params | receivers | MB/version | snapshot s | delta s/version | stage s | "
-          "transfer s | GB/s | aggregate GB/s | raw GB/s | checksum s | identical |\n|" + "---|" * 14)
-    for r in rows:
-        print(f"| {r['path']} | {r['model']} | {r['parameters'] / 1e6:,.1f}M | {r['receivers']} | "
-              f"{r['bytes_per_version'] / 1e6:,.1f} | {r['snapshot_seconds']:.3f} | {r['seconds_per_version']:.3f} | "
-              f"{r['stage_seconds']:.3f} | {r['transfer_seconds']:.3f} | {r['gb_per_s']:.3f} | "
-              f"{r['aggregate_gb_per_s']:.3f} | {r['raw_gb_per_s']:.2f} | {r['checksum_seconds']:.3f} | "
-              f"{r['weights_identical']} |", flush=True)
+    print_markdown_table(
+        ["path", "model", "params", "receivers", "MB/version", "snapshot s", "delta s/version", "stage s",
+         "transfer s", "GB/s", "aggregate GB/s", "raw GB/s", "checksum s", "identical"],
+        [[r["path"], r["model"], f"{r['parameters'] / 1e6:,.1f}M", r["receivers"],
+          f"{r['bytes_per_version'] / 1e6:,.1f}",
+          *(f"{r[key]:.3f}" for key in ("snapshot_seconds", "seconds_per_version", "stage_seconds", "transfer_seconds",
+                                        "gb_per_s", "aggregate_gb_per_s")),
+          f"{r['raw_gb_per_s']:.2f}", f"{r['checksum_seconds']:.3f}", r["weights_identical"]] for r in rows])
 
 
 def jobs(args) -> list[tuple[str, str, int]]:
@@ -379,7 +358,7 @@ def defaults(quick: bool, cuda: bool) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--paths", nargs="+", choices=PATHS,
                         help="default: inprocess gloo on the CPU, inprocess nccl with --device cuda")
     parser.add_argument("--models", nargs="+", choices=list(MODELS),
@@ -403,9 +382,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default="results/bench_weight_sync.json", help="JSON file; default: %(default)s")
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
-    for option, value in defaults(args.quick, cuda).items():
-        if getattr(args, option) is None:
-            setattr(args, option, value)
+    fill_unset(args, defaults(args.quick, cuda))
     if args.versions < 1:
         parser.error(f"--versions must be at least 1 (delta versions are what is timed), got {args.versions}")
     if min(args.receivers) < 1:
@@ -423,26 +400,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     set_threads(args.threads)
-    report = {"args": vars(args), "machine": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-              "results": [], "errors": {}}
+    report = {"args": vars(args), **machine(), "torch": torch.__version__, "results": [], "errors": {}}
     if args.device == "cuda":
         report["device_name"] = torch.cuda.get_device_name()
     for path, model, receivers in jobs(args):
         label = f"{path} {model} x{receivers}"
         print(f"[{label}] ...", flush=True)
-        try:
+        with keep_going(report["errors"], label):  # one failing path must not lose the others' figures
             if path == "inprocess":
                 row = bench_inprocess(model, args, getattr(torch, args.dtype), torch.device(args.device))
             else:
                 row = bench_distributed(path, model, receivers, args)
             report["results"].append(row)
             print(f"[{label}] {row['seconds_per_version']:.3f} s/version, {row['gb_per_s']:.3f} GB/s", flush=True)
-        except Exception as error:  # noqa: BLE001 - one failing path must not lose the others' figures
-            traceback.print_exc()
-            report["errors"][label] = f"{type(error).__name__}: {error}"
-        out = Path(args.out)  # after every measurement: a run cut short keeps what it measured
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2))
+        write_report(report, args.out)  # after every measurement: a run cut short keeps what it measured
     if report["results"]:
         print_table(report["results"])
     print(f"written to {args.out}")

@@ -32,7 +32,6 @@ bench_end_to_end.py's run with the GPU component reports' rates, is benchmarks/v
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -56,6 +55,7 @@ from areal_async.trajectory_log import read_trajectory_log
 from areal_async.types import Trajectory
 from areal_async.wire import encode_group
 from bench_staleness import run_config  # benchmarks/: the script's folder, first on sys.path
+from harness import print_columns, script_parser, write_report
 
 BAR = 0.15  # the issue's bar: predictions within 15% of what runs
 HOST_GROUPS = 32
@@ -176,7 +176,7 @@ def predicted(records: list[StepRecord]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--measured", type=Path, default=Path("results/bench_staleness.json"),
                         help="bench_staleness.py report to compare with (default: %(default)s)")
     parser.add_argument("--calibration-run", type=Path, default=None,
@@ -212,22 +212,19 @@ def main() -> None:
                      "predicted": own, "error": error, "within_bar": abs(error) <= BAR,
                      "predicted_with_synchronous_rates": borrowed,
                      "error_with_synchronous_rates": borrowed["trajectories_per_s"] / result["trajectories_per_s"] - 1})
-    print(f"\n{'max_staleness':>13} {'measured traj/s':>15} {'predicted':>9} {'error':>7} {'measured step s':>15} "
-          f"{'predicted':>9} {'sync rates: traj/s':>18} {'error':>7}")
-    for row in rows:
-        steps = row["steps"]
-        print(f"{str(row['max_staleness']):>13} {row['measured']['trajectories_per_s']:15.1f} "
-              f"{row['predicted']['trajectories_per_s']:9.1f} {row['error']:+7.1%} "
-              f"{row['measured']['train_loop_seconds'] / steps:15.3f} "
-              f"{row['predicted']['train_loop_seconds'] / steps:9.3f} "
-              f"{row['predicted_with_synchronous_rates']['trajectories_per_s']:18.1f} "
-              f"{row['error_with_synchronous_rates']:+7.1%}")
+    print_columns([("max_staleness", 13), ("measured traj/s", 15), ("predicted", 9), ("error", 7),
+                   ("measured step s", 15), ("predicted", 9), ("sync rates: traj/s", 18), ("error", 7)],
+                  [[str(row["max_staleness"]), f"{row['measured']['trajectories_per_s']:.1f}",
+                    f"{row['predicted']['trajectories_per_s']:.1f}", f"{row['error']:+.1%}",
+                    f"{row['measured']['train_loop_seconds'] / row['steps']:.3f}",
+                    f"{row['predicted']['train_loop_seconds'] / row['steps']:.3f}",
+                    f"{row['predicted_with_synchronous_rates']['trajectories_per_s']:.1f}",
+                    f"{row['error_with_synchronous_rates']:+.1%}"] for row in rows])
     print("the synchronous run's gather_s is matched by construction (host_polled_s is fitted to it)")
     report = {"measured_file": str(args.measured), "load_average_1_5_15_min": os.getloadavg(), "cpus": os.cpu_count(),
               "host_overheads": overheads, "overheads_from": synchronous["run"], "overrides": args.overrides,
               "bar": BAR, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    write_report(report, args.out)
     print(f"written to {args.out}")
 
 

@@ -35,7 +35,6 @@ Prints a table and writes JSON (default `results/validate_simulate_e2e.json`).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from dataclasses import asdict
@@ -50,6 +49,7 @@ from areal_async.run.simulation import generation_from_report, training_from_rep
 from areal_async.simulate import DecodeCost, LengthModel, StepRecord, simulate, summarize
 from areal_async.simulate_inputs import report_value, config_system, load_report
 from bench_end_to_end import PHASES, SHAPE, TINY_SHAPE, TINY_WORKLOADS, WORKLOADS  # benchmarks/: first on sys.path
+from harness import script_parser, write_report
 from validate_simulate import BAR
 
 TRAINING_ROW = ["ours", "a", "ppo_step"]
@@ -166,7 +166,7 @@ def validate(args) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    options = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    options = script_parser(__doc__)
     options.add_argument("--end-to-end", type=Path, required=True, help="bench_end_to_end.py report (the run)")
     options.add_argument("--generation", type=Path, required=True, help="bench_generation.py report")
     options.add_argument("--training", type=Path, required=True, help="bench_training.py report")
@@ -196,8 +196,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['inputs_from_run']['reward_s_per_response'] * 1e3:.3f} ms per response, publication "
               f"{row['inputs_from_run']['weight_sync_s']:.3f} s")
     print_table(report["rows"])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    write_report(report, args.out)
     print(f"written to {args.out}")
     return 0
 
