@@ -32,8 +32,8 @@ import torch
 
 from actors.sampling import sample
 from actors.scheduler import Admission, BlockPool, Schedule, padded_chunks
-from areal_async.decode_batch import decode_batch_size, decode_batch_sizes
-from areal_async.memory_plan import pool_blocks
+from areal_async.model.decode_batch import decode_batch_size, decode_batch_sizes
+from areal_async.planning.memory_plan import pool_blocks
 from areal_async.model import CausalLM
 from areal_async.model.paged_cache import PagedKVCache, blocks_for, kv_block_bytes
 from areal_async.types import Generation, SamplingParams
@@ -168,7 +168,7 @@ class TorchEngine:
     finished sequence is noticed sync_every to 2 x sync_every steps late on CUDA, at most sync_every on CPU).
     refill_fraction: free slots (as a fraction of the call's slots) that trigger a refill while requests wait.
     cuda_graphs: capture decode steps (default: on CUDA); one graph per (decode batch size, sampling settings),
-    the sizes of areal_async/decode_batch.py up to the slot count. prefill_tokens: padded tokens per prefill
+    the sizes of areal_async/model/decode_batch.py up to the slot count. prefill_tokens: padded tokens per prefill
     forward. With no request waiting, sequences move from high slots to free low ones when that lets the steps
     run on a smaller batch (the tail of a call runs on a small batch; a move copies a row of buffers, not its KV).
     lookahead: runs of decode steps kept queued ahead of the host's reads (default 1 on CUDA, 0 elsewhere).

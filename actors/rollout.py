@@ -24,7 +24,7 @@ from areal_async.contracts import GenerationEngine
 from areal_async.reward.code_sandbox import CodeSandbox, SandboxLimits
 from areal_async.types import PromptGroup, SamplingParams, Trajectory
 from areal_async.config import ChatTemplateKind, GenerationConfig, PromptType, ToolName, TrainConfig
-from areal_async.wire import encode_group
+from areal_async.actor_system.wire import encode_group
 
 QUEUE_FULL_BACKOFF_S = 0.05
 

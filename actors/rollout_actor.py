@@ -12,7 +12,7 @@ from actors.engine_factory import EngineWeights, build_engine
 from actors.rollout import build_rollout_worker
 from areal_async.config import TrainConfig
 from areal_async.model import load_tokenizer
-from areal_async.process_groups import close_sync_group, open_sync_group, sync_rank
+from areal_async.actor_system.process_groups import close_sync_group, open_sync_group, sync_rank
 from areal_async.reward import build_verifier
 from areal_async.weight_sync import WeightReceiver, WeightSyncError, state_checksum
 
@@ -24,7 +24,7 @@ CONCURRENT_CALLS = 3  # run, abort_sync while run waits in a broken round, pid
 
 class RolloutActor:
     """`controller` and `queue` are objects with the ControllerService / queue-router methods (Ray proxies
-    in a cluster). A member of the weight-sync group of the current epoch (areal_async/process_groups.py),
+    in a cluster). A member of the weight-sync group of the current epoch (areal_async/actor_system/process_groups.py),
     whose rank 0 is learner rank 0: the controller's `sync_state` says when the driver opened a new one."""
 
     def __init__(self, worker_index: int, config: TrainConfig, model_path: str, controller, queue) -> None:

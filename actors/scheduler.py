@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
-from areal_async.decode_batch import decode_batch_size
+from areal_async.model.decode_batch import decode_batch_size
 from areal_async.model.paged_cache import blocks_for
 
 

@@ -430,7 +430,7 @@ class ClusterConfig:
     worker_restart_window_s: float = 600.0  # see max_worker_restarts
     # Weight-sync operations fail after this long (a member that never answers); gloo fails at once on a dead one.
     sync_timeout_s: float = 300.0
-    # The machines, for `areal-async plan` (areal_async/placement.py): `nodes` nodes of `gpus_per_node` GPUs with
+    # The machines, for `areal-async plan` (areal_async/planning/placement.py): `nodes` nodes of `gpus_per_node` GPUs with
     # `gpu_memory_gib` each (an 80 GB H100 reports 79.2 GiB). Every node gets the same share of the learner
     # ranks and rollout workers. Ray itself places the actors by their resources.
     nodes: int = 1

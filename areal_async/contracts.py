@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from areal_async.ledger import ShardCounts
+from areal_async.actor_system.ledger import ShardCounts
 from areal_async.types import Generation, PromptGroup, SamplingParams, Trajectory
 from areal_async.weight_sync import WeightTransport
 

@@ -26,7 +26,7 @@ take both):
 The overhead is the ratio: mean run step time / (engine alone + learner alone). The run's summary gives the
 ledger, the worker-vs-learner checksum check, the generation errors, the verifier's errors and its "unparsed"
 verdicts (answers it could not read: most of random weights' answers). On one GPU the phases take turns with
-the memory (areal_async/memory_plan.py): `memory` gives each phase's planned peak of allocated memory against
+the memory (areal_async/planning/memory_plan.py): `memory` gives each phase's planned peak of allocated memory against
 the largest measured (metrics.jsonl's peak_gib_<phase>, and the engine and learner alone).
 
 Prints a table and writes JSON (default `results/bench_end_to_end.json`, run from the repository root). `--tiny`

@@ -1,4 +1,4 @@
-"""GPU memory of the one-GPU run's parts by phase, what the memory plan (areal_async/memory_plan.py) is fitted to.
+"""GPU memory of the one-GPU run's parts by phase, what the memory plan (areal_async/planning/memory_plan.py) is fitted to.
 
 Shape: DeepSeek-R1-Distill-Qwen-1.5B (random weights, untied LM head). In one process, on one CUDA device:
   1. the learner (fp32 master weights, bf16 autocast, compiled layers, 4 minibatches) takes PPO steps on 64
@@ -24,7 +24,7 @@ import torch
 
 from actors.engine import TorchEngine
 from areal_async.config import PPOConfig
-from areal_async.memory_plan import GIB, activation_bytes, head_gradient_bytes, parameter_count
+from areal_async.planning.memory_plan import GIB, activation_bytes, head_gradient_bytes, parameter_count
 from areal_async.model import CausalLM
 from areal_async.model.shapes import R1_DISTILL_QWEN_1_5B
 from areal_async.objective import trajectory_advantages

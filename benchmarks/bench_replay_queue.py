@@ -40,10 +40,10 @@ import msgpack
 import numpy as np
 import zarr
 
-from areal_async.replay_queue import ShardedReplayQueue
-from areal_async.trajectory_log import TrajectoryLog, read_trajectory_log
+from areal_async.actor_system.replay_queue import ShardedReplayQueue
+from areal_async.actor_system.trajectory_log import TrajectoryLog, read_trajectory_log
 from areal_async.types import Trajectory
-from areal_async.wire import decode_group, encode_group
+from areal_async.actor_system.wire import decode_group, encode_group
 from harness import fill_unset, machine, print_markdown_table, script_parser, timed, write_report
 
 VOCAB_SIZE = 151936  # DeepSeek-R1-Distill-Qwen-1.5B's

@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as torch_mp
 
-from areal_async.process_groups import host_store, open_sync_group
+from areal_async.actor_system.process_groups import host_store, open_sync_group
 from areal_async.weight_sync import (
     DEFAULT_BUCKET_BYTES,
     InProcessTransport,

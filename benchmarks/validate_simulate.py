@@ -43,17 +43,17 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from areal_async.controller import RolloutController
+from areal_async.actor_system.controller import RolloutController
 from areal_async.data.records import PromptRecord
-from areal_async.placement import model_shape
-from areal_async.replay_queue import ReplayQueueShard, ShardedReplayQueue
+from areal_async.planning.placement import model_shape
+from areal_async.actor_system.replay_queue import ReplayQueueShard, ShardedReplayQueue
 from areal_async.run.sft import BUNDLED_WARMSTART
-from areal_async.runtime import ControllerService, RayProxy
-from areal_async.simulate import LengthModel, StepRecord, simulate
-from areal_async.simulate_inputs import config_system, decode_cost_from_rate
-from areal_async.trajectory_log import read_trajectory_log
+from areal_async.actor_system.runtime import ControllerService, RayProxy
+from areal_async.planning.simulate import LengthModel, StepRecord, simulate
+from areal_async.planning.simulate_inputs import config_system, decode_cost_from_rate
+from areal_async.actor_system.trajectory_log import read_trajectory_log
 from areal_async.types import Trajectory
-from areal_async.wire import encode_group
+from areal_async.actor_system.wire import encode_group
 from bench_staleness import run_config  # benchmarks/: the script's folder, first on sys.path
 from harness import print_columns, script_parser, write_report
 

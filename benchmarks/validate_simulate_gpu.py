@@ -42,12 +42,12 @@ from pathlib import Path
 
 import torch
 
-from areal_async.memory_plan import GIB
+from areal_async.planning.memory_plan import GIB
 from areal_async.model.decoder import DecoderConfig
 from areal_async.run.cli import compose_config
 from areal_async.run.simulation import generation_from_report, training_from_report
-from areal_async.simulate import DecodeCost, LengthModel, StepRecord, simulate, summarize
-from areal_async.simulate_inputs import report_value, config_system, load_report
+from areal_async.planning.simulate import DecodeCost, LengthModel, StepRecord, simulate, summarize
+from areal_async.planning.simulate_inputs import report_value, config_system, load_report
 from bench_end_to_end import PHASES, SHAPE, TINY_SHAPE, TINY_WORKLOADS, WORKLOADS  # benchmarks/: first on sys.path
 from harness import script_parser, write_report
 from validate_simulate import BAR

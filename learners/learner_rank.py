@@ -1,5 +1,5 @@
 """A learner rank as a process of its own (a Ray actor in a run): an FSDPLearner over the run's learner world
-(areal_async/process_groups.py). Rank 0 also publishes each version to the rollout workers over the current
+(areal_async/actor_system/process_groups.py). Rank 0 also publishes each version to the rollout workers over the current
 weight-sync group; workers never see a shard, since rank 0 gathers the full weights one parameter at a time
 first.
 """
@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from areal_async.config import TrainConfig
 from areal_async.model import load_pretrained, load_tokenizer
-from areal_async.process_groups import SyncGroup, close_sync_group, join_learner_world, open_sync_group
+from areal_async.actor_system.process_groups import SyncGroup, close_sync_group, join_learner_world, open_sync_group
 from areal_async.types import Trajectory
 from areal_async.weight_sync import WeightPublisher
 from learners.fsdp_learner import FSDPLearner, compiles_layers

@@ -23,7 +23,7 @@ from areal_async.run.ablate import (
     summarise,
 )
 from areal_async.run.cli import compose_config, main
-from areal_async.staleness import parse_staleness
+from areal_async.actor_system.staleness import parse_staleness
 from areal_async.run.trainer import validate
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

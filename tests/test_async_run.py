@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from areal_async.run.cli import compose_config
-from areal_async.trajectory_log import read_trajectory_log
+from areal_async.actor_system.trajectory_log import read_trajectory_log
 from areal_async.run.trainer import run_training
 
 ray = pytest.importorskip("ray")

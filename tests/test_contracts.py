@@ -7,11 +7,11 @@ import pytest
 from areal_async.config import PPOConfig
 from areal_async.agents.workflows import MultiTurnRetry, SingleTurnMath, ToolIntegratedReasoning, WorkflowContext
 from areal_async.contracts import Controller, Learner, ReplayQueue, Workflow
-from areal_async.controller import RolloutController
+from areal_async.actor_system.controller import RolloutController
 from areal_async.data.records import PromptRecord
-from areal_async.replay_queue import ShardedReplayQueue
+from areal_async.actor_system.replay_queue import ShardedReplayQueue
 from areal_async.run.ray_cluster import RayLearnerGroup
-from areal_async.runtime import ControllerService
+from areal_async.actor_system.runtime import ControllerService
 from learners.fsdp_learner import FSDPLearner
 from learners.ppo_learner import PPOLearner
 

@@ -1,6 +1,7 @@
 """The folders' import rules (DESIGN.md, "Folders and what they may import"), read from every module's source: the core
 (areal_async, but for its composition root areal_async/run) imports neither actors, learners nor evaluation;
-actors and learners never import each other, nor evaluation."""
+actors and learners never import each other, nor evaluation. Inside the core, the actor system and planning do not
+import each other, and nothing but the composition root imports it."""
 
 import ast
 from pathlib import Path
@@ -14,6 +15,10 @@ FORBIDDEN = {
     "learners": {"actors", "evaluation"},
 }
 COMPOSITION_ROOT = ROOT / "areal_async" / "run"
+CORE_FOLDERS_FORBIDDEN = {
+    "actor_system": {"areal_async.planning", "areal_async.run"},
+    "planning": {"areal_async.actor_system", "areal_async.run"},
+}
 
 
 def imported_packages(path: Path) -> set[tuple[str, int]]:
@@ -27,6 +32,18 @@ def imported_packages(path: Path) -> set[tuple[str, int]]:
     return found
 
 
+def imported_modules(path: Path) -> set[tuple[str, int]]:
+    """The dotted modules a module imports anywhere in it, with the line (`from a.b import c` counts a.b.c too)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found |= {(alias.name, node.lineno) for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add((node.module, node.lineno))
+            found |= {(f"{node.module}.{alias.name}", node.lineno) for alias in node.names}
+    return found
+
+
 def modules(package: str) -> list[Path]:
     return sorted(p for p in (ROOT / package).rglob("*.py") if COMPOSITION_ROOT not in p.parents)
 
@@ -36,6 +53,19 @@ def test_import_rules(package):
     violations = [f"{path.relative_to(ROOT)}:{line} imports {name}"
                   for path in modules(package) for name, line in imported_packages(path)
                   if name in FORBIDDEN[package]]
+    assert not violations, "\n".join(violations)
+
+
+def test_core_folder_rules():
+    violations = []
+    for folder, forbidden in CORE_FOLDERS_FORBIDDEN.items():
+        paths = sorted((ROOT / "areal_async" / folder).rglob("*.py"))
+        assert len(paths) >= 4, folder
+        violations += [f"{path.relative_to(ROOT)}:{line} imports {name}"
+                       for path in paths for name, line in imported_modules(path)
+                       if any(name == f or name.startswith(f + ".") for f in forbidden)]
+    violations += [f"{path.relative_to(ROOT)}:{line} imports {name}" for path in modules("areal_async")
+                   for name, line in imported_modules(path) if name.split(".")[:2] == ["areal_async", "run"]]
     assert not violations, "\n".join(violations)
 
 

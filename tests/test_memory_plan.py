@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from areal_async.memory_plan import GIB, activation_bytes, parameter_count, plan_one_gpu
+from areal_async.planning.memory_plan import GIB, activation_bytes, parameter_count, plan_one_gpu
 from areal_async.model import CausalLM, DecoderConfig
 
 TOY = dict(vocab_size=100, hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,

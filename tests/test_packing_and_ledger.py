@@ -2,9 +2,9 @@
 
 import pytest
 
-from areal_async.ledger import Ledger, ShardCounts
+from areal_async.actor_system.ledger import Ledger, ShardCounts
 from areal_async.packing import pad_prompt_output_batch
-from areal_async.staleness import is_too_stale, may_admit
+from areal_async.actor_system.staleness import is_too_stale, may_admit
 
 
 def test_padded_batch_aligns_outputs_with_next_token_positions():
@@ -46,7 +46,7 @@ def test_admission_counts_a_group_in_flight_at_the_keep_rate():
 
 
 def test_controller_oversamples_by_the_recent_keep_rate():
-    from areal_async.controller import RolloutController
+    from areal_async.actor_system.controller import RolloutController
     from areal_async.data.records import PromptRecord
 
     records = [PromptRecord(f"q{i}", "p", ("1",)) for i in range(100)]

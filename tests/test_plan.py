@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from areal_async.config import EngineConfig, ModelConfig, ModelShape
-from areal_async.memory_plan import GIB, engine_sequences, parameter_count
+from areal_async.planning.memory_plan import GIB, engine_sequences, parameter_count
 from areal_async.model import DecoderConfig
 from areal_async.model.shapes import known_shape
-from areal_async.placement import Role, layout, model_shape, plan_run, ranges
+from areal_async.planning.placement import Role, layout, model_shape, plan_run, ranges
 from areal_async.run.cli import compose_config, main
 from areal_async.run.sft import BUNDLED_WARMSTART
 
@@ -176,7 +176,7 @@ def test_the_shape_comes_from_config_json_else_the_built_in_table(tmp_path):
 
 def test_the_plans_pool_is_the_engines_own():
     from actors.engine_factory import build_engine
-    from areal_async.memory_plan import pool_blocks
+    from areal_async.planning.memory_plan import pool_blocks
     from areal_async.model.paged_cache import kv_block_bytes
 
     engine = build_engine("torch", BUNDLED_WARMSTART, "float32", "cpu",

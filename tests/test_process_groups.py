@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as torch_mp
 
-from areal_async.process_groups import host_store, join_learner_world
+from areal_async.actor_system.process_groups import host_store, join_learner_world
 
 
 def learner_rank(rank: int, store_address: tuple[str, int], results) -> None:

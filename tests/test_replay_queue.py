@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 import zarr
 
-from areal_async.ledger import DROP_REASONS
-from areal_async.replay_queue import (
+from areal_async.actor_system.ledger import DROP_REASONS
+from areal_async.actor_system.replay_queue import (
     ReplayQueueShard,
     ShardedReplayQueue,
     group_oldest_version,
     round_robin_quotas,
     shard_for,
 )
-from areal_async.trajectory_log import TrajectoryLog, read_trajectory_log
+from areal_async.actor_system.trajectory_log import TrajectoryLog, read_trajectory_log
 from areal_async.types import Trajectory
-from areal_async.wire import encode_group
+from areal_async.actor_system.wire import encode_group
 
 
 def make_group(group_id, versions=((0, 0), (0, 1)), rewards=(5.0, -5.0)):
@@ -85,7 +85,7 @@ def test_full_shard_refuses_without_counting_and_accepts_after_a_take():
 def test_bad_frame_is_counted_logged_and_the_shard_keeps_working(caplog):
     shard = ReplayQueueShard(3, capacity_groups=4, max_staleness=None)
     good = frame("a")
-    with caplog.at_level(logging.WARNING, logger="areal_async.replay_queue"):
+    with caplog.at_level(logging.WARNING, logger="areal_async.actor_system.replay_queue"):
         assert shard.put(good[:-2]) == "bad_frame"
         assert shard.put(b"\x93\x01") == "bad_frame"
     assert "shard 3 dropped a bad frame" in caplog.text
@@ -345,7 +345,7 @@ def test_snapshot_round_trips_queued_groups():
 
 
 def test_settle_deliveries_counts_received_groups_as_delivered():
-    from areal_async.controller import settle_deliveries
+    from areal_async.actor_system.controller import settle_deliveries
 
     state = {"cursor": 10, "delivered_groups": 4, "freed_slots": 1, "readmitted": 0, "dropped": {},
              "in_flight": [{"group_id": f"g{i}"} for i in (5, 6, 7, 8)]}

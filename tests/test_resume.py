@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from areal_async.run.cli import compose_config
-from areal_async.trajectory_log import read_trajectory_log
+from areal_async.actor_system.trajectory_log import read_trajectory_log
 from areal_async.run.trainer import run_training
 
 RUN = ["total_steps=8", "checkpoint_every=2", "rollout.groups_per_step=4", "generation.group_size=4",

@@ -5,12 +5,12 @@ import numpy as np
 from areal_async.types import Generation
 from actors.rollout import RolloutWorker
 from areal_async.config import GenerationConfig
-from areal_async.controller import RolloutController
+from areal_async.actor_system.controller import RolloutController
 from areal_async.data.records import PromptRecord
-from areal_async.ledger import Ledger
-from areal_async.replay_queue import ShardedReplayQueue
+from areal_async.actor_system.ledger import Ledger
+from areal_async.actor_system.replay_queue import ShardedReplayQueue
 from areal_async.reward import Verdict
-from areal_async.runtime import ControllerService
+from areal_async.actor_system.runtime import ControllerService
 
 
 class FlakyEngine:

@@ -4,7 +4,7 @@ prompt blocks, growth, preemption, harvest and compaction."""
 import pytest
 
 from actors.scheduler import BlockPool, Schedule, padded_chunks
-from areal_async.decode_batch import decode_batch_size, decode_batch_sizes
+from areal_async.model.decode_batch import decode_batch_size, decode_batch_sizes
 
 
 def schedule_of(prompt_lengths, limits, slots, block_size=4, blocks=64, keys=None) -> Schedule:

@@ -1,11 +1,11 @@
-"""The discrete-event model of `areal-async simulate` (areal_async/simulate.py): the engine arithmetic, one
+"""The discrete-event model of `areal-async simulate` (areal_async/planning/simulate.py): the engine arithmetic, one
 generate call and the whole system, on cases small enough to work out by hand."""
 
 import random
 
 import pytest
 
-from areal_async.simulate import (
+from areal_async.planning.simulate import (
     DecodeCost,
     EngineCall,
     EngineModel,

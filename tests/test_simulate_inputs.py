@@ -1,4 +1,4 @@
-"""The simulator's inputs (areal_async/simulate_inputs.py): the decode cost fitted from a bench_generation report,
+"""The simulator's inputs (areal_async/planning/simulate_inputs.py): the decode cost fitted from a bench_generation report,
 training, publication and scoring rates, a cluster config turned into the simulated system, and errors that name
 the report and the key it lacked; and the `areal-async simulate` subcommand that puts them together."""
 
@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from areal_async.config import ModelShape
-from areal_async.memory_plan import GIB, engine_sequences
+from areal_async.planning.memory_plan import GIB, engine_sequences
 from areal_async.model.shapes import known_shape
-from areal_async.placement import inline_gpu_plan
+from areal_async.planning.placement import inline_gpu_plan
 from areal_async.run.cli import compose_config, main
 from areal_async.run.simulation import GENERATION_REPORT, TRAINING_REPORT, VERIFIER_REPORT
-from areal_async.simulate import DecodeCost, EngineModel, LengthModel, Request, call_seconds
-from areal_async.simulate_inputs import (
+from areal_async.planning.simulate import DecodeCost, EngineModel, LengthModel, Request, call_seconds
+from areal_async.planning.simulate_inputs import (
     config_system,
     fit_decode_cost,
     line_fit,

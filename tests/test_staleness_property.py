@@ -20,12 +20,12 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from areal_async.controller import RolloutController
+from areal_async.actor_system.controller import RolloutController
 from areal_async.data.records import PromptRecord
-from areal_async.ledger import DROP_REASONS, Ledger
-from areal_async.replay_queue import ShardedReplayQueue, group_oldest_version
+from areal_async.actor_system.ledger import DROP_REASONS, Ledger
+from areal_async.actor_system.replay_queue import ShardedReplayQueue, group_oldest_version
 from areal_async.types import PromptGroup, Trajectory
-from areal_async.wire import encode_group
+from areal_async.actor_system.wire import encode_group
 
 RECORDS = [PromptRecord(query_id=f"q{i}", prompt=f"prompt {i}", solutions=("1",)) for i in range(3)]
 REWARDS = (5.0, -5.0)

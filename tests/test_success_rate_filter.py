@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from actors.rollout import RolloutWorker
-from areal_async.controller import RolloutController
+from areal_async.actor_system.controller import RolloutController
 from areal_async.run.cli import compose_config
 from areal_async.data.records import PromptRecord
 from areal_async.types import Trajectory

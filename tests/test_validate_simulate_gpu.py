@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from areal_async.memory_plan import GIB
+from areal_async.planning.memory_plan import GIB
 from areal_async.run.cli import compose_config
-from areal_async.simulate import LengthModel
+from areal_async.planning.simulate import LengthModel
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from areal_async.types import Trajectory
-from areal_async.wire import SCHEMA_VERSION, FrameError, decode_group, encode_group
+from areal_async.actor_system.wire import SCHEMA_VERSION, FrameError, decode_group, encode_group
 
 
 def make_group(group_id="g7", sizes=(3, 0, 5)):

@@ -10,7 +10,7 @@ from dataclasses import asdict, replace
 import numpy as np
 
 from areal_async.data.records import PromptRecord
-from areal_async.staleness import may_admit
+from areal_async.actor_system.staleness import may_admit
 from areal_async.types import PromptGroup
 
 

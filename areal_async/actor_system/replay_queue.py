@@ -20,11 +20,11 @@ from collections import OrderedDict, deque
 from collections.abc import Collection, Sequence
 from pathlib import Path
 
-from areal_async.ledger import DROP_REASONS, ShardCounts, check_reason
-from areal_async.staleness import is_too_stale
-from areal_async.trajectory_log import TrajectoryLog
+from areal_async.actor_system.ledger import DROP_REASONS, ShardCounts, check_reason
+from areal_async.actor_system.staleness import is_too_stale
+from areal_async.actor_system.trajectory_log import TrajectoryLog
 from areal_async.types import Trajectory
-from areal_async.wire import FrameError, decode_group, encode_group
+from areal_async.actor_system.wire import FrameError, decode_group, encode_group
 
 logger = logging.getLogger(__name__)
 

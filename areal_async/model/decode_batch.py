@@ -2,7 +2,7 @@
 `count` occupied slots runs on the smallest size that holds them. Powers of two up to 8, then four sizes per
 octave (10, 12, 14, 16, 20, 24, ..., 192, 224, 256, 320, ...), so a step computes at most a quarter more rows
 than it needs while a 1,024-slot engine captures 31 graphs. The engine (actors/scheduler.py) and the simulator
-(areal_async/simulate.py) both size steps with it."""
+(areal_async/planning/simulate.py) both size steps with it."""
 
 from __future__ import annotations
 

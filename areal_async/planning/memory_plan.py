@@ -28,7 +28,7 @@ elements of the compute dtype per layer, fitted to the PPO step of the one-GPU l
 beyond the autocast copies, the head's gradient and the kept logits), rounded up. With activation checkpointing one
 layer's worth plus the layer inputs are kept.
 
-The parts of a Ray run's GPUs (`learner_rank_parts`, `engine_parts`; areal_async/placement.py places them) follow
+The parts of a Ray run's GPUs (`learner_rank_parts`, `engine_parts`; areal_async/planning/placement.py places them) follow
 the same accounting, per process: an FSDP rank holds 1/ranks of the 16 bytes per parameter, the weights it
 gathers for the layers it computes, its activations, and on rank 0 the publisher's buffers; an engine holds its
 weights and its KV cache.

@@ -8,7 +8,7 @@ evaluation and the HF export on `device`: Ray does not count it, so it shares th
 The replay-queue shards hold groups in host memory; the plan spreads them over the nodes, shard k on node
 k mod nodes. Ray places the actors by their resources: this is the layout the config asks for, not pinned.
 
-Memory (areal_async/memory_plan.py). Every process on a GPU counts its peak: a learner rank its share of the
+Memory (areal_async/planning/memory_plan.py). Every process on a GPU counts its peak: a learner rank its share of the
 policy state, its activations and, on rank 0, the publisher's buffers; an engine its weights and its KV pool
 (`engine.kv_memory_gib`, or without a budget `engine.max_slots` sequences of the stage's longest request); each
 process its own reserve. The sequences an engine decodes at once are planned from the tokens a sequence is
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from areal_async.config import EngineKind, ModelConfig, ModelShape, Placement, TrainConfig
-from areal_async.memory_plan import (
+from areal_async.planning.memory_plan import (
     GIB,
     MemoryPlan,
     Part,

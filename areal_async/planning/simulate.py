@@ -1,19 +1,19 @@
 """A discrete-event model of the whole system (`areal-async simulate`): how long a training step takes, how long
 the generation and the training GPUs wait, and the trained tokens/s and trajectories/s that follow, for
 synchronous (max_staleness 0) and asynchronous runs. Its rates come from measurements
-(areal_async/simulate_inputs.py reads the benchmarks' JSON); this module only moves time forward.
+(areal_async/planning/simulate_inputs.py reads the benchmarks' JSON); this module only moves time forward.
 
 Units: seconds and tokens throughout. Deterministic given the seed: response lengths, zero-variance groups and the
 order in which the first idle workers ask for work are drawn from it.
 
 What is modelled, next to what the real code does:
-- Admission (areal_async/controller.py, staleness.py). A worker asks for up to groups_per_request groups; the
+- Admission (areal_async/actor_system/controller.py, staleness.py). A worker asks for up to groups_per_request groups; the
   controller admits while groups admitted less groups dropped < (version + max_staleness + 1) x groups_per_step.
   Idle workers ask in the order they became idle.
 - Generation (actors/engine.py, actors/scheduler.py). A call's G x groups requests run through
   min(requests, slots) slots, `slots` being the sequences the engine's KV pool is planned to carry at once. A
   decode step costs `DecodeCost.step_s(batch, positions)`: `batch` is the decode batch size
-  (areal_async/decode_batch.py) of the occupied slots (the call's slot count while requests wait; the occupied
+  (areal_async/model/decode_batch.py) of the occupied slots (the call's slot count while requests wait; the occupied
   count once none wait, as the engine compacts), `positions` the cache positions the paged attention reads:
   each generating sequence's length + 1 (finished sequences still in their slot read nothing). The host looks
   at finished sequences after every run of sync_every steps and, on CUDA, reads each look one run late
@@ -49,7 +49,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from areal_async.decode_batch import decode_batch_size
+from areal_async.model.decode_batch import decode_batch_size
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The simulator's inputs (areal_async/simulate.py): rates read from the benchmarks' JSON reports, and a run's
+"""The simulator's inputs (areal_async/planning/simulate.py): rates read from the benchmarks' JSON reports, and a run's
 config turned into a SystemModel.
 
 Every reader takes the parsed report and the path it came from, and fails with a ValueError naming the file and
@@ -30,11 +30,11 @@ from pathlib import Path
 import torch
 
 from areal_async.config import Objective, Placement, TrainConfig
-from areal_async.memory_plan import GIB, element_size, engine_sequences, parameter_count, pool_blocks
+from areal_async.planning.memory_plan import GIB, element_size, engine_sequences, parameter_count, pool_blocks
 from areal_async.model.paged_cache import kv_block_bytes
 from areal_async.model.decoder import DecoderConfig
-from areal_async.placement import inline_gpu_plan
-from areal_async.simulate import DecodeCost, EngineModel, LengthModel, Request, SystemModel, call_seconds
+from areal_async.planning.placement import inline_gpu_plan
+from areal_async.planning.simulate import DecodeCost, EngineModel, LengthModel, Request, SystemModel, call_seconds
 
 STEP_KEY = re.compile(r"graph_b(\d+)_kv(\d+)")
 # the benchmark's long-tailed workload: log-normal limits (sigma 1) of mean new_tokens / 4 in [16, new_tokens]

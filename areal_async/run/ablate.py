@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from areal_async.checkpointing import latest_run_checkpoint
 from areal_async.config import Objective
 from areal_async.files import write_json_atomically, write_text_atomically
-from areal_async.staleness import staleness_label
+from areal_async.actor_system.staleness import staleness_label
 
 MANIFEST_FILE = "ablation.json"
 TABLE_FILE = "ablation.md"

@@ -125,7 +125,7 @@ def plot_main(argv: list[str]) -> int:
 
 def plan_main(argv: list[str]) -> int:
     """`areal-async plan [overrides]`: the placement and per-GPU memory of a run, from its config alone."""
-    from areal_async.placement import model_shape, plan_run
+    from areal_async.planning.placement import model_shape, plan_run
     from areal_async.run.sft import BUNDLED_WARMSTART
 
     parser = argparse.ArgumentParser(
@@ -155,7 +155,7 @@ def plan_main(argv: list[str]) -> int:
 def ablate_main(argv: list[str]) -> int:
     """`areal-async ablate`: the staleness x objective grid of training runs, and its table and plot."""
     from areal_async.run.ablate import chosen, grid_cells, open_grid, run_grid, shared_overrides, write_report
-    from areal_async.staleness import parse_staleness, staleness_label
+    from areal_async.actor_system.staleness import parse_staleness, staleness_label
     from areal_async.run.trainer import validate
 
     parser = argparse.ArgumentParser(

@@ -3,7 +3,7 @@
 `ray.init()` starts a local instance when `cluster.address` is null (a laptop needs no cluster); an address
 joins an existing cluster. The driver holds no weights that train: it moves batches from the queue to the
 learner ranks and tells them when to publish. The learner ranks form a torch.distributed world; learner rank
-0 and the workers meet in a weight-sync group of the current epoch (areal_async/process_groups.py), built from
+0 and the workers meet in a weight-sync group of the current epoch (areal_async/actor_system/process_groups.py), built from
 a store the driver hosts.
 
 Faults. A dead rollout worker is noticed at the driver's next look (it looks every few milliseconds while it
@@ -27,10 +27,10 @@ import torch
 from actors.rollout_actor import CONCURRENT_CALLS as WORKER_CALLS
 from actors.rollout_actor import RolloutActor
 from areal_async.config import ClusterConfig, TrainConfig
-from areal_async.controller import RolloutController
-from areal_async.process_groups import host_store
-from areal_async.replay_queue import ReplayQueueShard, ShardedReplayQueue, shard_log_path
-from areal_async.runtime import ActorDied, ControllerService, RayProxy, WorkerKeepsDying, describe_death
+from areal_async.actor_system.controller import RolloutController
+from areal_async.actor_system.process_groups import host_store
+from areal_async.actor_system.replay_queue import ReplayQueueShard, ShardedReplayQueue, shard_log_path
+from areal_async.actor_system.runtime import ActorDied, ControllerService, RayProxy, WorkerKeepsDying, describe_death
 from areal_async.types import Trajectory
 from learners.fsdp_learner import split_step_across_ranks
 from learners.learner_rank import CONCURRENT_CALLS as LEARNER_CALLS

@@ -1,5 +1,5 @@
-"""`areal-async simulate`: a config run through the discrete-event model (areal_async/simulate.py) with rates
-from the benchmarks' reports (areal_async/simulate_inputs.py); prints the inputs and a table, writes JSON."""
+"""`areal-async simulate`: a config run through the discrete-event model (areal_async/planning/simulate.py) with rates
+from the benchmarks' reports (areal_async/planning/simulate_inputs.py); prints the inputs and a table, writes JSON."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from areal_async.run.cli import compose_config
-from areal_async.simulate import DecodeCost, LengthModel, hours_for, simulate, summarize
-from areal_async.staleness import parse_staleness
+from areal_async.planning.simulate import DecodeCost, LengthModel, hours_for, simulate, summarize
+from areal_async.actor_system.staleness import parse_staleness
 
 BENCHMARK_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 GENERATION_REPORT = BENCHMARK_RESULTS / "bench_generation_h100_2026-12-06_split.json"
@@ -52,7 +52,7 @@ examples:
 def simulate_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="areal-async simulate", epilog=SIMULATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="A discrete-event model of a Ray run of the config (areal_async/simulate.py): rollout workers "
+        description="A discrete-event model of a Ray run of the config (areal_async/planning/simulate.py): rollout workers "
                     "decoding admitted groups with continuous batching, the staleness rule, the replay queue, "
                     "learner ranks training and publishing every version. Predicts wall time per step, idle GPU "
                     "time, trained tokens/s and trajectories/s, synchronous against asynchronous.")
@@ -120,7 +120,7 @@ def _shown(path: Path) -> str:
 
 def simulation_inputs(args, config, shape) -> dict:
     """The rates of every run (the decode fit is the expensive one: computed once), with where each came from."""
-    from areal_async import simulate_inputs as inputs
+    from areal_async.planning import simulate_inputs as inputs
 
     if args.gen_tokens_per_s is not None:
         decode = inputs.decode_cost_from_rate(args.gen_tokens_per_s)
@@ -148,7 +148,7 @@ def simulation_inputs(args, config, shape) -> dict:
 def generation_from_report(path: Path, system: str, shape, batch_share: float | None = None) -> tuple:
     """The decode cost of `system` fitted from the bench_generation report at `path`, which must have measured a
     model of `shape`, and where it came from (the fitted batch share, the workloads' replayed tokens/s)."""
-    from areal_async import simulate_inputs as inputs
+    from areal_async.planning import simulate_inputs as inputs
 
     report = inputs.load_report(path)
     inputs.check_generation_shape(report, path, shape)
@@ -161,8 +161,8 @@ def training_from_report(path: Path, row: list[str], config, shape) -> dict:
     """Tokens/s of one learner rank for `config` from the bench_training report at `path`, its `row` (system,
     workload, step kind) measured on a model of `shape`; the forward-pass factor is the config's checkpointing,
     KL reference and proximal recompute against the row's."""
-    from areal_async import simulate_inputs as inputs
-    from areal_async.memory_plan import parameter_count
+    from areal_async.planning import simulate_inputs as inputs
+    from areal_async.planning.memory_plan import parameter_count
 
     rate = inputs.training_rate(inputs.load_report(path), path, config, *row)
     if rate.parameters and abs(rate.parameters / parameter_count(shape) - 1) > inputs.SHAPE_TOLERANCE:
@@ -193,9 +193,9 @@ def default_warmup(max_staleness: int | None, steps: int) -> int:
 
 def run_simulations(args) -> dict:
     """Every (cluster, max_staleness) run of `args`: the report written as JSON, its `runs` printed as a table."""
-    from areal_async.placement import model_shape
+    from areal_async.planning.placement import model_shape
     from areal_async.run.sft import BUNDLED_WARMSTART
-    from areal_async.simulate_inputs import config_system, steps_for
+    from areal_async.planning.simulate_inputs import config_system, steps_for
 
     if args.clusters and any(o.startswith("cluster=") for o in args.overrides):
         raise ValueError("name the clusters either with --clusters or with a cluster= override, not both")

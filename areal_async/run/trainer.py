@@ -36,21 +36,21 @@ from areal_async.checkpointing import (
 )
 from areal_async.contracts import Controller, Learner, ReplayQueue
 from areal_async.files import write_json_atomically, write_text_atomically
-from areal_async.controller import RolloutController, settle_deliveries
+from areal_async.actor_system.controller import RolloutController, settle_deliveries
 from areal_async.data import load_train_and_heldout
 from areal_async.errors import InputError
-from areal_async.ledger import Ledger
-from areal_async.replay_queue import ShardedReplayQueue
-from areal_async.memory_plan import GIB, MemoryPlan
+from areal_async.actor_system.ledger import Ledger
+from areal_async.actor_system.replay_queue import ShardedReplayQueue
+from areal_async.planning.memory_plan import GIB, MemoryPlan
 from areal_async.model import load_config, load_pretrained, load_tokenizer, save_weights_pretrained
 from areal_async.objective import trajectory_advantages
-from areal_async.placement import inline_gpu_plan
+from areal_async.planning.placement import inline_gpu_plan
 from areal_async.prompts import encode_prompt
 from areal_async.plots import plot_training_curves
 from areal_async.reward import build_verifier
 from areal_async.run.ray_cluster import RayCluster
 from areal_async.run.sft import BUNDLED_WARMSTART, run_sft
-from areal_async.runtime import ActorDied, ControllerService, WorkerKeepsDying
+from areal_async.actor_system.runtime import ActorDied, ControllerService, WorkerKeepsDying
 from areal_async.types import PromptGroup, Trajectory
 from areal_async.weight_sync import InProcessTransport, WeightPublisher, WeightReceiver, state_checksum
 from evaluation import EvalSettings, evaluate, load_benchmarks
@@ -140,7 +140,7 @@ def inert_clip_warning(config: TrainConfig) -> str | None:
 
 class SharedGpuMemory:
     """An inline run on one GPU: generation, training and publication take turns with its memory, as the plan
-    counts them (areal_async/memory_plan.py). Entering a phase frees what the last one cached (the engine's KV
+    counts them (areal_async/planning/memory_plan.py). Entering a phase frees what the last one cached (the engine's KV
     pool and decode graphs after generation, rebuilt by its next call) and returns the last phase's peak."""
 
     def __init__(self, engine: TorchEngine, device: torch.device) -> None:

@@ -23,7 +23,7 @@ iterator as fetch does. Deciding delta vs snapshot, headers, checksums and verif
   A receiver that missed rounds simply takes part in a later one: it reports an old version and gets a
   snapshot while the others get deltas (point-to-point that round). Control messages (steps 1, 2's header
   and 4) travel over a `control` group when one is given (gloo, on the CPU: the run's NCCL weight-sync groups
-  get one, areal_async/process_groups.py), else over the group itself on its device. Under NCCL a wait does
+  get one, areal_async/actor_system/process_groups.py), else over the group itself on its device. Under NCCL a wait does
   not raise and an aborted group may leave garbage in a control tensor; over gloo a broken round raises, and
   every control value is checked (a version out of range, a header length above MAX_HEADER_BYTES, an
   unreadable header, an unknown acknowledgement raise BrokenRound, never a wrong decision).
@@ -107,7 +107,7 @@ class TorchDistributedTransport(WeightTransport):
     """Rounds over a torch.distributed group: rank 0 publishes, ranks 1..n-1 receive (module docstring).
 
     `group` is a process group object, registered in the process's world (default: the world) or standalone
-    (built from a store, as the run's weight-sync groups are: areal_async/process_groups.py); ranks are the
+    (built from a store, as the run's weight-sync groups are: areal_async/actor_system/process_groups.py); ranks are the
     group's own. `control`: a gloo group of the same members for the control messages (default: `group`).
     `device` carries the control messages sent over `group` and must suit the backend: CUDA for NCCL, CPU for
     gloo (the default follows the group's backend). Bucket tensors travel as uint8 views, which every backend
