@@ -146,13 +146,9 @@ class ControllerService:
     def should_stop(self) -> bool:
         return self.stopped
 
-    def state_dict(self) -> dict:
+    def _tallies(self) -> dict:
+        """The running counts that a checkpoint keeps and the stats report alike."""
         return {
-            "controller": self.controller.state_dict(),
-            "version": self.version,
-            "failed_attempts": dict(self.failed_attempts),
-            "error_count": self.error_count,
-            "errors": self.errors,
             "generated_tokens": self.generated_tokens,
             "generation_seconds": self.generation_seconds,
             "reward_seconds": self.reward_seconds,
@@ -161,6 +157,16 @@ class ControllerService:
             "generated_reward_sum": self.generated_reward_sum,
             "generated_scored": self.generated_scored,
             "readmitted_by_reason": dict(self.readmitted_by_reason),
+        }
+
+    def state_dict(self) -> dict:
+        return {
+            "controller": self.controller.state_dict(),
+            "version": self.version,
+            "failed_attempts": dict(self.failed_attempts),
+            "error_count": self.error_count,
+            "errors": self.errors,
+            **self._tallies(),
         }
 
     def hold_and_snapshot(self) -> dict:
@@ -196,14 +202,7 @@ class ControllerService:
             "oversample": self.controller.oversample,
             "generation_errors": self.error_count,
             "controller_dropped": dict(self.controller.dropped),
-            "generated_tokens": self.generated_tokens,
-            "generation_seconds": self.generation_seconds,
-            "reward_seconds": self.reward_seconds,
-            "reward_failures": dict(self.reward_failures),
-            "episode_counts": dict(self.episode_counts),
-            "generated_reward_sum": self.generated_reward_sum,
-            "generated_scored": self.generated_scored,
-            "readmitted_by_reason": dict(self.readmitted_by_reason),
+            **self._tallies(),
             "version": self.version,
         }
 
