@@ -12,7 +12,7 @@ from areal_async.config import EngineConfig, ModelConfig, ModelShape
 from areal_async.planning.memory_plan import GIB, engine_sequences, parameter_count
 from areal_async.model import DecoderConfig
 from areal_async.model.shapes import known_shape
-from areal_async.planning.placement import Role, layout, model_shape, plan_run, ranges
+from areal_async.planning.placement import Role, inline_gpu_plan, layout, model_shape, plan_run, ranges
 from areal_async.run.cli import compose_config, main
 from areal_async.run.sft import BUNDLED_WARMSTART
 
@@ -198,3 +198,17 @@ def test_cpu_and_inline_configs_plan_without_gpus():
     gpu = plan_run(compose_config("gpu_demo", []), shape, source, prompt_tokens=16)
     (budget,) = gpu.gpus
     assert 80 * GIB - budget.used < 2**20 and "fits: the engine decodes" in gpu.summary  # the pool takes the rest
+
+
+@pytest.mark.parametrize("free_gib,micro_batch,pool_gib", [(78.66, 13_312, 44.57), (139.0, 16_384, 102.50)])
+def test_the_seeds_first_stage_fits_an_h100_and_an_h200_with_no_memory_setting(free_gib, micro_batch, pool_gib):
+    """Workload (ii) of bench_end_to_end (64 x 16, up to 8,192 new tokens after prompts of 256, bf16) on the memory
+    free at start: an H100 80GB's 78.66 GiB (as its run printed, which then trained with 13,312-token micro-batches
+    and a 44.57 GiB pool, its measured peak 0.02 GiB under the plan's), an H200's about 139 GiB. The plan lowers the
+    micro-batch only where training needs it, and gives generation the rest as KV pool."""
+    config = compose_config("train", ["device=cuda", "model.dtype=bfloat16", "rollout.groups_per_step=64",
+                                      "generation.group_size=16", "generation.max_new_tokens=8192"])
+    plan = inline_gpu_plan(config, R1_1_5B, int(free_gib * GIB), prompt_tokens=256)
+    assert plan.micro_batch_tokens == micro_batch
+    assert plan.kv_cache / GIB == pytest.approx(pool_gib, abs=0.01)
+    assert plan.peak <= free_gib * GIB and plan.sequences == config.engine.max_slots == 256
