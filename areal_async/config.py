@@ -467,7 +467,7 @@ class TrainConfig:
     seed: int = 1  # the run's seed (data order, sampling, initialisation)
     device: str = "cpu"  # cpu or cuda
     save_every: int = 0  # HF checkpoint every N steps (0 = only the final one)
-    checkpoint_every: int = 10  # resumable run checkpoint every N steps (0 = none; inline placement)
+    checkpoint_every: int = 10  # resumable run checkpoint every N steps (0 = none)
     keep_checkpoints: int = 2  # run checkpoints kept (older ones are deleted)
     resume: bool = False  # continue run_name from its latest run checkpoint
     model: ModelConfig = field(default_factory=ModelConfig)

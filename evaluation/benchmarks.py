@@ -146,7 +146,7 @@ def parse_benchmark_arg(text: str) -> tuple[BenchmarkSpec, bool]:
 
     Forms: ``gsm8k`` (a known benchmark, its file in the data directory); ``name=path.jsonl`` (that file;
     a known name keeps its fields, another name defaults to ``problem``/``answer``); either followed by
-    comma-separated options ``,problem=F``, ``,answer=F``, ``,id=F``, ``,format=plain|after_hashes``,
+    comma-separated options ``,problem=F``, ``,answer=F``, ``,id=F``, ``,format=plain|after_hashes|code_tests``,
     ``,title=T``, ``,limit=N`` (first N problems), e.g. ``mybench=/data/x.jsonl,problem=question,answer=final``
     or ``gsm8k,limit=20``.
     """

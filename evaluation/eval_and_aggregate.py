@@ -36,7 +36,7 @@ from evaluation.runner import EvalSettings, RunFolderMismatch, evaluate
 
 EXAMPLES = f"""
 benchmarks: {", ".join(sorted(KNOWN_BENCHMARKS))} (files in --data-dir), or NAME=FILE.jsonl with optional
-  ,problem=FIELD ,answer=FIELD ,id=FIELD ,format=plain|after_hashes (GSM8K-style '#### 42' answers) ,title=TEXT
+  ,problem=FIELD ,answer=FIELD ,id=FIELD ,format=plain|after_hashes|code_tests (GSM8K-style '#### 42' answers; code problems' tests) ,title=TEXT
   ,limit=N (first N problems of that benchmark), e.g. gsm8k,limit=20
 data directory: --data-dir, else ${DATA_DIR_ENV}, else ../shared/data/eval next to the repository.
   Public sources: {PUBLIC_SOURCES}.
