@@ -88,6 +88,19 @@ def test_unknown_key_is_an_error(capsys):
     assert "unknown key" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, named", [
+    (["train", "ppo.lr=abc"], "ppo.lr=abc"), (["train", "ppo.objective=nope"], "expected one of [decoupled, naive]"),
+    (["train", "bogus.key=1"], "bogus.key"), (["train", "ppo.lr"], "ppo.lr"), (["sft", "--config", "nope"], "'nope'"),
+    (["plan", "--config", "recipe_1.5B", "cluster=n99"], "available for cluster: n1, n16, n4"),
+    (["simulate", "--config", "nope"], "'nope'"), (["ablate", "--grid", "nope"], "'ablation/nope'"),
+])
+def test_a_configuration_error_is_one_line_naming_the_input(argv, named, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and named in err, err
+    assert "full_key" not in err and "search path:" not in err and "Traceback" not in err
+
+
 def test_config_yaml_matches_schema():
     config = compose_config("train", ["rollout.max_staleness=null"])
     assert isinstance(config, TrainConfig) and config.rollout.max_staleness is None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 import typing
 from pathlib import Path
@@ -90,6 +91,20 @@ def unknown_keys(node: DictConfig, schema: type, prefix: str = "") -> list[str]:
     return unknown
 
 
+_HYDRA_BOOKKEEPING = re.compile(r"\s*(full_key:|reference_type=|object_type=|To append to your config use|See https://)")
+
+
+def config_error_line(error: BaseException) -> str:
+    """A configuration error (hydra's, OmegaConf's or a value check's) and its cause as one line: without the config
+    search path, OmegaConf's key bookkeeping (the override names the key) or hydra's pointers to its docs, and a
+    group's available options on the same line."""
+    text = f"{error}\n{error.__cause__ or ''}".split("Config search path:")[0]
+    text = re.sub(r"Available options in '([^']+)':((?:\n\t[^\n]*)+)",
+                  lambda found: f"available for {found[1]}: {', '.join(found[2].split())}", text)
+    lines = [line.strip().rstrip(".") for line in text.splitlines()]
+    return "; ".join(line for line in lines if line and not _HYDRA_BOOKKEEPING.match(line))
+
+
 def compose_config(config_name: str, overrides: list[str]):
     """Composes configs/<config_name>.yaml with overrides into its typed dataclass; a key the dataclass does
     not declare is a ValueError naming it, whatever the override's prefix."""
@@ -145,8 +160,7 @@ def plan_main(argv: list[str]) -> int:
         shape, source = model_shape(config.model, BUNDLED_WARMSTART)
         plan = plan_run(config, shape, source, args.prompt_tokens)
     except (HydraException, OmegaConfBaseException, ValueError) as error:
-        cause = f"\n{error.__cause__}" if error.__cause__ else ""
-        print(f"areal-async plan: bad configuration: {error}{cause}", file=sys.stderr)
+        print(f"areal-async plan: bad configuration: {config_error_line(error)}", file=sys.stderr)
         return 2
     print(plan.describe())
     return 0 if plan.fits else 1
@@ -208,8 +222,7 @@ def ablate_main(argv: list[str]) -> int:
             except (HydraException, OmegaConfBaseException, ValueError) as error:
                 raise ValueError(f"run {cell.name}: {error}") from error.__cause__
     except (HydraException, OmegaConfBaseException, ValueError) as error:
-        cause = f"\n{error.__cause__}" if error.__cause__ else ""
-        print(f"areal-async ablate: bad configuration: {error}{cause}", file=sys.stderr)
+        print(f"areal-async ablate: bad configuration: {config_error_line(error)}", file=sys.stderr)
         return 2
     try:
         manifest = open_grid(out, grid.base_config, shared, cells)
@@ -308,8 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = compose_config(args.config or args.command, args.overrides)
     except (HydraException, OmegaConfBaseException, ValueError) as error:
-        cause = f"\n{error.__cause__}" if error.__cause__ else ""
-        print(f"areal-async {args.command}: bad configuration: {error}{cause}", file=sys.stderr)
+        print(f"areal-async {args.command}: bad configuration: {config_error_line(error)}", file=sys.stderr)
         return 2
     if args.cfg:
         print(OmegaConf.to_yaml(OmegaConf.structured(config)))

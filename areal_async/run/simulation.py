@@ -12,7 +12,7 @@ from pathlib import Path
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from areal_async.run.cli import compose_config
+from areal_async.run.cli import compose_config, config_error_line
 from areal_async.planning.simulate import DecodeCost, LengthModel, hours_for, simulate, summarize
 from areal_async.actor_system.staleness import parse_staleness
 
@@ -270,8 +270,7 @@ def simulate_main(argv: list[str]) -> int:
     try:
         report = run_simulations(args)
     except (HydraException, OmegaConfBaseException, ValueError) as error:
-        cause = f"\n{error.__cause__}" if error.__cause__ else ""
-        print(f"areal-async simulate: {error}{cause}", file=sys.stderr)
+        print(f"areal-async simulate: {config_error_line(error)}", file=sys.stderr)
         return 2
     inputs = report["inputs"]
     print(f"model: {report['model']}; prompts {report['prompt_tokens']} tokens; responses log-normal, mean "
