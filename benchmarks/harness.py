@@ -241,10 +241,11 @@ def keep_going(errors: dict, name: str):
 
 
 def write_report(report: dict, out: str | Path, **json_options) -> Path:
-    """Writes `report` as JSON (indent 2 unless `json_options` say otherwise) to `out`, making its folder."""
+    """Writes `report` as JSON (indent 2 unless `json_options` say otherwise) to `out`, whole or not at all."""
+    from areal_async.files import write_text_atomically
+
     path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, **{"indent": 2, **json_options}))
+    write_text_atomically(path, json.dumps(report, **{"indent": 2, **json_options}))
     return path
 
 

@@ -21,19 +21,9 @@ CORE_FOLDERS_FORBIDDEN = {
 }
 
 
-def imported_packages(path: Path) -> set[tuple[str, int]]:
-    """The top-level packages a module imports anywhere in it (inside functions too), with the line."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
-        if isinstance(node, ast.Import):
-            found |= {(alias.name.split(".")[0], node.lineno) for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            found.add((node.module.split(".")[0], node.lineno))
-    return found
-
-
 def imported_modules(path: Path) -> set[tuple[str, int]]:
-    """The dotted modules a module imports anywhere in it, with the line (`from a.b import c` counts a.b.c too)."""
+    """The dotted modules a module imports anywhere in it (inside functions too), with the line (`from a.b import
+    c` counts a.b.c too)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
         if isinstance(node, ast.Import):
@@ -42,6 +32,11 @@ def imported_modules(path: Path) -> set[tuple[str, int]]:
             found.add((node.module, node.lineno))
             found |= {(f"{node.module}.{alias.name}", node.lineno) for alias in node.names}
     return found
+
+
+def imported_packages(path: Path) -> set[tuple[str, int]]:
+    """The top-level packages a module imports, with the line."""
+    return {(name.split(".")[0], line) for name, line in imported_modules(path)}
 
 
 def modules(package: str) -> list[Path]:

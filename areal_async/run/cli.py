@@ -91,7 +91,8 @@ def unknown_keys(node: DictConfig, schema: type, prefix: str = "") -> list[str]:
     return unknown
 
 
-_HYDRA_BOOKKEEPING = re.compile(r"\s*(full_key:|reference_type=|object_type=|To append to your config use|See https://)")
+_HYDRA_BOOKKEEPING = re.compile(
+    r"\s*(full_key:|reference_type=|object_type=|To append to your config use|See https://)")
 
 
 def config_error_line(error: BaseException) -> str:
@@ -276,7 +277,9 @@ def command_help(command: str) -> str:
         clusters = sorted((path.stem for path in (folder / "cluster").glob("*.yaml")), key=lambda n: (len(n), n))
         lines.append(f"groups: cluster={'|'.join(clusters)} (nodes of 8 GPUs, with cluster.placement=ray)")
     lines += ["", "every key and its value: areal-async " + command + " --cfg [--config NAME] [key=value ...]",
-              "the keys with their comments: configs/*.yaml and areal_async/config.py", "", EPILOG.strip()]
+              "every key with its type, default and comment: areal-async config --list"
+              + (" --sft" if command == "sft" else ""),
+              "", EPILOG.strip()]
     return "\n".join(lines)
 
 
