@@ -16,6 +16,7 @@ import time
 from types import SimpleNamespace
 
 from actors.agent_runtime import AgentClient, EpisodeLimit
+from areal_async.agents.workflows import assistant_message
 
 _STATUS = {200: "OK", 400: "Bad Request", 404: "Not Found", 500: "Internal Server Error"}
 _CHAT_KEYS = {"messages", "tools", "temperature", "max_tokens", "max_completion_tokens", "top_p", "model", "n",
@@ -133,12 +134,9 @@ def _completion_arguments(request: dict) -> dict:
 
 def _chat_json(completion: SimpleNamespace) -> dict:
     choice = completion.choices[0]
-    message = choice.message
-    calls = [{"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": c.function.arguments}}
-             for c in message.tool_calls or []]
     return {"id": completion.id, "object": "chat.completion", "created": int(time.time()), "model": "policy",
             "choices": [{"index": 0, "finish_reason": choice.finish_reason,
-                         "message": {"role": "assistant", "content": message.content, "tool_calls": calls or None}}]}
+                         "message": assistant_message(choice.message)}]}
 
 
 def _completion_json(completion: SimpleNamespace) -> dict:
