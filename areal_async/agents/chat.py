@@ -141,7 +141,6 @@ class Conversation:
 
     template: ChatTemplate
     tokenizer: object
-    stop_texts: tuple[str, ...] = ()
     tokens: list[int] = field(default_factory=list)
     mask: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
