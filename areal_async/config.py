@@ -507,6 +507,7 @@ class SFTConfig:
     worked_steps: bool = False  # demonstrations show running totals before the answer (operators '+-' only)
     device: str = "cpu"  # cpu or cuda
     seed: int = 0  # the seed of data and initialisation
+    deterministic: bool = True  # deterministic kernels (torch.use_deterministic_algorithms): one seed, one warm start on a GPU
     shape: TinyModelShape = field(default_factory=TinyModelShape)
     arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
 

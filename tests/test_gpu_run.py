@@ -78,3 +78,17 @@ def test_train_on_cuda_evaluates_trains_checkpoints_and_resumes(tmp_path, overri
     assert [line["version"] for line in lines] == list(range(1, 7))
     assert resumed["ledger_balanced"] and resumed["rollout_weights_identical"] and resumed["generation_errors"] == 0
     assert (tmp_path / "gpu" / "training_curves.png").is_file()
+
+
+def test_sft_on_cuda_gives_one_warm_start_per_seed(tmp_path):
+    from areal_async.config import SFTConfig
+    from areal_async.model import load_pretrained
+    from areal_async.run.sft import run_sft
+
+    config = compose_config("sft_gpu_demo", ["steps=40", "batch_size=64", f"output={tmp_path / 'one'}"])
+    first = load_pretrained(run_sft(config, show_progress=False))
+    config.output = str(tmp_path / "two")
+    second = load_pretrained(run_sft(config, show_progress=False))
+    assert isinstance(config, SFTConfig) and config.deterministic
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), name

@@ -222,6 +222,12 @@ def test_sft_is_reproducible(tmp_path):
         assert torch.equal(a, b), name
 
 
+def test_sft_restores_the_determinism_setting(tmp_path):
+    assert not torch.are_deterministic_algorithms_enabled()
+    run_sft(SFTConfig(steps=1, batch_size=4, output=str(tmp_path / "one")), show_progress=False)
+    assert not torch.are_deterministic_algorithms_enabled()  # other work in the process keeps its kernels
+
+
 def test_synthetic_problems_are_correct_and_splits_disjoint():
     spec = ArithmeticConfig(min_operands=2, max_operands=3, max_operand=20, operators="+-*")
     train = arithmetic_problems(300, spec, seed=0, held_out=False)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import random
 import tempfile
 from pathlib import Path
@@ -32,8 +34,28 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+@contextlib.contextmanager
+def deterministic_kernels(enabled: bool):
+    """Within the block, torch picks deterministic kernels (a warning names any op that has none); the previous
+    setting comes back after. On CUDA, atomics in attention's and the embedding's backward otherwise make two
+    runs of one seed differ."""
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's reproducible workspace
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
 def run_sft(config: SFTConfig, show_progress: bool = True) -> Path:
     """Trains a tiny model from scratch on noisy demonstrations and writes an HF checkpoint folder."""
+    with deterministic_kernels(config.deterministic):
+        return _train_and_save(config, show_progress)
+
+
+def _train_and_save(config: SFTConfig, show_progress: bool) -> Path:
     output = Path(config.output) if config.output else BUNDLED_WARMSTART
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
