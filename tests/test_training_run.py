@@ -5,13 +5,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from areal_async.run.cli import compose_config, main
 from areal_async.config import SFTConfig, TrainConfig
 from areal_async.config import ArithmeticConfig
 from areal_async.data.synthetic import arithmetic_problems, evaluate_expression
 from areal_async.model import load_pretrained
-from areal_async.run.sft import BUNDLED_WARMSTART, run_sft
+from areal_async.run.sft import BUNDLED_WARMSTART, RECIPE_FILE, run_sft
 from areal_async.run.trainer import run_training
 
 SHORT_RUN = [
@@ -220,6 +221,7 @@ def test_sft_is_reproducible(tmp_path):
     second = load_pretrained(run_sft(config, show_progress=False))
     for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
         assert torch.equal(a, b), name
+    assert OmegaConf.load(tmp_path / "two" / RECIPE_FILE).steps == 3  # the recipe is written beside the weights
 
 
 def test_sft_restores_the_determinism_setting(tmp_path):

@@ -64,13 +64,16 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
     return model.to(dtype or torch.float32)
 
 
-def save_pretrained(model: CausalLM, path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None) -> Path:
-    """Writes config.json + model.safetensors (+ tokenizer files copied from `tokenizer_dir`) atomically."""
-    return save_weights_pretrained(model.state_dict(), model.config, path, tokenizer_dir)
+def save_pretrained(model: CausalLM, path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
+                    text_files: Mapping[str, str] | None = None) -> Path:
+    """Writes config.json + model.safetensors (+ tokenizer files copied from `tokenizer_dir`, + `text_files`,
+    name -> contents) atomically."""
+    return save_weights_pretrained(model.state_dict(), model.config, path, tokenizer_dir, text_files)
 
 
 def save_weights_pretrained(weights: Mapping[str, torch.Tensor], config: DecoderConfig, path: str | os.PathLike,
-                            tokenizer_dir: str | os.PathLike | None = None) -> Path:
+                            tokenizer_dir: str | os.PathLike | None = None,
+                            text_files: Mapping[str, str] | None = None) -> Path:
     """`save_pretrained` of named weights (a model's state dict or its parameters) of a model of `config`."""
     folder = Path(path)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -87,6 +90,8 @@ def save_weights_pretrained(weights: Mapping[str, torch.Tensor], config: Decoder
         for name in TOKENIZER_FILES:
             if (Path(tokenizer_dir) / name).is_file():
                 shutil.copy2(Path(tokenizer_dir) / name, staging / name)
+    for name, text in (text_files or {}).items():
+        (staging / name).write_text(text, encoding="utf-8")
     for written in staging.iterdir():
         written.chmod(0o644)
     staging.chmod(0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared

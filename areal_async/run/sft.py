@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
@@ -24,6 +25,7 @@ from areal_async.model.tokenizer import build_byte_tokenizer
 from areal_async.packing import pad_prompt_output_batch
 
 BUNDLED_WARMSTART = Path(__file__).resolve().parents[1] / "assets" / "arith-warmstart"  # package data of areal_async
+RECIPE_FILE = "sft_config.yaml"  # the SFTConfig a warm start was trained with, beside its weights
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:
@@ -119,4 +121,5 @@ def _train_and_save(config: SFTConfig, show_progress: bool) -> Path:
             schedule.step()
             progress.set_postfix(loss=f"{loss.item():.3f}")
         print(f"sft: {config.steps} steps of {config.batch_size} demonstrations, last loss {loss.item():.3f}")
-        return save_pretrained(model.cpu(), output, tokenizer_dir=tokenizer_dir)
+        return save_pretrained(model.cpu(), output, tokenizer_dir=tokenizer_dir,
+                               text_files={RECIPE_FILE: OmegaConf.to_yaml(OmegaConf.structured(config))})
