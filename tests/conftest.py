@@ -7,6 +7,14 @@ TINY = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_laye
             num_key_value_heads=2, max_position_embeddings=128)
 
 
+def assert_same_weights(first: torch.nn.Module, second: torch.nn.Module) -> None:
+    """Both modules hold the same tensors under the same names, bit for bit."""
+    a, b = first.state_dict(), second.state_dict()
+    assert list(a) == list(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
 @pytest.fixture
 def tiny_model() -> CausalLM:
     torch.manual_seed(0)

@@ -12,7 +12,7 @@ from areal_async.types import SamplingParams
 from areal_async.run.cli import compose_config
 from areal_async.model import CausalLM, DecoderConfig
 from areal_async.run.trainer import run_training
-from conftest import TINY
+from conftest import TINY, assert_same_weights
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -90,5 +90,4 @@ def test_sft_on_cuda_gives_one_warm_start_per_seed(tmp_path):
     config.output = str(tmp_path / "two")
     second = load_pretrained(run_sft(config, show_progress=False))
     assert isinstance(config, SFTConfig) and config.deterministic
-    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
-        assert torch.equal(a, b), name
+    assert_same_weights(first, second)

@@ -6,6 +6,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from areal_async.model import CausalLM, DecoderConfig, load_pretrained, save_pretrained, save_weights_pretrained
+from conftest import assert_same_weights
 
 SHAPE = dict(
     vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=3, num_attention_heads=4,
@@ -49,8 +50,7 @@ def test_save_then_transformers_loads_same_logits(tmp_path):
     with torch.no_grad():
         assert (ours(ids) - reference(ids).logits).abs().max().item() < 1e-4
     reloaded = load_pretrained(tmp_path / "ckpt")
-    for (name, a), (_, b) in zip(ours.state_dict().items(), reloaded.state_dict().items()):
-        assert torch.equal(a, b), name
+    assert_same_weights(ours, reloaded)
 
 
 @pytest.mark.parametrize("tied", [True, False])
