@@ -499,7 +499,7 @@ class SFTConfig:
     output: str | None = None  # default: the bundled warm-start folder
     task: SFTTask = SFTTask.arithmetic  # code_table: data/synthetic_code.py's completions (configs/sft_code_cpu.yaml)
     steps: int = 1500  # optimizer steps
-    batch_size: int = 128  # demonstrations per step
+    batch_size: int = 256  # demonstrations per step (128 trains a much weaker warm start: benchmarks/NOTES.md)
     lr: float = 3e-3  # AdamW learning rate (warm-up, then cosine decay to a tenth)
     warmup_steps: int = 100  # steps of linear learning-rate warm-up
     error_rate: float = 0.4  # share of demonstrations with a near-miss answer (code_table: a slope or offset off by one)
