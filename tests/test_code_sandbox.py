@@ -3,13 +3,14 @@ behind and does not touch the host, and the pool keeps serving. The isolation th
 the process limit, the network namespace) is tested where the suite runs as root, as CI does."""
 
 import os
+import signal
 import socket
 import time
 from pathlib import Path
 
 import pytest
 
-from areal_async.reward.code_sandbox import CodeSandbox, SandboxLimits, _processes_of
+from areal_async.reward.code_sandbox import CodeSandbox, SandboxLimits, _processes_of, execution_status
 
 LIMITS = SandboxLimits(wall_s=2.0, cpu_s=2, memory_bytes=512 << 20, output_bytes=1 << 16, processes=16)
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="a uid of its own per execution needs root")
@@ -59,6 +60,22 @@ def test_hostile_programs_fail_within_their_limit_and_the_pool_serves_on(sandbox
 
 
 @needs_root
+def test_the_cpu_limit_ends_a_busy_program_as_a_timeout():
+    # the CPU limit well before the wall clock: before, the hard limit's SIGKILL made this an "error"
+    pool = CodeSandbox(slots=1, limits=SandboxLimits(wall_s=10.0, cpu_s=1, memory_bytes=512 << 20))
+    try:
+        result = pool.run("while True:\n    pass", b"")
+    finally:
+        pool.close()
+    assert (result.status, result.exit_code) == ("timeout", -signal.SIGXCPU)
+    assert result.seconds < 5.0
+
+
+def test_an_exit_code_reads_as_a_status():
+    assert [execution_status(code) for code in (0, None, 1, -signal.SIGKILL, -signal.SIGXCPU)] == [
+        "ok", "ok", "error", "error", "timeout"]
+
+
 def test_a_fork_bomb_is_stopped_and_leaves_no_process(sandbox):
     result = _run(sandbox, "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass")
     assert result.status == "timeout"

@@ -8,7 +8,8 @@ Each execution, in `CodeSandbox.run`:
   one), so the process limit binds (a fork bomb stops) and every process the code leaves,
   also one that started a session of its own, is killed after the call by a process of that uid signalling
   all of them (kill(-1));
-- limits: CPU seconds, address space, file size, open files, processes, no core files;
+- limits: CPU seconds (past them the run ends as a timeout), address space, file size, open files, processes, no
+  core files;
 - no network: a network namespace of its own (unshare(CLONE_NEWNET)) where the kernel lets root make one;
   `CodeSandbox.network_isolated` says whether it does, and the sandbox prints a warning naming the fallback (the
   host's network) at start when it does not;
@@ -73,8 +74,9 @@ class SandboxLimits:
 
 @dataclass(frozen=True)
 class Execution:
-    """How an execution ended. status: "ok" (exit code 0), "error" (another exit code or a signal), "timeout",
-    "output_limit"; exit_code: the process's (negative: the signal that ended it; None when killed by us)."""
+    """How an execution ended. status: "ok" (exit code 0), "error" (another exit code or a signal), "timeout" (the
+    wall clock or the CPU seconds), "output_limit"; exit_code: the process's (negative: the signal that ended it;
+    None when killed by us)."""
 
     status: str
     exit_code: int | None
@@ -104,13 +106,23 @@ def _unshare_network() -> None:
         raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)")
 
 
+def execution_status(exit_code: int | None) -> str:
+    """The status of a program that ended by itself with `exit_code` (None: still running when killed by the
+    caller): "ok" for 0 or None, "timeout" for the CPU limit's SIGXCPU, "error" for another code or signal."""
+    if exit_code in (0, None):
+        return "ok"
+    return "timeout" if exit_code == -signal.SIGXCPU else "error"
+
+
 def _child_setup(limits: SandboxLimits, uid: int | None, isolate_network: bool) -> None:
     """In the child, between fork and exec: the network namespace (needs root), the limits, then the uid."""
     if isolate_network:
         _unshare_network()
-    for name, value in ((resource.RLIMIT_CPU, limits.cpu_s), (resource.RLIMIT_AS, limits.memory_bytes),
-                        (resource.RLIMIT_FSIZE, limits.file_bytes), (resource.RLIMIT_NOFILE, limits.open_files),
-                        (resource.RLIMIT_CORE, 0)):
+    # the hard CPU limit a second above the soft one: the soft one's SIGXCPU, not the hard one's SIGKILL, ends a
+    # busy program, so its end reads as a timeout (execution_status)
+    resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s + 1))
+    for name, value in ((resource.RLIMIT_AS, limits.memory_bytes), (resource.RLIMIT_FSIZE, limits.file_bytes),
+                        (resource.RLIMIT_NOFILE, limits.open_files), (resource.RLIMIT_CORE, 0)):
         resource.setrlimit(name, (value, value))
     if uid is not None:
         resource.setrlimit(resource.RLIMIT_NPROC, (limits.processes, limits.processes))
@@ -290,7 +302,7 @@ class CodeSandbox:
             for capture in captures:
                 capture.join(timeout=1.0)
             if status is None:
-                status = "ok" if exit_code == 0 else "error"
+                status = execution_status(exit_code)
             return Execution(status, exit_code, bytes(captures[0].data), bytes(captures[1].data),
                              time.perf_counter() - started)
 
@@ -312,7 +324,7 @@ class CodeSandbox:
                 exit_code = process.poll()
                 end()
                 stderr.join(timeout=1.0)
-                status = channel.status or ("ok" if exit_code in (0, None) else "error")
+                status = channel.status or execution_status(exit_code)
                 return result, Execution(status, exit_code, bytes(channel.skipped), bytes(stderr.data),
                                          time.perf_counter() - started)
         finally:
