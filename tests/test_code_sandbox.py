@@ -68,7 +68,6 @@ def test_the_cpu_limit_ends_a_busy_program_as_a_timeout():
     finally:
         pool.close()
     assert (result.status, result.exit_code) == ("timeout", -signal.SIGXCPU)
-    assert result.seconds < 5.0
 
 
 def test_an_exit_code_reads_as_a_status():
